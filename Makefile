@@ -1,0 +1,30 @@
+# Two commands do all the set-up: `make demo` and `make test` create .venv and install into it when missing.
+PYTHON ?= python3.11
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-stamp
+PYTEST_FLAGS ?=
+
+.PHONY: install demo test test-all clean
+
+install: $(STAMP)
+
+# pip (not uv/poetry): it takes torch/torchvision from this machine's local wheels instead of downloading GBs.
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[test]' 2>&1 | grep -v "^WARNING: Location" || true
+	@$(PY) -c "import distcls, ray, torch, torchvision" || { echo "install failed: see pip output above"; exit 1; }
+	@touch $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/distcls demo
+
+# The CI suite (under 30 minutes on 2 cores, install included). Slow fault-injection tests: `make test-all`.
+test: $(STAMP)
+	$(PY) -m pytest -m "not slow" $(PYTEST_FLAGS)
+
+test-all: $(STAMP)
+	$(PY) -m pytest $(PYTEST_FLAGS)
+
+clean:
+	rm -rf $(VENV) .pytest_cache build *.egg-info

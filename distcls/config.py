@@ -1,0 +1,223 @@
+"""Config dataclasses: one per job. Fields are the CLI flags; YAML files use the same names.
+
+Each config validates itself on construction and reports every problem at once, naming the flag, the
+value and the fix. `load_config` is the one loader used by the CLI, `jobs/*.py` and the tests.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import yaml
+
+from distcls import DistclsError
+
+C = TypeVar("C")
+
+
+class ConfigError(DistclsError):
+    pass
+
+
+def opt(default: Any = dataclasses.MISSING, help: str = "", choices: tuple | None = None, **kw) -> Any:
+    """A config field with its CLI help text (and choices)."""
+    meta = {"help": help, "choices": choices}
+    if default is dataclasses.MISSING:
+        return field(metadata=meta, **kw)
+    if isinstance(default, (list, dict, set)):
+        return field(default_factory=lambda: type(default)(default), metadata=meta, **kw)
+    return field(default=default, metadata=meta, **kw)
+
+
+def flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+class Problems(list):
+    """Collects validation problems; `raise_if_any` raises one ConfigError listing them all."""
+
+    def check(self, ok: bool, name: str, value: Any, fix: str) -> None:
+        if not ok:
+            self.append(f"{flag(name)} {value!r}: {fix}")
+
+    def raise_if_any(self, what: str) -> None:
+        if self:
+            raise ConfigError(f"{what}: invalid configuration: " + "; ".join(self))
+
+
+def check_choice(problems: Problems, cfg: Any, name: str) -> None:
+    choices = {f.name: f.metadata.get("choices") for f in dataclasses.fields(cfg)}[name]
+    value = getattr(cfg, name)
+    problems.check(value in choices, name, value, f"must be one of {', '.join(map(str, choices))}")
+
+
+def _base_type(tp: Any) -> tuple[Any, bool]:
+    """(inner type, optional?) for `X`, `X | None`, `Optional[X]`."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return args[0], len(args) < len(typing.get_args(tp))
+    return tp, False
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def parse_value(tp: Any, raw: Any, name: str) -> Any:
+    """Coerce a YAML or command-line value to a field's type."""
+    inner, optional = _base_type(tp)
+    if raw is None or (optional and isinstance(raw, str) and raw.lower() in ("none", "null", "")):
+        return None
+    try:
+        if inner is bool:
+            if isinstance(raw, bool):
+                return raw
+            text = str(raw).lower()
+            if text in ("1", "true", "yes", "on"):
+                return True
+            if text in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(raw)
+        if typing.get_origin(inner) in (tuple, list):
+            item_type = typing.get_args(inner)[0]
+            items = raw if isinstance(raw, (list, tuple)) else [x for x in str(raw).split(",") if x.strip()]
+            return typing.get_origin(inner)(item_type(x) for x in items)
+        if inner in (int, float, str):
+            if inner is int and isinstance(raw, float) and not raw.is_integer():
+                raise ValueError(raw)
+            return inner(raw)
+    except (TypeError, ValueError):
+        expected = getattr(inner, "__name__", str(inner))
+        raise ConfigError(f"config: {flag(name)} {raw!r}: expected {expected}") from None
+    return raw
+
+
+def add_arguments(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, ...] = ()) -> None:
+    """One flag per config field; defaults stay None so that YAML values are only overridden when given."""
+    parser.add_argument("--config", metavar="FILE", help="YAML file with these options (flags override it)")
+    types_ = _field_types(cls)
+    for f in dataclasses.fields(cls):
+        if f.name in skip or not f.init:
+            continue
+        inner, _ = _base_type(types_[f.name])
+        help_text = f.metadata.get("help", "")
+        default = None if f.default is dataclasses.MISSING else f.default
+        if f.default is dataclasses.MISSING and f.default_factory is not dataclasses.MISSING:
+            default = f.default_factory()
+        required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        if not required:
+            help_text += f" (default: {default})"
+        else:
+            help_text += " (required)"
+        kwargs: dict[str, Any] = {"dest": f.name, "default": None, "help": help_text}
+        if inner is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction
+        else:
+            kwargs["metavar"] = f.name.upper()
+            if f.metadata.get("choices"):
+                kwargs["metavar"] = "{" + ",".join(map(str, f.metadata["choices"])) + "}"
+        parser.add_argument(flag(f.name), **kwargs)
+
+
+def read_yaml(path: str) -> dict:
+    from distcls import storage
+
+    text = storage.read_text(path)
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as exc:
+        first = str(exc).splitlines()[0]
+        raise ConfigError(f"config: {path} is not valid YAML ({first}); fix the file") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config: {path} must hold a mapping of option: value, got {type(data).__name__}")
+    return {str(k).replace("-", "_"): v for k, v in data.items()}
+
+
+def load_config(cls: type[C], config_path: str | None = None, overrides: dict | None = None) -> C:
+    """YAML file (optional) + overrides (flags; None means 'not given') -> a validated config."""
+    values: dict[str, Any] = {}
+    source = "flags"
+    if config_path:
+        values.update(read_yaml(config_path))
+        source = config_path
+    values.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    types_ = _field_types(cls)
+    names = {f.name for f in dataclasses.fields(cls) if f.init}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise ConfigError(
+            f"config: unknown option(s) {', '.join(unknown)} in {source}; valid ones: {', '.join(sorted(names))}"
+        )
+    missing = [n for n in names if n not in values and _is_required(cls, n)]
+    if missing:
+        raise ConfigError(f"config: missing required option(s) {', '.join(flag(m) for m in sorted(missing))}")
+    parsed = {k: parse_value(types_[k], v, k) for k, v in values.items()}
+    return cls(**parsed)
+
+
+def _is_required(cls: type, name: str) -> bool:
+    f = {f.name: f for f in dataclasses.fields(cls)}[name]
+    return f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+
+
+def config_from_args(cls: type[C], args: argparse.Namespace) -> C:
+    overrides = {f.name: getattr(args, f.name, None) for f in dataclasses.fields(cls) if f.init}
+    return load_config(cls, getattr(args, "config", None), overrides)
+
+
+def to_dict(cfg: Any) -> dict:
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(cfg).items()}
+
+
+# --- job configs -------------------------------------------------------------------------------------
+
+FASHION_MNIST_DEFAULT_DIR = "/usr/share/datasets/fashion-mnist"
+
+
+@dataclass
+class FashionMnistConfig:
+    """`distcls data fashion-mnist`: the official IDX files -> PNGs in an ImageFolder layout."""
+
+    out: str = opt(help="where to write: URI/train/<class>/<index>.png and URI/test/<class>/<index>.png")
+    limit_per_class: int | None = opt(None, help="write at most N images per class and split")
+    source: str | None = opt(
+        None,
+        help="folder with the IDX files (.gz or raw); else $DISTCLS_DATA_DIR, else "
+        f"{FASHION_MNIST_DEFAULT_DIR}, else download (MD5-checked)",
+    )
+    splits: tuple[str, ...] = opt(("train", "test"), help="which splits to write, comma-separated")
+    workers: int = opt(16, help="concurrent uploads")
+
+    def __post_init__(self) -> None:
+        p = Problems()
+        p.check(bool(self.out), "out", self.out, "give an output URI, e.g. s3://bucket/fashion-mnist")
+        p.check(self.limit_per_class is None or self.limit_per_class > 0, "limit_per_class",
+                self.limit_per_class, "must be a positive number of images")
+        bad = [s for s in self.splits if s not in ("train", "test")]
+        p.check(not bad and bool(self.splits), "splits", ",".join(self.splits), "use train, test or train,test")
+        p.check(1 <= self.workers <= 256, "workers", self.workers, "must be between 1 and 256")
+        p.raise_if_any("data fashion-mnist")
+
+    def resolved_source(self) -> str | None:
+        return self.source or os.environ.get("DISTCLS_DATA_DIR") or None
+
+
+@dataclass
+class S3ServerConfig:
+    """`distcls s3-server`: an S3-compatible server on loopback until interrupted."""
+
+    host: str = opt("127.0.0.1", help="address to listen on; keep loopback unless you mean to expose it")
+    port: int = opt(9000, help="port to listen on (0 picks a free one)")
+
+    def __post_init__(self) -> None:
+        p = Problems()
+        p.check(0 <= self.port <= 65535, "port", self.port, "must be between 0 and 65535")
+        p.check(bool(self.host), "host", self.host, "give an address such as 127.0.0.1")
+        p.raise_if_any("s3-server")

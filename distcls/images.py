@@ -1,0 +1,115 @@
+"""Bytes -> RGB image, safely: formats, EXIF orientation, modes, 16-bit, a pixel limit. No Ray.
+
+`decode_image` is the single entry point every job uses. It raises `ImageDecodeError` (with a short
+`kind`) for anything it cannot turn into an RGB image, so callers can skip, count or report it.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+
+import numpy as np
+from PIL import Image, ImageFile, ImageOps
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+DEFAULT_MAX_PIXELS = 64_000_000  # ~8000x8000; larger headers are treated as decompression bombs
+
+# Truncated files must fail, not decode as half-grey images.
+ImageFile.LOAD_TRUNCATED_IMAGES = False
+
+
+class ImageDecodeError(ValueError):
+    """An object that is not a usable image. `kind` is one of KINDS."""
+
+    KINDS = ("empty", "not_image", "corrupt", "truncated", "too_large", "unsupported")
+
+    def __init__(self, kind: str, message: str):
+        super().__init__(f"{kind}: {message}")
+        self.kind = kind
+        self.message = message
+
+
+def open_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """Open (header only) and check size; the pixels are not decoded yet."""
+    if not data:
+        raise ImageDecodeError("empty", "the object is 0 bytes")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError as exc:
+        raise ImageDecodeError("too_large", str(exc)) from None
+    except Image.DecompressionBombWarning as exc:
+        raise ImageDecodeError("too_large", str(exc)) from None
+    except Image.UnidentifiedImageError:
+        raise ImageDecodeError("not_image", "not a recognised image format") from None
+    except Exception as exc:  # noqa: BLE001 - PIL raises many types for garbage
+        raise ImageDecodeError("corrupt", f"{type(exc).__name__}: {exc}") from None
+    width, height = img.size
+    if width <= 0 or height <= 0:
+        raise ImageDecodeError("corrupt", f"image has size {width}x{height}")
+    if width * height > max_pixels:
+        raise ImageDecodeError(
+            "too_large", f"{width}x{height} = {width * height} pixels exceeds the limit of {max_pixels}"
+        )
+    return img
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    mode = img.mode
+    if mode.startswith("I"):
+        # 16/32-bit grey (16-bit PNG, TIFF): scale to 8 bits by the data's bit depth, not by clipping.
+        arr = np.asarray(img).astype(np.int64)
+        bits = 16 if mode.startswith("I;16") or arr.max(initial=0) > 255 else 8
+        arr8 = (arr.clip(0, 2**bits - 1) >> (bits - 8)).astype(np.uint8)
+        return Image.fromarray(arr8, "L").convert("RGB")
+    if mode == "F":
+        arr = np.asarray(img, dtype=np.float32)
+        lo, hi = float(np.nanmin(arr)), float(np.nanmax(arr))
+        arr8 = ((arr - lo) / (hi - lo or 1.0) * 255).astype(np.uint8)
+        return Image.fromarray(arr8, "L").convert("RGB")
+    if mode in ("RGBA", "LA", "PA") or (mode == "P" and "transparency" in img.info):
+        # Composite transparency onto white, as a viewer would show it.
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    if mode != "RGB":
+        return img.convert("RGB")  # L, 1, P, CMYK, YCbCr, LAB, HSV
+    return img
+
+
+def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS,
+                 draft_size: tuple[int, int] | None = None) -> Image.Image:
+    """Decode bytes into an RGB PIL image with EXIF orientation applied.
+
+    `draft_size` lets JPEGs decode at a reduced scale (DCT scaling) when the caller will resize down to
+    at least that size anyway: several times faster for photos, identical for small images.
+    Animated images use their first frame.
+    """
+    img = open_image(data, max_pixels)
+    try:
+        if draft_size is not None and img.format == "JPEG":
+            img.draft("RGB", draft_size)
+        img.load()
+        img = ImageOps.exif_transpose(img) or img
+        return _to_rgb(img)
+    except ImageDecodeError:
+        raise
+    except OSError as exc:
+        text = str(exc)
+        kind = "truncated" if "truncated" in text or "broken data stream" in text or "image file is" in text else "corrupt"
+        raise ImageDecodeError(kind, text) from None
+    except (SyntaxError, ValueError, IndexError, TypeError, EOFError) as exc:
+        raise ImageDecodeError("corrupt", f"{type(exc).__name__}: {exc}") from None
+    except Exception as exc:  # noqa: BLE001
+        raise ImageDecodeError("unsupported", f"{type(exc).__name__}: {exc}") from None
+
+
+def decode_to_array(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """Bytes -> uint8 HWC RGB array."""
+    return np.asarray(decode_image(data, max_pixels), dtype=np.uint8)
+
+
+def is_image_path(path: str, extensions: tuple[str, ...] = IMAGE_EXTENSIONS) -> bool:
+    return path.lower().endswith(extensions)

@@ -1,0 +1,38 @@
+"""Connecting to Ray: RAY_ADDRESS when set, else a local instance. Storage credentials travel along."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+# The variables that make storage URIs resolve the same on every node as on the driver.
+FORWARDED_ENV = (
+    "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION", "AWS_REGION", "AWS_PROFILE",
+    "GOOGLE_APPLICATION_CREDENTIALS", "DISTCLS_DATA_DIR",
+)
+
+
+def forwarded_env() -> dict[str, str]:
+    return {k: os.environ[k] for k in FORWARDED_ENV if os.environ.get(k)}
+
+
+def init_ray(num_cpus: int | None = None, address: str | None = None, quiet: bool = True) -> None:
+    """ray.init once: the cluster at `address` / RAY_ADDRESS, else a local instance (num_cpus logical CPUs)."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    kwargs: dict = {
+        "runtime_env": {"env_vars": forwarded_env()},
+        "logging_level": logging.WARNING if quiet else logging.INFO,
+        "log_to_driver": True,
+    }
+    if address:
+        ray.init(address=address, **kwargs)
+    else:
+        ray.init(num_cpus=num_cpus, include_dashboard=False, **kwargs)
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = not quiet
+    ctx.print_on_execution_start = not quiet

@@ -1,0 +1,141 @@
+"""The preprocessing spec and the one path from bytes to model input. Pure functions, no Ray.
+
+CPU side (data tasks): bytes -> decode -> resize/crop (eval) or random-resized-crop + flip (train)
+-> uint8 CHW. Device side (the model's process): uint8 -> float, mean/std (`normalize`).
+Every job (training-time validation, evaluate, label, serve) calls `preprocess_bytes` with the spec
+stored in the checkpoint, so there is exactly one way an image becomes a model input.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+from PIL import Image
+from torchvision.transforms import InterpolationMode
+from torchvision.transforms import functional as TF
+
+from distcls import DistclsError
+from distcls.images import DEFAULT_MAX_PIXELS, decode_image
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+INTERPOLATIONS = {
+    "nearest": InterpolationMode.NEAREST,
+    "bilinear": InterpolationMode.BILINEAR,
+    "bicubic": InterpolationMode.BICUBIC,
+}
+
+
+@dataclass(frozen=True)
+class PreprocessSpec:
+    """How an image becomes a model input; stored in every checkpoint (distcls.json)."""
+
+    image_size: int = 224
+    resize_size: int | None = None  # shorter side before the center crop; default image_size / 0.875
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    interpolation: str = "bilinear"
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    # Train-time augmentation (random resized crop + horizontal flip).
+    crop_scale: tuple[float, float] = (0.08, 1.0)
+    crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    hflip: bool = True
+
+    def __post_init__(self) -> None:
+        if self.resize_size is None:
+            object.__setattr__(self, "resize_size", int(math.floor(self.image_size / 0.875)))
+        object.__setattr__(self, "mean", tuple(float(x) for x in self.mean))
+        object.__setattr__(self, "std", tuple(float(x) for x in self.std))
+        object.__setattr__(self, "crop_scale", tuple(float(x) for x in self.crop_scale))
+        object.__setattr__(self, "crop_ratio", tuple(float(x) for x in self.crop_ratio))
+        errors = []
+        if not 8 <= self.image_size <= 4096:
+            errors.append(f"image_size must be between 8 and 4096, got {self.image_size}")
+        if self.resize_size < self.image_size:
+            errors.append(f"resize_size ({self.resize_size}) must be >= image_size ({self.image_size})")
+        if self.interpolation not in INTERPOLATIONS:
+            errors.append(f"interpolation must be one of {sorted(INTERPOLATIONS)}, got {self.interpolation!r}")
+        if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
+            errors.append(f"mean and std need 3 values each and std > 0, got mean={self.mean} std={self.std}")
+        if not 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1:
+            errors.append(f"crop_scale must satisfy 0 < min <= max <= 1, got {self.crop_scale}")
+        if errors:
+            raise DistclsError("preprocessing: " + "; ".join(errors))
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "PreprocessSpec":
+        known = {k: v for k, v in d.items() if k in cls.__dataclass_fields__}
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in known.items()})
+
+
+def eval_transform(img: Image.Image, spec: PreprocessSpec) -> np.ndarray:
+    """Resize the shorter side to resize_size, center-crop image_size -> uint8 CHW."""
+    interp = INTERPOLATIONS[spec.interpolation]
+    img = TF.resize(img, spec.resize_size, interpolation=interp)
+    img = TF.center_crop(img, [spec.image_size, spec.image_size])
+    return to_chw(img)
+
+
+def random_resized_crop_box(width: int, height: int, spec: PreprocessSpec,
+                            rng: np.random.Generator) -> tuple[int, int, int, int]:
+    """(top, left, h, w) as torchvision's RandomResizedCrop.get_params, but from a numpy Generator."""
+    area = width * height
+    log_ratio = (math.log(spec.crop_ratio[0]), math.log(spec.crop_ratio[1]))
+    for _ in range(10):
+        target_area = area * rng.uniform(spec.crop_scale[0], spec.crop_scale[1])
+        aspect = math.exp(rng.uniform(*log_ratio))
+        w = int(round(math.sqrt(target_area * aspect)))
+        h = int(round(math.sqrt(target_area / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            return int(rng.integers(0, height - h + 1)), int(rng.integers(0, width - w + 1)), h, w
+    # Fallback: a center crop clamped to the ratio range.
+    in_ratio = width / height
+    if in_ratio < spec.crop_ratio[0]:
+        w, h = width, int(round(width / spec.crop_ratio[0]))
+    elif in_ratio > spec.crop_ratio[1]:
+        h, w = height, int(round(height * spec.crop_ratio[1]))
+    else:
+        w, h = width, height
+    return (height - h) // 2, (width - w) // 2, h, w
+
+
+def train_transform(img: Image.Image, spec: PreprocessSpec, rng: np.random.Generator) -> np.ndarray:
+    """Random resized crop to image_size and a random horizontal flip -> uint8 CHW."""
+    top, left, h, w = random_resized_crop_box(img.width, img.height, spec, rng)
+    img = TF.resized_crop(img, top, left, h, w, [spec.image_size, spec.image_size],
+                          interpolation=INTERPOLATIONS[spec.interpolation])
+    if spec.hflip and rng.random() < 0.5:
+        img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    return to_chw(img)
+
+
+def to_chw(img: Image.Image) -> np.ndarray:
+    return np.ascontiguousarray(np.asarray(img, dtype=np.uint8).transpose(2, 0, 1))
+
+
+def preprocess_bytes(data: bytes, spec: PreprocessSpec, train: bool = False,
+                     rng: np.random.Generator | None = None) -> np.ndarray:
+    """The one function that turns stored bytes into a model input (uint8 CHW, image_size square).
+
+    Raises images.ImageDecodeError for objects that are not usable images.
+    """
+    if train:
+        img = decode_image(data, spec.max_pixels)
+        return train_transform(img, spec, rng if rng is not None else np.random.default_rng())
+    # JPEG DCT-domain downscaling: never below the resize target, so quality is unchanged in practice.
+    img = decode_image(data, spec.max_pixels, draft_size=(spec.resize_size, spec.resize_size))
+    return eval_transform(img, spec)
+
+
+def normalize(images: torch.Tensor, spec: PreprocessSpec, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """uint8 NCHW (any device) -> float NCHW normalised with the spec's mean/std. Runs on the model's device."""
+    mean = torch.tensor(spec.mean, device=images.device, dtype=dtype).view(1, 3, 1, 1) * 255.0
+    inv_std = 1.0 / (torch.tensor(spec.std, device=images.device, dtype=dtype).view(1, 3, 1, 1) * 255.0)
+    return (images.to(dtype) - mean) * inv_std

@@ -1,0 +1,113 @@
+"""Shared fixtures: one S3 server on loopback and one local Ray instance per test session, real images."""
+
+from __future__ import annotations
+
+import io
+import os
+import struct
+import zlib
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from distcls.s3server import S3Server, use_server_env
+
+RAY_TEST_CPUS = 4  # logical CPUs for the shared local Ray: training workers + data tasks on a 2-core box
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """moto's S3 server on 127.0.0.1 (real HTTP); this process and every Ray worker point at it."""
+    server = S3Server(port=0).start()
+    previous = use_server_env(server)
+    yield server
+    server.stop()
+    for key, value in previous.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
+@pytest.fixture(scope="session")
+def ray_local(s3_server):
+    """One local Ray instance for the session, started after the S3 env is set so workers inherit it."""
+    import ray
+
+    from distcls.runtime import init_ray
+
+    init_ray(num_cpus=RAY_TEST_CPUS)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def photo() -> np.ndarray:
+    """A real photo shipped by scikit-image (Chelsea the cat, 300x451 RGB)."""
+    from skimage import data
+
+    return data.chelsea()
+
+
+def encode(img: Image.Image, fmt: str, **kw) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format=fmt, **kw)
+    return buf.getvalue()
+
+
+def png_bomb(width: int = 100_000, height: int = 100_000) -> bytes:
+    """A tiny valid-looking PNG whose header declares width x height pixels (a decompression bomb)."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    idat = zlib.compress(b"\x00" * 1024)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
+
+
+def jpeg_bomb(photo: np.ndarray, width: int = 60000, height: int = 60000) -> bytes:
+    """A real JPEG whose SOF0 header is rewritten to declare a huge size."""
+    data = bytearray(encode(Image.fromarray(photo), "JPEG", quality=80))
+    i = data.index(b"\xff\xc0")
+    data[i + 5:i + 9] = struct.pack(">HH", height, width)
+    return bytes(data)
+
+
+@pytest.fixture(scope="session")
+def good_images(photo) -> dict[str, bytes]:
+    """Real images in several formats, modes and sizes, all decodable."""
+    rgb = Image.fromarray(photo)
+    grey = rgb.convert("L")
+    rgba = rgb.convert("RGBA")
+    arr16 = (np.asarray(grey, dtype=np.uint16) * 257)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: rotate 90 CW to display
+    frames = [rgb.resize((64, 48)), grey.resize((64, 48)).convert("RGB")]
+    gif = io.BytesIO()
+    frames[0].save(gif, format="GIF", save_all=True, append_images=frames[1:], duration=100)
+    return {
+        "rgb.jpg": encode(rgb, "JPEG", quality=90),
+        "grey.png": encode(grey, "PNG"),
+        "rgba.png": encode(rgba, "PNG"),
+        "palette.png": encode(rgb.convert("P"), "PNG"),
+        "cmyk.jpg": encode(rgb.convert("CMYK"), "JPEG"),
+        "sixteen.png": encode(Image.fromarray(arr16), "PNG"),
+        "exif_rotated.jpg": encode(rgb, "JPEG", exif=exif),
+        "small.webp": encode(rgb.resize((40, 30)), "WEBP"),
+        "anim.gif": gif.getvalue(),
+        "tiny.bmp": encode(rgb.resize((7, 5)), "BMP"),
+    }
+
+
+@pytest.fixture(scope="session")
+def bad_images(photo) -> dict[str, tuple[bytes, str]]:
+    """Objects that are not usable images, with the error kind each must produce."""
+    jpeg = encode(Image.fromarray(photo), "JPEG", quality=90)
+    return {
+        "corrupt.jpg": (b"\xff\xd8\xff\xe0" + os.urandom(2000), "corrupt"),
+        "truncated.jpg": (jpeg[: len(jpeg) // 3], "truncated"),
+        "empty.png": (b"", "empty"),
+        "notes.png": (b"these are some notes, not an image\n" * 20, "not_image"),
+        "bomb.png": (png_bomb(), "too_large"),
+        "bomb.jpg": (jpeg_bomb(photo), "too_large"),
+    }
