@@ -9,7 +9,7 @@ import time
 from typing import Callable
 
 from distcls import DistclsError, __version__
-from distcls.config import (FashionMnistConfig, S3ServerConfig, add_arguments,
+from distcls.config import (DemoConfig, FashionMnistConfig, S3ServerConfig, add_arguments,
                             config_from_args)
 
 Handler = Callable[[argparse.Namespace], int]
@@ -31,7 +31,7 @@ def cmd_s3_server(args: argparse.Namespace) -> int:
     from distcls.s3server import S3Server
 
     cfg = config_from_args(S3ServerConfig, args)
-    server = S3Server(host=cfg.host, port=cfg.port).start()
+    server = S3Server(host=cfg.host, port=cfg.port, in_process=True).start()
     print(f"S3-compatible server (moto) listening on {server.endpoint_url}; Ctrl-C stops it.")
     print("Point clients at it with:")
     for key, value in server.env().items():
@@ -44,6 +44,13 @@ def cmd_s3_server(args: argparse.Namespace) -> int:
         print("stopping S3 server")
     finally:
         server.stop()
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from distcls.demo import run_demo
+
+    run_demo(config_from_args(DemoConfig, args))
     return 0
 
 
@@ -66,6 +73,11 @@ def build_parser() -> argparse.ArgumentParser:
                         description="Run moto's S3-compatible server until Ctrl-C; prints AWS_ENDPOINT_URL.")
     add_arguments(s3, S3ServerConfig)
     s3.set_defaults(handler=cmd_s3_server)
+
+    demo = sub.add_parser("demo", help="run the whole product end to end on real data (local Ray + S3)",
+                          description="Fashion-MNIST into the embedded S3 server, through every job.")
+    add_arguments(demo, DemoConfig)
+    demo.set_defaults(handler=cmd_demo)
     return parser
 
 

@@ -221,3 +221,21 @@ class S3ServerConfig:
         p.check(0 <= self.port <= 65535, "port", self.port, "must be between 0 and 65535")
         p.check(bool(self.host), "host", self.host, "give an address such as 127.0.0.1")
         p.raise_if_any("s3-server")
+
+
+@dataclass
+class DemoConfig:
+    """`distcls demo`: the whole product end to end on real data."""
+
+    images_per_class: int = opt(200, help="Fashion-MNIST images per class and split to use")
+    full: bool = opt(False, help="use all 70,000 Fashion-MNIST images")
+    image_size: int = opt(64, help="model input size in pixels")
+    bucket: str | None = opt(None, help="use this storage URI instead of the embedded S3 server")
+    s3_port: int = opt(0, help="port of the embedded S3 server (0 picks a free one)")
+    out: str = opt("demo-out", help="local folder for reports and labels")
+
+    def __post_init__(self) -> None:
+        p = Problems()
+        p.check(self.images_per_class > 0, "images_per_class", self.images_per_class, "must be positive")
+        p.check(16 <= self.image_size <= 512, "image_size", self.image_size, "must be between 16 and 512")
+        p.raise_if_any("demo")

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import socket
+import subprocess
+import sys
 import time
 import urllib.request
 from dataclasses import dataclass, field
@@ -30,10 +32,14 @@ class S3Server:
 
     >>> with S3Server(port=0) as server:          # port 0 picks a free port
     ...     os.environ.update(server.env())       # then s3:// URIs resolve to it
+
+    By default the server runs in a child process so that it does not compete with the caller for the
+    GIL (moto is pure Python; in-process it halves upload rates). `in_process=True` keeps it in a thread.
     """
 
     host: str = "127.0.0.1"
     port: int = 9000
+    in_process: bool = False
     _server: object = field(default=None, init=False, repr=False)
 
     @property
@@ -67,6 +73,8 @@ class S3Server:
     def _wait_ready(self, timeout: float = 20.0) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
+            if isinstance(self._server, subprocess.Popen) and self._server.poll() is not None:
+                raise DistclsError(f"s3-server: the server process exited with code {self._server.returncode}")
             try:
                 urllib.request.urlopen(self.endpoint_url + "/moto-api/data.json", timeout=1).read()
                 return
@@ -75,9 +83,16 @@ class S3Server:
         raise DistclsError(f"s3-server: the server on {self.endpoint_url} did not answer within {timeout:.0f}s")
 
     def stop(self) -> None:
-        if self._server is not None:
+        if isinstance(self._server, subprocess.Popen):
+            self._server.terminate()
+            try:
+                self._server.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self._server.kill()
+                self._server.wait()
+        elif self._server is not None:
             self._server.stop()
-            self._server = None
+        self._server = None
 
     def __enter__(self) -> "S3Server":
         return self.start()
@@ -86,8 +101,41 @@ class S3Server:
         self.stop()
 
 
+def start_moto_thread(host: str, port: int):
+    import logging
+
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # no access log line per request
+    server = ThreadedMotoServer(ip_address=host, port=port, verbose=False)
+    server.start()
+    return server
+
+
 def use_server_env(server: S3Server) -> dict[str, str | None]:
     """Point this process (and Ray workers started after it) at `server`; returns the previous values."""
     previous = {k: os.environ.get(k) for k in server.env()}
     os.environ.update(server.env())
     return previous
+
+
+def restore_env(previous: dict[str, str | None]) -> None:
+    """Undo `use_server_env`."""
+    for key, value in previous.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
+if __name__ == "__main__":  # the child process of S3Server: python -m distcls.s3server HOST PORT
+    import signal
+
+    moto = start_moto_thread(sys.argv[1], int(sys.argv[2]))
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    try:
+        signal.pause()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        moto.stop()

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from distcls.s3server import S3Server, use_server_env
+from distcls.s3server import S3Server, restore_env, use_server_env
 
 RAY_TEST_CPUS = 4  # logical CPUs for the shared local Ray: training workers + data tasks on a 2-core box
 
@@ -23,11 +23,7 @@ def s3_server():
     previous = use_server_env(server)
     yield server
     server.stop()
-    for key, value in previous.items():
-        if value is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = value
+    restore_env(previous)
 
 
 @pytest.fixture(scope="session")
