@@ -9,8 +9,8 @@ import time
 from typing import Callable
 
 from distcls import DistclsError, __version__
-from distcls.config import (DemoConfig, FashionMnistConfig, S3ServerConfig, add_arguments,
-                            config_from_args)
+from distcls.config import (DemoConfig, EvaluateConfig, FashionMnistConfig, FromPretrainedConfig,
+                            S3ServerConfig, TrainConfig, add_arguments, config_from_args)
 
 Handler = Callable[[argparse.Namespace], int]
 
@@ -47,6 +47,46 @@ def cmd_s3_server(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    from distcls.train.trainer import run_training
+
+    result = run_training(config_from_args(TrainConfig, args))
+    m = result["metrics"]
+    print(f"best checkpoint: {result['checkpoint']}")
+    print(f"  epoch {m['epoch']}: val_accuracy {m['val_accuracy']:.4f}  val_macro_f1 {m['val_macro_f1']:.4f}")
+    print(f"run: {result['run']} (result.json, curves.png)")
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from distcls.evaluate import run_evaluation
+
+    cfg = config_from_args(EvaluateConfig, args)
+    report = run_evaluation(cfg)
+    print(f"accuracy {report['accuracy']:.4f}  macro_f1 {report['macro_f1']:.4f}  "
+          f"on {report['num_samples']} images (skipped {report['skipped']})")
+    print(f"wrote {cfg.out.rstrip('/')}/report.json, report.md, confusion_matrix.png")
+    return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from distcls.models import list_models
+
+    for m in list_models():
+        print(f"{m['name']:<20} {m['parameters'] / 1e6:6.1f}M params  weights: {', '.join(m['weights'])}")
+    return 0
+
+
+def cmd_from_pretrained(args: argparse.Namespace) -> int:
+    from distcls.evaluate import checkpoint_from_pretrained
+
+    cfg = config_from_args(FromPretrainedConfig, args)
+    meta = checkpoint_from_pretrained(cfg)
+    print(f"wrote {cfg.out} ({meta['architecture']}, {meta['num_classes']} ImageNet classes, "
+          f"sha256 {meta['weights_sha256'][:12]}...)")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from distcls.demo import run_demo
 
@@ -73,6 +113,26 @@ def build_parser() -> argparse.ArgumentParser:
                         description="Run moto's S3-compatible server until Ctrl-C; prints AWS_ENDPOINT_URL.")
     add_arguments(s3, S3ServerConfig)
     s3.set_defaults(handler=cmd_s3_server)
+
+    train = sub.add_parser("train", help="fine-tune a pretrained model with Ray Train",
+                           description="Fine-tune a pretrained classifier on images in storage (Ray Train, DDP).")
+    add_arguments(train, TrainConfig)
+    train.set_defaults(handler=cmd_train)
+
+    ev = sub.add_parser("evaluate", help="evaluate a checkpoint over a whole labeled split",
+                        description="Accuracy, top-5, precision/recall/F1, confusion matrix over every image.")
+    add_arguments(ev, EvaluateConfig)
+    ev.set_defaults(handler=cmd_evaluate)
+
+    models = sub.add_parser("models", help="list model architectures and their weights")
+    models.set_defaults(handler=cmd_models)
+
+    ck = sub.add_parser("checkpoint", help="make checkpoints (from-pretrained)")
+    ck_sub = ck.add_subparsers(dest="action", metavar="ACTION", required=True)
+    fp = ck_sub.add_parser("from-pretrained", help="the pretrained ImageNet classifier as a checkpoint",
+                           description="Write a checkpoint of a pretrained ImageNet classifier, as it is.")
+    add_arguments(fp, FromPretrainedConfig)
+    fp.set_defaults(handler=cmd_from_pretrained)
 
     demo = sub.add_parser("demo", help="run the whole product end to end on real data (local Ray + S3)",
                           description="Fashion-MNIST into the embedded S3 server, through every job.")

@@ -239,3 +239,106 @@ class DemoConfig:
         p.check(self.images_per_class > 0, "images_per_class", self.images_per_class, "must be positive")
         p.check(16 <= self.image_size <= 512, "image_size", self.image_size, "must be between 16 and 512")
         p.raise_if_any("demo")
+
+
+OPTIMIZERS = ("sgd", "adamw")
+FREEZE = ("none", "backbone")
+CLASS_WEIGHTS = ("none", "balanced")
+PLACEMENT = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
+
+
+@dataclass
+class TrainConfig:
+    """`distcls train`: fine-tune a pretrained classifier with Ray Train (DDP over num_workers)."""
+
+    data: str = opt(help="training data: an ImageFolder prefix (URI/<class>/<image>) or a manifest file")
+    val_data: str | None = opt(None, help="validation data (same forms); else a stratified split of --data")
+    val_fraction: float = opt(0.1, help="share of --data held out for validation when --val-data is not given")
+    model: str = opt("efficientnet_lite0", help="architecture (see `distcls models`)")
+    weights: str = opt("bundled", help="bundled, none, a torchvision weights name, or a .safetensors/.pt URI")
+    epochs: int = opt(3, help="passes over the training data")
+    batch_size: int = opt(32, help="images per step per worker")
+    lr: float | None = opt(None, help="peak learning rate of the head (default: 0.05 for sgd, 1e-3 for adamw)")
+    backbone_lr_scale: float = opt(0.1, help="backbone learning rate = lr * this (pretrained weights only)")
+    optimizer: str = opt("adamw", help="optimizer", choices=OPTIMIZERS)
+    momentum: float = opt(0.9, help="SGD momentum")
+    weight_decay: float = opt(0.01, help="weight decay (never on norm layers or biases)")
+    warmup_epochs: float = opt(0.5, help="linear warmup length in epochs, then cosine decay to 0")
+    label_smoothing: float = opt(0.1, help="label smoothing of the cross-entropy loss")
+    freeze: str = opt("none", help="none, or backbone for a linear probe", choices=FREEZE)
+    image_size: int | None = opt(None, help="model input size (default: the model's own, 224)")
+    augment: bool = opt(True, help="random resized crop + horizontal flip on training images")
+    class_weights: str = opt("none", help="loss weights per class for imbalanced data", choices=CLASS_WEIGHTS)
+    balanced_sampling: bool = opt(False, help="oversample rare classes so each class is drawn equally often")
+    seed: int = opt(0, help="random seed (split, init, shuffling)")
+    num_workers: int = opt(2, help="Ray Train workers (DDP processes)")
+    use_gpu: bool = opt(False, help="one GPU per worker, bf16 autocast and channels_last")
+    cpus_per_worker: float = opt(1.0, help="CPUs reserved per training worker")
+    placement_strategy: str = opt("PACK", help="where workers go: PACK or SPREAD over nodes", choices=PLACEMENT)
+    max_failures: int = opt(0, help="worker failures to recover from (from the latest checkpoint); -1 = unlimited")
+    storage: str = opt("runs", help="run storage: a local folder or s3:// / gs:// URI")
+    name: str | None = opt(None, help="run name: the run lives in <storage>/<name>/ (default: train-<timestamp>)")
+    resume: bool = opt(False, help="continue the run <storage>/<name> from its latest checkpoint")
+    keep: int = opt(2, help="checkpoints to keep, best by validation accuracy (the latest is also kept)")
+    fail_at_step: int | None = opt(None, help="fault injection for tests: rank 0 raises once at this global step")
+
+    def __post_init__(self) -> None:
+        from distcls.models import REGISTRY
+
+        p = Problems()
+        p.check(bool(self.data), "data", self.data, "give a training data URI")
+        p.check(self.model in REGISTRY, "model", self.model, f"must be one of {', '.join(REGISTRY)}")
+        p.check(0 < self.val_fraction < 1, "val_fraction", self.val_fraction, "must be between 0 and 1")
+        p.check(self.epochs >= 1, "epochs", self.epochs, "must be at least 1")
+        p.check(self.batch_size >= 1, "batch_size", self.batch_size, "must be at least 1")
+        p.check(self.lr is None or self.lr > 0, "lr", self.lr, "must be positive")
+        p.check(0 <= self.backbone_lr_scale <= 1, "backbone_lr_scale", self.backbone_lr_scale, "must be in [0, 1]")
+        for name in ("optimizer", "freeze", "class_weights", "placement_strategy"):
+            check_choice(p, self, name)
+        p.check(self.weight_decay >= 0, "weight_decay", self.weight_decay, "must be >= 0")
+        p.check(self.warmup_epochs >= 0, "warmup_epochs", self.warmup_epochs, "must be >= 0")
+        p.check(0 <= self.label_smoothing < 1, "label_smoothing", self.label_smoothing, "must be in [0, 1)")
+        p.check(self.image_size is None or 16 <= self.image_size <= 1024, "image_size", self.image_size,
+                "must be between 16 and 1024")
+        p.check(self.num_workers >= 1, "num_workers", self.num_workers, "must be at least 1")
+        p.check(self.max_failures >= -1, "max_failures", self.max_failures, "must be -1 (unlimited) or >= 0")
+        p.check(self.keep >= 1, "keep", self.keep, "must be at least 1")
+        p.check(not (self.freeze == "backbone" and self.weights == "none"), "freeze", self.freeze,
+                "a linear probe needs pretrained --weights, not none")
+        p.check(self.name is None or (self.name and "/" not in self.name), "name", self.name,
+                "must be a non-empty name without '/'")
+        p.check(not (self.resume and self.name is None), "resume", self.resume, "needs --name of the run to resume")
+        p.raise_if_any("train")
+        if self.lr is None:
+            self.lr = 0.05 if self.optimizer == "sgd" else 1e-3
+
+
+@dataclass
+class EvaluateConfig:
+    """`distcls evaluate`: metrics of a checkpoint over a whole labeled split."""
+
+    checkpoint: str = opt(help="checkpoint directory URI (holds model.safetensors and distcls.json)")
+    data: str = opt(help="labeled data: an ImageFolder prefix or a manifest file")
+    out: str = opt(help="folder (or URI) for report.json, report.md and confusion_matrix.png")
+    batch_size: int = opt(64, help="images per forward pass")
+    concurrency: int = opt(1, help="model replicas (Ray actors) evaluating in parallel")
+    num_gpus: float = opt(0, help="GPUs per replica")
+
+    def __post_init__(self) -> None:
+        p = Problems()
+        for name in ("checkpoint", "data", "out"):
+            p.check(bool(getattr(self, name)), name, getattr(self, name), "is required")
+        p.check(self.batch_size >= 1, "batch_size", self.batch_size, "must be at least 1")
+        p.check(self.concurrency >= 1, "concurrency", self.concurrency, "must be at least 1")
+        p.check(self.num_gpus >= 0, "num_gpus", self.num_gpus, "must be >= 0")
+        p.raise_if_any("evaluate")
+
+
+@dataclass
+class FromPretrainedConfig:
+    """`distcls checkpoint from-pretrained`: the pretrained ImageNet classifier as a checkpoint."""
+
+    out: str = opt(help="checkpoint directory URI to write")
+    model: str = opt("efficientnet_lite0", help="architecture")
+    weights: str = opt("bundled", help="bundled or a torchvision weights name")
+    image_size: int | None = opt(None, help="input size (default: the model's own)")

@@ -32,7 +32,8 @@ def init_ray(num_cpus: int | None = None, address: str | None = None, quiet: boo
     if address:
         ray.init(address=address, **kwargs)
     else:
-        ray.init(num_cpus=num_cpus, include_dashboard=False, **kwargs)
+        # The dashboard process also serves the State API that Ray Train's controller polls.
+        ray.init(num_cpus=num_cpus, **kwargs)
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = not quiet
     ctx.print_on_execution_start = not quiet

@@ -1,0 +1,177 @@
+"""TrainConfig -> TorchTrainer (ScalingConfig, RunConfig, CheckpointConfig, FailureConfig) -> run directory.
+
+Run directory `<storage>/<name>/`: Ray Train's checkpoints, `result.json` (best checkpoint URI and its
+metrics) and `curves.png` (loss and accuracy per epoch).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import io
+import json
+import os
+import time
+
+import numpy as np
+
+from distcls import DistclsError, storage
+from distcls.config import TrainConfig
+from distcls.datasets import LabeledIndex, build_dataset, format_counts, load_labeled_index, stratified_split
+from distcls.metrics import balanced_class_weights
+from distcls.models import default_spec
+from distcls.runtime import init_ray
+
+SCORE = "val_accuracy"
+
+
+def run_uri_of(cfg: TrainConfig) -> str:
+    return storage.join_uri(cfg.storage, cfg.name)
+
+
+def storage_for_ray(uri: str):
+    """(storage_path, storage_filesystem) for RunConfig; remote URIs go through our fsspec filesystem so
+    that AWS_ENDPOINT_URL and the other AWS variables apply to Ray Train's uploads as well."""
+    scheme, path = storage.split_uri(uri)
+    if scheme == "file":
+        return path, None
+    fs, path = storage.get_pyarrow_filesystem(uri)
+    return path, fs
+
+
+def check_run_dir(cfg: TrainConfig) -> None:
+    run = run_uri_of(cfg)
+    exists = storage.exists(run) and bool(storage.list_files(run))
+    if exists and not cfg.resume:
+        raise DistclsError(f"train: run {run} already exists; pass --resume to continue it or choose another --name")
+    if cfg.resume and not exists:
+        raise DistclsError(f"train: nothing to resume at {run}; drop --resume to start a new run")
+
+
+def load_splits(cfg: TrainConfig) -> tuple[LabeledIndex, LabeledIndex]:
+    train = load_labeled_index(cfg.data)
+    if cfg.val_data:
+        return train, load_labeled_index(cfg.val_data, class_names=train.class_names)
+    return stratified_split(train, cfg.val_fraction, cfg.seed)
+
+
+def balance(index: LabeledIndex, seed: int) -> LabeledIndex:
+    """Resample (with replacement) so every present class is drawn equally often; same epoch size."""
+    labels = np.asarray(index.labels)
+    counts = np.bincount(labels, minlength=len(index.class_names))
+    p = balanced_class_weights(counts)[labels]
+    rows = np.random.default_rng(seed).choice(len(labels), size=len(labels), replace=True, p=p / p.sum())
+    return index.subset(np.sort(rows))
+
+
+def build_trainer(cfg: TrainConfig, train: LabeledIndex, val: LabeledIndex):
+    import ray.train
+    import ray.train.v2.api.config
+    from ray.train.torch import TorchTrainer
+
+    from distcls.train.worker import train_func
+
+    spec = default_spec(cfg.model, cfg.image_size)
+    train_ds = build_dataset(balance(train, cfg.seed) if cfg.balanced_sampling else train, spec,
+                             train=cfg.augment, shuffle_seed=cfg.seed)
+    counts = list(train.counts().values())
+    loop_config = {
+        "train": dataclasses.asdict(cfg),
+        "class_names": train.class_names,
+        "preprocessing": spec.to_dict(),
+        "num_train": len(train),
+        "val_paths": val.paths,
+        "val_labels": val.labels,
+        "class_weights": balanced_class_weights(counts).tolist() if cfg.class_weights == "balanced" else None,
+        "run_uri": run_uri_of(cfg),
+    }
+    storage_path, fs = storage_for_ray(cfg.storage)
+    return TorchTrainer(
+        train_func,
+        train_loop_config=loop_config,
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=cfg.num_workers, use_gpu=cfg.use_gpu, placement_strategy=cfg.placement_strategy,
+            resources_per_worker={"CPU": cfg.cpus_per_worker, **({"GPU": 1} if cfg.use_gpu else {})}),
+        run_config=ray.train.RunConfig(
+            name=cfg.name, storage_path=storage_path, storage_filesystem=fs,
+            logging_config=ray.train.v2.api.config.LoggingConfig(log_level="WARNING"),
+            failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(
+                num_to_keep=cfg.keep, checkpoint_score_attribute=SCORE, checkpoint_score_order="max")),
+        datasets={"train": train_ds},
+        dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
+    )
+
+
+def checkpoint_uri(cfg: TrainConfig, checkpoint) -> str:
+    """Ray's checkpoint path (inside the storage filesystem) as a URI users can pass back to distcls."""
+    scheme, _ = storage.split_uri(cfg.storage)
+    return storage.to_uri(scheme, checkpoint.path)
+
+
+def run_training(cfg: TrainConfig) -> dict:
+    """Fine-tune as configured; returns the content of result.json."""
+    if cfg.name is None:
+        cfg = dataclasses.replace(cfg, name="train-" + dt.datetime.now().strftime("%Y%m%d-%H%M%S"))
+    check_run_dir(cfg)
+    train, val = load_splits(cfg)
+    print(format_counts(train, f"train {cfg.data}"))
+    print(format_counts(val, f"validation {cfg.val_data or f'({cfg.val_fraction:.0%} of --data)'}"), flush=True)
+    init_ray(num_cpus=local_cpus(cfg))
+    started = time.perf_counter()
+    try:
+        result = build_trainer(cfg, train, val).fit()
+    except Exception as exc:  # noqa: BLE001 - Ray wraps worker errors; surface the root cause in one line
+        raise DistclsError(f"train: run {run_uri_of(cfg)} failed: {root_cause(exc)}") from exc
+    best = max(result.best_checkpoints, key=lambda cm: cm[1].get(SCORE, -1.0))
+    history = [dict(m) for m in read_history(cfg, result)]
+    out = {"checkpoint": checkpoint_uri(cfg, best[0]), "metrics": dict(best[1]),
+           "run": run_uri_of(cfg), "epochs": history, "seconds": time.perf_counter() - started}
+    storage.write_text(storage.join_uri(run_uri_of(cfg), "result.json"), json.dumps(out, indent=2))
+    storage.write_bytes(storage.join_uri(run_uri_of(cfg), "curves.png"), plot_curves(history))
+    return out
+
+
+def local_cpus(cfg: TrainConfig) -> int:
+    """Logical CPUs for a local Ray instance: room for the workers plus Ray Data's decode tasks."""
+    return max(os.cpu_count() or 1, int(np.ceil(cfg.num_workers * cfg.cpus_per_worker)) + 2)
+
+
+def read_history(cfg: TrainConfig, result) -> list[dict]:
+    """Per-epoch metrics, from the latest checkpoint's record (it survives restarts and resumes)."""
+    from distcls.checkpoint import read_meta
+
+    latest = result.checkpoint
+    return read_meta(checkpoint_uri(cfg, latest)).get("history", []) if latest else []
+
+
+def root_cause(exc: BaseException) -> str:
+    seen = exc
+    while seen.__cause__ is not None:
+        seen = seen.__cause__
+    text = str(seen).strip().splitlines()
+    last = next((line for line in reversed(text) if line.strip()), type(seen).__name__)
+    return last.strip()
+
+
+def plot_curves(history: list[dict]) -> bytes:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [h["epoch"] for h in history]
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
+    ax_loss.plot(epochs, [h["train_loss"] for h in history], "o-", label="train")
+    ax_loss.plot(epochs, [h["val_loss"] for h in history], "o-", label="validation")
+    ax_loss.set(xlabel="epoch", ylabel="loss", title="Loss")
+    ax_loss.legend()
+    ax_acc.plot(epochs, [h["val_accuracy"] for h in history], "o-", label="accuracy")
+    ax_acc.plot(epochs, [h["val_macro_f1"] for h in history], "o-", label="macro F1")
+    ax_acc.set(xlabel="epoch", ylim=(0, 1), title="Validation")
+    ax_acc.legend()
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    plt.close(fig)
+    return buf.getvalue()

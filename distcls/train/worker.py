@@ -1,0 +1,207 @@
+"""The Ray Train per-worker function: shards in, DDP, one report (and rank-0 checkpoint) per epoch."""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+import time
+
+import numpy as np
+import torch
+
+from distcls import storage
+from distcls.checkpoint import META, WEIGHTS, load_safetensors, write_local_checkpoint
+from distcls.config import TrainConfig
+from distcls.datasets import ErrorTally, LabeledIndex, build_dataset
+from distcls.metrics import summarize
+from distcls.models import create_model, freeze_backbone, get_model_info, head_parameter_names
+from distcls.train.loop import build_optimizer, evaluate, masked_loss, train_one_epoch, warmup_cosine
+from distcls.transforms import PreprocessSpec
+
+TRAIN_STATE = "train_state.pt"  # optimizer state + counters; loaded with weights_only=True
+
+
+def train_batches(shard, batch_size: int, tally: ErrorTally):
+    """Numpy batches from the Ray Data shard with bad images dropped (and counted).
+
+    A batch made only of bad images is kept with mask 0, so that every DDP worker takes the same steps.
+    """
+    for batch in shard.iter_batches(batch_size=batch_size, batch_format="numpy", prefetch_batches=2):
+        good = tally.drop_errors(batch)
+        if len(good["label"]):
+            good["mask"] = np.ones(len(good["label"]), dtype=np.float32)
+            yield good
+        else:
+            batch["mask"] = np.zeros(len(batch["label"]), dtype=np.float32)
+            yield batch
+
+
+def allreduce(values: list[float] | np.ndarray) -> np.ndarray:
+    """Sum a vector over all workers (gloo/nccl via torch.distributed); identity with one worker."""
+    tensor = torch.as_tensor(np.asarray(values, dtype=np.float64))
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        if torch.distributed.get_backend() == "nccl":
+            tensor = tensor.cuda()
+        torch.distributed.all_reduce(tensor)
+    return tensor.cpu().numpy()
+
+
+def sync_buffers(model: torch.nn.Module) -> None:
+    """Copy rank 0's buffers (BatchNorm running stats) to every rank.
+
+    DDP broadcasts buffers at the start of each training forward, so after the last step each rank holds
+    its own statistics; without this, ranks would validate slightly different models than the checkpoint.
+    """
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        for buffer in model.buffers():
+            torch.distributed.broadcast(buffer.data, src=0)
+
+
+def restore(model, optimizer, checkpoint) -> tuple[int, int, list]:
+    """Load weights and optimizer state from a Ray Train checkpoint; returns (next epoch, step, history)."""
+    with checkpoint.as_directory() as d:
+        with open(os.path.join(d, WEIGHTS), "rb") as f:
+            model.net.load_state_dict(load_safetensors(f.read()), strict=True)
+        state = torch.load(os.path.join(d, TRAIN_STATE), map_location="cpu", weights_only=True)
+    optimizer.load_state_dict(state["optimizer"])
+    return int(state["epoch"]) + 1, int(state["step"]), list(state["history"])
+
+
+def maybe_inject_failure(cfg: TrainConfig, run_uri: str, step: int, rank: int) -> None:
+    """Test hook (--fail-at-step): rank 0 raises once; a marker in the run dir keeps restarts from failing."""
+    if cfg.fail_at_step is None or step != cfg.fail_at_step or rank != 0:
+        return
+    marker = storage.join_uri(run_uri, "fault-injected.txt")
+    if storage.exists(marker):
+        return
+    storage.write_text(marker, f"injected at step {step}\n")
+    raise RuntimeError(f"fault injection: worker failed at step {step} (--fail-at-step)")
+
+
+def val_batches(index: LabeledIndex, spec: PreprocessSpec, batch_size: int, tally: ErrorTally):
+    """This worker's share of the validation split (every image is evaluated by exactly one worker)."""
+    if len(index) == 0:
+        return
+    for batch in build_dataset(index, spec).iter_batches(batch_size=batch_size, batch_format="numpy"):
+        good = tally.drop_errors(batch)
+        if len(good["label"]):
+            yield good
+
+
+def quiet_worker_logs() -> None:
+    import logging
+    import warnings
+
+    import ray.train.v2._internal.execution.context as train_context
+
+    # Ray logs every report (with all metrics) at INFO under a file-path logger name; we print one line.
+    logging.getLogger(train_context.__file__).setLevel(logging.WARNING)
+    # Ray hands out read-only numpy views (zero-copy); the model never writes into its input.
+    warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+
+
+def train_func(config: dict) -> None:
+    import ray.train
+    import ray.train.torch
+
+    quiet_worker_logs()
+    cfg = TrainConfig(**config["train"])
+    class_names, spec = config["class_names"], PreprocessSpec.from_dict(config["preprocessing"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    gpu = device.type == "cuda"
+    torch.manual_seed(cfg.seed)
+
+    model = create_model(cfg.model, len(class_names), cfg.weights, spec=spec)
+    if cfg.freeze == "backbone":
+        freeze_backbone(model)
+    info = get_model_info(cfg.model)
+    head = head_parameter_names(info)
+    backbone_scale = 1.0 if cfg.weights == "none" else cfg.backbone_lr_scale
+    optimizer = build_optimizer(model, cfg.optimizer, cfg.lr, cfg.weight_decay, cfg.momentum, head, backbone_scale)
+    start_epoch, step, history = 0, 0, []
+    if (checkpoint := ray.train.get_checkpoint()) is not None:
+        start_epoch, step, history = restore(model, optimizer, checkpoint)
+        if rank == 0:
+            print(f"resuming from {checkpoint.path} at epoch {start_epoch + 1}", flush=True)
+    if gpu:
+        model = model.to(memory_format=torch.channels_last)
+    ddp_model = ray.train.torch.prepare_model(model)
+
+    weights = torch.tensor(config["class_weights"], dtype=torch.float32, device=device) if config["class_weights"] else None
+    loss_fn = lambda logits, labels, mask: masked_loss(logits, labels, mask, weights, cfg.label_smoothing)  # noqa: E731
+    steps_per_epoch = max(1, math.ceil(config["num_train"] / world / cfg.batch_size))
+    total_steps = steps_per_epoch * cfg.epochs
+    warmup_steps = int(cfg.warmup_epochs * steps_per_epoch)
+    val_index = LabeledIndex(config["val_paths"][rank::world], config["val_labels"][rank::world], class_names)
+    shard = ray.train.get_dataset_shard("train")
+
+    for epoch in range(start_epoch, cfg.epochs):
+        started = time.perf_counter()
+        ddp_model.train()
+        if cfg.freeze == "backbone":
+            model.net.eval()  # linear probe: the backbone's BatchNorm statistics stay as pretrained
+        train_tally, val_tally = ErrorTally(), ErrorTally()
+        stats = train_one_epoch(
+            ddp_model, train_batches(shard, cfg.batch_size, train_tally), optimizer, loss_fn, device,
+            schedule=lambda s: warmup_cosine(s, warmup_steps, total_steps), start_step=step, amp=gpu,
+            channels_last=gpu, on_step=lambda s: maybe_inject_failure(cfg, config["run_uri"], s, rank))
+        step += stats.steps
+        train_seconds = time.perf_counter() - started
+        sync_buffers(model)
+        val = evaluate(model, val_batches(val_index, spec, cfg.batch_size * 2, val_tally), len(class_names),
+                       device, loss_fn=torch.nn.CrossEntropyLoss(), amp=gpu, channels_last=gpu)
+        k = len(class_names)
+        summed = allreduce([stats.loss_sum, stats.samples, val["loss_sum"], val["top5"], train_tally.count,
+                            val_tally.count, *val["confusion_matrix"].ravel()])
+        cm = summed[6:].reshape(k, k).astype(np.int64)
+        summary = summarize(cm, class_names, topk=int(summed[3]))
+        n_val = max(1, summary["num_samples"])
+        metrics = {
+            "epoch": epoch + 1,
+            "step": step,
+            "train_loss": summed[0] / max(1, summed[1]),
+            "val_loss": summed[2] / n_val,
+            "val_accuracy": summary["accuracy"],
+            "val_macro_precision": summary["macro_precision"],
+            "val_macro_recall": summary["macro_recall"],
+            "val_macro_f1": summary["macro_f1"],
+            "val_samples": summary["num_samples"],
+            "skipped_train": int(summed[4]),
+            "skipped_val": int(summed[5]),
+            "train_images_per_s_per_worker": stats.samples / max(train_seconds, 1e-9),
+            "epoch_seconds": time.perf_counter() - started,
+        }
+        if k >= 5:
+            metrics["val_top5_accuracy"] = summary["top5_accuracy"]
+        # Plain Python numbers: the history is saved in a weights_only torch file and JSON.
+        metrics = {key: int(v) if isinstance(v, (int, np.integer)) else float(v) for key, v in metrics.items()}
+        history.append(metrics)
+        report(metrics, model, optimizer, class_names, cfg, config, history, rank, train_tally, val_tally)
+
+
+def report(metrics, model, optimizer, class_names, cfg, config, history, rank, train_tally, val_tally) -> None:
+    """ray.train.report on every rank (it is a barrier); rank 0 attaches the checkpoint."""
+    import ray.train
+
+    if rank != 0:
+        ray.train.report(metrics)
+        return
+    line = (f"epoch {metrics['epoch']}/{cfg.epochs}  train_loss {metrics['train_loss']:.4f}  "
+            f"val_loss {metrics['val_loss']:.4f}  val_acc {metrics['val_accuracy']:.4f}  "
+            f"val_f1 {metrics['val_macro_f1']:.4f}  skipped {metrics['skipped_train']}+{metrics['skipped_val']}  "
+            f"{metrics['train_images_per_s_per_worker']:.1f} img/s/worker  {metrics['epoch_seconds']:.1f}s")
+    print(line, flush=True)
+    for example in (train_tally.examples + val_tally.examples)[:3]:
+        print(f"  skipped: {example}", flush=True)
+    with tempfile.TemporaryDirectory() as d:
+        write_local_checkpoint(d, model, class_names, metrics=metrics, config=config["train"],
+                               extra={"history": history, "run": config["run_uri"]})
+        torch.save({"optimizer": optimizer.state_dict(), "epoch": metrics["epoch"] - 1, "step": metrics["step"],
+                    "history": history}, os.path.join(d, TRAIN_STATE))
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
+
+
+__all__ = ["train_func", "META"]
