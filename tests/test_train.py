@@ -1,0 +1,112 @@
+"""`distcls train` / `evaluate` end to end on the loopback S3 server and the shared local Ray instance."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from distcls import DistclsError, storage
+from distcls.checkpoint import load_checkpoint, read_meta
+from distcls.cli import main
+from distcls.config import FASHION_MNIST_DEFAULT_DIR, FashionMnistConfig, TrainConfig
+from distcls.fmnist import write_fashion_mnist
+from distcls.models import create_model
+from distcls.train.trainer import run_training
+
+pytestmark = pytest.mark.skipif(not os.path.isdir(FASHION_MNIST_DEFAULT_DIR),
+                                reason="needs Debian's dataset-fashion-mnist (.ci/run installs it)")
+BUCKET = "s3://train-test"
+TINY = ["--model", "efficientnet_lite0", "--weights", "bundled", "--image-size", "32", "--batch-size", "8",
+        "--num-workers", "2", "--storage", f"{BUCKET}/runs"]
+
+
+@pytest.fixture(scope="module")
+def fm(s3_server, ray_local):
+    """Real Fashion-MNIST: 8 images per class for training, 4 per class for validation."""
+    write_fashion_mnist(FashionMnistConfig(out=f"{BUCKET}/fm", limit_per_class=8, splits=("train",)), progress=False)
+    write_fashion_mnist(FashionMnistConfig(out=f"{BUCKET}/fmval", limit_per_class=4, splits=("test",)),
+                        progress=False)
+    return {"train": f"{BUCKET}/fm/train", "val": f"{BUCKET}/fmval/test"}
+
+
+def train_cfg(fm, name: str, **kw) -> TrainConfig:
+    base = dict(data=fm["train"], val_data=fm["val"], image_size=32, batch_size=8, num_workers=2,
+                storage=f"{BUCKET}/runs", name=name, epochs=2)
+    return TrainConfig(**{**base, **kw})
+
+
+def test_train_then_evaluate_contracts(fm, tmp_path, capsys):
+    code = main(["train", "--data", fm["train"], "--val-data", fm["val"], "--epochs", "2", "--name", "t1",
+                 "--keep", "1", *TINY])
+    assert code == 0, capsys.readouterr().err
+    result = json.loads(storage.read_text(f"{BUCKET}/runs/t1/result.json"))
+    ckpt = result["checkpoint"]
+    assert ckpt.startswith(f"{BUCKET}/runs/t1/checkpoint_")
+    assert storage.exists(f"{ckpt}/model.safetensors") and storage.exists(f"{ckpt}/distcls.json")
+    assert storage.read_bytes(f"{BUCKET}/runs/t1/curves.png")[:4] == b"\x89PNG"
+    meta = read_meta(ckpt)
+    assert meta["class_names"] == sorted(meta["class_names"]) and len(meta["class_names"]) == 10
+    assert meta["config"]["epochs"] == 2 and meta["preprocessing"]["image_size"] == 32
+    assert [h["epoch"] for h in result["epochs"]] == [1, 2]
+    m = result["metrics"]
+    for key in ("train_loss", "val_loss", "val_accuracy", "val_top5_accuracy", "val_macro_precision",
+                "val_macro_recall", "val_macro_f1"):
+        assert key in m
+    assert m["val_samples"] == 40 and m["val_accuracy"] == max(h["val_accuracy"] for h in result["epochs"])
+    # keep=1: the best and the latest survive, nothing else.
+    kept = {p.split("/")[4] for p in storage.list_files(f"{BUCKET}/runs/t1") if "/checkpoint_" in p}
+    assert 1 <= len(kept) <= 2
+
+    out = tmp_path / "eval"
+    assert main(["evaluate", "--checkpoint", ckpt, "--data", fm["val"], "--out", str(out)]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert (out / "confusion_matrix.png").read_bytes()[:4] == b"\x89PNG"
+    assert "| accuracy |" in (out / "report.md").read_text()
+    for key in ("accuracy", "top5_accuracy", "macro_precision", "macro_recall", "macro_f1", "weighted_f1",
+                "per_class", "confusion_matrix", "num_samples", "skipped"):
+        assert key in report
+    assert report["num_samples"] == 40 and report["skipped"] == 0
+    assert sum(map(sum, report["confusion_matrix"])) == 40
+    # Training-time validation and `evaluate` see the same model and data: the same accuracy.
+    assert report["accuracy"] == pytest.approx(m["val_accuracy"], abs=1e-9)
+
+
+def test_worker_failure_is_recovered_and_epochs_continue(fm):
+    # 80 images / 2 workers / batch 8 = 5 steps per epoch; step 7 is in epoch 2.
+    result = run_training(train_cfg(fm, "fail1", max_failures=1, fail_at_step=7, epochs=2))
+    assert storage.exists(f"{BUCKET}/runs/fail1/fault-injected.txt")
+    assert [h["epoch"] for h in result["epochs"]] == [1, 2]
+
+
+def test_failure_without_retries_is_one_clear_error(fm):
+    with pytest.raises(DistclsError, match=r"train: run s3://train-test/runs/fail0 failed: .*fault injection"):
+        run_training(train_cfg(fm, "fail0", max_failures=0, fail_at_step=1, epochs=1))
+
+
+def test_resume_continues_a_stopped_run(fm):
+    first = run_training(train_cfg(fm, "r1", epochs=1))
+    with pytest.raises(DistclsError, match="already exists; pass --resume"):
+        run_training(train_cfg(fm, "r1", epochs=2))
+    resumed = run_training(train_cfg(fm, "r1", epochs=2, resume=True))
+    assert [h["epoch"] for h in resumed["epochs"]] == [1, 2]
+    assert resumed["epochs"][0] == first["epochs"][0]  # epoch 1 was not redone
+    with pytest.raises(DistclsError, match="nothing to resume"):
+        run_training(train_cfg(fm, "never-ran", resume=True))
+
+
+def test_linear_probe_leaves_backbone_unchanged(fm):
+    result = run_training(train_cfg(fm, "probe", freeze="backbone", epochs=1, lr=0.01))
+    trained, _ = load_checkpoint(result["checkpoint"])
+    pretrained = create_model("efficientnet_lite0", 10, "bundled", image_size=32)
+    before, after = pretrained.net.state_dict(), trained.net.state_dict()
+    backbone = [k for k in before if not k.startswith("_fc.")]
+    assert all(torch.equal(before[k], after[k]) for k in backbone)  # BN statistics included
+    assert not torch.equal(before["_fc.weight"], after["_fc.weight"])
+
+
+def test_jobs_entrypoint_help():
+    result = subprocess.run([sys.executable, "jobs/train.py", "--help"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and "--max-failures" in result.stdout
