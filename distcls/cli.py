@@ -9,7 +9,7 @@ import time
 from typing import Callable
 
 from distcls import DistclsError, __version__
-from distcls.config import (DemoConfig, EvaluateConfig, FashionMnistConfig, FromPretrainedConfig,
+from distcls.config import (BenchConfig, DemoConfig, EvaluateConfig, FashionMnistConfig, FromPretrainedConfig,
                             S3ServerConfig, TrainConfig, add_arguments, config_from_args)
 
 Handler = Callable[[argparse.Namespace], int]
@@ -87,6 +87,15 @@ def cmd_from_pretrained(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from distcls.bench import run_bench
+
+    cfg = config_from_args(BenchConfig, args)
+    run_bench(cfg)
+    print(f"wrote {cfg.out}")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from distcls.demo import run_demo
 
@@ -133,6 +142,13 @@ def build_parser() -> argparse.ArgumentParser:
                            description="Write a checkpoint of a pretrained ImageNet classifier, as it is.")
     add_arguments(fp, FromPretrainedConfig)
     fp.set_defaults(handler=cmd_from_pretrained)
+
+    bench = sub.add_parser("bench", help="benchmarks against plain PyTorch (train, transfer)",
+                           description="Measured ratios against plain PyTorch baselines, side by side in one run.")
+    bench.add_argument("which", nargs="?", choices=("train", "transfer", "all"), default=None,
+                       help="which benchmark (default: train)")
+    add_arguments(bench, BenchConfig, skip=("which",))
+    bench.set_defaults(handler=cmd_bench)
 
     demo = sub.add_parser("demo", help="run the whole product end to end on real data (local Ray + S3)",
                           description="Fashion-MNIST into the embedded S3 server, through every job.")

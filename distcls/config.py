@@ -230,6 +230,7 @@ class DemoConfig:
     images_per_class: int = opt(200, help="Fashion-MNIST images per class and split to use")
     full: bool = opt(False, help="use all 70,000 Fashion-MNIST images")
     image_size: int = opt(64, help="model input size in pixels")
+    epochs: int = opt(2, help="fine-tuning epochs")
     bucket: str | None = opt(None, help="use this storage URI instead of the embedded S3 server")
     s3_port: int = opt(0, help="port of the embedded S3 server (0 picks a free one)")
     out: str = opt("demo-out", help="local folder for reports and labels")
@@ -268,6 +269,8 @@ class TrainConfig:
     freeze: str = opt("none", help="none, or backbone for a linear probe", choices=FREEZE)
     image_size: int | None = opt(None, help="model input size (default: the model's own, 224)")
     augment: bool = opt(True, help="random resized crop + horizontal flip on training images")
+    cache_data: bool = opt(False, help="decode the training images once into Ray's object store instead of "
+                           "streaming them from storage every epoch (for sets that fit in memory)")
     class_weights: str = opt("none", help="loss weights per class for imbalanced data", choices=CLASS_WEIGHTS)
     balanced_sampling: bool = opt(False, help="oversample rare classes so each class is drawn equally often")
     seed: int = opt(0, help="random seed (split, init, shuffling)")
@@ -342,3 +345,30 @@ class FromPretrainedConfig:
     model: str = opt("efficientnet_lite0", help="architecture")
     weights: str = opt("bundled", help="bundled or a torchvision weights name")
     image_size: int | None = opt(None, help="input size (default: the model's own)")
+
+
+@dataclass
+class BenchConfig:
+    """`distcls bench`: measured ratios against plain PyTorch, side by side in one run."""
+
+    which: str = opt("train", help="which benchmark", choices=("train", "transfer", "all"))
+    model: str = opt("efficientnet_lite0", help="architecture for the train benchmark")
+    images_per_class: int = opt(20, help="Fashion-MNIST images per class for the train benchmark")
+    image_size: int = opt(64, help="model input size")
+    batch_size: int = opt(32, help="images per step per worker")
+    epochs: int = opt(3, help="epochs of the train benchmark (the first is warm-up)")
+    warmup_steps: int = opt(3, help="untimed steps of the plain loop")
+    workers: tuple[int, ...] = opt((1, 2), help="distcls worker counts to measure, comma-separated")
+    transfer_per_class: int = opt(100, help="training images per class for the transfer benchmark")
+    transfer_epochs: int = opt(8, help="epochs for each transfer run (same budget for both)")
+    transfer_lrs: tuple[float, ...] = opt((1e-3, 3e-3), help="learning rates each transfer run picks from")
+    backbone_lr_scale: float = opt(1.0, help="backbone lr scale of the pretrained transfer run")
+    out: str = opt("bench.json", help="where to write every figure (JSON)")
+
+    def __post_init__(self) -> None:
+        p = Problems()
+        check_choice(p, self, "which")
+        p.check(self.images_per_class >= 4, "images_per_class", self.images_per_class, "must be at least 4")
+        p.check(self.epochs >= 1, "epochs", self.epochs, "must be at least 1")
+        p.check(all(w >= 1 for w in self.workers), "workers", self.workers, "worker counts must be >= 1")
+        p.raise_if_any("bench")

@@ -5,7 +5,8 @@ Data tasks, block by block, so nothing is downloaded in full first. Every input 
 one row: `error` is "" for a good image and "kind: message" for one that could not be used (its
 `image` is zeros). Consumers drop and count error rows with `ErrorTally`.
 
-Batch columns: image uint8 [N,3,S,S], label int64 [N], path str [N], error str [N].
+Batch columns: image uint8 [N,3,S,S] (S = image_size; resize_size for training bases), label int64 [N],
+path str [N], error str [N].
 """
 
 from __future__ import annotations
@@ -173,23 +174,20 @@ def format_counts(index: LabeledIndex, title: str = "") -> str:
 def load_images(batch: dict[str, np.ndarray], spec: PreprocessSpec, train: bool = False) -> dict[str, np.ndarray]:
     """Ray Data map_batches function: read + decode + preprocess each path; never raises for a bad object."""
     paths = batch["path"]
-    # One generator per image (a Generator is not thread-safe); fresh entropy each epoch's execution.
-    seeds = np.random.default_rng().integers(2**63, size=len(paths)) if train else [None] * len(paths)
 
-    def one(path: str, seed: int | None) -> tuple[np.ndarray | None, str]:
+    def one(path: str) -> tuple[np.ndarray | None, str]:
         try:
             data = storage.read_bytes(path)
         except DistclsError as exc:
             return None, f"read_error: {exc}"
         try:
-            rng = np.random.default_rng(seed) if train else None
-            return preprocess_bytes(data, spec, train=train, rng=rng), ""
+            return preprocess_bytes(data, spec, train=train), ""
         except ImageDecodeError as exc:
             return None, str(exc)
 
     with ThreadPoolExecutor(max_workers=min(READ_THREADS, max(1, len(paths)))) as pool:
-        results = list(pool.map(one, paths, seeds))
-    size = spec.image_size
+        results = list(pool.map(one, paths))
+    size = spec.resize_size if train else spec.image_size
     images = np.zeros((len(paths), 3, size, size), dtype=np.uint8)
     errors = np.empty(len(paths), dtype=object)
     for i, (img, err) in enumerate(results):

@@ -32,8 +32,10 @@ def init_ray(num_cpus: int | None = None, address: str | None = None, quiet: boo
     if address:
         ray.init(address=address, **kwargs)
     else:
-        # The dashboard process also serves the State API that Ray Train's controller polls.
-        ray.init(num_cpus=num_cpus, **kwargs)
+        # At least 4 logical CPUs even on a 2-core laptop: two training workers hold one each, and Ray
+        # Data's decode tasks need room beside them or the pipeline stalls. The dashboard process also
+        # serves the State API that Ray Train's controller polls, so it stays on.
+        ray.init(num_cpus=num_cpus or max(os.cpu_count() or 1, 4), **kwargs)
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = not quiet
     ctx.print_on_execution_start = not quiet

@@ -1,7 +1,9 @@
 """The preprocessing spec and the one path from bytes to model input. Pure functions, no Ray.
 
-CPU side (data tasks): bytes -> decode -> resize/crop (eval) or random-resized-crop + flip (train)
--> uint8 CHW. Device side (the model's process): uint8 -> float, mean/std (`normalize`).
+CPU side (data tasks): bytes -> decode -> resize + center crop -> uint8 CHW: the eval input
+(image_size) or, for training, a base square (resize_size) that stays fixed across epochs and can be
+cached. Device side (the model's process): random resized crop + flip of the base square
+(`augment_batch`), then uint8 -> float with mean/std (`normalize`).
 Every job (training-time validation, evaluate, label, serve) calls `preprocess_bytes` with the spec
 stored in the checkpoint, so there is exactly one way an image becomes a model input.
 """
@@ -106,32 +108,47 @@ def random_resized_crop_box(width: int, height: int, spec: PreprocessSpec,
     return (height - h) // 2, (width - w) // 2, h, w
 
 
-def train_transform(img: Image.Image, spec: PreprocessSpec, rng: np.random.Generator) -> np.ndarray:
-    """Random resized crop to image_size and a random horizontal flip -> uint8 CHW."""
-    top, left, h, w = random_resized_crop_box(img.width, img.height, spec, rng)
-    img = TF.resized_crop(img, top, left, h, w, [spec.image_size, spec.image_size],
-                          interpolation=INTERPOLATIONS[spec.interpolation])
-    if spec.hflip and rng.random() < 0.5:
-        img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+def base_transform(img: Image.Image, spec: PreprocessSpec) -> np.ndarray:
+    """Training base: resize the shorter side to resize_size, center-crop a resize_size square -> uint8 CHW.
+
+    The random crop and flip are applied per batch in the training process (`augment_batch`), so decoded
+    images are the same every epoch and can be cached.
+    """
+    img = TF.resize(img, spec.resize_size, interpolation=INTERPOLATIONS[spec.interpolation])
+    img = TF.center_crop(img, [spec.resize_size, spec.resize_size])
     return to_chw(img)
+
+
+def augment_batch(images: torch.Tensor, spec: PreprocessSpec, rng: np.random.Generator) -> torch.Tensor:
+    """Random resized crop to image_size and a random horizontal flip, per image, on the batch's device.
+
+    uint8 [N,3,R,R] -> uint8 [N,3,S,S]. Antialiased bilinear (or the spec's mode) as torchvision's
+    RandomResizedCrop on tensors.
+    """
+    n, _, height, width = images.shape
+    size = [spec.image_size, spec.image_size]
+    interp = INTERPOLATIONS[spec.interpolation]
+    out = torch.empty((n, 3, spec.image_size, spec.image_size), dtype=images.dtype, device=images.device)
+    for i in range(n):
+        top, left, h, w = random_resized_crop_box(width, height, spec, rng)
+        crop = TF.resized_crop(images[i], top, left, h, w, size, interpolation=interp, antialias=True)
+        out[i] = crop.flip(-1) if spec.hflip and rng.random() < 0.5 else crop
+    return out
 
 
 def to_chw(img: Image.Image) -> np.ndarray:
     return np.ascontiguousarray(np.asarray(img, dtype=np.uint8).transpose(2, 0, 1))
 
 
-def preprocess_bytes(data: bytes, spec: PreprocessSpec, train: bool = False,
-                     rng: np.random.Generator | None = None) -> np.ndarray:
-    """The one function that turns stored bytes into a model input (uint8 CHW, image_size square).
+def preprocess_bytes(data: bytes, spec: PreprocessSpec, train: bool = False) -> np.ndarray:
+    """The one function that turns stored bytes into a model input (uint8 CHW).
 
-    Raises images.ImageDecodeError for objects that are not usable images.
+    Eval: the image_size square every job feeds the model. Train: the resize_size base square that
+    `augment_batch` crops from. Raises images.ImageDecodeError for objects that are not usable images.
     """
-    if train:
-        img = decode_image(data, spec.max_pixels)
-        return train_transform(img, spec, rng if rng is not None else np.random.default_rng())
     # JPEG DCT-domain downscaling: never below the resize target, so quality is unchanged in practice.
     img = decode_image(data, spec.max_pixels, draft_size=(spec.resize_size, spec.resize_size))
-    return eval_transform(img, spec)
+    return base_transform(img, spec) if train else eval_transform(img, spec)
 
 
 def normalize(images: torch.Tensor, spec: PreprocessSpec, dtype: torch.dtype = torch.float32) -> torch.Tensor:

@@ -63,13 +63,14 @@ def test_eval_images_equal_the_single_preprocessing_function(ray_local, image_fo
     np.testing.assert_array_equal(rows["image"][i], preprocess_bytes(good_images["cmyk.jpg"], SPEC))
 
 
-def test_train_dataset_augments_and_shuffles(ray_local, image_folder):
+def test_train_dataset_yields_shuffled_base_squares(ray_local, image_folder):
     index = load_labeled_index(image_folder)
     ds = build_dataset(index, SPEC, train=True, shuffle_seed=3)
     first, _ = collect(ds)
     second, _ = collect(ds)
     assert list(first["path"]) == list(second["path"]) != sorted(first["path"])
-    assert not np.array_equal(first["image"], second["image"])  # fresh augmentation each pass
+    assert first["image"].shape[1:] == (3, SPEC.resize_size, SPEC.resize_size)
+    np.testing.assert_array_equal(first["image"], second["image"])  # cacheable: augmentation comes later
 
 
 @pytest.mark.parametrize("fmt", ["csv", "parquet", "jsonl"])

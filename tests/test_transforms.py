@@ -7,8 +7,8 @@ from PIL import Image
 from torchvision import transforms as T
 
 from distcls import DistclsError
-from distcls.transforms import (PreprocessSpec, eval_transform, normalize, preprocess_bytes,
-                                random_resized_crop_box, train_transform)
+from distcls.transforms import (PreprocessSpec, augment_batch, base_transform, eval_transform, normalize,
+                                preprocess_bytes, random_resized_crop_box)
 from tests.conftest import encode
 
 
@@ -33,15 +33,16 @@ def test_normalize_matches_torchvision(photo):
     torch.testing.assert_close(ours, reference, atol=1e-5, rtol=1e-5)
 
 
-def test_train_transform_is_seeded_and_random(photo):
+def test_augment_batch_is_seeded_and_random(photo):
     spec = PreprocessSpec(image_size=48)
-    img = Image.fromarray(photo)
-    a = train_transform(img, spec, np.random.default_rng(1))
-    b = train_transform(img, spec, np.random.default_rng(1))
-    c = train_transform(img, spec, np.random.default_rng(2))
-    assert a.shape == (3, 48, 48) and a.dtype == np.uint8
-    np.testing.assert_array_equal(a, b)
-    assert not np.array_equal(a, c)
+    base = torch.from_numpy(base_transform(Image.fromarray(photo), spec))[None].repeat(4, 1, 1, 1)
+    assert base.shape == (4, 3, spec.resize_size, spec.resize_size)
+    a = augment_batch(base, spec, np.random.default_rng(1))
+    b = augment_batch(base, spec, np.random.default_rng(1))
+    c = augment_batch(base, spec, np.random.default_rng(2))
+    assert a.shape == (4, 3, 48, 48) and a.dtype == torch.uint8
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    assert not torch.equal(a[0], a[1])  # each image gets its own crop
 
 
 def test_crop_box_stays_inside_and_respects_scale():
@@ -53,11 +54,12 @@ def test_crop_box_stays_inside_and_respects_scale():
         assert 0.2 <= (h * w) / (300 * 200) <= 0.55
 
 
-def test_hflip_only_when_enabled(photo):
+def test_full_crop_without_flip_is_a_plain_resize(photo):
     spec = PreprocessSpec(image_size=32, crop_scale=(1.0, 1.0), crop_ratio=(1.0, 1.0), hflip=False)
-    square = Image.fromarray(photo[:, :300])
-    outs = {train_transform(square, spec, np.random.default_rng(s)).tobytes() for s in range(8)}
-    assert len(outs) == 1
+    base = torch.from_numpy(base_transform(Image.fromarray(photo), spec))[None]
+    out = augment_batch(base, spec, np.random.default_rng(0))
+    reference = T.Resize([32, 32], antialias=True)(base)
+    assert torch.equal(out, reference)
 
 
 def test_preprocess_bytes_is_the_one_path(photo):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import time
 from dataclasses import dataclass
 from typing import Callable, Iterable
 
@@ -65,6 +66,7 @@ class EpochStats:
     loss_sum: float = 0.0
     samples: int = 0
     steps: int = 0
+    data_seconds: float = 0.0  # time spent waiting for the next batch (the input pipeline's share)
 
     @property
     def loss(self) -> float:
@@ -100,6 +102,7 @@ def masked_loss(logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor,
 def train_one_epoch(model: nn.Module, batches: Iterable[dict], optimizer: torch.optim.Optimizer,
                     loss_fn: Callable, device: torch.device, *, schedule: Callable[[int], float],
                     start_step: int, amp: bool = False, channels_last: bool = False,
+                    augment: Callable[[torch.Tensor], torch.Tensor] | None = None,
                     on_step: Callable[[int], None] | None = None) -> EpochStats:
     """One pass: forward, loss, backward, step. `schedule(global_step)` gives the LR multiplier.
 
@@ -107,8 +110,14 @@ def train_one_epoch(model: nn.Module, batches: Iterable[dict], optimizer: torch.
     """
     stats = EpochStats()
     step = start_step
+    waiting_since = time.perf_counter()
     for batch in batches:
-        images, labels = to_device(batch, device, channels_last)
+        stats.data_seconds += time.perf_counter() - waiting_since
+        images, labels = to_device(batch, device, channels_last=False)
+        if augment is not None:
+            images = augment(images)
+        if channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
         mask = torch.as_tensor(batch["mask"]).to(device)
         if on_step is not None:
             on_step(step)
@@ -129,6 +138,7 @@ def train_one_epoch(model: nn.Module, batches: Iterable[dict], optimizer: torch.
         stats.samples += n
         stats.steps += 1
         step += 1
+        waiting_since = time.perf_counter()
     return stats
 
 

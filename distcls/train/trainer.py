@@ -74,6 +74,8 @@ def build_trainer(cfg: TrainConfig, train: LabeledIndex, val: LabeledIndex):
     spec = default_spec(cfg.model, cfg.image_size)
     train_ds = build_dataset(balance(train, cfg.seed) if cfg.balanced_sampling else train, spec,
                              train=cfg.augment, shuffle_seed=cfg.seed)
+    if cfg.cache_data:
+        train_ds = train_ds.materialize()  # decoded once into the object store; epochs read from memory
     counts = list(train.counts().values())
     loop_config = {
         "train": dataclasses.asdict(cfg),

@@ -17,17 +17,18 @@ from distcls.datasets import ErrorTally, LabeledIndex, build_dataset
 from distcls.metrics import summarize
 from distcls.models import create_model, freeze_backbone, get_model_info, head_parameter_names
 from distcls.train.loop import build_optimizer, evaluate, masked_loss, train_one_epoch, warmup_cosine
-from distcls.transforms import PreprocessSpec
+from distcls.transforms import PreprocessSpec, augment_batch
 
 TRAIN_STATE = "train_state.pt"  # optimizer state + counters; loaded with weights_only=True
 
 
 def train_batches(shard, batch_size: int, tally: ErrorTally):
-    """Numpy batches from the Ray Data shard with bad images dropped (and counted).
+    """Numpy batches from the Ray Data shard with bad images dropped (and counted), locally shuffled.
 
     A batch made only of bad images is kept with mask 0, so that every DDP worker takes the same steps.
     """
-    for batch in shard.iter_batches(batch_size=batch_size, batch_format="numpy", prefetch_batches=2):
+    for batch in shard.iter_batches(batch_size=batch_size, batch_format="numpy", prefetch_batches=2,
+                                    local_shuffle_buffer_size=4 * batch_size):
         good = tally.drop_errors(batch)
         if len(good["label"]):
             good["mask"] = np.ones(len(good["label"]), dtype=np.float32)
@@ -137,6 +138,8 @@ def train_func(config: dict) -> None:
     warmup_steps = int(cfg.warmup_epochs * steps_per_epoch)
     val_index = LabeledIndex(config["val_paths"][rank::world], config["val_labels"][rank::world], class_names)
     shard = ray.train.get_dataset_shard("train")
+    rng = np.random.default_rng([cfg.seed, rank, start_epoch])
+    augment = (lambda images: augment_batch(images, spec, rng)) if cfg.augment else None  # noqa: E731
 
     for epoch in range(start_epoch, cfg.epochs):
         started = time.perf_counter()
@@ -147,7 +150,7 @@ def train_func(config: dict) -> None:
         stats = train_one_epoch(
             ddp_model, train_batches(shard, cfg.batch_size, train_tally), optimizer, loss_fn, device,
             schedule=lambda s: warmup_cosine(s, warmup_steps, total_steps), start_step=step, amp=gpu,
-            channels_last=gpu, on_step=lambda s: maybe_inject_failure(cfg, config["run_uri"], s, rank))
+            channels_last=gpu, augment=augment, on_step=lambda s: maybe_inject_failure(cfg, config["run_uri"], s, rank))
         step += stats.steps
         train_seconds = time.perf_counter() - started
         sync_buffers(model)
@@ -172,6 +175,7 @@ def train_func(config: dict) -> None:
             "skipped_train": int(summed[4]),
             "skipped_val": int(summed[5]),
             "train_images_per_s_per_worker": stats.samples / max(train_seconds, 1e-9),
+            "data_wait_fraction": stats.data_seconds / max(train_seconds, 1e-9),
             "epoch_seconds": time.perf_counter() - started,
         }
         if k >= 5:
@@ -192,7 +196,8 @@ def report(metrics, model, optimizer, class_names, cfg, config, history, rank, t
     line = (f"epoch {metrics['epoch']}/{cfg.epochs}  train_loss {metrics['train_loss']:.4f}  "
             f"val_loss {metrics['val_loss']:.4f}  val_acc {metrics['val_accuracy']:.4f}  "
             f"val_f1 {metrics['val_macro_f1']:.4f}  skipped {metrics['skipped_train']}+{metrics['skipped_val']}  "
-            f"{metrics['train_images_per_s_per_worker']:.1f} img/s/worker  {metrics['epoch_seconds']:.1f}s")
+            f"{metrics['train_images_per_s_per_worker']:.1f} img/s/worker  "
+            f"(data wait {metrics['data_wait_fraction']:.0%})  {metrics['epoch_seconds']:.1f}s")
     print(line, flush=True)
     for example in (train_tally.examples + val_tally.examples)[:3]:
         print(f"  skipped: {example}", flush=True)
