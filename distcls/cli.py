@@ -10,7 +10,7 @@ from typing import Callable
 
 from distcls import DistclsError, __version__
 from distcls.config import (BenchConfig, DemoConfig, EvaluateConfig, FashionMnistConfig, FromPretrainedConfig,
-                            S3ServerConfig, TrainConfig, add_arguments, config_from_args)
+                            LabelConfig, S3ServerConfig, TrainConfig, add_arguments, config_from_args)
 
 Handler = Callable[[argparse.Namespace], int]
 
@@ -66,6 +66,17 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     print(f"accuracy {report['accuracy']:.4f}  macro_f1 {report['macro_f1']:.4f}  "
           f"on {report['num_samples']} images (skipped {report['skipped']})")
     print(f"wrote {cfg.out.rstrip('/')}/report.json, report.md, confusion_matrix.png")
+    return 0
+
+
+def cmd_label(args: argparse.Namespace) -> int:
+    from distcls.label import run_labeling
+
+    s = run_labeling(config_from_args(LabelConfig, args))
+    kinds = ", ".join(f"{k} {n}" for k, n in sorted(s["errors_by_kind"].items())) or "none"
+    print(f"total {s['total']} objects: labeled {s['labeled']} (errors {s['errors']}: {kinds}), "
+          f"already done {s['skipped_done']}; {s['seconds']:.1f}s, {s['images_per_s']:.1f} images/s")
+    print(f"output: {s['output']} (Parquet, one row per object; model {s['model'][:12]}...)")
     return 0
 
 
@@ -132,6 +143,11 @@ def build_parser() -> argparse.ArgumentParser:
                         description="Accuracy, top-5, precision/recall/F1, confusion matrix over every image.")
     add_arguments(ev, EvaluateConfig)
     ev.set_defaults(handler=cmd_evaluate)
+
+    lab = sub.add_parser("label", help="label every image under a prefix into Parquet (batch inference)",
+                         description="Offline labeling: one Parquet row per object; reruns add only what is missing.")
+    add_arguments(lab, LabelConfig)
+    lab.set_defaults(handler=cmd_label)
 
     models = sub.add_parser("models", help="list model architectures and their weights")
     models.set_defaults(handler=cmd_models)

@@ -372,3 +372,30 @@ class BenchConfig:
         p.check(self.epochs >= 1, "epochs", self.epochs, "must be at least 1")
         p.check(all(w >= 1 for w in self.workers), "workers", self.workers, "worker counts must be >= 1")
         p.raise_if_any("bench")
+
+
+@dataclass
+class LabelConfig:
+    """`distcls label`: label every image object under a prefix into Parquet, one row per object."""
+
+    checkpoint: str = opt(help="checkpoint directory URI")
+    input: str = opt(help="prefix to label, recursively (jpg, jpeg, png, webp, bmp, gif, tif, tiff)")
+    output: str = opt(help="folder/prefix for the Parquet parts; reruns add only what is missing")
+    top_k: int = opt(5, help="labels and scores kept per image")
+    batch_size: int = opt(64, help="images per forward pass")
+    concurrency: tuple[int, ...] = opt((1,), help="model replicas: N, or MIN,MAX to autoscale")
+    num_gpus: float = opt(0, help="GPUs per model replica")
+    include: str | None = opt(None, help="glob on the path below --input (or the file name) instead of "
+                              "the extension filter, e.g. '*.jpg' or 'cams/*/*.png'")
+
+    def __post_init__(self) -> None:
+        p = Problems()
+        for name in ("checkpoint", "input", "output"):
+            p.check(bool(getattr(self, name)), name, getattr(self, name), "is required")
+        p.check(self.top_k >= 1, "top_k", self.top_k, "must be at least 1")
+        p.check(self.batch_size >= 1, "batch_size", self.batch_size, "must be at least 1")
+        c = self.concurrency
+        p.check(len(c) in (1, 2) and min(c) >= 1 and c[0] <= c[-1], "concurrency", ",".join(map(str, c)),
+                "give N or MIN,MAX with 1 <= MIN <= MAX")
+        p.check(self.num_gpus >= 0, "num_gpus", self.num_gpus, "must be >= 0")
+        p.raise_if_any("label")

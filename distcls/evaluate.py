@@ -43,16 +43,20 @@ class BatchPredictor:
         return out
 
 
-def predict_dataset(ds, checkpoint: str, batch_size: int, concurrency: int, num_gpus: float):
+def predict_dataset(ds, checkpoint: str, batch_size: int, concurrency: int | tuple[int, ...], num_gpus: float):
+    """Add `logits` with an actor pool of `concurrency` replicas (an int, or (MIN, MAX) to autoscale)."""
     return ds.map_batches(BatchPredictor, fn_constructor_kwargs={"checkpoint": checkpoint},
-                          batch_size=batch_size, batch_format="numpy", compute=_pool(concurrency),
+                          batch_size=batch_size, batch_format="numpy", compute=actor_pool(concurrency),
                           num_gpus=num_gpus or None)
 
 
-def _pool(concurrency: int):
+def actor_pool(concurrency: int | tuple[int, ...]):
     import ray.data
 
-    return ray.data.ActorPoolStrategy(size=concurrency)
+    sizes = (concurrency,) if isinstance(concurrency, int) else tuple(concurrency)
+    if len(sizes) == 1:
+        return ray.data.ActorPoolStrategy(size=sizes[0])
+    return ray.data.ActorPoolStrategy(min_size=sizes[0], max_size=sizes[1])
 
 
 def run_evaluation(cfg: EvaluateConfig) -> dict:

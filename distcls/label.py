@@ -1,0 +1,149 @@
+"""`distcls label`: every image object under a prefix -> Parquet labels, exactly one row per object.
+
+Ray Data pipeline: paths -> read + decode + preprocess (CPU tasks, the checkpoint's own spec) -> predict
+(actor pool, the model loaded once per actor) -> write (one Parquet part per batch, each written
+atomically). A part is the unit of progress: a rerun reads the paths already in the output's parts and
+labels only the rest, so a job killed halfway and run again ends with every object exactly once.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import fnmatch
+import io
+import time
+import uuid
+from collections import Counter
+
+import numpy as np
+
+from distcls import DistclsError, storage
+from distcls.checkpoint import checkpoint_id, read_meta
+from distcls.config import LabelConfig
+from distcls.datasets import ROWS_PER_BLOCK, load_images
+from distcls.evaluate import predict_dataset
+from distcls.images import IMAGE_EXTENSIONS
+from distcls.runtime import init_ray
+from distcls.transforms import PreprocessSpec
+
+PART_PREFIX = "part-"
+ROWS_PER_PART = 512  # rows per Parquet part: the unit that a restart keeps or redoes
+
+
+def output_schema():
+    import pyarrow as pa
+
+    return pa.schema([
+        ("path", pa.string()), ("label", pa.string()), ("score", pa.float32()),
+        ("topk_labels", pa.list_(pa.string())), ("topk_scores", pa.list_(pa.float32())),
+        ("error", pa.string()), ("model", pa.string()), ("labeled_at", pa.timestamp("us", tz="UTC")),
+    ])
+
+
+def list_inputs(cfg: LabelConfig) -> list[str]:
+    """Image objects under --input (by extension, case-insensitive; --include GLOB replaces the filter)."""
+    root = cfg.input.rstrip("/")
+    if cfg.include:
+        return [p for p in storage.iter_files(root) if fnmatch.fnmatch(p[len(root) + 1:], cfg.include)
+                or fnmatch.fnmatch(p.rsplit("/", 1)[-1], cfg.include)]
+    return [p for p in storage.iter_files(root, IMAGE_EXTENSIONS)]
+
+
+def existing_parts(output: str) -> list[str]:
+    if not storage.exists(output):
+        return []
+    return [p for p in storage.list_files(output) if p.rsplit("/", 1)[-1].startswith(PART_PREFIX)
+            and p.endswith(".parquet")]
+
+
+def done_paths(output: str) -> set[str]:
+    """Paths that already have a row in the output (any committed part)."""
+    import pyarrow.parquet as pq
+
+    done: set[str] = set()
+    for part in existing_parts(output):
+        done.update(pq.read_table(io.BytesIO(storage.read_bytes(part)), columns=["path"]).column("path").to_pylist())
+    return done
+
+
+def write_part(batch: dict[str, np.ndarray], output: str, class_names: list[str], model_id: str,
+               top_k: int) -> dict[str, np.ndarray]:
+    """Ray Data task: a batch of predictions -> one Parquet part, written atomically; returns counts."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pa.table(label_rows(batch, class_names, model_id, top_k), schema=output_schema())
+    buf = io.BytesIO()
+    pq.write_table(table, buf)
+    storage.write_bytes(storage.join_uri(output, f"{PART_PREFIX}{uuid.uuid4().hex}.parquet"), buf.getvalue())
+    kinds = [str(e).split(":", 1)[0] for e in batch["error"] if e]
+    return {"rows": np.array([len(table)]), "errors": np.array([len(kinds)]),
+            "kinds": np.array([",".join(kinds)], dtype=object)}
+
+
+def label_rows(batch: dict[str, np.ndarray], class_names: list[str], model_id: str, top_k: int) -> dict[str, list]:
+    """Output columns for one batch: softmax top-k for good rows, `error` (and nulls) for bad ones."""
+    logits = np.asarray(batch["logits"], dtype=np.float32)
+    shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
+    probs = shifted / shifted.sum(axis=1, keepdims=True)
+    k = min(top_k, probs.shape[1])
+    order = np.argsort(-probs, axis=1, kind="stable")[:, :k]
+    now = dt.datetime.now(dt.timezone.utc)
+    out: dict[str, list] = {name: [] for name in output_schema().names}
+    for i, path in enumerate(batch["path"]):
+        err = batch["error"][i] or None
+        out["path"].append(str(path))
+        out["error"].append(err)
+        out["model"].append(model_id)
+        out["labeled_at"].append(now)
+        if err:
+            for key in ("label", "score", "topk_labels", "topk_scores"):
+                out[key].append(None)
+            continue
+        top = order[i]
+        out["label"].append(class_names[top[0]])
+        out["score"].append(float(probs[i, top[0]]))
+        out["topk_labels"].append([class_names[j] for j in top])
+        out["topk_scores"].append([float(probs[i, j]) for j in top])
+    return out
+
+
+def run_labeling(cfg: LabelConfig, progress: bool = True) -> dict:
+    import ray.data
+
+    started = time.perf_counter()
+    meta = read_meta(cfg.checkpoint)
+    spec = PreprocessSpec.from_dict(meta["preprocessing"])
+    paths = list_inputs(cfg)
+    if not paths:
+        raise DistclsError(f"label: no image objects under {cfg.input}; check the URI or widen --include")
+    done = done_paths(cfg.output)
+    todo = [p for p in paths if p not in done]
+    print(f"label: {len(paths)} objects under {cfg.input}; {len(paths) - len(todo)} already labeled, "
+          f"{len(todo)} to do", flush=True)
+    summary = {"total": len(paths), "skipped_done": len(paths) - len(todo), "labeled": 0, "errors": 0,
+               "errors_by_kind": {}, "output": cfg.output, "model": checkpoint_id(meta)}
+    if todo:
+        storage.ensure_bucket(cfg.output)
+        init_ray()
+        ds = ray.data.from_items([{"path": p} for p in todo], override_num_blocks=max(1, -(-len(todo) // ROWS_PER_BLOCK)))
+        ds = ds.map_batches(load_images, fn_kwargs={"spec": spec}, batch_size=ROWS_PER_BLOCK, batch_format="numpy")
+        ds = predict_dataset(ds, cfg.checkpoint, cfg.batch_size, cfg.concurrency, cfg.num_gpus)
+        ds = ds.map_batches(write_part, fn_kwargs={
+            "output": cfg.output, "class_names": meta["class_names"], "model_id": checkpoint_id(meta),
+            "top_k": cfg.top_k}, batch_size=ROWS_PER_PART, batch_format="numpy")
+        kinds: Counter = Counter()
+        last = time.perf_counter()
+        for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+            summary["labeled"] += int(batch["rows"].sum())
+            summary["errors"] += int(batch["errors"].sum())
+            kinds.update(k for joined in batch["kinds"] for k in str(joined).split(",") if k)
+            if progress and time.perf_counter() - last > 5:
+                last = time.perf_counter()
+                rate = summary["labeled"] / (last - started)
+                print(f"  {summary['labeled']}/{len(todo)} labeled, {summary['errors']} errors, {rate:.1f} images/s",
+                      flush=True)
+        summary["errors_by_kind"] = dict(kinds)
+    summary["seconds"] = time.perf_counter() - started
+    summary["images_per_s"] = summary["labeled"] / max(summary["seconds"], 1e-9)
+    return summary
