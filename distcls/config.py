@@ -387,6 +387,7 @@ class LabelConfig:
     num_gpus: float = opt(0, help="GPUs per model replica")
     include: str | None = opt(None, help="glob on the path below --input (or the file name) instead of "
                               "the extension filter, e.g. '*.jpg' or 'cams/*/*.png'")
+    rows_per_part: int = opt(512, help="rows per Parquet part: the unit of progress a restart keeps")
 
     def __post_init__(self) -> None:
         p = Problems()
@@ -398,4 +399,5 @@ class LabelConfig:
         p.check(len(c) in (1, 2) and min(c) >= 1 and c[0] <= c[-1], "concurrency", ",".join(map(str, c)),
                 "give N or MIN,MAX with 1 <= MIN <= MAX")
         p.check(self.num_gpus >= 0, "num_gpus", self.num_gpus, "must be >= 0")
+        p.check(self.rows_per_part >= 1, "rows_per_part", self.rows_per_part, "must be at least 1")
         p.raise_if_any("label")

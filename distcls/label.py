@@ -27,7 +27,6 @@ from distcls.runtime import init_ray
 from distcls.transforms import PreprocessSpec
 
 PART_PREFIX = "part-"
-ROWS_PER_PART = 512  # rows per Parquet part: the unit that a restart keeps or redoes
 
 
 def output_schema():
@@ -131,7 +130,7 @@ def run_labeling(cfg: LabelConfig, progress: bool = True) -> dict:
         ds = predict_dataset(ds, cfg.checkpoint, cfg.batch_size, cfg.concurrency, cfg.num_gpus)
         ds = ds.map_batches(write_part, fn_kwargs={
             "output": cfg.output, "class_names": meta["class_names"], "model_id": checkpoint_id(meta),
-            "top_k": cfg.top_k}, batch_size=ROWS_PER_PART, batch_format="numpy")
+            "top_k": cfg.top_k}, batch_size=cfg.rows_per_part, batch_format="numpy")
         kinds: Counter = Counter()
         last = time.perf_counter()
         for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):

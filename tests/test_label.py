@@ -106,3 +106,48 @@ def test_missing_input_is_one_clear_error(ray_local, imagenet_ckpt, capsys):
     assert main(["label", "--checkpoint", imagenet_ckpt, "--input", f"{BUCKET}/nothing-here",
                  "--output", f"{BUCKET}/o"]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_killed_run_then_rerun_has_every_object_once(s3_server, imagenet_ckpt, photo, tmp_path):
+    """A real interruption: the labeling process is killed once some parts are committed."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    root, out, n = f"{BUCKET}/many", f"{BUCKET}/killed", 150
+    rng = np.random.default_rng(0)
+    storage.write_many((f"{root}/{i:03d}.jpg", encode(Image.fromarray(
+        np.roll(photo, int(rng.integers(0, 300)), axis=1)).resize((96, 64)), "JPEG")) for i in range(n))
+    cmd = [sys.executable, "-m", "distcls.cli", "label", "--checkpoint", imagenet_ckpt, "--input", root,
+           "--output", out, "--rows-per-part", "4", "--batch-size", "4"]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and not existing_parts(out) and proc.poll() is None:
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    partial = len(read_output(out)) if existing_parts(out) else 0
+    assert 0 < partial < n, f"the kill came too late or too early: {partial} rows"
+    assert subprocess.run(cmd, env=env, capture_output=True, timeout=600).returncode == 0
+    paths = read_output(out).column("path").to_pylist()
+    assert len(paths) == len(set(paths)) == n
+
+
+def test_label_agrees_with_evaluate(ray_local, imagenet_ckpt, inputs, tmp_path):
+    from distcls.config import EvaluateConfig
+    from distcls.evaluate import run_evaluation
+
+    root, _, _ = inputs
+    manifest = tmp_path / "m.csv"
+    names = ["rgb.jpg", "grey.png", "cmyk.jpg", "small.webp", "tiny.bmp"]
+    manifest.write_text("path,label\n" + "".join(f"{root}/good/{n},tabby\n" for n in names))
+    run_evaluation(EvaluateConfig(checkpoint=imagenet_ckpt, data=str(manifest), out=str(tmp_path / "ev")))
+    evaluated = pq.read_table(tmp_path / "ev" / "predictions.parquet").to_pylist()
+    labeled = {r["path"]: r for r in read_output(f"{BUCKET}/out1").to_pylist()}
+    assert len(evaluated) == len(names)
+    for row in evaluated:
+        assert labeled[row["path"]]["label"] == row["prediction"]
+        assert labeled[row["path"]]["score"] == pytest.approx(row["score"], abs=1e-5)
