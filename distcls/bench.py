@@ -143,6 +143,109 @@ def bench_transfer(cfg: BenchConfig, root: str) -> dict:
     return out
 
 
+def make_photos(n: int, seed: int = 0) -> list[bytes]:
+    """N JPEGs of typical photo size (500x375), random crops of scikit-image's real sample photos."""
+    import io
+
+    from PIL import Image
+    from skimage import data
+
+    sources = [data.chelsea(), data.astronaut(), data.coffee(), data.rocket(), data.immunohistochemistry()]
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(n):
+        src = Image.fromarray(sources[i % len(sources)])
+        w, h = src.size
+        scale = rng.uniform(0.6, 1.0)
+        cw, ch = int(w * scale), int(h * scale)
+        left, top = int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1))
+        img = src.crop((left, top, left + cw, top + ch)).resize((500, 375), Image.BILINEAR)
+        buf = io.BytesIO()
+        img.save(buf, format="JPEG", quality=90)
+        out.append(buf.getvalue())
+    return out
+
+
+def plain_label_rate(cfg: BenchConfig, paths: list[str], checkpoint: str, out_path: str) -> float:
+    """The baseline: DataLoader worker processes read the same objects (boto3), decode and preprocess with
+    the same function; the model runs in eval/inference mode in the main process; one Parquet written."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from torch.utils.data import DataLoader, Dataset
+
+    from distcls.checkpoint import load_checkpoint
+
+    model, meta = load_checkpoint(checkpoint)
+    spec = model.spec
+
+    class Objects(Dataset):
+        def __len__(self) -> int:
+            return len(paths)
+
+        def __getitem__(self, i: int):
+            return torch.from_numpy(preprocess_bytes(storage.read_bytes(paths[i]), spec)), i
+
+    loader = DataLoader(Objects(), batch_size=cfg.label_batch_size, num_workers=cfg.loader_workers,
+                        persistent_workers=False, prefetch_factor=4)
+    torch.set_num_threads(os.cpu_count() or 1)
+    started = time.perf_counter()
+    names, labels, scores = [], [], []
+    with torch.inference_mode():
+        for images, idx in loader:
+            probs = model(images).softmax(-1)
+            top = probs.max(1)
+            names += [paths[i] for i in idx.tolist()]
+            labels += [meta["class_names"][j] for j in top.indices.tolist()]
+            scores += top.values.tolist()
+    pq.write_table(pa.table({"path": names, "label": labels, "score": pa.array(scores, pa.float32())}), out_path)
+    return len(paths) / (time.perf_counter() - started)
+
+
+def model_ceiling(cfg: BenchConfig, checkpoint: str) -> float:
+    """Forward passes alone on already-preprocessed uint8 tensors, all cores: what no pipeline can beat."""
+    from distcls.checkpoint import load_checkpoint
+
+    model, _ = load_checkpoint(checkpoint)
+    torch.set_num_threads(os.cpu_count() or 1)
+    x = torch.randint(0, 256, (cfg.label_batch_size, 3, model.spec.image_size, model.spec.image_size),
+                      dtype=torch.uint8)
+    with torch.inference_mode():
+        for _ in range(3):
+            model(x)
+        started, n = time.perf_counter(), 0
+        while time.perf_counter() - started < 10:
+            model(x)
+            n += len(x)
+    return n / (time.perf_counter() - started)
+
+
+def bench_label(cfg: BenchConfig, root: str) -> dict:
+    from distcls.config import FromPretrainedConfig, LabelConfig
+    from distcls.evaluate import checkpoint_from_pretrained
+    from distcls.label import run_labeling
+
+    checkpoint = f"{root}/ck/imagenet"
+    storage.ensure_bucket(checkpoint)
+    checkpoint_from_pretrained(FromPretrainedConfig(out=checkpoint))
+    photos = make_photos(cfg.label_images)
+    paths = [f"{root}/photos/{i:05d}.jpg" for i in range(len(photos))]
+    storage.write_many(zip(paths, photos))
+    ceiling = model_ceiling(cfg, checkpoint)
+    print(f"model alone on preprocessed tensors: {ceiling:.1f} images/s", flush=True)
+    with tempfile.TemporaryDirectory() as d:
+        plain = plain_label_rate(cfg, paths, checkpoint, os.path.join(d, "plain.parquet"))
+    print(f"plain DataLoader baseline ({cfg.loader_workers} workers): {plain:.1f} images/s", flush=True)
+    summary = run_labeling(LabelConfig(checkpoint=checkpoint, input=f"{root}/photos", output=f"{root}/labels",
+                                       batch_size=cfg.label_batch_size, concurrency=cfg.label_concurrency,
+                                       cpus_per_replica=cfg.label_cpus_per_replica),
+                           progress=False)
+    ours = summary["images_per_s"]
+    print(f"distcls label: {ours:.1f} images/s = {ours / plain:.2f} of the DataLoader baseline, "
+          f"{ours / ceiling:.2f} of the model-only ceiling", flush=True)
+    return {"images": len(paths), "model_only_images_per_s": ceiling, "dataloader_images_per_s": plain,
+            "distcls_images_per_s": ours, "ratio_vs_dataloader": ours / plain, "ratio_vs_ceiling": ours / ceiling}
+
+
 def run_bench(cfg: BenchConfig) -> dict:
     from distcls.runtime import init_ray
 
@@ -154,6 +257,8 @@ def run_bench(cfg: BenchConfig) -> dict:
             results["machine"] = machine()
             if cfg.which in ("train", "all"):
                 results["train"] = bench_train(cfg, "s3://bench")
+            if cfg.which in ("label", "all"):
+                results["label"] = bench_label(cfg, "s3://bench")
             if cfg.which in ("transfer", "all"):
                 results["transfer"] = bench_transfer(cfg, "s3://bench")
         finally:

@@ -159,9 +159,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_arguments(fp, FromPretrainedConfig)
     fp.set_defaults(handler=cmd_from_pretrained)
 
-    bench = sub.add_parser("bench", help="benchmarks against plain PyTorch (train, transfer)",
+    bench = sub.add_parser("bench", help="benchmarks against plain PyTorch (train, label, transfer)",
                            description="Measured ratios against plain PyTorch baselines, side by side in one run.")
-    bench.add_argument("which", nargs="?", choices=("train", "transfer", "all"), default=None,
+    bench.add_argument("which", nargs="?", choices=("train", "label", "transfer", "all"), default=None,
                        help="which benchmark (default: train)")
     add_arguments(bench, BenchConfig, skip=("which",))
     bench.set_defaults(handler=cmd_bench)

@@ -351,7 +351,7 @@ class FromPretrainedConfig:
 class BenchConfig:
     """`distcls bench`: measured ratios against plain PyTorch, side by side in one run."""
 
-    which: str = opt("train", help="which benchmark", choices=("train", "transfer", "all"))
+    which: str = opt("train", help="which benchmark", choices=("train", "label", "transfer", "all"))
     model: str = opt("efficientnet_lite0", help="architecture for the train benchmark")
     images_per_class: int = opt(20, help="Fashion-MNIST images per class for the train benchmark")
     image_size: int = opt(64, help="model input size")
@@ -363,6 +363,11 @@ class BenchConfig:
     transfer_epochs: int = opt(8, help="epochs for each transfer run (same budget for both)")
     transfer_lrs: tuple[float, ...] = opt((1e-3, 3e-3), help="learning rates each transfer run picks from")
     backbone_lr_scale: float = opt(1.0, help="backbone lr scale of the pretrained transfer run")
+    label_images: int = opt(400, help="JPEGs (500x375, from real photos) for the label benchmark")
+    label_batch_size: int = opt(32, help="images per forward pass in the label benchmark")
+    label_concurrency: tuple[int, ...] = opt((1,), help="distcls label model replicas (N or MIN,MAX)")
+    label_cpus_per_replica: float = opt(2.0, help="CPUs (torch threads) per distcls label replica")
+    loader_workers: int = opt(2, help="DataLoader worker processes of the label baseline")
     out: str = opt("bench.json", help="where to write every figure (JSON)")
 
     def __post_init__(self) -> None:
@@ -385,6 +390,7 @@ class LabelConfig:
     batch_size: int = opt(64, help="images per forward pass")
     concurrency: tuple[int, ...] = opt((1,), help="model replicas: N, or MIN,MAX to autoscale")
     num_gpus: float = opt(0, help="GPUs per model replica")
+    cpus_per_replica: float = opt(1.0, help="CPUs (and torch threads) per model replica")
     include: str | None = opt(None, help="glob on the path below --input (or the file name) instead of "
                               "the extension filter, e.g. '*.jpg' or 'cams/*/*.png'")
     rows_per_part: int = opt(512, help="rows per Parquet part: the unit of progress a restart keeps")
@@ -400,4 +406,5 @@ class LabelConfig:
                 "give N or MIN,MAX with 1 <= MIN <= MAX")
         p.check(self.num_gpus >= 0, "num_gpus", self.num_gpus, "must be >= 0")
         p.check(self.rows_per_part >= 1, "rows_per_part", self.rows_per_part, "must be at least 1")
+        p.check(self.cpus_per_replica > 0, "cpus_per_replica", self.cpus_per_replica, "must be positive")
         p.raise_if_any("label")

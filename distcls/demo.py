@@ -76,7 +76,7 @@ def run_demo(cfg: DemoConfig) -> dict:
             result = run_training(TrainConfig(
                 data=f"{data}/train", val_fraction=0.1, model="efficientnet_lite0", weights="bundled",
                 epochs=cfg.epochs, image_size=cfg.image_size, batch_size=32, num_workers=2,
-                storage=f"{root}/runs", name=name, backbone_lr_scale=1.0))
+                storage=f"{root}/runs", name=name, backbone_lr_scale=1.0, cache_data=True))
         with stages.stage("evaluate: the best checkpoint on the test split"):
             report = run_evaluation(EvaluateConfig(checkpoint=result["checkpoint"], data=f"{data}/test",
                                                    out=os.path.join(out, "eval"), concurrency=2))

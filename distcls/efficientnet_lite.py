@@ -17,7 +17,7 @@ from torch import nn
 # (expand_ratio, kernel, stride, out_channels, repeats) for width 1.0 / depth 1.0 (Lite0)
 LITE0_STAGES = ((1, 3, 1, 16, 1), (6, 3, 2, 24, 2), (6, 5, 2, 40, 2), (6, 3, 2, 80, 3),
                 (6, 5, 1, 112, 3), (6, 5, 2, 192, 4), (6, 3, 1, 320, 1))
-BN_MOMENTUM = 0.01  # TF's 0.99 decay
+BN_MOMENTUM = 0.1  # PyTorch default (TF trained with 0.01): short fine-tuning and scratch runs need BN stats to adapt
 BN_EPS = 1e-3
 
 

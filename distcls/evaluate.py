@@ -25,7 +25,9 @@ from distcls.transforms import PreprocessSpec
 class BatchPredictor:
     """Ray Data callable class: the model is loaded once per actor; adds `logits`, drops `image`."""
 
-    def __init__(self, checkpoint: str, device: str | None = None):
+    def __init__(self, checkpoint: str, device: str | None = None, threads: int | None = None):
+        if threads:
+            torch.set_num_threads(threads)  # Ray pins actors to OMP_NUM_THREADS = their CPU count
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.device = torch.device(device)
         self.model, self.meta = load_checkpoint(checkpoint, self.device)
@@ -43,11 +45,13 @@ class BatchPredictor:
         return out
 
 
-def predict_dataset(ds, checkpoint: str, batch_size: int, concurrency: int | tuple[int, ...], num_gpus: float):
+def predict_dataset(ds, checkpoint: str, batch_size: int, concurrency: int | tuple[int, ...], num_gpus: float,
+                    cpus_per_replica: float = 1.0):
     """Add `logits` with an actor pool of `concurrency` replicas (an int, or (MIN, MAX) to autoscale)."""
-    return ds.map_batches(BatchPredictor, fn_constructor_kwargs={"checkpoint": checkpoint},
+    return ds.map_batches(BatchPredictor, fn_constructor_kwargs={"checkpoint": checkpoint,
+                                                                 "threads": max(1, int(cpus_per_replica))},
                           batch_size=batch_size, batch_format="numpy", compute=actor_pool(concurrency),
-                          num_gpus=num_gpus or None)
+                          num_gpus=num_gpus or None, num_cpus=cpus_per_replica)
 
 
 def actor_pool(concurrency: int | tuple[int, ...]):

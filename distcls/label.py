@@ -127,7 +127,7 @@ def run_labeling(cfg: LabelConfig, progress: bool = True) -> dict:
         init_ray()
         ds = ray.data.from_items([{"path": p} for p in todo], override_num_blocks=max(1, -(-len(todo) // ROWS_PER_BLOCK)))
         ds = ds.map_batches(load_images, fn_kwargs={"spec": spec}, batch_size=ROWS_PER_BLOCK, batch_format="numpy")
-        ds = predict_dataset(ds, cfg.checkpoint, cfg.batch_size, cfg.concurrency, cfg.num_gpus)
+        ds = predict_dataset(ds, cfg.checkpoint, cfg.batch_size, cfg.concurrency, cfg.num_gpus, cfg.cpus_per_replica)
         ds = ds.map_batches(write_part, fn_kwargs={
             "output": cfg.output, "class_names": meta["class_names"], "model_id": checkpoint_id(meta),
             "top_k": cfg.top_k}, batch_size=cfg.rows_per_part, batch_format="numpy")
