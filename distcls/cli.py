@@ -114,6 +114,32 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+# (subcommand path, config class, handler, help, description); None config = no options.
+COMMANDS = (
+    (("data", "fashion-mnist"), FashionMnistConfig, cmd_data_fashion_mnist,
+     "Fashion-MNIST as PNGs in URI/{train,test}/<class>/",
+     "Write Fashion-MNIST as PNGs in URI/{train,test}/<class>/<index>.png."),
+    (("s3-server",), S3ServerConfig, cmd_s3_server, "run an S3-compatible server on loopback until interrupted",
+     "Run moto's S3-compatible server until Ctrl-C; prints AWS_ENDPOINT_URL."),
+    (("train",), TrainConfig, cmd_train, "fine-tune a pretrained model with Ray Train",
+     "Fine-tune a pretrained classifier on images in storage (Ray Train, DDP)."),
+    (("evaluate",), EvaluateConfig, cmd_evaluate, "evaluate a checkpoint over a whole labeled split",
+     "Accuracy, top-5, precision/recall/F1, confusion matrix over every image."),
+    (("label",), LabelConfig, cmd_label, "label every image under a prefix into Parquet (batch inference)",
+     "Offline labeling: one Parquet row per object; reruns add only what is missing."),
+    (("models",), None, cmd_models, "list model architectures and their weights", None),
+    (("checkpoint", "from-pretrained"), FromPretrainedConfig, cmd_from_pretrained,
+     "the pretrained ImageNet classifier as a checkpoint",
+     "Write a checkpoint of a pretrained ImageNet classifier, as it is."),
+    (("bench",), BenchConfig, cmd_bench, "benchmarks against plain PyTorch (train, label, transfer)",
+     "Measured ratios against plain PyTorch baselines, side by side in one run."),
+    (("demo",), DemoConfig, cmd_demo, "run the whole product end to end on real data (local Ray + S3)",
+     "Fashion-MNIST into the embedded S3 server, through every job."),
+)
+GROUPS = {"data": ("dataset", "put a real dataset into storage (fashion-mnist)"),
+          "checkpoint": ("action", "make checkpoints (from-pretrained)")}
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="distcls",
@@ -121,55 +147,24 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"distcls {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-
-    data = sub.add_parser("data", help="put a real dataset into storage (fashion-mnist)")
-    data_sub = data.add_subparsers(dest="dataset", metavar="DATASET", required=True)
-    fm = data_sub.add_parser("fashion-mnist", help="Fashion-MNIST as PNGs in URI/{train,test}/<class>/",
-                             description="Write Fashion-MNIST as PNGs in URI/{train,test}/<class>/<index>.png.")
-    add_arguments(fm, FashionMnistConfig)
-    fm.set_defaults(handler=cmd_data_fashion_mnist)
-
-    s3 = sub.add_parser("s3-server", help="run an S3-compatible server on loopback until interrupted",
-                        description="Run moto's S3-compatible server until Ctrl-C; prints AWS_ENDPOINT_URL.")
-    add_arguments(s3, S3ServerConfig)
-    s3.set_defaults(handler=cmd_s3_server)
-
-    train = sub.add_parser("train", help="fine-tune a pretrained model with Ray Train",
-                           description="Fine-tune a pretrained classifier on images in storage (Ray Train, DDP).")
-    add_arguments(train, TrainConfig)
-    train.set_defaults(handler=cmd_train)
-
-    ev = sub.add_parser("evaluate", help="evaluate a checkpoint over a whole labeled split",
-                        description="Accuracy, top-5, precision/recall/F1, confusion matrix over every image.")
-    add_arguments(ev, EvaluateConfig)
-    ev.set_defaults(handler=cmd_evaluate)
-
-    lab = sub.add_parser("label", help="label every image under a prefix into Parquet (batch inference)",
-                         description="Offline labeling: one Parquet row per object; reruns add only what is missing.")
-    add_arguments(lab, LabelConfig)
-    lab.set_defaults(handler=cmd_label)
-
-    models = sub.add_parser("models", help="list model architectures and their weights")
-    models.set_defaults(handler=cmd_models)
-
-    ck = sub.add_parser("checkpoint", help="make checkpoints (from-pretrained)")
-    ck_sub = ck.add_subparsers(dest="action", metavar="ACTION", required=True)
-    fp = ck_sub.add_parser("from-pretrained", help="the pretrained ImageNet classifier as a checkpoint",
-                           description="Write a checkpoint of a pretrained ImageNet classifier, as it is.")
-    add_arguments(fp, FromPretrainedConfig)
-    fp.set_defaults(handler=cmd_from_pretrained)
-
-    bench = sub.add_parser("bench", help="benchmarks against plain PyTorch (train, label, transfer)",
-                           description="Measured ratios against plain PyTorch baselines, side by side in one run.")
-    bench.add_argument("which", nargs="?", choices=("train", "label", "transfer", "all"), default=None,
-                       help="which benchmark (default: train)")
-    add_arguments(bench, BenchConfig, skip=("which",))
-    bench.set_defaults(handler=cmd_bench)
-
-    demo = sub.add_parser("demo", help="run the whole product end to end on real data (local Ray + S3)",
-                          description="Fashion-MNIST into the embedded S3 server, through every job.")
-    add_arguments(demo, DemoConfig)
-    demo.set_defaults(handler=cmd_demo)
+    groups: dict[str, argparse._SubParsersAction] = {}
+    for path, cfg_cls, handler, help_text, description in COMMANDS:
+        where = sub
+        if len(path) == 2:
+            if path[0] not in groups:
+                dest, group_help = GROUPS[path[0]]
+                group = sub.add_parser(path[0], help=group_help)
+                groups[path[0]] = group.add_subparsers(dest=dest, metavar=dest.upper(), required=True)
+            where = groups[path[0]]
+        cmd = where.add_parser(path[-1], help=help_text, description=description or help_text)
+        skip = ()
+        if cfg_cls is BenchConfig:
+            cmd.add_argument("which", nargs="?", choices=("train", "label", "transfer", "all"), default=None,
+                             help="which benchmark (default: train)")
+            skip = ("which",)
+        if cfg_cls is not None:
+            add_arguments(cmd, cfg_cls, skip=skip)
+        cmd.set_defaults(handler=handler)
     return parser
 
 
