@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(VENV)/bin/distcls demo
 
-# The CI suite (under 30 minutes on 2 cores, install included). Slow fault-injection tests: `make test-all`.
+# The CI suite (under 30 minutes on 2 cores, install included). Tests marked slow run only in `make test-all`.
 test: $(STAMP)
 	$(PY) -m pytest -m "not slow" $(PYTEST_FLAGS)
 
