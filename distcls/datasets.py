@@ -209,14 +209,17 @@ def build_dataset(index: LabeledIndex, spec: PreprocessSpec, train: bool = False
 
     With `shuffle_seed`, file order is shuffled once on the driver (cheap: paths only) before streaming.
     """
-    import ray.data
-
     order = np.arange(len(index))
     if shuffle_seed is not None:
         order = np.random.default_rng(shuffle_seed).permutation(len(index))
-    items = [{"path": index.paths[i], "label": index.labels[i]} for i in order]
-    num_blocks = max(1, -(-len(items) // ROWS_PER_BLOCK))
-    ds = ray.data.from_items(items, override_num_blocks=num_blocks)
+    return build_image_dataset([{"path": index.paths[i], "label": index.labels[i]} for i in order], spec, train)
+
+
+def build_image_dataset(items: list[dict], spec: PreprocessSpec, train: bool = False):
+    """Rows {"path"[, "label"]} -> a lazy Ray Dataset of preprocessed images (read + decode in tasks)."""
+    import ray.data
+
+    ds = ray.data.from_items(items, override_num_blocks=max(1, -(-len(items) // ROWS_PER_BLOCK)))
     return ds.map_batches(load_images, fn_kwargs={"spec": spec, "train": train},
                           batch_size=ROWS_PER_BLOCK, batch_format="numpy", num_cpus=DECODE_CPUS)
 

@@ -8,7 +8,6 @@ import time
 from dataclasses import dataclass, field
 from typing import Iterator
 
-from distcls import storage
 from distcls.config import DemoConfig, FashionMnistConfig
 from distcls.s3server import S3Server, restore_env, use_server_env
 
@@ -49,7 +48,7 @@ def prepare_data(cfg: DemoConfig, root: str) -> str:
 
     data = f"{root}/fashion-mnist"
     limit = None if cfg.full else cfg.images_per_class
-    marker = existing_copy(data) if storage.exists(f"{root}/fashion-mnist/fashion-mnist.json") else None
+    marker = existing_copy(data)
     if marker and marker.get("limit_per_class") == limit:
         print(f"reusing {data} ({marker['total']} images)")
     else:

@@ -110,6 +110,3 @@ def decode_to_array(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.nda
     """Bytes -> uint8 HWC RGB array."""
     return np.asarray(decode_image(data, max_pixels), dtype=np.uint8)
 
-
-def is_image_path(path: str, extensions: tuple[str, ...] = IMAGE_EXTENSIONS) -> bool:
-    return path.lower().endswith(extensions)

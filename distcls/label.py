@@ -20,7 +20,7 @@ import numpy as np
 from distcls import DistclsError, storage
 from distcls.checkpoint import checkpoint_id, read_meta
 from distcls.config import LabelConfig
-from distcls.datasets import DECODE_CPUS, ROWS_PER_BLOCK, load_images
+from distcls.datasets import build_image_dataset
 from distcls.evaluate import predict_dataset
 from distcls.images import IMAGE_EXTENSIONS
 from distcls.runtime import init_ray
@@ -108,8 +108,6 @@ def label_rows(batch: dict[str, np.ndarray], class_names: list[str], model_id: s
 
 
 def run_labeling(cfg: LabelConfig, progress: bool = True) -> dict:
-    import ray.data
-
     started = time.perf_counter()
     meta = read_meta(cfg.checkpoint)
     spec = PreprocessSpec.from_dict(meta["preprocessing"])
@@ -125,9 +123,7 @@ def run_labeling(cfg: LabelConfig, progress: bool = True) -> dict:
     if todo:
         storage.ensure_bucket(cfg.output)
         init_ray()
-        ds = ray.data.from_items([{"path": p} for p in todo], override_num_blocks=max(1, -(-len(todo) // ROWS_PER_BLOCK)))
-        ds = ds.map_batches(load_images, fn_kwargs={"spec": spec}, batch_size=ROWS_PER_BLOCK, batch_format="numpy",
-                            num_cpus=DECODE_CPUS)
+        ds = build_image_dataset([{"path": p} for p in todo], spec)
         ds = predict_dataset(ds, cfg.checkpoint, cfg.batch_size, cfg.concurrency, cfg.num_gpus, cfg.cpus_per_replica)
         ds = ds.map_batches(write_part, fn_kwargs={
             "output": cfg.output, "class_names": meta["class_names"], "model_id": checkpoint_id(meta),

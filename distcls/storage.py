@@ -152,12 +152,6 @@ def exists(uri: str) -> bool:
         return fs.exists(path)
 
 
-def is_dir(uri: str) -> bool:
-    fs, path = get_filesystem(uri)
-    with storage_errors(uri):
-        return fs.isdir(path)
-
-
 def read_bytes(uri: str) -> bytes:
     scheme, path = split_uri(uri)
     with storage_errors(uri):

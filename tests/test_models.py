@@ -1,9 +1,7 @@
 """Model registry, bundled pretrained weights, checkpoint contract. No Ray."""
 
-import io
 import os
 
-import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -12,7 +10,7 @@ from safetensors.torch import save_file
 from distcls import DistclsError, storage
 from distcls.checkpoint import load_checkpoint, read_meta, save_checkpoint
 from distcls.evaluate import imagenet_class_names
-from distcls.models import create_model, freeze_backbone, get_model_info, list_models, read_state_dict
+from distcls.models import create_model, freeze_backbone, list_models, read_state_dict
 from distcls.transforms import preprocess_bytes
 from tests.conftest import encode
 

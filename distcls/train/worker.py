@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from distcls import storage
-from distcls.checkpoint import META, WEIGHTS, load_safetensors, write_local_checkpoint
+from distcls.checkpoint import WEIGHTS, load_safetensors, write_local_checkpoint
 from distcls.config import TrainConfig
 from distcls.datasets import ErrorTally, LabeledIndex, build_dataset
 from distcls.metrics import summarize
@@ -208,5 +208,3 @@ def report(metrics, model, optimizer, class_names, cfg, config, history, rank, t
                     "history": history}, os.path.join(d, TRAIN_STATE))
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
 
-
-__all__ = ["train_func", "META"]
