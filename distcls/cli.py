@@ -9,7 +9,8 @@ from typing import Callable
 
 from distcls import DistclsError, __version__
 from distcls.config import (BenchConfig, DemoConfig, EvaluateConfig, FashionMnistConfig, FromPretrainedConfig,
-                            LabelConfig, S3ServerConfig, TrainConfig, add_arguments, config_from_args)
+                            LabelConfig, S3ServerConfig, ServeConfig, TrainConfig, add_arguments,
+                            config_from_args)
 
 Handler = Callable[[argparse.Namespace], int]
 
@@ -79,6 +80,25 @@ def cmd_label(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from distcls.serving import run_serve
+
+    run_serve(config_from_args(ServeConfig, args))
+    return 0
+
+
+def cmd_serve_config(args: argparse.Namespace) -> int:
+    import yaml
+
+    from distcls.serving import serve_config
+
+    cfg = config_from_args(ServeConfig, args)
+    print("# Ray Serve config for distcls: `serve deploy FILE`, or a KubeRay RayService's serveConfigV2.")
+    print("# The API token is read from DISTCLS_API_TOKEN on the cluster, never from this file.")
+    print(yaml.safe_dump(serve_config(cfg), sort_keys=False), end="")
+    return 0
+
+
 def cmd_models(args: argparse.Namespace) -> int:
     from distcls.models import list_models
 
@@ -126,6 +146,10 @@ COMMANDS = (
      "Accuracy, top-5, precision/recall/F1, confusion matrix over every image."),
     (("label",), LabelConfig, cmd_label, "label every image under a prefix into Parquet (batch inference)",
      "Offline labeling: one Parquet row per object; reruns add only what is missing."),
+    (("serve",), ServeConfig, cmd_serve, "serve a checkpoint over HTTP with Ray Serve (until Ctrl-C)",
+     "Online classification endpoint: autoscaling replicas with request batching."),
+    (("serve-config",), ServeConfig, cmd_serve_config, "print a Ray Serve config file for `serve deploy`",
+     "Print a Ray Serve config (serve deploy, KubeRay RayService serveConfigV2) for these flags."),
     (("models",), None, cmd_models, "list model architectures and their weights", None),
     (("checkpoint", "from-pretrained"), FromPretrainedConfig, cmd_from_pretrained,
      "the pretrained ImageNet classifier as a checkpoint",

@@ -408,3 +408,49 @@ class LabelConfig:
         p.check(self.rows_per_part >= 1, "rows_per_part", self.rows_per_part, "must be at least 1")
         p.check(self.cpus_per_replica > 0, "cpus_per_replica", self.cpus_per_replica, "must be positive")
         p.raise_if_any("label")
+
+
+@dataclass
+class ServeConfig:
+    """`distcls serve` / `serve-config`: the online endpoint on Ray Serve."""
+
+    checkpoint: str = opt(help="checkpoint directory URI (change it on a running app to switch models)")
+    host: str = opt("127.0.0.1", help="address the HTTP proxy binds; 0.0.0.0 exposes it to the network")
+    port: int = opt(8000, help="HTTP port")
+    min_replicas: int = opt(1, help="fewest classifier replicas (autoscaling lower bound)")
+    max_replicas: int = opt(4, help="most classifier replicas (autoscaling upper bound)")
+    target_ongoing_requests: float = opt(8.0, help="autoscaling target: in-flight requests per replica")
+    max_batch_size: int = opt(32, help="most images per forward pass (@serve.batch)")
+    batch_wait_timeout_s: float = opt(0.01, help="longest wait for a batch to fill")
+    num_gpus: float = opt(0, help="GPUs per classifier replica")
+    cpus_per_replica: float = opt(1.0, help="CPUs (and torch threads) per classifier replica")
+    max_request_mb: float = opt(10.0, help="largest request body in MB; bigger bodies get 413")
+    max_images_per_request: int = opt(64, help="most images in one request")
+    top_k: int = opt(5, help="default number of labels per prediction (requests may ask for another)")
+    max_ongoing_requests: int = opt(64, help="requests one classifier replica works on at once")
+    max_queued_requests: int = opt(256, help="requests queued per caller before answering 503")
+    name: str = opt("distcls", help="Serve application name")
+
+    def __post_init__(self) -> None:
+        p = Problems()
+        p.check(bool(self.checkpoint), "checkpoint", self.checkpoint, "is required")
+        p.check(0 < self.port < 65536, "port", self.port, "must be 1..65535")
+        p.check(self.min_replicas >= 0, "min_replicas", self.min_replicas, "must be >= 0")
+        p.check(self.max_replicas >= max(1, self.min_replicas), "max_replicas", self.max_replicas,
+                "must be at least 1 and at least --min-replicas")
+        p.check(self.target_ongoing_requests > 0, "target_ongoing_requests", self.target_ongoing_requests,
+                "must be positive")
+        p.check(self.max_batch_size >= 1, "max_batch_size", self.max_batch_size, "must be at least 1")
+        p.check(self.batch_wait_timeout_s >= 0, "batch_wait_timeout_s", self.batch_wait_timeout_s, "must be >= 0")
+        p.check(self.num_gpus >= 0, "num_gpus", self.num_gpus, "must be >= 0")
+        p.check(self.cpus_per_replica > 0, "cpus_per_replica", self.cpus_per_replica, "must be positive")
+        p.check(self.max_request_mb > 0, "max_request_mb", self.max_request_mb, "must be positive")
+        p.check(self.max_images_per_request >= 1, "max_images_per_request", self.max_images_per_request,
+                "must be at least 1")
+        p.check(self.top_k >= 1, "top_k", self.top_k, "must be at least 1")
+        p.check(self.max_ongoing_requests >= 1, "max_ongoing_requests", self.max_ongoing_requests,
+                "must be at least 1")
+        p.check(self.max_queued_requests >= 1, "max_queued_requests", self.max_queued_requests,
+                "must be at least 1 (overload answers 503 instead of queueing without bound)")
+        p.check(bool(self.name), "name", self.name, "must not be empty")
+        p.raise_if_any("serve")

@@ -1,0 +1,61 @@
+"""The serving benchmark's baseline: one FastAPI + uvicorn process, one PyTorch model, no batching.
+
+Written as a careful engineer would write it without Ray: the same checkpoint loader and preprocessing
+function as distcls, eval + inference mode, torch using every core, decode in uvicorn's thread pool
+(PIL releases the GIL) and forward passes one at a time under a lock (concurrent forwards would only
+oversubscribe the cores). `python -m distcls.plain_server CHECKPOINT PORT`.
+"""
+
+import sys
+import threading
+
+import torch
+import uvicorn
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+from starlette.concurrency import run_in_threadpool
+
+from distcls.checkpoint import checkpoint_id, load_checkpoint
+from distcls.images import ImageDecodeError
+from distcls.serving import softmax_topk
+from distcls.transforms import preprocess_bytes
+
+
+def create_app(checkpoint: str, threads: int | None = None) -> FastAPI:
+    import os
+
+    torch.set_num_threads(threads or os.cpu_count() or 1)
+    model, meta = load_checkpoint(checkpoint)
+    names, model_info = meta["class_names"], {"id": checkpoint_id(meta), "architecture": meta["architecture"]}
+    lock = threading.Lock()
+    app = FastAPI()
+
+    def predict(data: bytes, top_k: int) -> dict:
+        image = torch.from_numpy(preprocess_bytes(data, model.spec))[None]
+        with lock, torch.inference_mode():
+            logits = model(image).numpy()
+        probs, order = softmax_topk(logits, top_k)
+        topk = [{"label": names[j], "score": float(probs[0, j])} for j in order[0]]
+        return {"label": topk[0]["label"], "score": topk[0]["score"], "topk": topk}
+
+    @app.get("/healthz")
+    async def healthz() -> dict:
+        return {"status": "ok"}
+
+    @app.post("/v1/classify")
+    async def classify(request: Request):
+        body = await request.body()
+        try:
+            prediction = await run_in_threadpool(predict, body, int(request.query_params.get("top_k", 5)))
+        except ImageDecodeError as exc:
+            return JSONResponse({"error": {"kind": exc.kind, "message": exc.message}}, status_code=422)
+        return {"model": model_info, "predictions": [prediction]}
+
+    with torch.inference_mode():  # warm-up, as distcls's replicas get from their first requests
+        model(torch.zeros((1, 3, model.spec.image_size, model.spec.image_size), dtype=torch.uint8))
+    return app
+
+
+if __name__ == "__main__":
+    uvicorn.run(create_app(sys.argv[1]), host="127.0.0.1", port=int(sys.argv[2]), log_level="warning",
+                access_log=False)

@@ -1,0 +1,413 @@
+"""`distcls serve`: a checkpoint as an autoscaling HTTP endpoint on Ray Serve.
+
+Two deployments: `Ingress` (FastAPI: auth, body limits, parsing the three input forms, errors, metrics)
+and `ImageClassifier` (decode + preprocess with the checkpoint's own spec, then `@serve.batch` forward
+passes). The classifier's checkpoint is its `user_config`, so pointing a running application at another
+checkpoint reloads the model in place, without failed requests. `build_app` is the import path that
+`serve deploy` and a KubeRay RayService use; `distcls serve-config` prints that config.
+"""
+
+
+import asyncio
+import base64
+import binascii
+import hashlib
+import hmac
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from fastapi import FastAPI, Request
+from fastapi.responses import HTMLResponse, JSONResponse
+from ray import serve
+
+from distcls.config import ServeConfig, load_config, to_dict
+
+TOKEN_ENV = "DISTCLS_API_TOKEN"
+PAGE = Path(__file__).with_name("static") / "index.html"
+LATENCY_BOUNDARIES_MS = [2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000]
+# Replica failures worth one more try on another replica (a killed or restarting replica).
+RETRIES = 2
+
+
+class RequestError(Exception):
+    """A request we refuse: HTTP status, a short kind and a message naming the problem and the fix."""
+
+    def __init__(self, status: int, kind: str, message: str, headers: dict | None = None):
+        super().__init__(message)
+        self.status, self.kind, self.message, self.headers = status, kind, message, headers
+
+
+def token_digest(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def softmax_topk(logits: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """(probabilities, top-k class indices by descending probability) for a (N, C) array of logits."""
+    logits = np.asarray(logits, dtype=np.float32)
+    shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
+    probs = shifted / shifted.sum(axis=1, keepdims=True)
+    order = np.argsort(-probs, axis=1, kind="stable")[:, :min(k, probs.shape[1])]
+    return probs, order
+
+
+# --- the classifier -----------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class LoadedModel:
+    model: object
+    meta: dict
+    spec: object
+    id: str
+
+
+@serve.deployment
+class ImageClassifier:
+    """Decodes each request's image in a thread, then batches forward passes (one model per replica)."""
+
+    def __init__(self, max_batch_size: int = 32, batch_wait_timeout_s: float = 0.01, threads: int = 1):
+        import torch
+
+        torch.set_num_threads(max(1, threads))
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.loaded: LoadedModel | None = None
+        self.predict_batch.set_max_batch_size(max_batch_size)
+        self.predict_batch.set_batch_wait_timeout_s(batch_wait_timeout_s)
+
+    def reconfigure(self, config: dict) -> None:
+        """user_config {"checkpoint": URI}: load the new model fully, then swap it in (no request fails)."""
+        from distcls.checkpoint import checkpoint_id, load_checkpoint, read_meta
+        from distcls.transforms import PreprocessSpec
+
+        uri = config["checkpoint"]
+        if self.loaded is not None and checkpoint_id(read_meta(uri)) == self.loaded.id:
+            return
+        model, meta = load_checkpoint(uri, self.device)
+        self.loaded = LoadedModel(model, meta, PreprocessSpec.from_dict(meta["preprocessing"]), checkpoint_id(meta))
+
+    def check_health(self) -> None:
+        if self.loaded is None:
+            raise RuntimeError("no model loaded")
+
+    def info(self) -> dict:
+        m = self.loaded
+        return {"id": m.id, "architecture": m.meta["architecture"], "class_names": m.meta["class_names"],
+                "num_classes": len(m.meta["class_names"]), "preprocessing": m.meta["preprocessing"],
+                "checkpoint_created": m.meta.get("created")}
+
+    async def classify(self, data: bytes, top_k: int) -> dict:
+        """One image -> {"label", "score", "topk", "model"}, or {"error": {"kind", "message"}}."""
+        from distcls.images import ImageDecodeError
+        from distcls.transforms import preprocess_bytes
+
+        loaded = self.loaded
+        try:
+            image = await asyncio.to_thread(preprocess_bytes, data, loaded.spec)
+        except ImageDecodeError as exc:
+            return {"error": {"kind": exc.kind, "message": exc.message}}
+        logits = await self.predict_batch((loaded, image))
+        probs, order = softmax_topk(logits[None, :], top_k)
+        names = loaded.meta["class_names"]
+        topk = [{"label": names[j], "score": float(probs[0, j])} for j in order[0]]
+        return {"label": topk[0]["label"], "score": topk[0]["score"], "topk": topk,
+                "model": {"id": loaded.id, "architecture": loaded.meta["architecture"]}}
+
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.01)
+    async def predict_batch(self, items: list[tuple[LoadedModel, np.ndarray]]) -> list[np.ndarray]:
+        return await asyncio.to_thread(self._forward, items)
+
+    def _forward(self, items: list[tuple[LoadedModel, np.ndarray]]) -> list[np.ndarray]:
+        import torch
+
+        out: list[np.ndarray | None] = [None] * len(items)
+        groups: dict[str, list[int]] = {}  # a batch can straddle a model switch
+        for i, (loaded, _) in enumerate(items):
+            groups.setdefault(loaded.id, []).append(i)
+        with torch.inference_mode():
+            for idx in groups.values():
+                model = items[idx[0]][0].model
+                batch = torch.from_numpy(np.stack([items[i][1] for i in idx])).to(self.device)
+                logits = model(batch).float().cpu().numpy()
+                for row, i in enumerate(idx):
+                    out[i] = logits[row]
+        return out
+
+
+# --- the HTTP ingress ---------------------------------------------------------------------------------
+
+api = FastAPI(title="distcls", summary="Image classification with a fine-tuned checkpoint",
+              docs_url=None, redoc_url=None, openapi_url=None)
+
+
+def error_response(err: RequestError) -> JSONResponse:
+    return JSONResponse({"error": {"kind": err.kind, "message": err.message}}, status_code=err.status,
+                        headers=err.headers)
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request body, refusing (413) anything over `limit` bytes without reading all of it."""
+    too_big = RequestError(413, "too_large_body", f"request body exceeds the limit of {limit} bytes "
+                           f"({limit / 1e6:g} MB); send smaller or fewer images (server flag --max-request-mb)")
+    length = request.headers.get("content-length", "")
+    if length.isdigit() and int(length) > limit:
+        raise too_big
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise too_big
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def parse_top_k(raw, default: int) -> int:
+    if raw is None or raw == "":
+        return default
+    try:
+        value = int(raw)
+        if isinstance(raw, bool) or not 1 <= value <= 1000 or (isinstance(raw, float) and not raw.is_integer()):
+            raise ValueError
+    except (TypeError, ValueError):
+        raise RequestError(400, "bad_request", f"top_k {raw!r} must be an integer from 1 to 1000") from None
+    return value
+
+
+def parse_json_images(body: bytes) -> tuple[list[bytes], object]:
+    try:
+        doc = json.loads(body)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise RequestError(400, "bad_request", f"body is not valid JSON ({exc}); send "
+                           '{"images": [{"b64": "..."}], "top_k": 5}') from None
+    if not isinstance(doc, dict) or not isinstance(doc.get("images"), list):
+        raise RequestError(400, "bad_request", 'JSON body must be an object with "images": [{"b64": "..."}, ...]')
+    images = []
+    for i, item in enumerate(doc["images"]):
+        if not isinstance(item, dict) or not isinstance(item.get("b64"), str):
+            extra = " (distcls never fetches URLs; send the bytes)" if isinstance(item, dict) and "url" in item else ""
+            raise RequestError(400, "bad_request", f'images[{i}] must be {{"b64": "<base64 image bytes>"}}{extra}')
+        try:
+            images.append(base64.b64decode(item["b64"], validate=True))
+        except (binascii.Error, ValueError):
+            raise RequestError(400, "bad_request", f"images[{i}].b64 is not valid base64") from None
+    return images, doc.get("top_k")
+
+
+async def parse_multipart(request: Request, body: bytes, max_images: int) -> tuple[list[bytes], object]:
+    from starlette.formparsers import MultiPartException, MultiPartParser
+
+    async def stream():
+        yield body
+
+    try:
+        form = await MultiPartParser(request.headers, stream(), max_files=max_images, max_fields=16,
+                                     max_part_size=len(body) + 1).parse()
+    except MultiPartException as exc:
+        raise RequestError(400, "bad_request", f"multipart body: {exc.message}") from None
+    images, top_k = [], None
+    for key, value in form.multi_items():
+        if hasattr(value, "read"):
+            images.append(await value.read())
+        elif key == "top_k":
+            top_k = value
+    return images, top_k
+
+
+@serve.deployment
+@serve.ingress(api)
+class Ingress:
+    """HTTP front: auth, limits, the three input forms, errors as JSON, metrics; forwards images one by
+    one to the classifier so that they batch with other requests' images."""
+
+    def __init__(self, classifier, max_request_bytes: int, max_images: int, default_top_k: int,
+                 token_sha256: str | None = None):
+        from ray.serve.metrics import Counter, Histogram
+
+        self.classifier = classifier
+        self.max_request_bytes = max_request_bytes
+        self.max_images = max_images
+        self.default_top_k = default_top_k
+        env_token = os.environ.get(TOKEN_ENV)
+        self.token_sha256 = token_sha256 or (token_digest(env_token) if env_token else None)
+        self.page = PAGE.read_text()
+        self.predictions = Counter("distcls_predictions", "images classified", tag_keys=("model",))
+        self.errors = Counter("distcls_errors", "refused requests and images, by kind", tag_keys=("kind",))
+        self.latency = Histogram("distcls_request_latency_ms", "POST /v1/classify latency (ms)",
+                                 boundaries=LATENCY_BOUNDARIES_MS, tag_keys=("status",))
+
+    def authorize(self, request: Request) -> None:
+        if self.token_sha256 is None:
+            return
+        scheme, _, given = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token_digest(given.strip()), self.token_sha256):
+            raise RequestError(401, "unauthorized", "missing or wrong token; send 'Authorization: Bearer <token>' "
+                               f"(the server's {TOKEN_ENV})", headers={"WWW-Authenticate": "Bearer"})
+
+    def refuse(self, err: RequestError) -> JSONResponse:
+        self.errors.inc(tags={"kind": err.kind})
+        return error_response(err)
+
+    async def call_classifier(self, method: str, *args):
+        """A classifier call, retried on another replica when the one answering died (never on overload)."""
+        from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
+        from ray.serve.exceptions import BackPressureError
+
+        for attempt in range(RETRIES + 1):
+            try:
+                return await getattr(self.classifier, method).remote(*args)
+            except BackPressureError:
+                raise RequestError(503, "overloaded", "the classifier's queue is full; retry after a moment",
+                                   headers={"Retry-After": "1"}) from None
+            except (ActorDiedError, ActorUnavailableError, RayActorError):
+                if attempt == RETRIES:
+                    raise RequestError(503, "unavailable", "no classifier replica could answer; retry shortly",
+                                       headers={"Retry-After": "1"}) from None
+                await asyncio.sleep(0.1 * (attempt + 1))
+
+    @api.get("/healthz")
+    async def healthz(self) -> dict:
+        return {"status": "ok"}
+
+    @api.get("/", response_class=HTMLResponse)
+    async def page(self) -> HTMLResponse:
+        return HTMLResponse(self.page)
+
+    @api.get("/v1/model")
+    async def model(self, request: Request):
+        try:
+            self.authorize(request)
+            return await self.call_classifier("info")
+        except RequestError as err:
+            return self.refuse(err)
+
+    @api.post("/v1/classify")
+    async def classify(self, request: Request):
+        started = time.perf_counter()
+        try:
+            response = await self._classify(request)
+        except RequestError as err:
+            response = self.refuse(err)
+        self.latency.observe((time.perf_counter() - started) * 1000, tags={"status": str(response.status_code)})
+        return response
+
+    async def _classify(self, request: Request) -> JSONResponse:
+        self.authorize(request)
+        body = await read_body(request, self.max_request_bytes)
+        ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if ctype.startswith("image/") or ctype == "application/octet-stream":
+            images, top_k = [body], request.query_params.get("top_k")
+        elif ctype == "multipart/form-data":
+            images, top_k = await parse_multipart(request, body, self.max_images)
+            top_k = top_k if top_k is not None else request.query_params.get("top_k")
+        elif ctype == "application/json":
+            images, top_k = parse_json_images(body)
+        else:
+            raise RequestError(415, "unsupported_media_type", f"Content-Type {ctype or '(none)'!r} is not accepted; "
+                               "send image/* bytes, multipart/form-data files or application/json with base64")
+        if not images:
+            raise RequestError(400, "bad_request", "no image in the request")
+        if len(images) > self.max_images:
+            raise RequestError(413, "too_many_images", f"{len(images)} images in one request; the limit is "
+                               f"{self.max_images} (server flag --max-images-per-request)")
+        top_k = parse_top_k(top_k, self.default_top_k)
+        results = await asyncio.gather(*(self.call_classifier("classify", data, top_k) for data in images))
+        bad = [(i, r["error"]) for i, r in enumerate(results) if "error" in r]
+        if bad:
+            for _, e in bad:
+                self.errors.inc(tags={"kind": e["kind"]})
+            i, e = bad[0]
+            where = f"image {i}" if len(images) > 1 else "the image"
+            return JSONResponse({"error": {"kind": e["kind"], "message": f"{where}: {e['message']}", "image": i,
+                                           "bad_images": [j for j, _ in bad]}}, status_code=422)
+        models = [r.pop("model") for r in results]
+        if any(m["id"] != models[0]["id"] for m in models):  # answered across a model switch: say so
+            for r, m in zip(results, models):
+                r["model_id"] = m["id"]
+        self.predictions.inc(len(results), tags={"model": models[0]["id"][:12]})
+        return JSONResponse({"model": models[0], "predictions": results})
+
+
+# --- building and running the application ---------------------------------------------------------------
+
+def application(cfg: ServeConfig, token_sha256: str | None = None):
+    """The Serve application for `cfg` (a bound Ingress in front of an autoscaling classifier)."""
+    classifier = ImageClassifier.options(
+        name="ImageClassifier",
+        ray_actor_options={"num_cpus": cfg.cpus_per_replica, "num_gpus": cfg.num_gpus},
+        autoscaling_config={"min_replicas": cfg.min_replicas, "max_replicas": cfg.max_replicas,
+                            "initial_replicas": max(1, cfg.min_replicas),
+                            "target_ongoing_requests": cfg.target_ongoing_requests},
+        max_ongoing_requests=cfg.max_ongoing_requests,
+        max_queued_requests=cfg.max_queued_requests,
+        user_config={"checkpoint": cfg.checkpoint},
+        health_check_period_s=10,
+    ).bind(max_batch_size=cfg.max_batch_size, batch_wait_timeout_s=cfg.batch_wait_timeout_s,
+           threads=max(1, int(cfg.cpus_per_replica)))
+    return Ingress.options(
+        name="Ingress",
+        ray_actor_options={"num_cpus": 0.5},
+        autoscaling_config={"min_replicas": 1, "max_replicas": cfg.max_replicas,
+                            "target_ongoing_requests": 4 * cfg.target_ongoing_requests},
+        max_ongoing_requests=cfg.max_ongoing_requests * cfg.max_replicas,
+        max_queued_requests=cfg.max_queued_requests,
+    ).bind(classifier, max_request_bytes=int(cfg.max_request_mb * 1e6), max_images=cfg.max_images_per_request,
+           default_top_k=cfg.top_k, token_sha256=token_sha256)
+
+
+def build_app(args: dict):
+    """Ray Serve application builder (`import_path: distcls.serving:build_app`); `args` are ServeConfig
+    fields. The API token comes from DISTCLS_API_TOKEN where the app is built, never from the config."""
+    cfg = load_config(ServeConfig, overrides=dict(args))
+    token = os.environ.get(TOKEN_ENV)
+    return application(cfg, token_digest(token) if token else None)
+
+
+APP_ARGS_EXCLUDED = ("host", "port", "name")
+
+
+def serve_config(cfg: ServeConfig) -> dict:
+    """A Ray Serve config file (`serve deploy`, a RayService's serveConfigV2) for this configuration."""
+    args = {k: v for k, v in to_dict(cfg).items() if k not in APP_ARGS_EXCLUDED}
+    return {
+        "proxy_location": "EveryNode",
+        "http_options": {"host": cfg.host, "port": cfg.port},
+        "applications": [{"name": cfg.name, "route_prefix": "/", "import_path": "distcls.serving:build_app",
+                          "args": args}],
+    }
+
+
+def start(cfg: ServeConfig, route_prefix: str = "/", token: str | None = None) -> str:
+    """Deploy on the Ray cluster (RAY_ADDRESS, else a local instance); returns the endpoint's base URL."""
+    from distcls.runtime import init_ray
+
+    init_ray()
+    serve.start(http_options={"host": cfg.host, "port": cfg.port})
+    token = token if token is not None else os.environ.get(TOKEN_ENV)
+    serve.run(application(cfg, token_digest(token) if token else None), name=cfg.name,
+              route_prefix=route_prefix)
+    host = "127.0.0.1" if cfg.host in ("0.0.0.0", "::") else cfg.host
+    return f"http://{host}:{cfg.port}{route_prefix.rstrip('/')}"
+
+
+def run_serve(cfg: ServeConfig) -> None:
+    """`distcls serve`: deploy, print where it listens, serve until Ctrl-C, then take the app down."""
+    from distcls.checkpoint import read_meta
+
+    meta = read_meta(cfg.checkpoint)  # a bad checkpoint fails here, with one line, before Ray starts
+    url = start(cfg)
+    auth = f"on ({TOKEN_ENV})" if os.environ.get(TOKEN_ENV) else f"off (set {TOKEN_ENV} to require a token)"
+    print(f"serving {meta['architecture']} ({len(meta['class_names'])} classes, "
+          f"model {meta['weights_sha256'][:12]}...) at {url}/", flush=True)
+    print(f"  POST {url}/v1/classify   GET {url}/v1/model   GET {url}/healthz   page: {url}/", flush=True)
+    print(f"  replicas {cfg.min_replicas}..{cfg.max_replicas}, batch <= {cfg.max_batch_size}, auth {auth}; "
+          "Ctrl-C stops it", flush=True)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        print("stopping", flush=True)
+    finally:
+        serve.delete(cfg.name)
+        serve.shutdown()
