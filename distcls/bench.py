@@ -7,6 +7,10 @@ same model, batch size, image size, optimizer and threads per process.
 `distcls bench transfer`: on real Fashion-MNIST (N training images per class), the bundled pretrained
 EfficientNet-Lite0 against the same architecture from scratch, same budget; each picks its own learning
 rate on a held-out 20% of the training images; both are then scored on the full test split.
+
+`distcls bench serve`: requests/s and p50/p99 latency of `distcls serve` against a plain FastAPI +
+uvicorn + PyTorch server without batching (`distcls.plain_server`), same checkpoint and JPEGs, at 1, 4
+and 16 concurrent HTTP clients, the two servers measured in turn by the same load generator.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ import numpy as np
 import torch
 
 from distcls import __version__, storage
-from distcls.config import BenchConfig, EvaluateConfig, FashionMnistConfig, TrainConfig
+from distcls.config import BenchConfig, EvaluateConfig, FashionMnistConfig, TrainConfig, to_dict
 from distcls.datasets import load_labeled_index
 from distcls.fmnist import write_fashion_mnist
 from distcls.models import create_model, default_spec, get_model_info, head_parameter_names
@@ -246,6 +250,126 @@ def bench_label(cfg: BenchConfig, root: str) -> dict:
             "distcls_images_per_s": ours, "ratio_vs_dataloader": ours / plain, "ratio_vs_ceiling": ours / ceiling}
 
 
+def load_test(url: str, photos: list[bytes], clients: int, seconds: float) -> dict:
+    """`clients` threads, each with one keep-alive connection, POST the photos in turn for `seconds`.
+    requests/s counts 200 answers only; latency percentiles are over every request."""
+    import http.client
+    import threading
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    deadline = time.perf_counter() + seconds
+    latencies: list[float] = []
+    codes: dict[str, int] = {}
+    lock = threading.Lock()
+
+    def client(i: int) -> None:
+        conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=120)
+        k = i
+        while time.perf_counter() < deadline:
+            body = photos[k % len(photos)]
+            k += clients
+            started = time.perf_counter()
+            try:
+                conn.request("POST", parts.path, body=body, headers={"Content-Type": "image/jpeg"})
+                response = conn.getresponse()
+                response.read()
+                code = str(response.status)
+            except (OSError, http.client.HTTPException) as exc:
+                code = type(exc).__name__
+                conn.close()
+                conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=120)
+            with lock:
+                latencies.append(time.perf_counter() - started)
+                codes[code] = codes.get(code, 0) + 1
+        conn.close()
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
+    started = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    elapsed = time.perf_counter() - started
+    ms = np.asarray(latencies) * 1000
+    return {"clients": clients, "requests_per_s": codes.get("200", 0) / elapsed, "p50_ms": float(np.percentile(ms, 50)),
+            "p99_ms": float(np.percentile(ms, 99)), "requests": len(latencies), "status_codes": codes}
+
+
+def wait_healthy(url: str, timeout: float = 120) -> None:
+    import urllib.request
+
+    deadline = time.time() + timeout
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=5) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            pass
+        if time.time() > deadline:
+            raise RuntimeError(f"bench: {url} did not become healthy within {timeout:.0f}s")
+        time.sleep(0.5)
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def bench_serve(cfg: BenchConfig, root: str) -> dict:
+    """distcls serve (Ray Serve, batching, N replicas) against one plain FastAPI + uvicorn + PyTorch
+    process without batching: same checkpoint, preprocessing and photos; the two servers are measured
+    in turn at each client count, with the same load generator."""
+    import subprocess
+    import sys
+
+    from ray import serve
+
+    from distcls.config import FromPretrainedConfig, ServeConfig
+    from distcls.evaluate import checkpoint_from_pretrained
+    from distcls.serving import start
+
+    checkpoint = f"{root}/ck/imagenet"
+    if not storage.exists(storage.join_uri(checkpoint, "distcls.json")):
+        storage.ensure_bucket(checkpoint)
+        checkpoint_from_pretrained(FromPretrainedConfig(out=checkpoint))
+    photos = make_photos(cfg.serve_images, seed=1)
+    plain_port, ours_port = free_port(), free_port()
+    plain = subprocess.Popen([sys.executable, "-m", "distcls.plain_server", checkpoint, str(plain_port)])
+    settings = ServeConfig(checkpoint=checkpoint, port=ours_port, min_replicas=cfg.serve_replicas,
+                           max_replicas=cfg.serve_replicas, cpus_per_replica=cfg.serve_cpus_per_replica,
+                           max_batch_size=cfg.serve_max_batch_size,
+                           batch_wait_timeout_s=cfg.serve_batch_wait_timeout_s, name="bench")
+    try:
+        ours_url = start(settings, token="")
+        urls = {"plain": f"http://127.0.0.1:{plain_port}", "distcls": ours_url}
+        for url in urls.values():
+            wait_healthy(f"{url}/healthz")
+            load_test(f"{url}/v1/classify", photos, 4, 3)  # warm-up: first batches, thread pools, caches
+        rows = []
+        for clients in cfg.serve_clients:
+            row = {name: load_test(f"{url}/v1/classify", photos, clients, cfg.serve_seconds)
+                   for name, url in urls.items()}
+            row["clients"] = clients
+            row["ratio_requests_per_s"] = row["distcls"]["requests_per_s"] / max(row["plain"]["requests_per_s"], 1e-9)
+            row["ratio_p99"] = row["distcls"]["p99_ms"] / max(row["plain"]["p99_ms"], 1e-9)
+            rows.append(row)
+            print(f"{clients:>3} clients: plain {row['plain']['requests_per_s']:6.1f} req/s "
+                  f"(p50 {row['plain']['p50_ms']:.0f} ms, p99 {row['plain']['p99_ms']:.0f} ms) | distcls "
+                  f"{row['distcls']['requests_per_s']:6.1f} req/s (p50 {row['distcls']['p50_ms']:.0f} ms, "
+                  f"p99 {row['distcls']['p99_ms']:.0f} ms) | ratio {row['ratio_requests_per_s']:.2f}x req/s, "
+                  f"{row['ratio_p99']:.2f}x p99", flush=True)
+    finally:
+        plain.terminate()
+        plain.wait(timeout=30)
+        serve.shutdown()
+    return {"photos": len(photos), "settings": to_dict(settings), "rows": rows}
+
+
 def run_bench(cfg: BenchConfig) -> dict:
     from distcls.runtime import init_ray
 
@@ -259,6 +383,8 @@ def run_bench(cfg: BenchConfig) -> dict:
                 results["train"] = bench_train(cfg, "s3://bench")
             if cfg.which in ("label", "all"):
                 results["label"] = bench_label(cfg, "s3://bench")
+            if cfg.which in ("serve", "all"):
+                results["serve"] = bench_serve(cfg, "s3://bench")
             if cfg.which in ("transfer", "all"):
                 results["transfer"] = bench_transfer(cfg, "s3://bench")
         finally:

@@ -182,7 +182,8 @@ def build_parser() -> argparse.ArgumentParser:
         cmd = where.add_parser(path[-1], help=help_text, description=description or help_text)
         skip = ()
         if cfg_cls is BenchConfig:
-            cmd.add_argument("which", nargs="?", choices=("train", "label", "transfer", "all"), default=None,
+            which = BenchConfig.__dataclass_fields__["which"].metadata["choices"]
+            cmd.add_argument("which", nargs="?", choices=which, default=None,
                              help="which benchmark (default: train)")
             skip = ("which",)
         if cfg_cls is not None:

@@ -227,18 +227,26 @@ class S3ServerConfig:
 class DemoConfig:
     """`distcls demo`: the whole product end to end on real data."""
 
-    images_per_class: int = opt(200, help="Fashion-MNIST images per class and split to use")
+    train_per_class: int = opt(1000, help="Fashion-MNIST training images per class (of 6,000)")
+    test_per_class: int | None = opt(None, help="test images per class (default: all 1,000, the full split)")
     full: bool = opt(False, help="use all 70,000 Fashion-MNIST images")
     image_size: int = opt(64, help="model input size in pixels")
-    epochs: int = opt(2, help="fine-tuning epochs")
+    epochs: int = opt(3, help="fine-tuning epochs")
+    label_images: int = opt(200, help="test images copied without their folders to the 'unlabeled' prefix")
+    serve_requests: int = opt(20, help="HTTP requests (one test image each) sent to the endpoint")
     bucket: str | None = opt(None, help="use this storage URI instead of the embedded S3 server")
     s3_port: int = opt(0, help="port of the embedded S3 server (0 picks a free one)")
     out: str = opt("demo-out", help="local folder for reports and labels")
 
     def __post_init__(self) -> None:
         p = Problems()
-        p.check(self.images_per_class > 0, "images_per_class", self.images_per_class, "must be positive")
+        p.check(self.train_per_class >= 2, "train_per_class", self.train_per_class, "must be at least 2")
+        p.check(self.test_per_class is None or self.test_per_class > 0, "test_per_class", self.test_per_class,
+                "must be positive")
         p.check(16 <= self.image_size <= 512, "image_size", self.image_size, "must be between 16 and 512")
+        p.check(self.epochs >= 1, "epochs", self.epochs, "must be at least 1")
+        p.check(self.label_images >= 1, "label_images", self.label_images, "must be at least 1")
+        p.check(self.serve_requests >= 1, "serve_requests", self.serve_requests, "must be at least 1")
         p.raise_if_any("demo")
 
 
@@ -351,7 +359,7 @@ class FromPretrainedConfig:
 class BenchConfig:
     """`distcls bench`: measured ratios against plain PyTorch, side by side in one run."""
 
-    which: str = opt("train", help="which benchmark", choices=("train", "label", "transfer", "all"))
+    which: str = opt("train", help="which benchmark", choices=("train", "label", "serve", "transfer", "all"))
     model: str = opt("efficientnet_lite0", help="architecture for the train benchmark")
     images_per_class: int = opt(20, help="Fashion-MNIST images per class for the train benchmark")
     image_size: int = opt(64, help="model input size")
@@ -368,6 +376,13 @@ class BenchConfig:
     label_concurrency: tuple[int, ...] = opt((1,), help="distcls label model replicas (N or MIN,MAX)")
     label_cpus_per_replica: float = opt(2.0, help="CPUs (torch threads) per distcls label replica")
     loader_workers: int = opt(2, help="DataLoader worker processes of the label baseline")
+    serve_images: int = opt(32, help="distinct JPEGs (500x375, from real photos) the serve clients send")
+    serve_clients: tuple[int, ...] = opt((1, 4, 16), help="concurrent HTTP clients to measure, comma-separated")
+    serve_seconds: float = opt(15.0, help="measured seconds per client count and server")
+    serve_replicas: int = opt(2, help="distcls serve classifier replicas (fixed for the measurement)")
+    serve_cpus_per_replica: float = opt(1.0, help="CPUs (torch threads) per distcls serve replica")
+    serve_max_batch_size: int = opt(8, help="distcls serve --max-batch-size for the measurement")
+    serve_batch_wait_timeout_s: float = opt(0.0, help="distcls serve --batch-wait-timeout-s for the measurement")
     out: str = opt("bench.json", help="where to write every figure (JSON)")
 
     def __post_init__(self) -> None:

@@ -1,15 +1,33 @@
-"""`distcls demo`: the whole product on a laptop, on the embedded S3 server and a local Ray instance."""
+"""`distcls demo`: the whole product on a laptop, on the embedded S3 server and a local Ray instance.
+
+Fashion-MNIST into object storage -> fine-tune EfficientNet-Lite0 with Ray Train (2 workers) ->
+evaluate on the test split -> label an "unlabeled" prefix (with a few corrupt files) -> serve the
+checkpoint and send it real HTTP requests -> a summary of figures, stage times and artifacts.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import http.client
+import io
+import json
 import os
+import shutil
 import time
 from dataclasses import dataclass, field
 from typing import Iterator
 
+import numpy as np
+
+from distcls import storage
 from distcls.config import DemoConfig, FashionMnistConfig
 from distcls.s3server import S3Server, restore_env, use_server_env
+
+CORRUPT_FILES = {  # name -> bytes: what a real "unlabeled" bucket also holds
+    "corrupt-truncated.png": None,  # filled from a real PNG, cut short
+    "corrupt-empty.jpg": b"",
+    "corrupt-notes.jpg": b"meeting notes, not a picture\n" * 10,
+}
 
 
 @dataclass
@@ -43,58 +61,172 @@ def storage_for(cfg: DemoConfig) -> Iterator[str]:
             restore_env(previous)
 
 
-def prepare_data(cfg: DemoConfig, root: str) -> str:
+def prepare_split(root: str, split: str, limit: int | None) -> str:
+    """URI/<split>/<class>/<index>.png, written once per (split, limit) and reused by reruns."""
     from distcls.fmnist import existing_copy, write_fashion_mnist
 
-    data = f"{root}/fashion-mnist"
-    limit = None if cfg.full else cfg.images_per_class
+    data = f"{root}/fashion-mnist-{split}-{limit or 'all'}"
     marker = existing_copy(data)
-    if marker and marker.get("limit_per_class") == limit:
+    if marker:
         print(f"reusing {data} ({marker['total']} images)")
     else:
-        write_fashion_mnist(FashionMnistConfig(out=data, limit_per_class=limit))
-    return data
+        write_fashion_mnist(FashionMnistConfig(out=data, limit_per_class=limit, splits=(split,)))
+    return f"{data}/{split}"
+
+
+def prepare_unlabeled(test_data: str, root: str, n: int) -> tuple[str, dict[str, str]]:
+    """Copy n test images (spread over the classes) to a flat prefix, plus corrupt files; -> truth by path."""
+    from distcls.datasets import load_labeled_index
+
+    index = load_labeled_index(test_data)
+    picks = np.linspace(0, len(index.paths) - 1, num=min(n, len(index.paths))).astype(int)
+    prefix = f"{root}/unlabeled"
+    items, truth = [], {}
+    for k, i in enumerate(picks):
+        dest = f"{prefix}/img-{k:05d}.png"
+        data = storage.read_bytes(index.paths[i])
+        items.append((dest, data))
+        truth[dest] = index.class_names[index.labels[i]]
+    for name, data in CORRUPT_FILES.items():
+        items.append((f"{prefix}/{name}", data if data is not None else items[0][1][: len(items[0][1]) // 2]))
+    storage.write_many(items)
+    return prefix, truth
+
+
+def read_labels(folder: str) -> list[dict]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from distcls.label import existing_parts
+
+    parts = existing_parts(folder)
+    return pa.concat_tables(pq.read_table(io.BytesIO(storage.read_bytes(p))) for p in parts).to_pylist()
+
+
+def query_endpoint(url: str, test_data: str, n: int) -> dict:
+    """POST n test images one at a time; -> latencies, accuracy and a few (truth, prediction) rows."""
+    from urllib.parse import urlsplit
+
+    from distcls.datasets import load_labeled_index
+
+    index = load_labeled_index(test_data)
+    rng = np.random.default_rng(0)
+    picks = rng.choice(len(index.paths), size=min(n, len(index.paths)), replace=False)
+    parts = urlsplit(url)
+    conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=60)
+    rows, latencies = [], []
+    for i in picks:
+        body = storage.read_bytes(index.paths[i])
+        started = time.perf_counter()
+        conn.request("POST", f"{parts.path}/v1/classify?top_k=3", body=body, headers={"Content-Type": "image/png"})
+        response = conn.getresponse()
+        payload = json.loads(response.read())
+        latencies.append(time.perf_counter() - started)
+        if response.status != 200:
+            raise RuntimeError(f"demo: the endpoint answered {response.status}: {payload}")
+        pred = payload["predictions"][0]
+        rows.append({"path": index.paths[i], "truth": index.class_names[index.labels[i]],
+                     "label": pred["label"], "score": pred["score"]})
+    conn.close()
+    ms = np.asarray(latencies) * 1000
+    return {"rows": rows, "p50_ms": float(np.percentile(ms, 50)), "p99_ms": float(np.percentile(ms, 99)),
+            "accuracy": float(np.mean([r["truth"] == r["label"] for r in rows]))}
 
 
 def run_demo(cfg: DemoConfig) -> dict:
-    """Data -> Ray Train fine-tuning -> evaluation on the test split; prints a summary of every artifact."""
-    from distcls.config import EvaluateConfig, TrainConfig
+    """Every stage of the product on real data; prints (and returns) a summary of figures and artifacts."""
+    from ray import serve
+
+    from distcls.config import EvaluateConfig, LabelConfig, ServeConfig, TrainConfig
     from distcls.evaluate import run_evaluation
+    from distcls.label import run_labeling
     from distcls.runtime import init_ray
+    from distcls.serving import start
     from distcls.train.trainer import run_training
 
     stages = Stages()
     summary: dict = {}
     out = os.path.abspath(cfg.out)
+    os.makedirs(out, exist_ok=True)
     with storage_for(cfg) as root:
         with stages.stage("data: Fashion-MNIST -> object storage"):
-            data = prepare_data(cfg, root)
+            train_data = prepare_split(root, "train", None if cfg.full else cfg.train_per_class)
+            test_data = prepare_split(root, "test", None if cfg.full else cfg.test_per_class)
         init_ray()
-        with stages.stage("train: fine-tune EfficientNet-Lite0 (Ray Train, 2 workers)"):
-            name = f"demo-{time.strftime('%Y%m%d-%H%M%S')}"
-            result = run_training(TrainConfig(
-                data=f"{data}/train", val_fraction=0.1, model="efficientnet_lite0", weights="bundled",
-                epochs=cfg.epochs, image_size=cfg.image_size, batch_size=32, num_workers=2,
-                storage=f"{root}/runs", name=name, backbone_lr_scale=1.0, cache_data=True))
-        with stages.stage("evaluate: the best checkpoint on the test split"):
-            report = run_evaluation(EvaluateConfig(checkpoint=result["checkpoint"], data=f"{data}/test",
-                                                   out=os.path.join(out, "eval"), concurrency=2))
-        summary.update({"checkpoint": result["checkpoint"], "test_accuracy": report["accuracy"],
-                        "test_macro_f1": report["macro_f1"], "test_images": report["num_samples"]})
+        try:
+            with stages.stage("train: fine-tune EfficientNet-Lite0 (Ray Train, 2 workers)"):
+                name = f"demo-{time.strftime('%Y%m%d-%H%M%S')}"
+                result = run_training(TrainConfig(
+                    data=train_data, val_fraction=0.1, model="efficientnet_lite0", weights="bundled",
+                    epochs=cfg.epochs, image_size=cfg.image_size, batch_size=32, num_workers=2,
+                    storage=f"{root}/runs", name=name, backbone_lr_scale=1.0, cache_data=True))
+                checkpoint = result["checkpoint"]
+            with stages.stage("evaluate: the best checkpoint on the test split"):
+                report = run_evaluation(EvaluateConfig(checkpoint=checkpoint, data=test_data,
+                                                       out=os.path.join(out, "eval"), concurrency=2))
+            with stages.stage("label: an unlabeled prefix (with corrupt files) -> Parquet"):
+                prefix, truth = prepare_unlabeled(test_data, root, cfg.label_images)
+                labels_dir = os.path.join(out, "labels")
+                shutil.rmtree(labels_dir, ignore_errors=True)  # a new checkpoint: last run's labels do not apply
+                label_summary = run_labeling(LabelConfig(checkpoint=checkpoint, input=prefix, output=labels_dir,
+                                                         batch_size=16), progress=False)
+                rows = read_labels(labels_dir)
+                good = [r for r in rows if r["error"] is None and r["path"] in truth]
+                label_acc = float(np.mean([truth[r["path"]] == r["label"] for r in good])) if good else 0.0
+                print(f"labeled {label_summary['labeled']} new objects ({label_summary['skipped_done']} already "
+                      f"done), {len(rows)} rows, errors: {label_summary['errors_by_kind'] or 'none new'}; "
+                      f"{label_summary['images_per_s']:.1f} images/s; agreement with the hidden labels "
+                      f"{label_acc:.4f}")
+            with stages.stage("serve: the checkpoint on Ray Serve, real HTTP requests"):
+                from distcls.bench import free_port
+
+                url = start(ServeConfig(checkpoint=checkpoint, port=free_port(), min_replicas=1, max_replicas=1,
+                                        name="demo"), token="")
+                try:
+                    served = query_endpoint(url, test_data, cfg.serve_requests)
+                finally:
+                    serve.shutdown()
+                for r in served["rows"][:6]:
+                    mark = "ok " if r["truth"] == r["label"] else "MISS"
+                    print(f"  {mark} true {r['truth']:<12} predicted {r['label']:<12} ({r['score']:.2f})")
+                print(f"{len(served['rows'])} requests: accuracy {served['accuracy']:.2f}, latency p50 "
+                      f"{served['p50_ms']:.0f} ms, p99 {served['p99_ms']:.0f} ms")
+        finally:
+            import ray
+
+            ray.shutdown()
+        summary.update({
+            "checkpoint": checkpoint, "test_accuracy": report["accuracy"], "test_macro_f1": report["macro_f1"],
+            "test_images": report["num_samples"], "label_rows": len(rows),
+            "label_errors_by_kind": label_summary["errors_by_kind"], "label_images_per_s": label_summary["images_per_s"],
+            "label_agreement": label_acc, "serve_p50_ms": served["p50_ms"], "serve_p99_ms": served["p99_ms"],
+            "serve_requests": len(served["rows"]), "out": out,
+            "kept_in": "embedded S3 (gone after the demo)" if not cfg.bucket else cfg.bucket,
+        })
     summary["stage_seconds"] = {k: round(v, 1) for k, v in stages.seconds.items()}
+    summary["total_seconds"] = round(sum(stages.seconds.values()), 1)
+    storage.write_text(os.path.join(out, "summary.json"), json.dumps(summary, indent=2))
     print_summary(summary, stages, out)
     return summary
 
 
 def print_summary(summary: dict, stages: Stages, out: str) -> None:
+    rel = os.path.relpath(out)
     print("\n== summary")
     print(f"  test accuracy {summary['test_accuracy']:.4f}, macro F1 {summary['test_macro_f1']:.4f} "
-          f"on {summary['test_images']} test images")
+          f"on {summary['test_images']} test images (the full Fashion-MNIST test split has 10,000)")
+    print(f"  labeling {summary['label_images_per_s']:.1f} images/s; {summary['label_rows']} rows, "
+          f"errors by kind {summary['label_errors_by_kind'] or '{}'}")
+    print(f"  endpoint latency p50 {summary['serve_p50_ms']:.0f} ms, p99 {summary['serve_p99_ms']:.0f} ms over "
+          f"{summary['serve_requests']} sequential requests")
     for name, secs in stages.seconds.items():
-        print(f"  {name:<60} {secs:7.1f}s")
+        print(f"  {name:<62} {secs:7.1f}s")
+    print(f"  {'total':<62} {summary['total_seconds']:7.1f}s")
     print("  artifacts:")
-    print(f"    evaluation report  {out}/eval/report.md        (cat it)")
-    print(f"    confusion matrix   {out}/eval/confusion_matrix.png")
-    print(f"    report (JSON)      {out}/eval/report.json")
-    print(f"    best checkpoint    {summary['checkpoint']}  (in the embedded S3 server, gone when the demo ends;"
-          " pass --bucket to keep it)")
+    print(f"    evaluation report  cat {rel}/eval/report.md")
+    print(f"    confusion matrix   xdg-open {rel}/eval/confusion_matrix.png")
+    print(f"    metrics (JSON)     {rel}/eval/report.json, {rel}/summary.json")
+    print(f"    predictions        {rel}/eval/predictions.parquet")
+    print(f"    labels (Parquet)   .venv/bin/python -c \"import pyarrow.parquet as pq; "
+          f"print(pq.read_table('{rel}/labels').to_pandas().head())\"")
+    print(f"    best checkpoint    {summary['checkpoint']}  ({summary['kept_in']}; pass --bucket to keep it)")

@@ -378,12 +378,13 @@ def serve_config(cfg: ServeConfig) -> dict:
     }
 
 
-def start(cfg: ServeConfig, route_prefix: str = "/", token: str | None = None) -> str:
+def start(cfg: ServeConfig, route_prefix: str = "/", token: str | None = None, access_log: bool = False) -> str:
     """Deploy on the Ray cluster (RAY_ADDRESS, else a local instance); returns the endpoint's base URL."""
     from distcls.runtime import init_ray
 
     init_ray()
-    serve.start(http_options={"host": cfg.host, "port": cfg.port})
+    serve.start(http_options={"host": cfg.host, "port": cfg.port},
+                logging_config={"log_level": "INFO" if access_log else "WARNING", "enable_access_log": access_log})
     token = token if token is not None else os.environ.get(TOKEN_ENV)
     serve.run(application(cfg, token_digest(token) if token else None), name=cfg.name,
               route_prefix=route_prefix)
