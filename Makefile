@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 PYTEST_FLAGS ?=
 
-.PHONY: install demo test test-all clean
+.PHONY: install demo cluster-demo test test-all clean
 
 install: $(STAMP)
 
@@ -18,6 +18,10 @@ $(STAMP): pyproject.toml
 
 demo: $(STAMP)
 	$(VENV)/bin/distcls demo
+
+# A real two-node Ray cluster on this machine (token auth), a training and a labeling job submitted to it.
+cluster-demo: $(STAMP)
+	$(PY) cluster/two_nodes.py
 
 # The CI suite (under 30 minutes on 2 cores, install included). Tests marked slow run only in `make test-all`.
 test: $(STAMP)

@@ -445,6 +445,8 @@ class ServeConfig:
     max_ongoing_requests: int = opt(64, help="requests one classifier replica works on at once")
     max_queued_requests: int = opt(256, help="requests queued per caller before answering 503")
     name: str = opt("distcls", help="Serve application name")
+    detach: bool = opt(False, help="deploy on the cluster (RAY_ADDRESS) and return instead of serving until "
+                       "Ctrl-C; the application keeps running (for `ray job submit` and scripts)")
 
     def __post_init__(self) -> None:
         p = Problems()

@@ -24,6 +24,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse
 from ray import serve
 
+from distcls import DistclsError
 from distcls.config import ServeConfig, load_config, to_dict
 
 TOKEN_ENV = "DISTCLS_API_TOKEN"
@@ -364,7 +365,7 @@ def build_app(args: dict):
     return application(cfg, token_digest(token) if token else None)
 
 
-APP_ARGS_EXCLUDED = ("host", "port", "name")
+APP_ARGS_EXCLUDED = ("host", "port", "name", "detach")
 
 
 def serve_config(cfg: ServeConfig) -> dict:
@@ -397,13 +398,19 @@ def run_serve(cfg: ServeConfig) -> None:
     from distcls.checkpoint import read_meta
 
     meta = read_meta(cfg.checkpoint)  # a bad checkpoint fails here, with one line, before Ray starts
+    if cfg.detach and not os.environ.get("RAY_ADDRESS"):
+        raise DistclsError("serve: --detach needs a running cluster (RAY_ADDRESS, or run it with "
+                           "`ray job submit`); a local Ray instance would stop when this command ends")
     url = start(cfg)
     auth = f"on ({TOKEN_ENV})" if os.environ.get(TOKEN_ENV) else f"off (set {TOKEN_ENV} to require a token)"
     print(f"serving {meta['architecture']} ({len(meta['class_names'])} classes, "
           f"model {meta['weights_sha256'][:12]}...) at {url}/", flush=True)
     print(f"  POST {url}/v1/classify   GET {url}/v1/model   GET {url}/healthz   page: {url}/", flush=True)
     print(f"  replicas {cfg.min_replicas}..{cfg.max_replicas}, batch <= {cfg.max_batch_size}, auth {auth}; "
-          "Ctrl-C stops it", flush=True)
+          + ("deployed; `serve status` shows it, `serve shutdown` removes it" if cfg.detach else "Ctrl-C stops it"),
+          flush=True)
+    if cfg.detach:
+        return
     try:
         while True:
             time.sleep(3600)

@@ -102,6 +102,19 @@ def quiet_worker_logs() -> None:
     warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
 
 
+def gather_node_ids(world: int) -> list[str]:
+    """The Ray node id of every rank (rank order), gathered over the DDP process group."""
+    import ray
+    import torch.distributed as dist
+
+    node = ray.get_runtime_context().get_node_id()
+    if world == 1 or not dist.is_initialized():
+        return [node]
+    nodes: list = [None] * world
+    dist.all_gather_object(nodes, node)
+    return [str(n) for n in nodes]
+
+
 def train_func(config: dict) -> None:
     import ray.train
     import ray.train.torch
@@ -130,6 +143,10 @@ def train_func(config: dict) -> None:
     if gpu:
         model = model.to(memory_format=torch.channels_last)
     ddp_model = ray.train.torch.prepare_model(model)
+    worker_nodes = gather_node_ids(world)
+    if rank == 0 and start_epoch == 0:
+        print(f"{world} workers on nodes: " + ", ".join(f"rank {r} {n[:8]}" for r, n in enumerate(worker_nodes)),
+              flush=True)
 
     weights = torch.tensor(config["class_weights"], dtype=torch.float32, device=device) if config["class_weights"] else None
     loss_fn = lambda logits, labels, mask: masked_loss(logits, labels, mask, weights, cfg.label_smoothing)  # noqa: E731
@@ -182,6 +199,7 @@ def train_func(config: dict) -> None:
             metrics["val_top5_accuracy"] = summary["top5_accuracy"]
         # Plain Python numbers: the history is saved in a weights_only torch file and JSON.
         metrics = {key: int(v) if isinstance(v, (int, np.integer)) else float(v) for key, v in metrics.items()}
+        metrics["worker_nodes"] = ",".join(worker_nodes)  # the Ray node of each rank, in rank order
         history.append(metrics)
         report(metrics, model, optimizer, class_names, cfg, config, history, rank, train_tally, val_tally)
 

@@ -1,0 +1,235 @@
+"""A real two-node Ray cluster on this machine, with token authentication, used the way a cluster is used.
+
+    .venv/bin/python cluster/two_nodes.py        (or `make cluster-demo`)
+
+1. starts the loopback S3 server and writes a slice of Fashion-MNIST into it;
+2. `ray start --head` (RAY_AUTH_MODE=token, dashboard on 127.0.0.1) and a second node with
+   `ray start --address`, each in its own temp dir and process group;
+3. shows that `ray job submit` without the token, or with a wrong one, is refused;
+4. submits `jobs/train.py` with `ray job submit --working-dir .` and STRICT_SPREAD placement, so its two
+   training workers land on different nodes; the job must end SUCCEEDED with a checkpoint, and the run's
+   result.json names the node of every worker;
+5. submits `jobs/label.py` the same way over the test images and counts the Parquet rows;
+6. stops everything it started (both nodes, every Ray process under its temp dir, the S3 server).
+
+Exit status 0 only if every check held. Prints each step and what it found.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+BUCKET = "s3://two-nodes"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def say(text: str) -> None:
+    print(f"[two-nodes] {text}", flush=True)
+
+
+class Cluster:
+    """Two `ray start --block` processes (head + worker), each in its own process group."""
+
+    def __init__(self, work: Path, env: dict[str, str], cpus_per_node: int):
+        self.work, self.env, self.cpus = work, env, cpus_per_node
+        self.gcs_port, self.dashboard_port = free_port(), free_port()
+        self.procs: list[subprocess.Popen] = []
+        self.dashboard = f"http://127.0.0.1:{self.dashboard_port}"
+
+    def _start(self, args: list[str], log: str) -> None:
+        out = open(self.work / log, "w")
+        self.procs.append(subprocess.Popen([str(BIN / "ray"), "start", "--block", *args], env=self.env,
+                                           stdout=out, stderr=subprocess.STDOUT, start_new_session=True))
+
+    def start(self) -> None:
+        common = ["--node-ip-address", "127.0.0.1", "--num-cpus", str(self.cpus), "--disable-usage-stats"]
+        self._start(["--head", "--port", str(self.gcs_port), "--dashboard-host", "127.0.0.1",
+                     "--dashboard-port", str(self.dashboard_port), "--include-dashboard", "true",
+                     "--temp-dir", str(self.work / "ray"), *common], "head.log")
+        self.wait_nodes(1, "head")
+        self._start(["--address", f"127.0.0.1:{self.gcs_port}", *common], "worker.log")
+        self.wait_nodes(2, "second node")
+
+    def nodes(self) -> list[dict]:
+        out = subprocess.run([str(BIN / "ray"), "list", "nodes", "--address", self.dashboard, "--format", "json",
+                              "--filter", "state=ALIVE"], env=self.env, capture_output=True, text=True, timeout=60)
+        return json.loads(out.stdout) if out.returncode == 0 and out.stdout.strip().startswith("[") else []
+
+    def wait_nodes(self, n: int, what: str, timeout: float = 180) -> None:
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if any(p.poll() is not None for p in self.procs):
+                raise SystemExit(f"[two-nodes] FAILED: `ray start` for the {what} exited; see {self.work}")
+            if len(self.nodes()) >= n:
+                return
+            time.sleep(2)
+        raise SystemExit(f"[two-nodes] FAILED: the {what} did not join within {timeout:.0f}s")
+
+    def stop(self) -> None:
+        for proc in reversed(self.procs):
+            with _quiet():
+                os.killpg(proc.pid, signal.SIGTERM)
+        deadline = time.time() + 30
+        for proc in self.procs:
+            with _quiet():
+                proc.wait(timeout=max(1, deadline - time.time()))
+        # Anything still running that belongs to this cluster (its session dir is under our temp dir).
+        for proc in self.procs:
+            with _quiet():
+                os.killpg(proc.pid, signal.SIGKILL)
+        for pid in leftover_pids(self.work):
+            with _quiet():
+                os.kill(pid, signal.SIGKILL)
+
+
+class _quiet:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return exc[0] is not None and issubclass(exc[0], (ProcessLookupError, PermissionError,
+                                                           subprocess.TimeoutExpired))
+
+
+def leftover_pids(work: Path) -> list[int]:
+    pids = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            if str(work).encode() in cmdline.read_bytes():
+                pids.append(int(cmdline.parent.name))
+        except OSError:
+            continue
+    return [p for p in pids if p != os.getpid()]
+
+
+def submit(cluster: Cluster, job_id: str, entry: list[str], runtime_env: dict, env: dict | None = None,
+           timeout: float = 900) -> subprocess.CompletedProcess:
+    cmd = [str(BIN / "ray"), "job", "submit", "--address", cluster.dashboard, "--submission-id", job_id,
+           "--working-dir", str(ROOT), "--runtime-env-json", json.dumps(runtime_env), "--", *entry]
+    return subprocess.run(cmd, env=env or cluster.env, capture_output=True, text=True, timeout=timeout)
+
+
+def job_status(cluster: Cluster, job_id: str) -> str:
+    out = subprocess.run([str(BIN / "ray"), "job", "status", "--address", cluster.dashboard, job_id],
+                         env=cluster.env, capture_output=True, text=True, timeout=60)
+    for status in ("SUCCEEDED", "FAILED", "STOPPED", "RUNNING", "PENDING"):
+        if status in out.stdout:
+            return status
+    return "UNKNOWN"
+
+
+def check(ok: bool, what: str, details: str = "") -> None:
+    if not ok:
+        raise SystemExit(f"[two-nodes] FAILED: {what}\n{details[-4000:]}")
+    say(f"ok: {what}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--train-per-class", type=int, default=20, help="Fashion-MNIST training images per class")
+    parser.add_argument("--test-per-class", type=int, default=5, help="test images per class (labeled by the job)")
+    parser.add_argument("--image-size", type=int, default=32)
+    parser.add_argument("--cpus-per-node", type=int, default=2, help="logical CPUs each node advertises")
+    args = parser.parse_args(argv)
+
+    sys.path.insert(0, str(ROOT))
+    from distcls import storage
+    from distcls.config import FashionMnistConfig
+    from distcls.fmnist import write_fashion_mnist
+    from distcls.s3server import S3Server, restore_env, use_server_env
+
+    work = Path(tempfile.mkdtemp(prefix="distcls-2n-"))
+    token = secrets.token_hex(32)
+    started = time.perf_counter()
+    with S3Server(port=0) as s3:
+        previous = use_server_env(s3)
+        env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+        env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token, HOME=str(work / "home"))
+        (work / "home").mkdir()
+        cluster = Cluster(work, env, args.cpus_per_node)
+        try:
+            say(f"S3 server on {s3.endpoint_url}; writing Fashion-MNIST ({args.train_per_class}/class train, "
+                f"{args.test_per_class}/class test)")
+            write_fashion_mnist(FashionMnistConfig(out=f"{BUCKET}/fmnist", limit_per_class=args.train_per_class,
+                                                   splits=("train",)), progress=False)
+            write_fashion_mnist(FashionMnistConfig(out=f"{BUCKET}/fmnist-test", limit_per_class=args.test_per_class,
+                                                   splits=("test",)), progress=False)
+            say(f"starting a head and a second node (token auth, dashboard {cluster.dashboard}) in {work}")
+            cluster.start()
+            nodes = cluster.nodes()
+            check(len(nodes) == 2, f"2 nodes alive: {', '.join(n['node_id'][:8] for n in nodes)}")
+
+            refused_env = {k: v for k, v in env.items() if k != "RAY_AUTH_TOKEN"}
+            for what, bad_env in (("no token", refused_env), ("a wrong token", {**env, "RAY_AUTH_TOKEN": "0" * 64})):
+                out = submit(cluster, f"refused-{secrets.token_hex(3)}", ["python", "-c", "print('hi')"], {},
+                             env=bad_env, timeout=120)
+                check(out.returncode != 0, f"`ray job submit` with {what} is refused "
+                      f"({(out.stderr or out.stdout).strip().splitlines()[-1][:120] if (out.stderr or out.stdout).strip() else 'no output'})",
+                      out.stdout + out.stderr)
+
+            runtime_env = {"env_vars": s3.env()}
+            train = ["python", "jobs/train.py", "--config", "jobs/configs/train.yaml",
+                     "--data", f"{BUCKET}/fmnist/train", "--val-data", f"{BUCKET}/fmnist-test/test",
+                     "--image-size", str(args.image_size), "--epochs", "1", "--batch-size", "16",
+                     "--num-workers", "2", "--no-use-gpu", "--placement-strategy", "STRICT_SPREAD",
+                     "--max-failures", "0", "--storage", f"{BUCKET}/runs", "--name", "two-nodes"]
+            say("ray job submit --working-dir . -- python jobs/train.py ... --placement-strategy STRICT_SPREAD")
+            out = submit(cluster, "train-two-nodes", train, runtime_env)
+            print(out.stdout[-3000:], flush=True)
+            check(out.returncode == 0 and job_status(cluster, "train-two-nodes") == "SUCCEEDED",
+                  "training job SUCCEEDED", out.stdout + out.stderr)
+            result = json.loads(storage.read_text(f"{BUCKET}/runs/two-nodes/result.json"))
+            checkpoint = result["checkpoint"]
+            check(storage.exists(storage.join_uri(checkpoint, "model.safetensors")), f"checkpoint at {checkpoint}")
+            workers = result["metrics"]["worker_nodes"].split(",")
+            alive = {n["node_id"] for n in nodes}
+            check(len(set(workers)) == 2 and set(workers) <= alive,
+                  "the 2 training workers ran on 2 different nodes: "
+                  + ", ".join(f"rank {r} on {w[:8]}" for r, w in enumerate(workers)))
+
+            label = ["python", "jobs/label.py", "--checkpoint", checkpoint, "--input", f"{BUCKET}/fmnist-test/test",
+                     "--output", f"{BUCKET}/labels", "--concurrency", "1", "--batch-size", "16"]
+            say("ray job submit --working-dir . -- python jobs/label.py ...")
+            out = submit(cluster, "label-two-nodes", label, runtime_env)
+            print(out.stdout[-1500:], flush=True)
+            check(out.returncode == 0 and job_status(cluster, "label-two-nodes") == "SUCCEEDED",
+                  "labeling job SUCCEEDED", out.stdout + out.stderr)
+            import pyarrow.parquet as pq
+
+            from distcls.label import existing_parts
+
+            rows = sum(pq.read_metadata(io.BytesIO(storage.read_bytes(p))).num_rows
+                       for p in existing_parts(f"{BUCKET}/labels"))
+            check(rows == 10 * args.test_per_class, f"{rows} label rows, one per test image")
+        finally:
+            say("stopping both nodes")
+            cluster.stop()
+            restore_env(previous)
+    left = leftover_pids(work)
+    shutil.rmtree(work, ignore_errors=True)
+    check(not left, "no process of this cluster is left", str(left))
+    say(f"all checks passed in {time.perf_counter() - started:.0f}s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
