@@ -129,17 +129,15 @@ def submit(cluster: Cluster, job_id: str, entry: list[str], runtime_env: dict, e
 
 
 def job_status(cluster: Cluster, job_id: str) -> str:
-    out = subprocess.run([str(BIN / "ray"), "job", "status", "--address", cluster.dashboard, job_id],
-                         env=cluster.env, capture_output=True, text=True, timeout=60)
-    for status in ("SUCCEEDED", "FAILED", "STOPPED", "RUNNING", "PENDING"):
-        if status in out.stdout:
-            return status
-    return "UNKNOWN"
+    """The job's status from the job server (JobSubmissionClient, authenticated with RAY_AUTH_TOKEN)."""
+    from ray.job_submission import JobSubmissionClient
+
+    return str(JobSubmissionClient(cluster.dashboard).get_job_status(job_id).value)
 
 
 def check(ok: bool, what: str, details: str = "") -> None:
     if not ok:
-        raise SystemExit(f"[two-nodes] FAILED: {what}\n{details[-4000:]}")
+        raise SystemExit(f"[two-nodes] FAILED, expected: {what}\n{details[-4000:]}")
     say(f"ok: {what}")
 
 
@@ -163,7 +161,9 @@ def main(argv: list[str] | None = None) -> int:
     with S3Server(port=0) as s3:
         previous = use_server_env(s3)
         env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
-        env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token, HOME=str(work / "home"))
+        os.environ.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token)  # this process queries job status
+        env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token, HOME=str(work / "home"),
+                   PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}")  # `python` in jobs = this venv's
         (work / "home").mkdir()
         cluster = Cluster(work, env, args.cpus_per_node)
         try:
@@ -195,8 +195,9 @@ def main(argv: list[str] | None = None) -> int:
             say("ray job submit --working-dir . -- python jobs/train.py ... --placement-strategy STRICT_SPREAD")
             out = submit(cluster, "train-two-nodes", train, runtime_env)
             print(out.stdout[-3000:], flush=True)
-            check(out.returncode == 0 and job_status(cluster, "train-two-nodes") == "SUCCEEDED",
-                  "training job SUCCEEDED", out.stdout + out.stderr)
+            status = job_status(cluster, "train-two-nodes")
+            check(out.returncode == 0 and status == "SUCCEEDED", f"training job SUCCEEDED (submit rc {out.returncode}, "
+                  f"status {status})", out.stdout + out.stderr)
             result = json.loads(storage.read_text(f"{BUCKET}/runs/two-nodes/result.json"))
             checkpoint = result["checkpoint"]
             check(storage.exists(storage.join_uri(checkpoint, "model.safetensors")), f"checkpoint at {checkpoint}")
@@ -211,8 +212,9 @@ def main(argv: list[str] | None = None) -> int:
             say("ray job submit --working-dir . -- python jobs/label.py ...")
             out = submit(cluster, "label-two-nodes", label, runtime_env)
             print(out.stdout[-1500:], flush=True)
-            check(out.returncode == 0 and job_status(cluster, "label-two-nodes") == "SUCCEEDED",
-                  "labeling job SUCCEEDED", out.stdout + out.stderr)
+            status = job_status(cluster, "label-two-nodes")
+            check(out.returncode == 0 and status == "SUCCEEDED", f"labeling job SUCCEEDED (submit rc {out.returncode}, "
+                  f"status {status})", out.stdout + out.stderr)
             import pyarrow.parquet as pq
 
             from distcls.label import existing_parts

@@ -25,10 +25,13 @@ def init_ray(num_cpus: int | None = None, address: str | None = None, quiet: boo
         return
     address = address or os.environ.get("RAY_ADDRESS") or None
     kwargs: dict = {
-        "runtime_env": {"env_vars": forwarded_env()},
         "logging_level": logging.WARNING if quiet else logging.INFO,
         "log_to_driver": True,
     }
+    # Inside `ray job submit` the job's runtime env (--runtime-env-json) already reaches every worker, and
+    # Ray refuses a second env_vars field; elsewhere, forward the storage variables to the workers.
+    if not os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR"):
+        kwargs["runtime_env"] = {"env_vars": forwarded_env()}
     if address:
         ray.init(address=address, **kwargs)
     else:
