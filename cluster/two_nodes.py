@@ -135,6 +135,15 @@ def job_status(cluster: Cluster, job_id: str) -> str:
     return str(JobSubmissionClient(cluster.dashboard).get_job_status(job_id).value)
 
 
+def run_job(cluster: Cluster, job_id: str, entry: list[str], runtime_env: dict, what: str) -> None:
+    """`ray job submit` (blocks, streams the job's output); the job must end SUCCEEDED."""
+    out = submit(cluster, job_id, entry, runtime_env)
+    print(out.stdout[-3000:], flush=True)
+    status = job_status(cluster, job_id)
+    check(out.returncode == 0 and status == "SUCCEEDED",
+          f"{what} job SUCCEEDED (submit rc {out.returncode}, status {status})", out.stdout + out.stderr)
+
+
 def check(ok: bool, what: str, details: str = "") -> None:
     if not ok:
         raise SystemExit(f"[two-nodes] FAILED, expected: {what}\n{details[-4000:]}")
@@ -193,11 +202,7 @@ def main(argv: list[str] | None = None) -> int:
                      "--num-workers", "2", "--no-use-gpu", "--placement-strategy", "STRICT_SPREAD",
                      "--max-failures", "0", "--storage", f"{BUCKET}/runs", "--name", "two-nodes"]
             say("ray job submit --working-dir . -- python jobs/train.py ... --placement-strategy STRICT_SPREAD")
-            out = submit(cluster, "train-two-nodes", train, runtime_env)
-            print(out.stdout[-3000:], flush=True)
-            status = job_status(cluster, "train-two-nodes")
-            check(out.returncode == 0 and status == "SUCCEEDED", f"training job SUCCEEDED (submit rc {out.returncode}, "
-                  f"status {status})", out.stdout + out.stderr)
+            run_job(cluster, "train-two-nodes", train, runtime_env, "training")
             result = json.loads(storage.read_text(f"{BUCKET}/runs/two-nodes/result.json"))
             checkpoint = result["checkpoint"]
             check(storage.exists(storage.join_uri(checkpoint, "model.safetensors")), f"checkpoint at {checkpoint}")
@@ -210,11 +215,7 @@ def main(argv: list[str] | None = None) -> int:
             label = ["python", "jobs/label.py", "--checkpoint", checkpoint, "--input", f"{BUCKET}/fmnist-test/test",
                      "--output", f"{BUCKET}/labels", "--concurrency", "1", "--batch-size", "16"]
             say("ray job submit --working-dir . -- python jobs/label.py ...")
-            out = submit(cluster, "label-two-nodes", label, runtime_env)
-            print(out.stdout[-1500:], flush=True)
-            status = job_status(cluster, "label-two-nodes")
-            check(out.returncode == 0 and status == "SUCCEEDED", f"labeling job SUCCEEDED (submit rc {out.returncode}, "
-                  f"status {status})", out.stdout + out.stderr)
+            run_job(cluster, "label-two-nodes", label, runtime_env, "labeling")
             import pyarrow.parquet as pq
 
             from distcls.label import existing_parts
