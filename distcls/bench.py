@@ -121,7 +121,8 @@ def bench_transfer(cfg: BenchConfig, root: str) -> dict:
     data = f"{root}/fmt"
     write_fashion_mnist(FashionMnistConfig(out=data, limit_per_class=cfg.transfer_per_class, splits=("train",)),
                         progress=False)
-    write_fashion_mnist(FashionMnistConfig(out=f"{root}/fmtest", splits=("test",)), progress=False)
+    write_fashion_mnist(FashionMnistConfig(out=f"{root}/fmtest", splits=("test",),
+                                           limit_per_class=cfg.transfer_test_per_class), progress=False)
     out: dict = {}
     for weights in ("bundled", "none"):
         runs = []
@@ -223,6 +224,29 @@ def model_ceiling(cfg: BenchConfig, checkpoint: str) -> float:
     return n / (time.perf_counter() - started)
 
 
+def _decode_all(args: tuple[list[bytes], dict]) -> int:
+    from distcls.transforms import PreprocessSpec
+
+    photos, spec = args
+    spec = PreprocessSpec.from_dict(spec)
+    for data in photos:
+        preprocess_bytes(data, spec)
+    return len(photos)
+
+
+def decode_rate(photos: list[bytes], spec) -> float:
+    """Decode + preprocess alone (the same function every job uses), from memory, one process per core."""
+    from concurrent.futures import ProcessPoolExecutor
+
+    cores = os.cpu_count() or 1
+    chunks = [(photos[i::cores], spec.to_dict()) for i in range(cores)]
+    with ProcessPoolExecutor(cores) as pool:
+        list(pool.map(_decode_all, [(c[0][:4], c[1]) for c in chunks]))  # warm-up: imports, first decodes
+        started = time.perf_counter()
+        done = sum(pool.map(_decode_all, chunks))
+    return done / (time.perf_counter() - started)
+
+
 def bench_label(cfg: BenchConfig, root: str) -> dict:
     from distcls.config import FromPretrainedConfig, LabelConfig
     from distcls.evaluate import checkpoint_from_pretrained
@@ -236,6 +260,11 @@ def bench_label(cfg: BenchConfig, root: str) -> dict:
     storage.write_many(zip(paths, photos))
     ceiling = model_ceiling(cfg, checkpoint)
     print(f"model alone on preprocessed tensors: {ceiling:.1f} images/s", flush=True)
+    from distcls.checkpoint import read_meta
+    from distcls.transforms import PreprocessSpec
+
+    decode = decode_rate(photos, PreprocessSpec.from_dict(read_meta(checkpoint)["preprocessing"]))
+    print(f"decode + preprocess alone ({os.cpu_count()} processes, from memory): {decode:.1f} images/s", flush=True)
     with tempfile.TemporaryDirectory() as d:
         plain = plain_label_rate(cfg, paths, checkpoint, os.path.join(d, "plain.parquet"))
     print(f"plain DataLoader baseline ({cfg.loader_workers} workers): {plain:.1f} images/s", flush=True)
@@ -246,7 +275,8 @@ def bench_label(cfg: BenchConfig, root: str) -> dict:
     ours = summary["images_per_s"]
     print(f"distcls label: {ours:.1f} images/s = {ours / plain:.2f} of the DataLoader baseline, "
           f"{ours / ceiling:.2f} of the model-only ceiling", flush=True)
-    return {"images": len(paths), "model_only_images_per_s": ceiling, "dataloader_images_per_s": plain,
+    return {"images": len(paths), "model_only_images_per_s": ceiling, "decode_only_images_per_s": decode,
+            "dataloader_images_per_s": plain,
             "distcls_images_per_s": ours, "ratio_vs_dataloader": ours / plain, "ratio_vs_ceiling": ours / ceiling}
 
 
@@ -370,6 +400,30 @@ def bench_serve(cfg: BenchConfig, root: str) -> dict:
     return {"photos": len(photos), "settings": to_dict(settings), "rows": rows}
 
 
+def table(results: dict) -> list[str]:
+    """One line per measured ratio, next to its roadmap target (targets are for the 2-core CPU machine)."""
+    rows = []
+    for key, value in results.get("train", {}).items():
+        if isinstance(value, dict):
+            rows.append((f"train {key.replace('_', ', ')} vs plain loop (per worker)", value["ratio"], ">= 0.95"))
+    if "label" in results:
+        rows += [("label vs DataLoader baseline", results["label"]["ratio_vs_dataloader"], ">= 1.0"),
+                 ("label vs model-only ceiling", results["label"]["ratio_vs_ceiling"], ">= 0.7")]
+    for row in results.get("serve", {}).get("rows", []):
+        at16 = row["clients"] == 16
+        rows += [(f"serve req/s vs plain server, {row['clients']} clients", row["ratio_requests_per_s"],
+                  ">= 1.5" if at16 else None),
+                 (f"serve p99 latency vs plain server, {row['clients']} clients", row["ratio_p99"],
+                  "<= 2" if at16 else None)]
+    if "transfer" in results:
+        rows.append(("transfer: pretrained minus scratch test accuracy", results["transfer"]["pretrained_minus_scratch"],
+                     None))
+    lines = [f"{'measure':<66} {'value':>7}  target"]
+    for name, value, target in rows:
+        lines.append(f"{name:<66} {value:7.2f}  {target or ''}")
+    return lines
+
+
 def run_bench(cfg: BenchConfig) -> dict:
     from distcls.runtime import init_ray
 
@@ -390,4 +444,5 @@ def run_bench(cfg: BenchConfig) -> dict:
         finally:
             restore_env(previous)
     storage.write_text(cfg.out, json.dumps(results, indent=2))
+    print("\n" + "\n".join(table(results)), flush=True)
     return results

@@ -369,6 +369,8 @@ class BenchConfig:
     workers: tuple[int, ...] = opt((1, 2), help="distcls worker counts to measure, comma-separated")
     transfer_per_class: int = opt(100, help="training images per class for the transfer benchmark")
     transfer_epochs: int = opt(8, help="epochs for each transfer run (same budget for both)")
+    transfer_test_per_class: int | None = opt(None, help="test images per class the transfer runs are scored on "
+                                              "(default: all 10,000 of the test split)")
     transfer_lrs: tuple[float, ...] = opt((1e-3, 3e-3), help="learning rates each transfer run picks from")
     backbone_lr_scale: float = opt(1.0, help="backbone lr scale of the pretrained transfer run")
     label_images: int = opt(400, help="JPEGs (500x375, from real photos) for the label benchmark")

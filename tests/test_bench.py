@@ -1,0 +1,48 @@
+"""`distcls bench all` in a tiny configuration: it runs end to end and fills every field of bench.json.
+Figures are printed, never asserted (timings on a shared 2-core machine are not a test)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from distcls.config import FASHION_MNIST_DEFAULT_DIR
+
+
+@pytest.mark.skipif(not os.path.isdir(FASHION_MNIST_DEFAULT_DIR), reason="needs dataset-fashion-mnist")
+def test_bench_all_tiny(tmp_path):
+    out = tmp_path / "bench.json"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "RAY_ADDRESS"))}
+    result = subprocess.run(
+        [sys.executable, "-m", "distcls.cli", "bench", "all", "--images-per-class", "4", "--image-size", "32",
+         "--batch-size", "8", "--epochs", "1", "--workers", "1", "--label-images", "8", "--serve-images", "4",
+         "--serve-clients", "1,16", "--serve-seconds", "1", "--transfer-per-class", "4", "--transfer-epochs", "1",
+         "--transfer-lrs", "0.001", "--transfer-test-per-class", "2", "--out", str(out)],
+        capture_output=True, text=True, timeout=1200, env=env)
+    assert result.returncode == 0, (result.stdout[-3000:], result.stderr[-3000:])
+    bench = json.loads(out.read_text())
+    assert set(bench) >= {"settings", "machine", "train", "label", "serve", "transfer"}
+    assert bench["machine"]["cores"] >= 1 and bench["machine"]["ray"] and bench["machine"]["torch"]
+    train = bench["train"]
+    assert train["plain_images_per_s"] > 0
+    for key in ("streamed_1w", "cached_1w"):
+        assert train[key]["images_per_s_per_worker"] > 0 and train[key]["ratio"] > 0
+    label = bench["label"]
+    for key in ("model_only_images_per_s", "decode_only_images_per_s", "dataloader_images_per_s",
+                "distcls_images_per_s", "ratio_vs_dataloader", "ratio_vs_ceiling"):
+        assert label[key] > 0, key
+    rows = bench["serve"]["rows"]
+    assert [r["clients"] for r in rows] == [1, 16]
+    for row in rows:
+        for server in ("plain", "distcls"):
+            assert row[server]["requests_per_s"] > 0 and row[server]["p99_ms"] >= row[server]["p50_ms"] > 0
+            assert set(row[server]["status_codes"]) == {"200"}, row[server]["status_codes"]
+        assert row["ratio_requests_per_s"] > 0 and row["ratio_p99"] > 0
+    transfer = bench["transfer"]
+    assert transfer["bundled"]["test_images"] == transfer["none"]["test_images"] == 20
+    assert -1 <= transfer["pretrained_minus_scratch"] <= 1
+    # the table of ratios and targets is printed
+    assert "measure" in result.stdout and "label vs DataLoader baseline" in result.stdout
+    assert "serve req/s vs plain server, 16 clients" in result.stdout
