@@ -186,7 +186,10 @@ def run_demo(cfg: DemoConfig) -> dict:
                 try:
                     served = query_endpoint(url, test_data, cfg.serve_requests)
                 finally:
-                    serve.shutdown()
+                    if os.environ.get("RAY_ADDRESS"):  # someone's cluster: remove only the demo's application
+                        serve.delete("demo")
+                    else:
+                        serve.shutdown()
                 for r in served["rows"][:6]:
                     mark = "ok " if r["truth"] == r["label"] else "MISS"
                     print(f"  {mark} true {r['truth']:<12} predicted {r['label']:<12} ({r['score']:.2f})")
