@@ -29,7 +29,8 @@ from distcls import __version__, storage
 from distcls.config import BenchConfig, EvaluateConfig, FashionMnistConfig, TrainConfig, to_dict
 from distcls.datasets import load_labeled_index
 from distcls.fmnist import write_fashion_mnist
-from distcls.models import create_model, default_spec, get_model_info, head_parameter_names
+from distcls.models import (create_model, default_spec, forward_chunk, forward_in_chunks, get_model_info,
+                            head_parameter_names)
 from distcls.s3server import S3Server, restore_env, use_server_env
 from distcls.train.loop import build_optimizer, masked_loss
 from distcls.transforms import augment_batch, preprocess_bytes
@@ -197,7 +198,7 @@ def plain_label_rate(cfg: BenchConfig, paths: list[str], checkpoint: str, out_pa
     names, labels, scores = [], [], []
     with torch.inference_mode():
         for images, idx in loader:
-            probs = model(images).softmax(-1)
+            probs = forward_in_chunks(model, images, forward_chunk("cpu")).softmax(-1)
             top = probs.max(1)
             names += [paths[i] for i in idx.tolist()]
             labels += [meta["class_names"][j] for j in top.indices.tolist()]
@@ -214,12 +215,13 @@ def model_ceiling(cfg: BenchConfig, checkpoint: str) -> float:
     torch.set_num_threads(os.cpu_count() or 1)
     x = torch.randint(0, 256, (cfg.label_batch_size, 3, model.spec.image_size, model.spec.image_size),
                       dtype=torch.uint8)
+    chunk = forward_chunk("cpu")
     with torch.inference_mode():
         for _ in range(3):
-            model(x)
+            forward_in_chunks(model, x, chunk)
         started, n = time.perf_counter(), 0
         while time.perf_counter() - started < 10:
-            model(x)
+            forward_in_chunks(model, x, chunk)
             n += len(x)
     return n / (time.perf_counter() - started)
 

@@ -17,7 +17,7 @@ from distcls.checkpoint import checkpoint_id, load_checkpoint, read_meta, save_c
 from distcls.config import EvaluateConfig, FromPretrainedConfig
 from distcls.datasets import ErrorTally, build_dataset, load_labeled_index
 from distcls.metrics import confusion_matrix, summarize, topk_correct
-from distcls.models import create_model
+from distcls.models import create_model, forward_chunk, forward_in_chunks
 from distcls.runtime import init_ray
 from distcls.transforms import PreprocessSpec
 
@@ -32,6 +32,7 @@ class BatchPredictor:
         self.device = torch.device(device)
         self.model, self.meta = load_checkpoint(checkpoint, self.device)
         self.num_classes = len(self.meta["class_names"])
+        self.chunk = forward_chunk(self.device)
 
     @torch.inference_mode()
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -39,7 +40,7 @@ class BatchPredictor:
         logits = np.zeros((len(ok), self.num_classes), dtype=np.float32)
         if ok.any():
             images = torch.from_numpy(batch["image"][ok]).to(self.device)
-            logits[ok] = self.model(images).float().cpu().numpy()
+            logits[ok] = forward_in_chunks(self.model, images, self.chunk).float().cpu().numpy()
         out = {k: v for k, v in batch.items() if k != "image"}
         out["logits"] = logits
         return out

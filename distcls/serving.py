@@ -123,6 +123,8 @@ class ImageClassifier:
     def _forward(self, items: list[tuple[LoadedModel, np.ndarray]]) -> list[np.ndarray]:
         import torch
 
+        from distcls.models import forward_chunk, forward_in_chunks
+
         out: list[np.ndarray | None] = [None] * len(items)
         groups: dict[str, list[int]] = {}  # a batch can straddle a model switch
         for i, (loaded, _) in enumerate(items):
@@ -131,7 +133,7 @@ class ImageClassifier:
             for idx in groups.values():
                 model = items[idx[0]][0].model
                 batch = torch.from_numpy(np.stack([items[i][1] for i in idx])).to(self.device)
-                logits = model(batch).float().cpu().numpy()
+                logits = forward_in_chunks(model, batch, forward_chunk(self.device)).float().cpu().numpy()
                 for row, i in enumerate(idx):
                     out[i] = logits[row]
         return out
@@ -384,11 +386,11 @@ def start(cfg: ServeConfig, route_prefix: str = "/", token: str | None = None, a
     from distcls.runtime import init_ray
 
     init_ray()
-    serve.start(http_options={"host": cfg.host, "port": cfg.port},
-                logging_config={"log_level": "INFO" if access_log else "WARNING", "enable_access_log": access_log})
+    logging_config = {"log_level": "INFO" if access_log else "WARNING", "enable_access_log": access_log}
+    serve.start(http_options={"host": cfg.host, "port": cfg.port}, logging_config=logging_config)
     token = token if token is not None else os.environ.get(TOKEN_ENV)
     serve.run(application(cfg, token_digest(token) if token else None), name=cfg.name,
-              route_prefix=route_prefix)
+              route_prefix=route_prefix, logging_config=logging_config)
     host = "127.0.0.1" if cfg.host in ("0.0.0.0", "::") else cfg.host
     return f"http://{host}:{cfg.port}{route_prefix.rstrip('/')}"
 
