@@ -18,13 +18,13 @@ Exit status 0 only if every check held. Prints each step and what it found.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
 import json
 import os
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -32,14 +32,12 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+from distcls.s3server import free_port  # noqa: E402
+
 BIN = Path(sys.executable).parent
 BUCKET = "s3://two-nodes"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+GONE = (ProcessLookupError, PermissionError, subprocess.TimeoutExpired)  # already stopped: fine
 
 
 def say(text: str) -> None:
@@ -86,28 +84,19 @@ class Cluster:
 
     def stop(self) -> None:
         for proc in reversed(self.procs):
-            with _quiet():
+            with contextlib.suppress(*GONE):
                 os.killpg(proc.pid, signal.SIGTERM)
         deadline = time.time() + 30
         for proc in self.procs:
-            with _quiet():
+            with contextlib.suppress(*GONE):
                 proc.wait(timeout=max(1, deadline - time.time()))
         # Anything still running that belongs to this cluster (its session dir is under our temp dir).
         for proc in self.procs:
-            with _quiet():
+            with contextlib.suppress(*GONE):
                 os.killpg(proc.pid, signal.SIGKILL)
         for pid in leftover_pids(self.work):
-            with _quiet():
+            with contextlib.suppress(*GONE):
                 os.kill(pid, signal.SIGKILL)
-
-
-class _quiet:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return exc[0] is not None and issubclass(exc[0], (ProcessLookupError, PermissionError,
-                                                           subprocess.TimeoutExpired))
 
 
 def leftover_pids(work: Path) -> list[int]:
@@ -158,7 +147,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cpus-per-node", type=int, default=2, help="logical CPUs each node advertises")
     args = parser.parse_args(argv)
 
-    sys.path.insert(0, str(ROOT))
     from distcls import storage
     from distcls.config import FashionMnistConfig
     from distcls.fmnist import write_fashion_mnist

@@ -31,7 +31,7 @@ from distcls.datasets import load_labeled_index
 from distcls.fmnist import write_fashion_mnist
 from distcls.models import (create_model, default_spec, forward_chunk, forward_in_chunks, get_model_info,
                             head_parameter_names)
-from distcls.s3server import S3Server, restore_env, use_server_env
+from distcls.s3server import S3Server, free_port, restore_env, use_server_env
 from distcls.train.loop import build_optimizer, masked_loss
 from distcls.transforms import augment_batch, preprocess_bytes
 
@@ -249,14 +249,24 @@ def decode_rate(photos: list[bytes], spec) -> float:
     return done / (time.perf_counter() - started)
 
 
-def bench_label(cfg: BenchConfig, root: str) -> dict:
-    from distcls.config import FromPretrainedConfig, LabelConfig
+def imagenet_checkpoint(root: str) -> str:
+    """The pretrained ImageNet EfficientNet-Lite0 as a checkpoint under root (written once per bench run)."""
+    from distcls.checkpoint import META
+    from distcls.config import FromPretrainedConfig
     from distcls.evaluate import checkpoint_from_pretrained
-    from distcls.label import run_labeling
 
     checkpoint = f"{root}/ck/imagenet"
-    storage.ensure_bucket(checkpoint)
-    checkpoint_from_pretrained(FromPretrainedConfig(out=checkpoint))
+    if not storage.exists(storage.join_uri(checkpoint, META)):
+        storage.ensure_bucket(checkpoint)
+        checkpoint_from_pretrained(FromPretrainedConfig(out=checkpoint))
+    return checkpoint
+
+
+def bench_label(cfg: BenchConfig, root: str) -> dict:
+    from distcls.config import LabelConfig
+    from distcls.label import run_labeling
+
+    checkpoint = imagenet_checkpoint(root)
     photos = make_photos(cfg.label_images)
     paths = [f"{root}/photos/{i:05d}.jpg" for i in range(len(photos))]
     storage.write_many(zip(paths, photos))
@@ -344,14 +354,6 @@ def wait_healthy(url: str, timeout: float = 120) -> None:
         time.sleep(0.5)
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def bench_serve(cfg: BenchConfig, root: str) -> dict:
     """distcls serve (Ray Serve, batching, N replicas) against one plain FastAPI + uvicorn + PyTorch
     process without batching: same checkpoint, preprocessing and photos; the two servers are measured
@@ -361,14 +363,10 @@ def bench_serve(cfg: BenchConfig, root: str) -> dict:
 
     from ray import serve
 
-    from distcls.config import FromPretrainedConfig, ServeConfig
-    from distcls.evaluate import checkpoint_from_pretrained
+    from distcls.config import ServeConfig
     from distcls.serving import start
 
-    checkpoint = f"{root}/ck/imagenet"
-    if not storage.exists(storage.join_uri(checkpoint, "distcls.json")):
-        storage.ensure_bucket(checkpoint)
-        checkpoint_from_pretrained(FromPretrainedConfig(out=checkpoint))
+    checkpoint = imagenet_checkpoint(root)
     photos = make_photos(cfg.serve_images, seed=1)
     plain_port, ours_port = free_port(), free_port()
     plain = subprocess.Popen([sys.executable, "-m", "distcls.plain_server", checkpoint, str(plain_port)])

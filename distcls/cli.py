@@ -154,7 +154,7 @@ COMMANDS = (
     (("checkpoint", "from-pretrained"), FromPretrainedConfig, cmd_from_pretrained,
      "the pretrained ImageNet classifier as a checkpoint",
      "Write a checkpoint of a pretrained ImageNet classifier, as it is."),
-    (("bench",), BenchConfig, cmd_bench, "benchmarks against plain PyTorch (train, label, transfer)",
+    (("bench",), BenchConfig, cmd_bench, "benchmarks against plain PyTorch (train, label, serve, transfer, all)",
      "Measured ratios against plain PyTorch baselines, side by side in one run."),
     (("demo",), DemoConfig, cmd_demo, "run the whole product end to end on real data (local Ray + S3)",
      "Fashion-MNIST into the embedded S3 server, through every job."),

@@ -21,7 +21,8 @@ import numpy as np
 
 from distcls import storage
 from distcls.config import DemoConfig, FashionMnistConfig
-from distcls.s3server import S3Server, restore_env, use_server_env
+from distcls.datasets import LabeledIndex, load_labeled_index
+from distcls.s3server import S3Server, free_port, restore_env, use_server_env
 
 CORRUPT_FILES = {  # name -> bytes: what a real "unlabeled" bucket also holds
     "corrupt-truncated.png": None,  # filled from a real PNG, cut short
@@ -74,11 +75,8 @@ def prepare_split(root: str, split: str, limit: int | None) -> str:
     return f"{data}/{split}"
 
 
-def prepare_unlabeled(test_data: str, root: str, n: int) -> tuple[str, dict[str, str]]:
+def prepare_unlabeled(index: LabeledIndex, root: str, n: int) -> tuple[str, dict[str, str]]:
     """Copy n test images (spread over the classes) to a flat prefix, plus corrupt files; -> truth by path."""
-    from distcls.datasets import load_labeled_index
-
-    index = load_labeled_index(test_data)
     picks = np.linspace(0, len(index.paths) - 1, num=min(n, len(index.paths))).astype(int)
     prefix = f"{root}/unlabeled"
     items, truth = [], {}
@@ -103,13 +101,10 @@ def read_labels(folder: str) -> list[dict]:
     return pa.concat_tables(pq.read_table(io.BytesIO(storage.read_bytes(p))) for p in parts).to_pylist()
 
 
-def query_endpoint(url: str, test_data: str, n: int) -> dict:
+def query_endpoint(url: str, index: LabeledIndex, n: int) -> dict:
     """POST n test images one at a time; -> latencies, accuracy and a few (truth, prediction) rows."""
     from urllib.parse import urlsplit
 
-    from distcls.datasets import load_labeled_index
-
-    index = load_labeled_index(test_data)
     rng = np.random.default_rng(0)
     picks = rng.choice(len(index.paths), size=min(n, len(index.paths)), replace=False)
     parts = urlsplit(url)
@@ -166,7 +161,8 @@ def run_demo(cfg: DemoConfig) -> dict:
                 report = run_evaluation(EvaluateConfig(checkpoint=checkpoint, data=test_data,
                                                        out=os.path.join(out, "eval"), concurrency=2))
             with stages.stage("label: an unlabeled prefix (with corrupt files) -> Parquet"):
-                prefix, truth = prepare_unlabeled(test_data, root, cfg.label_images)
+                test_index = load_labeled_index(test_data)  # listed once, for labeling and serving
+                prefix, truth = prepare_unlabeled(test_index, root, cfg.label_images)
                 labels_dir = os.path.join(out, "labels")
                 shutil.rmtree(labels_dir, ignore_errors=True)  # a new checkpoint: last run's labels do not apply
                 label_summary = run_labeling(LabelConfig(checkpoint=checkpoint, input=prefix, output=labels_dir,
@@ -179,12 +175,10 @@ def run_demo(cfg: DemoConfig) -> dict:
                       f"{label_summary['images_per_s']:.1f} images/s; agreement with the hidden labels "
                       f"{label_acc:.4f}")
             with stages.stage("serve: the checkpoint on Ray Serve, real HTTP requests"):
-                from distcls.bench import free_port
-
                 url = start(ServeConfig(checkpoint=checkpoint, port=free_port(), min_replicas=1, max_replicas=1,
                                         name="demo"), token="")
                 try:
-                    served = query_endpoint(url, test_data, cfg.serve_requests)
+                    served = query_endpoint(url, test_index, cfg.serve_requests)
                 finally:
                     if os.environ.get("RAY_ADDRESS"):  # someone's cluster: remove only the demo's application
                         serve.delete("demo")

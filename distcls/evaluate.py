@@ -46,6 +46,22 @@ class BatchPredictor:
         return out
 
 
+def softmax_topk(logits: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """(probabilities, top-k class indices by descending probability) for a (N, C) array of logits."""
+    logits = np.asarray(logits, dtype=np.float32)
+    shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
+    probs = shifted / shifted.sum(axis=1, keepdims=True)
+    order = np.argsort(-probs, axis=1, kind="stable")[:, :min(k, probs.shape[1])]
+    return probs, order
+
+
+def top_prediction(logits: np.ndarray, class_names: list[str], k: int) -> dict:
+    """One image's (C,) logits -> {"label", "score", "topk": [{"label", "score"}, ...]} (the endpoint's form)."""
+    probs, order = softmax_topk(np.asarray(logits)[None, :], k)
+    topk = [{"label": class_names[j], "score": float(probs[0, j])} for j in order[0]]
+    return {"label": topk[0]["label"], "score": topk[0]["score"], "topk": topk}
+
+
 def predict_dataset(ds, checkpoint: str, batch_size: int, concurrency: int | tuple[int, ...], num_gpus: float,
                     cpus_per_replica: float = 1.0):
     """Add `logits` with an actor pool of `concurrency` replicas (an int, or (MIN, MAX) to autoscale)."""

@@ -21,7 +21,7 @@ from distcls import DistclsError, storage
 from distcls.checkpoint import checkpoint_id, read_meta
 from distcls.config import LabelConfig
 from distcls.datasets import build_image_dataset
-from distcls.evaluate import predict_dataset
+from distcls.evaluate import predict_dataset, softmax_topk
 from distcls.images import IMAGE_EXTENSIONS
 from distcls.runtime import init_ray
 from distcls.transforms import PreprocessSpec
@@ -82,11 +82,7 @@ def write_part(batch: dict[str, np.ndarray], output: str, class_names: list[str]
 
 def label_rows(batch: dict[str, np.ndarray], class_names: list[str], model_id: str, top_k: int) -> dict[str, list]:
     """Output columns for one batch: softmax top-k for good rows, `error` (and nulls) for bad ones."""
-    logits = np.asarray(batch["logits"], dtype=np.float32)
-    shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
-    probs = shifted / shifted.sum(axis=1, keepdims=True)
-    k = min(top_k, probs.shape[1])
-    order = np.argsort(-probs, axis=1, kind="stable")[:, :k]
+    probs, order = softmax_topk(batch["logits"], top_k)
     now = dt.datetime.now(dt.timezone.utc)
     out: dict[str, list] = {name: [] for name in output_schema().names}
     for i, path in enumerate(batch["path"]):

@@ -17,8 +17,8 @@ from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
 from distcls.checkpoint import checkpoint_id, load_checkpoint
+from distcls.evaluate import top_prediction
 from distcls.images import ImageDecodeError
-from distcls.serving import softmax_topk
 from distcls.transforms import preprocess_bytes
 
 
@@ -32,9 +32,7 @@ def create_app(checkpoint: str, threads: int = 1) -> FastAPI:
         image = torch.from_numpy(preprocess_bytes(data, model.spec))[None]
         with torch.inference_mode():
             logits = model(image).numpy()
-        probs, order = softmax_topk(logits, top_k)
-        topk = [{"label": names[j], "score": float(probs[0, j])} for j in order[0]]
-        return {"label": topk[0]["label"], "score": topk[0]["score"], "topk": topk}
+        return top_prediction(logits[0], names, top_k)
 
     @app.get("/healthz")
     async def healthz() -> dict:

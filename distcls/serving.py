@@ -46,15 +46,6 @@ def token_digest(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 
 
-def softmax_topk(logits: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """(probabilities, top-k class indices by descending probability) for a (N, C) array of logits."""
-    logits = np.asarray(logits, dtype=np.float32)
-    shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
-    probs = shifted / shifted.sum(axis=1, keepdims=True)
-    order = np.argsort(-probs, axis=1, kind="stable")[:, :min(k, probs.shape[1])]
-    return probs, order
-
-
 # --- the classifier -----------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -73,7 +64,10 @@ class ImageClassifier:
         import torch
 
         torch.set_num_threads(max(1, threads))
+        from distcls.models import forward_chunk
+
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.chunk = forward_chunk(self.device)
         self.loaded: LoadedModel | None = None
         self.predict_batch.set_max_batch_size(max_batch_size)
         self.predict_batch.set_batch_wait_timeout_s(batch_wait_timeout_s)
@@ -101,6 +95,7 @@ class ImageClassifier:
 
     async def classify(self, data: bytes, top_k: int) -> dict:
         """One image -> {"label", "score", "topk", "model"}, or {"error": {"kind", "message"}}."""
+        from distcls.evaluate import top_prediction
         from distcls.images import ImageDecodeError
         from distcls.transforms import preprocess_bytes
 
@@ -110,11 +105,9 @@ class ImageClassifier:
         except ImageDecodeError as exc:
             return {"error": {"kind": exc.kind, "message": exc.message}}
         logits = await self.predict_batch((loaded, image))
-        probs, order = softmax_topk(logits[None, :], top_k)
-        names = loaded.meta["class_names"]
-        topk = [{"label": names[j], "score": float(probs[0, j])} for j in order[0]]
-        return {"label": topk[0]["label"], "score": topk[0]["score"], "topk": topk,
-                "model": {"id": loaded.id, "architecture": loaded.meta["architecture"]}}
+        prediction = top_prediction(logits, loaded.meta["class_names"], top_k)
+        prediction["model"] = {"id": loaded.id, "architecture": loaded.meta["architecture"]}
+        return prediction
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.01)
     async def predict_batch(self, items: list[tuple[LoadedModel, np.ndarray]]) -> list[np.ndarray]:
@@ -123,7 +116,7 @@ class ImageClassifier:
     def _forward(self, items: list[tuple[LoadedModel, np.ndarray]]) -> list[np.ndarray]:
         import torch
 
-        from distcls.models import forward_chunk, forward_in_chunks
+        from distcls.models import forward_in_chunks
 
         out: list[np.ndarray | None] = [None] * len(items)
         groups: dict[str, list[int]] = {}  # a batch can straddle a model switch
@@ -133,7 +126,7 @@ class ImageClassifier:
             for idx in groups.values():
                 model = items[idx[0]][0].model
                 batch = torch.from_numpy(np.stack([items[i][1] for i in idx])).to(self.device)
-                logits = forward_in_chunks(model, batch, forward_chunk(self.device)).float().cpu().numpy()
+                logits = forward_in_chunks(model, batch, self.chunk).float().cpu().numpy()
                 for row, i in enumerate(idx):
                     out[i] = logits[row]
         return out

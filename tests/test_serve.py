@@ -4,7 +4,6 @@ import base64
 import io
 import os
 import shutil
-import socket
 import threading
 import time
 import urllib.request
@@ -22,18 +21,13 @@ from distcls.config import FromPretrainedConfig, LabelConfig, ServeConfig
 from distcls.evaluate import checkpoint_from_pretrained
 from distcls.label import existing_parts, run_labeling
 from distcls.models import create_model
+from distcls.s3server import free_port
 from distcls.serving import application, build_app, serve_config, token_digest
 from tests.conftest import encode
 
 BUCKET = "s3://serve-test"
 IMAGENET_CATS = {"tabby", "tiger cat", "Persian cat", "Siamese cat", "Egyptian cat"}
 TOKEN = "test-token-0123456789"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
