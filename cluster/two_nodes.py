@@ -5,12 +5,15 @@
 1. starts the loopback S3 server and writes a slice of Fashion-MNIST into it;
 2. `ray start --head` (RAY_AUTH_MODE=token, dashboard on 127.0.0.1) and a second node with
    `ray start --address`, each in its own temp dir and process group;
-3. shows that `ray job submit` without the token, or with a wrong one, is refused;
+3. shows that the cluster refuses a `ray job submit` and a third node's `ray start` that come with no token
+   or a wrong one;
 4. submits `jobs/train.py` with `ray job submit --working-dir .` and STRICT_SPREAD placement, so its two
    training workers land on different nodes; the job must end SUCCEEDED with a checkpoint, and the run's
    result.json names the node of every worker;
 5. submits `jobs/label.py` the same way over the test images and counts the Parquet rows;
-6. stops everything it started (both nodes, every Ray process under its temp dir, the S3 server).
+6. with --lost-node: a 3-epoch training job (STRICT_SPREAD, --max-failures 2); after epoch 1's checkpoint the
+   second node's raylet is SIGKILLed, a replacement node joins, and the job must finish from the checkpoint;
+7. stops everything it started (both nodes, every Ray process under its temp dir, the S3 server).
 
 Exit status 0 only if every check held. Prints each step and what it found.
 """
@@ -59,12 +62,24 @@ class Cluster:
                                            stdout=out, stderr=subprocess.STDOUT, start_new_session=True))
 
     def start(self) -> None:
-        common = ["--node-ip-address", "127.0.0.1", "--num-cpus", str(self.cpus), "--disable-usage-stats"]
         self._start(["--head", "--port", str(self.gcs_port), "--dashboard-host", "127.0.0.1",
                      "--dashboard-port", str(self.dashboard_port), "--include-dashboard", "true",
-                     "--temp-dir", str(self.work / "ray"), *common], "head.log")
+                     "--temp-dir", str(self.work / "ray"), *self.common()], "head.log")
         self.wait_nodes(1, "head")
-        self._start(["--address", f"127.0.0.1:{self.gcs_port}", *common], "worker.log")
+        self.start_second()
+
+    def common(self) -> list[str]:
+        # Free ports for each node's agents: Ray's fixed defaults (dashboard agent 52365, ...) collide with any
+        # other Ray instance on this machine, and a head without its dashboard agent accepts no job.
+        ports = {flag: free_port() for flag in ("--dashboard-agent-listen-port", "--dashboard-agent-grpc-port",
+                                                "--runtime-env-agent-port", "--metrics-export-port")}
+        return ["--node-ip-address", "127.0.0.1", "--num-cpus", str(self.cpus), "--disable-usage-stats",
+                *(str(x) for kv in ports.items() for x in kv)]
+
+    def start_second(self) -> None:
+        """The second node (again, after it was lost: a replacement machine joining)."""
+        self.second = len(self.procs)
+        self._start(["--address", f"127.0.0.1:{self.gcs_port}", *self.common()], f"worker{self.second}.log")
         self.wait_nodes(2, "second node")
 
     def nodes(self) -> list[dict]:
@@ -75,12 +90,39 @@ class Cluster:
     def wait_nodes(self, n: int, what: str, timeout: float = 180) -> None:
         deadline = time.time() + timeout
         while time.time() < deadline:
-            if any(p.poll() is not None for p in self.procs):
+            if any(p.poll() is not None for p in self.procs[:1] + self.procs[1:][-1:]):  # head, newest node
                 raise SystemExit(f"[two-nodes] FAILED: `ray start` for the {what} exited; see {self.work}")
             if len(self.nodes()) >= n:
                 return
             time.sleep(2)
         raise SystemExit(f"[two-nodes] FAILED: the {what} did not join within {timeout:.0f}s")
+
+    def kill_second_raylet(self) -> int:
+        """SIGKILL the second node's raylet (the node is lost; its workers die with it). Returns its pid."""
+        pids = [p for p in descendants(self.procs[self.second].pid) if process_name(p) == "raylet"]
+        if not pids:
+            raise SystemExit("[two-nodes] FAILED: no raylet process found under the second node")
+        for pid in pids:
+            os.kill(pid, signal.SIGKILL)
+        return pids[0]
+
+    def try_to_join(self, env: dict[str, str], timeout: float = 90) -> tuple[int | None, int]:
+        """`ray start --address` for a third node with `env` (no token, or a wrong one): (its exit code, or
+        None if still running at the timeout; nodes alive afterwards). Everything it started is stopped."""
+        out = open(self.work / "intruder.log", "w")
+        proc = subprocess.Popen([str(BIN / "ray"), "start", "--block", "--address", f"127.0.0.1:{self.gcs_port}",
+                                 "--node-ip-address", "127.0.0.1", "--num-cpus", "1", "--disable-usage-stats"],
+                                env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            code = proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            code = None
+        alive = len(self.nodes())
+        with contextlib.suppress(*GONE):
+            os.killpg(proc.pid, signal.SIGKILL)
+        with contextlib.suppress(*GONE):
+            proc.wait(timeout=10)
+        return code, alive
 
     def stop(self) -> None:
         for proc in reversed(self.procs):
@@ -99,6 +141,30 @@ class Cluster:
                 os.kill(pid, signal.SIGKILL)
 
 
+def descendants(pid: int) -> list[int]:
+    """Every process below `pid` (children, grandchildren, ...), from /proc."""
+    parents: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        parents.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = [], [pid]
+    while todo:
+        for child in parents.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def process_name(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/comm").read_text().strip()
+    except OSError:
+        return ""
+
+
 def leftover_pids(work: Path) -> list[int]:
     pids = []
     for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
@@ -114,7 +180,16 @@ def submit(cluster: Cluster, job_id: str, entry: list[str], runtime_env: dict, e
            timeout: float = 900) -> subprocess.CompletedProcess:
     cmd = [str(BIN / "ray"), "job", "submit", "--address", cluster.dashboard, "--submission-id", job_id,
            "--working-dir", str(ROOT), "--runtime-env-json", json.dumps(runtime_env), "--", *entry]
-    return subprocess.run(cmd, env=env or cluster.env, capture_output=True, text=True, timeout=timeout)
+    for attempt in range(6):
+        out = subprocess.run(cmd, env=env or cluster.env, capture_output=True, text=True, timeout=timeout)
+        # The job server answers 500 "No available agent to submit job, please try again later" while the
+        # head's dashboard agent is still starting (or busy on a loaded machine): what `ray job submit` users
+        # do, retry.
+        if "try again later" not in out.stderr:
+            return out
+        say(f"job server not ready (attempt {attempt + 1}): retrying in 10 s")
+        time.sleep(10)
+    return out
 
 
 def job_status(cluster: Cluster, job_id: str) -> str:
@@ -127,7 +202,7 @@ def job_status(cluster: Cluster, job_id: str) -> str:
 def run_job(cluster: Cluster, job_id: str, entry: list[str], runtime_env: dict, what: str) -> None:
     """`ray job submit` (blocks, streams the job's output); the job must end SUCCEEDED."""
     out = submit(cluster, job_id, entry, runtime_env)
-    print(out.stdout[-3000:], flush=True)
+    print(out.stdout[-3000:], out.stderr[-3000:], flush=True)
     status = job_status(cluster, job_id)
     check(out.returncode == 0 and status == "SUCCEEDED",
           f"{what} job SUCCEEDED (submit rc {out.returncode}, status {status})", out.stdout + out.stderr)
@@ -139,12 +214,74 @@ def check(ok: bool, what: str, details: str = "") -> None:
     say(f"ok: {what}")
 
 
+def lose_a_node(cluster: Cluster, runtime_env: dict, args: argparse.Namespace) -> None:
+    """A 3-epoch training job (STRICT_SPREAD: one worker per node, --max-failures 2); once epoch 1's checkpoint
+    exists, the second node's raylet is SIGKILLed (the node and its worker are gone) and a replacement node
+    joins, as an autoscaler would start one. The job must finish from the last checkpoint."""
+    from ray.job_submission import JobSubmissionClient
+
+    from distcls import storage
+
+    run = f"{BUCKET}/runs/lost-node"
+    train = ["python", "jobs/train.py", "--config", "jobs/configs/train.yaml",
+             "--data", f"{BUCKET}/fmnist/train", "--val-data", f"{BUCKET}/fmnist-test/test",
+             "--image-size", str(args.image_size), "--epochs", "3", "--batch-size", "16", "--num-workers", "2",
+             "--no-use-gpu", "--placement-strategy", "STRICT_SPREAD", "--max-failures", "2", "--keep", "3",
+             "--storage", f"{BUCKET}/runs", "--name", "lost-node"]
+    client = JobSubmissionClient(cluster.dashboard)
+    for attempt in range(6):
+        try:
+            job = client.submit_job(entrypoint=" ".join(train), submission_id="train-lost-node",
+                                    runtime_env={**runtime_env, "working_dir": str(ROOT)})
+            break
+        except RuntimeError as exc:  # 500 "No available agent ..., please try again later": retry, as above
+            if "try again later" not in str(exc) or attempt == 5:
+                raise
+            time.sleep(10)
+    say("submitted a 3-epoch training job (STRICT_SPREAD, --max-failures 2); waiting for epoch 1's checkpoint")
+
+    def checkpoints() -> list[str]:
+        return [p for p in storage.list_files(run) if "/checkpoint_" in p] if storage.exists(run) else []
+
+    deadline = time.time() + 600
+    while time.time() < deadline and not client.get_job_status(job).is_terminal() and not checkpoints():
+        time.sleep(0.5)
+    status = str(client.get_job_status(job).value)
+    check(status == "RUNNING", f"training still running after its first checkpoint (status {status})",
+          client.get_job_logs(job))
+    killed_at = time.perf_counter()
+    pid = cluster.kill_second_raylet()
+    deadline = time.time() + 120
+    while time.time() < deadline and len(cluster.nodes()) != 1:
+        time.sleep(1)
+    check(len(cluster.nodes()) == 1, f"second node lost (raylet pid {pid} SIGKILLed; 1 node alive after "
+          f"{time.perf_counter() - killed_at:.0f}s)")
+    cluster.start_second()
+    check(len(cluster.nodes()) == 2, f"a replacement node joined {time.perf_counter() - killed_at:.0f}s after the loss")
+    deadline = time.time() + 900
+    while time.time() < deadline and not client.get_job_status(job).is_terminal():
+        time.sleep(2)
+    status, logs = str(client.get_job_status(job).value), client.get_job_logs(job)
+    print(logs[-3000:], flush=True)
+    check(status == "SUCCEEDED", f"training job SUCCEEDED {time.perf_counter() - killed_at:.0f}s after the "
+          f"node was lost (status {status})", logs)
+    result = json.loads(storage.read_text(f"{run}/result.json"))
+    epochs = [h["epoch"] for h in result["epochs"]]
+    resumed = sorted({"resuming from" + line.split("resuming from", 1)[1] for line in logs.splitlines()
+                      if "resuming from" in line})
+    check(epochs == [1, 2, 3] and bool(resumed),
+          f"epochs {epochs}; restarted from its checkpoint ({resumed[0] if resumed else 'no resume line'})", logs)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--train-per-class", type=int, default=20, help="Fashion-MNIST training images per class")
     parser.add_argument("--test-per-class", type=int, default=5, help="test images per class (labeled by the job)")
     parser.add_argument("--image-size", type=int, default=32)
     parser.add_argument("--cpus-per-node", type=int, default=2, help="logical CPUs each node advertises")
+    parser.add_argument("--lost-node", action="store_true",
+                        help="then kill the second node's raylet during a training job (--max-failures 2); "
+                             "the job must finish from its last checkpoint on the surviving node")
     args = parser.parse_args(argv)
 
     from distcls import storage
@@ -175,8 +312,10 @@ def main(argv: list[str] | None = None) -> int:
             nodes = cluster.nodes()
             check(len(nodes) == 2, f"2 nodes alive: {', '.join(n['node_id'][:8] for n in nodes)}")
 
-            refused_env = {k: v for k, v in env.items() if k != "RAY_AUTH_TOKEN"}
-            for what, bad_env in (("no token", refused_env), ("a wrong token", {**env, "RAY_AUTH_TOKEN": "0" * 64})):
+            # The refused clients are told nothing of token auth (no RAY_AUTH_MODE, no token) or hold a wrong
+            # token: either way the cluster itself (job server, GCS) must refuse them, not the client's own check.
+            no_auth_env = {k: v for k, v in env.items() if k not in ("RAY_AUTH_TOKEN", "RAY_AUTH_MODE")}
+            for what, bad_env in (("no token", no_auth_env), ("a wrong token", {**env, "RAY_AUTH_TOKEN": "0" * 64})):
                 out = submit(cluster, f"refused-{secrets.token_hex(3)}", ["python", "-c", "print('hi')"], {},
                              env=bad_env, timeout=120)
                 check(out.returncode != 0, f"`ray job submit` with {what} is refused "
@@ -211,6 +350,18 @@ def main(argv: list[str] | None = None) -> int:
             rows = sum(pq.read_metadata(io.BytesIO(storage.read_bytes(p))).num_rows
                        for p in existing_parts(f"{BUCKET}/labels"))
             check(rows == 10 * args.test_per_class, f"{rows} label rows, one per test image")
+            if args.lost_node:
+                lose_a_node(cluster, runtime_env, args)
+            # Last: after a refused join attempt the job server was seen answering "No available agent" for
+            # minutes (Ray 2.60), so the jobs above run first.
+            for what, bad_env in (("no token", no_auth_env), ("a wrong token", {**env, "RAY_AUTH_TOKEN": "0" * 64})):
+                code, alive = cluster.try_to_join(bad_env)
+                log = (work / "intruder.log").read_text()
+                reason = next((line.strip() for line in reversed(log.splitlines())
+                               if "auth" in line.lower() or "token" in line.lower()), "no reason printed")
+                check(alive == 2 and code != 0, f"a node joining with {what} is refused (`ray start` exit {code}, "
+                      f"{alive} nodes alive: {reason[:110]})", log)
+
         finally:
             say("stopping both nodes")
             cluster.stop()

@@ -33,6 +33,7 @@ def test_bench_all_tiny(tmp_path):
     for key in ("model_only_images_per_s", "decode_only_images_per_s", "dataloader_images_per_s",
                 "distcls_images_per_s", "ratio_vs_dataloader", "ratio_vs_ceiling"):
         assert label[key] > 0, key
+    assert bench["serve"]["model_only_images_per_s"] > 0
     rows = bench["serve"]["rows"]
     assert [r["clients"] for r in rows] == [1, 16]
     for row in rows:
@@ -46,3 +47,26 @@ def test_bench_all_tiny(tmp_path):
     # the table of ratios and targets is printed
     assert "measure" in result.stdout and "label vs DataLoader baseline" in result.stdout
     assert "serve req/s vs plain server, 16 clients" in result.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.path.isdir(FASHION_MNIST_DEFAULT_DIR), reason="needs dataset-fashion-mnist")
+def test_gpu_check_script_runs_on_cpu_in_smoke_mode(tmp_path):
+    """jobs/bench_gpu.py is meant for a GPU machine; --cpu-smoke runs the same stages, tiny, on CPU."""
+    out = tmp_path / "gpu.json"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "RAY_ADDRESS"))}
+    result = subprocess.run([sys.executable, "jobs/bench_gpu.py", "--cpu-smoke", "--models", "efficientnet_lite0",
+                             "--out", str(out)], capture_output=True, text=True, timeout=1200, env=env,
+                            cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert result.returncode == 0, (result.stdout[-3000:], result.stderr[-3000:])
+    got = json.loads(out.read_text())["models"]["efficientnet_lite0"]
+    assert got["train"]["streamed_1w"]["ratio"] > 0 and got["label"]["ratio_vs_ceiling"] > 0
+    assert "label vs model-only ceiling" in result.stdout
+
+
+def test_gpu_check_script_refuses_cpu_without_smoke():
+    if __import__("torch").cuda.is_available():
+        pytest.skip("a GPU is visible")
+    result = subprocess.run([sys.executable, "jobs/bench_gpu.py"], capture_output=True, text=True, timeout=120,
+                            cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert result.returncode == 2 and "no CUDA GPU is visible" in result.stderr

@@ -122,7 +122,21 @@ def test_two_node_cluster_run():
     out = subprocess.run([sys.executable, str(ROOT / "cluster" / "two_nodes.py")], capture_output=True, text=True,
                          timeout=1200, cwd=ROOT)
     assert out.returncode == 0, (out.stdout[-4000:], out.stderr[-4000:])
-    for line in ("2 nodes alive", "with no token is refused", "with a wrong token is refused",
+    for line in ("2 nodes alive", "`ray job submit` with no token is refused",
+                 "`ray job submit` with a wrong token is refused", "a node joining with no token is refused",
+                 "a node joining with a wrong token is refused",
                  "training job SUCCEEDED", "on 2 different nodes", "labeling job SUCCEEDED", "label rows",
                  "no process of this cluster is left", "all checks passed"):
+        assert line in out.stdout, line
+
+
+@pytest.mark.slow
+def test_two_node_cluster_survives_a_lost_node():
+    """cluster/two_nodes.py --lost-node: the second node's raylet is killed during training; a replacement
+    node joins and the job finishes from its last checkpoint."""
+    out = subprocess.run([sys.executable, str(ROOT / "cluster" / "two_nodes.py"), "--lost-node"], capture_output=True,
+                         text=True, timeout=1800, cwd=ROOT)
+    assert out.returncode == 0, (out.stdout[-4000:], out.stderr[-4000:])
+    for line in ("second node lost (raylet pid", "a replacement node joined", "after the node was lost",
+                 "epochs [1, 2, 3]; restarted from its checkpoint", "all checks passed"):
         assert line in out.stdout, line

@@ -1,7 +1,5 @@
 """Safe decoding of real image files: modes, EXIF, 16-bit, animation, and every kind of bad input."""
 
-import time
-
 import numpy as np
 import pytest
 from PIL import Image
@@ -58,12 +56,11 @@ def test_jpeg_draft_decodes_smaller_but_not_below_request(good_images):
 @pytest.mark.parametrize("name", ["corrupt.jpg", "truncated.jpg", "empty.png", "notes.png", "bomb.png", "bomb.jpg"])
 def test_bad_input_raises_with_kind(bad_images, name):
     data, kind = bad_images[name]
-    started = time.perf_counter()
     with pytest.raises(ImageDecodeError) as info:
         decode_image(data)
     assert info.value.kind == kind, str(info.value)
     assert str(info.value).startswith(kind + ": ")
-    assert time.perf_counter() - started < 5  # bombs are refused from the header, not decoded
+    # Bombs are refused from the header: tests/test_hostile_images.py bounds their memory in a subprocess.
 
 
 def test_pixel_limit_is_configurable(good_images):
