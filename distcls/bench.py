@@ -52,14 +52,21 @@ def machine() -> dict:
 
 def plain_train_rate(cfg: BenchConfig, images: np.ndarray, labels: np.ndarray, threads: int) -> float:
     """The baseline: a careful single-process loop over in-memory decoded images (augmented per batch and
-    normalised in the model, as distcls does), same optimizer settings; warm-up steps are not timed."""
+    normalised in the model, as distcls does), same optimizer settings; warm-up steps are not timed.
+    With --use-gpu: the images live on the GPU, bf16 autocast and channels_last, as distcls's GPU workers."""
+    from distcls.train.loop import autocast
+
+    device = torch.device("cuda" if cfg.use_gpu else "cpu")
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     model = create_model(cfg.model, 10, "bundled" if get_model_info(cfg.model).bundled else "none",
-                         image_size=cfg.image_size)
+                         image_size=cfg.image_size).to(device)
+    if cfg.use_gpu:
+        model = model.to(memory_format=torch.channels_last)
     optimizer = build_optimizer(model, "adamw", 1e-3, 0.01, 0.9, head_parameter_names(get_model_info(cfg.model)), 0.1)
     model.train()
-    x_all, y_all = torch.from_numpy(images), torch.from_numpy(labels)
+    x_all, y_all = torch.from_numpy(images).to(device), torch.from_numpy(labels).to(device)
+    ones = torch.ones(cfg.batch_size, device=device)
     spec = model.spec
     rng = np.random.default_rng(0)
     n, b = len(labels), cfg.batch_size
@@ -67,14 +74,22 @@ def plain_train_rate(cfg: BenchConfig, images: np.ndarray, labels: np.ndarray, t
     done, started = 0, None
     for step in range(steps):
         if step == cfg.warmup_steps:
+            if cfg.use_gpu:
+                torch.cuda.synchronize()
             started, done = time.perf_counter(), 0
         i = (step * b) % max(1, n - b + 1)
         x, y = augment_batch(x_all[i:i + b], spec, rng), y_all[i:i + b]  # the same per-batch augmentation
-        loss = masked_loss(model(x), y, torch.ones(len(y)), None, 0.1)
+        if cfg.use_gpu:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with autocast(device, cfg.use_gpu):
+            logits = model(x)
+        loss = masked_loss(logits, y, ones[:len(y)], None, 0.1)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         done += len(y)
+    if cfg.use_gpu:
+        torch.cuda.synchronize()
     return done / (time.perf_counter() - started)
 
 
@@ -84,7 +99,7 @@ def distcls_train_rate(cfg: BenchConfig, data: str, storage_uri: str, workers: i
     train_cfg = TrainConfig(data=data, val_fraction=0.1, model=cfg.model,
                             weights="bundled" if get_model_info(cfg.model).bundled else "none",
                             epochs=cfg.epochs, batch_size=cfg.batch_size, image_size=cfg.image_size,
-                            num_workers=workers, storage=storage_uri, cache_data=cache,
+                            num_workers=workers, storage=storage_uri, cache_data=cache, use_gpu=cfg.use_gpu,
                             name=f"bench-train-w{workers}-{'cache' if cache else 'stream'}-{os.getpid()}")
     result = run_training(train_cfg)
     steady = [h["train_images_per_s_per_worker"] for h in result["epochs"][1:]] or \
@@ -101,10 +116,10 @@ def bench_train(cfg: BenchConfig, root: str) -> dict:
     images = np.stack([preprocess_bytes(storage.read_bytes(p), spec, train=True) for p in index.paths])
     labels = np.asarray(index.labels, dtype=np.int64)
     plain = plain_train_rate(cfg, images, labels, threads=1)
-    print(f"plain PyTorch loop (1 thread): {plain:.1f} images/s", flush=True)
+    print(f"plain PyTorch loop ({'1 GPU, bf16' if cfg.use_gpu else '1 thread'}): {plain:.1f} images/s", flush=True)
     out = {"plain_images_per_s": plain}
-    for cache in (False, True):
-        mode = "cached" if cache else "streamed"
+    for mode in cfg.train_data:
+        cache = mode == "cached"
         for workers in cfg.workers:
             got = distcls_train_rate(cfg, f"{data}/train", f"{root}/runs", workers, cache)
             key = f"{mode}_{workers}w"
@@ -172,16 +187,21 @@ def make_photos(n: int, seed: int = 0) -> list[bytes]:
     return out
 
 
-def plain_label_rate(cfg: BenchConfig, paths: list[str], checkpoint: str, out_path: str) -> float:
-    """The baseline: DataLoader worker processes read the same objects (boto3), decode and preprocess with
-    the same function; the model runs in eval/inference mode in the main process; one Parquet written."""
+def plain_label_rate(cfg: BenchConfig, prefix: str, checkpoint: str, out_path: str) -> float:
+    """The baseline: list the prefix, load the checkpoint, DataLoader worker processes read the objects
+    (boto3), decode and preprocess with the same function; the model runs in eval/inference mode in the
+    main process; one Parquet written. Timed end to end, like `distcls label`."""
     import pyarrow as pa
     import pyarrow.parquet as pq
     from torch.utils.data import DataLoader, Dataset
 
     from distcls.checkpoint import load_checkpoint
+    from distcls.images import IMAGE_EXTENSIONS
 
-    model, meta = load_checkpoint(checkpoint)
+    started = time.perf_counter()
+    paths = storage.list_files(prefix, IMAGE_EXTENSIONS)
+    device = torch.device("cuda" if cfg.use_gpu else "cpu")
+    model, meta = load_checkpoint(checkpoint, device)
     spec = model.spec
 
     class Objects(Dataset):
@@ -192,13 +212,13 @@ def plain_label_rate(cfg: BenchConfig, paths: list[str], checkpoint: str, out_pa
             return torch.from_numpy(preprocess_bytes(storage.read_bytes(paths[i]), spec)), i
 
     loader = DataLoader(Objects(), batch_size=cfg.label_batch_size, num_workers=cfg.loader_workers,
-                        persistent_workers=False, prefetch_factor=4)
+                        persistent_workers=False, prefetch_factor=4, pin_memory=cfg.use_gpu)
     torch.set_num_threads(os.cpu_count() or 1)
-    started = time.perf_counter()
     names, labels, scores = [], [], []
     with torch.inference_mode():
         for images, idx in loader:
-            probs = forward_in_chunks(model, images, forward_chunk("cpu")).softmax(-1)
+            images = images.to(device, non_blocking=True)
+            probs = forward_in_chunks(model, images, forward_chunk(device)).float().softmax(-1).cpu()
             top = probs.max(1)
             names += [paths[i] for i in idx.tolist()]
             labels += [meta["class_names"][j] for j in top.indices.tolist()]
@@ -208,21 +228,32 @@ def plain_label_rate(cfg: BenchConfig, paths: list[str], checkpoint: str, out_pa
 
 
 def model_ceiling(cfg: BenchConfig, checkpoint: str) -> float:
-    """Forward passes alone on already-preprocessed uint8 tensors, all cores: what no pipeline can beat."""
+    """Forward passes alone on already-preprocessed uint8 tensors (already on the GPU with --use-gpu), all
+    cores: what no pipeline can beat."""
     from distcls.checkpoint import load_checkpoint
 
-    model, _ = load_checkpoint(checkpoint)
+    device = torch.device("cuda" if cfg.use_gpu else "cpu")
+    model, _ = load_checkpoint(checkpoint, device)
     torch.set_num_threads(os.cpu_count() or 1)
     x = torch.randint(0, 256, (cfg.label_batch_size, 3, model.spec.image_size, model.spec.image_size),
-                      dtype=torch.uint8)
-    chunk = forward_chunk("cpu")
+                      dtype=torch.uint8, device=device)
+    chunk = forward_chunk(device)
+
+    def sync() -> None:
+        if cfg.use_gpu:
+            torch.cuda.synchronize()
+
     with torch.inference_mode():
         for _ in range(3):
             forward_in_chunks(model, x, chunk)
+        sync()
         started, n = time.perf_counter(), 0
         while time.perf_counter() - started < 10:
             forward_in_chunks(model, x, chunk)
             n += len(x)
+            if n % (20 * len(x)) == 0:
+                sync()
+        sync()
     return n / (time.perf_counter() - started)
 
 
@@ -249,16 +280,19 @@ def decode_rate(photos: list[bytes], spec) -> float:
     return done / (time.perf_counter() - started)
 
 
-def imagenet_checkpoint(root: str) -> str:
-    """The pretrained ImageNet EfficientNet-Lite0 as a checkpoint under root (written once per bench run)."""
+def imagenet_checkpoint(root: str, model: str = "efficientnet_lite0") -> str:
+    """An ImageNet classifier as a checkpoint under root (written once per bench run): the bundled pretrained
+    EfficientNet-Lite0, or another registry architecture with random weights (for throughput only: the
+    benchmark machines have no internet to fetch torchvision's weights)."""
     from distcls.checkpoint import META
     from distcls.config import FromPretrainedConfig
     from distcls.evaluate import checkpoint_from_pretrained
 
-    checkpoint = f"{root}/ck/imagenet"
+    checkpoint = f"{root}/ck/imagenet" if model == "efficientnet_lite0" else f"{root}/ck/imagenet-{model}"
     if not storage.exists(storage.join_uri(checkpoint, META)):
         storage.ensure_bucket(checkpoint)
-        checkpoint_from_pretrained(FromPretrainedConfig(out=checkpoint))
+        weights = "bundled" if get_model_info(model).bundled else "none"
+        checkpoint_from_pretrained(FromPretrainedConfig(out=checkpoint, model=model, weights=weights))
     return checkpoint
 
 
@@ -266,7 +300,7 @@ def bench_label(cfg: BenchConfig, root: str) -> dict:
     from distcls.config import LabelConfig
     from distcls.label import run_labeling
 
-    checkpoint = imagenet_checkpoint(root)
+    checkpoint = imagenet_checkpoint(root, cfg.label_model)
     photos = make_photos(cfg.label_images)
     paths = [f"{root}/photos/{i:05d}.jpg" for i in range(len(photos))]
     storage.write_many(zip(paths, photos))
@@ -278,16 +312,17 @@ def bench_label(cfg: BenchConfig, root: str) -> dict:
     decode = decode_rate(photos, PreprocessSpec.from_dict(read_meta(checkpoint)["preprocessing"]))
     print(f"decode + preprocess alone ({os.cpu_count()} processes, from memory): {decode:.1f} images/s", flush=True)
     with tempfile.TemporaryDirectory() as d:
-        plain = plain_label_rate(cfg, paths, checkpoint, os.path.join(d, "plain.parquet"))
+        plain = plain_label_rate(cfg, f"{root}/photos", checkpoint, os.path.join(d, "plain.parquet"))
     print(f"plain DataLoader baseline ({cfg.loader_workers} workers): {plain:.1f} images/s", flush=True)
     summary = run_labeling(LabelConfig(checkpoint=checkpoint, input=f"{root}/photos", output=f"{root}/labels",
                                        batch_size=cfg.label_batch_size, concurrency=cfg.label_concurrency,
-                                       cpus_per_replica=cfg.label_cpus_per_replica),
+                                       cpus_per_replica=cfg.label_cpus_per_replica,
+                                       num_gpus=1 if cfg.use_gpu else 0),
                            progress=False)
     ours = summary["images_per_s"]
     print(f"distcls label: {ours:.1f} images/s = {ours / plain:.2f} of the DataLoader baseline, "
           f"{ours / ceiling:.2f} of the model-only ceiling", flush=True)
-    return {"images": len(paths), "model_only_images_per_s": ceiling, "decode_only_images_per_s": decode,
+    return {"images": len(paths), "model": cfg.label_model, "model_only_images_per_s": ceiling, "decode_only_images_per_s": decode,
             "dataloader_images_per_s": plain,
             "distcls_images_per_s": ours, "ratio_vs_dataloader": ours / plain, "ratio_vs_ceiling": ours / ceiling}
 
@@ -368,6 +403,11 @@ def bench_serve(cfg: BenchConfig, root: str) -> dict:
 
     checkpoint = imagenet_checkpoint(root)
     photos = make_photos(cfg.serve_images, seed=1)
+    # What the hardware allows: forward passes alone, all cores, no HTTP and no decoding. A server can't
+    # answer more single-image requests per second than this.
+    ceiling = model_ceiling(dataclasses.replace(cfg, use_gpu=False, label_batch_size=cfg.serve_max_batch_size),
+                            checkpoint)
+    print(f"model alone on preprocessed tensors (batch {cfg.serve_max_batch_size}): {ceiling:.1f} images/s", flush=True)
     plain_port, ours_port = free_port(), free_port()
     plain = subprocess.Popen([sys.executable, "-m", "distcls.plain_server", checkpoint, str(plain_port)])
     settings = ServeConfig(checkpoint=checkpoint, port=ours_port, min_replicas=cfg.serve_replicas,
@@ -397,7 +437,7 @@ def bench_serve(cfg: BenchConfig, root: str) -> dict:
         plain.terminate()
         plain.wait(timeout=30)
         serve.shutdown()
-    return {"photos": len(photos), "settings": to_dict(settings), "rows": rows}
+    return {"photos": len(photos), "settings": to_dict(settings), "model_only_images_per_s": ceiling, "rows": rows}
 
 
 def table(results: dict) -> list[str]:
@@ -411,6 +451,9 @@ def table(results: dict) -> list[str]:
                  ("label vs model-only ceiling", results["label"]["ratio_vs_ceiling"], ">= 0.7")]
     for row in results.get("serve", {}).get("rows", []):
         at16 = row["clients"] == 16
+        if at16:
+            rows.append(("serve: plain server at 16 clients as a share of the model-only ceiling",
+                         row["plain"]["requests_per_s"] / results["serve"]["model_only_images_per_s"], None))
         rows += [(f"serve req/s vs plain server, {row['clients']} clients", row["ratio_requests_per_s"],
                   ">= 1.5" if at16 else None),
                  (f"serve p99 latency vs plain server, {row['clients']} clients", row["ratio_p99"],

@@ -17,7 +17,7 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
 from distcls import DistclsError, __version__, storage
-from distcls.models import Classifier, create_model
+from distcls.models import Classifier, create_model, for_inference
 from distcls.transforms import PreprocessSpec
 
 WEIGHTS = "model.safetensors"
@@ -76,12 +76,16 @@ def read_meta(uri: str) -> dict:
     return meta
 
 
-def load_checkpoint(uri: str, device: str | torch.device = "cpu") -> tuple[Classifier, dict]:
-    """(model in eval mode on `device`, metadata). Refuses weights whose sha256 differs from the record."""
+def read_verified_weights(uri: str) -> tuple[bytes, dict]:
+    """(the bytes of model.safetensors, metadata) once their sha256 matches the record in distcls.json.
+
+    A checkpoint whose upload was interrupted (no distcls.json, missing or partial weights) or whose
+    weights were changed afterwards is refused with one line; nothing of it is deserialized.
+    """
     meta = read_meta(uri)
     weights_uri = storage.join_uri(uri, WEIGHTS)
     if not storage.exists(weights_uri):
-        raise DistclsError(f"checkpoint: {uri} has no {WEIGHTS}")
+        raise DistclsError(f"checkpoint: {uri} has no {WEIGHTS}; it is not a (complete) distcls checkpoint")
     data = storage.read_bytes(weights_uri)
     digest = hashlib.sha256(data).hexdigest()
     if digest != meta["weights_sha256"]:
@@ -89,10 +93,24 @@ def load_checkpoint(uri: str, device: str | torch.device = "cpu") -> tuple[Class
             f"checkpoint: {weights_uri} has sha256 {digest[:12]}..., but {META} records "
             f"{meta['weights_sha256'][:12]}...; the weights were changed or damaged, refusing to load"
         )
+    return data, meta
+
+
+def verify_checkpoint(uri: str) -> dict:
+    """The metadata of a complete, untampered checkpoint (see read_verified_weights), else DistclsError.
+
+    Jobs call this on the driver before they start Ray, so a bad checkpoint fails in seconds, in one line.
+    """
+    return read_verified_weights(uri)[1]
+
+
+def load_checkpoint(uri: str, device: str | torch.device = "cpu") -> tuple[Classifier, dict]:
+    """(model in eval mode on `device`, metadata). Refuses weights whose sha256 differs from the record."""
+    data, meta = read_verified_weights(uri)
     spec = PreprocessSpec.from_dict(meta["preprocessing"])
     model = create_model(meta["architecture"], len(meta["class_names"]), weights="none", spec=spec)
     model.net.load_state_dict(load_safetensors(data), strict=True)
-    return model.to(device).eval(), meta
+    return for_inference(model, device), meta
 
 
 def checkpoint_id(meta: dict) -> str:

@@ -8,9 +8,9 @@ import time
 from typing import Callable
 
 from distcls import DistclsError, __version__
-from distcls.config import (BenchConfig, DemoConfig, EvaluateConfig, FashionMnistConfig, FromPretrainedConfig,
-                            LabelConfig, S3ServerConfig, ServeConfig, TrainConfig, add_arguments,
-                            config_from_args)
+from distcls.config import (BenchConfig, CompareConfig, DemoConfig, DistillConfig, EvaluateConfig, ExportConfig,
+                            FashionMnistConfig, FromPretrainedConfig, LabelConfig, S3ServerConfig, ServeConfig,
+                            TrainConfig, add_arguments, config_from_args)
 
 Handler = Callable[[argparse.Namespace], int]
 
@@ -58,6 +58,41 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_distill(args: argparse.Namespace) -> int:
+    from distcls.distill import run_distillation
+
+    result = run_distillation(config_from_args(DistillConfig, args))
+    m, d = result["metrics"], result["distillation"]
+    print(f"best checkpoint: {result['checkpoint']}")
+    print(f"  epoch {m['epoch']}: val_accuracy {m['val_accuracy']:.4f}  val_macro_f1 {m['val_macro_f1']:.4f}  "
+          f"(teacher {d['teacher_architecture']} {d['teacher_id'][:12]}..., T={d['temperature']}, alpha={d['alpha']})")
+    print(f"run: {result['run']} (result.json, curves.png)")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from distcls.export import run_export
+
+    meta = run_export(config_from_args(ExportConfig, args))
+    e = meta["export"]
+    a = e["agreement"]
+    print(f"wrote {e['out']}: {e['format']}{' int8' if e['quantization'] else ''}, {e['file']} "
+          f"{e['file_bytes'] / 1e6:.1f} MB, model {meta['weights_sha256'][:12]}...")
+    print(f"  top-1 agrees with the checkpoint on {a['agree']}/{a['images']} real images ({a['rate']:.2%}); "
+          f"max |logit diff| {a['max_abs_logit_diff']:.4f}")
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from distcls.compare import run_compare
+
+    cfg = config_from_args(CompareConfig, args)
+    table = run_compare(cfg)
+    print(table["text"])
+    print(f"wrote {cfg.out.rstrip('/')}/compare.json, compare.md, compare.png")
+    return 0
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from distcls.evaluate import run_evaluation
 
@@ -75,7 +110,8 @@ def cmd_label(args: argparse.Namespace) -> int:
     s = run_labeling(config_from_args(LabelConfig, args))
     kinds = ", ".join(f"{k} {n}" for k, n in sorted(s["errors_by_kind"].items())) or "none"
     print(f"total {s['total']} objects: labeled {s['labeled']} (errors {s['errors']}: {kinds}), "
-          f"already done {s['skipped_done']}; {s['seconds']:.1f}s, {s['images_per_s']:.1f} images/s")
+          f"already done {s['skipped_done']}; {s['seconds']:.1f}s, {s['images_per_s']:.1f} images/s"
+          + (f"; removed {s['duplicates_removed']} duplicate rows" if s.get("duplicates_removed") else ""))
     print(f"output: {s['output']} (Parquet, one row per object; model {s['model'][:12]}...)")
     return 0
 
@@ -142,6 +178,13 @@ COMMANDS = (
      "Run moto's S3-compatible server until Ctrl-C; prints AWS_ENDPOINT_URL."),
     (("train",), TrainConfig, cmd_train, "fine-tune a pretrained model with Ray Train",
      "Fine-tune a pretrained classifier on images in storage (Ray Train, DDP)."),
+    (("distill",), DistillConfig, cmd_distill, "train a small student on a teacher's soft targets (Ray Train)",
+     "Knowledge distillation: a student trained on a teacher checkpoint's soft targets plus the labels, "
+     "with everything `distcls train` has."),
+    (("export",), ExportConfig, cmd_export, "export a checkpoint to ONNX or TorchScript (optionally int8)",
+     "Export a checkpoint for label and serve (ONNX via onnxruntime, or TorchScript), checked on real images."),
+    (("compare",), CompareConfig, cmd_compare, "accuracy, F1, size and images/s of checkpoints and exports",
+     "Evaluate checkpoints and exports on one test split: a table and a plot of accuracy against images/s."),
     (("evaluate",), EvaluateConfig, cmd_evaluate, "evaluate a checkpoint over a whole labeled split",
      "Accuracy, top-5, precision/recall/F1, confusion matrix over every image."),
     (("label",), LabelConfig, cmd_label, "label every image under a prefix into Parquet (batch inference)",
@@ -186,6 +229,12 @@ def build_parser() -> argparse.ArgumentParser:
             cmd.add_argument("which", nargs="?", choices=which, default=None,
                              help="which benchmark (default: train)")
             skip = ("which",)
+        if cfg_cls is DistillConfig:
+            skip = ("model",)  # --student names the architecture
+        if cfg_cls is CompareConfig:
+            cmd.add_argument("models", nargs="+", metavar="CKPT_OR_EXPORT",
+                             help="checkpoint or export directory URIs to compare")
+            skip = ("models",)
         if cfg_cls is not None:
             add_arguments(cmd, cfg_cls, skip=skip)
         cmd.set_defaults(handler=handler)

@@ -291,7 +291,9 @@ class TrainConfig:
     name: str | None = opt(None, help="run name: the run lives in <storage>/<name>/ (default: train-<timestamp>)")
     resume: bool = opt(False, help="continue the run <storage>/<name> from its latest checkpoint")
     keep: int = opt(2, help="checkpoints to keep, best by validation accuracy (the latest is also kept)")
-    fail_at_step: int | None = opt(None, help="fault injection for tests: rank 0 raises once at this global step")
+    fail_at_step: int | None = opt(None, help="fault injection for tests: rank 0 fails once at this global step")
+    fail_mode: str = opt("raise", help="how --fail-at-step fails: raise an exception, or kill the worker "
+                         "process with SIGKILL", choices=("raise", "kill"))
 
     def __post_init__(self) -> None:
         from distcls.models import REGISTRY
@@ -304,7 +306,7 @@ class TrainConfig:
         p.check(self.batch_size >= 1, "batch_size", self.batch_size, "must be at least 1")
         p.check(self.lr is None or self.lr > 0, "lr", self.lr, "must be positive")
         p.check(0 <= self.backbone_lr_scale <= 1, "backbone_lr_scale", self.backbone_lr_scale, "must be in [0, 1]")
-        for name in ("optimizer", "freeze", "class_weights", "placement_strategy"):
+        for name in ("optimizer", "freeze", "class_weights", "placement_strategy", "fail_mode"):
             check_choice(p, self, name)
         p.check(self.weight_decay >= 0, "weight_decay", self.weight_decay, "must be >= 0")
         p.check(self.warmup_epochs >= 0, "warmup_epochs", self.warmup_epochs, "must be >= 0")
@@ -322,6 +324,103 @@ class TrainConfig:
         p.raise_if_any("train")
         if self.lr is None:
             self.lr = 0.05 if self.optimizer == "sgd" else 1e-3
+
+
+@dataclass
+class DistillConfig(TrainConfig):
+    """`distcls distill`: train a small student on a teacher checkpoint's soft targets plus the labels.
+
+    Everything `distcls train` has (DDP, checkpoints, fault tolerance, reports); --student replaces --model.
+    Loss = alpha * T^2 * KL(softmax(teacher/T) || softmax(student/T)) + (1 - alpha) * CE(labels).
+    """
+
+    teacher: str = opt(help="teacher checkpoint URI (verified; its own preprocessing is used)", kw_only=True)
+    student: str = opt("mobilenet_v3_small", help="student architecture (see `distcls models`)", kw_only=True)
+    temperature: float = opt(4.0, help="softening temperature T of both distributions", kw_only=True)
+    alpha: float = opt(0.7, help="weight of the distillation term (1 - alpha goes to the labels' loss)",
+                       kw_only=True)
+
+    def __post_init__(self) -> None:
+        from distcls.models import REGISTRY
+
+        p = Problems()
+        p.check(bool(self.teacher), "teacher", self.teacher, "give the teacher's checkpoint URI")
+        p.check(self.student in REGISTRY, "student", self.student, f"must be one of {', '.join(REGISTRY)}")
+        p.check(self.model in (self.student, TrainConfig.model), "model", self.model,
+                "distill takes the architecture from --student; drop --model")
+        p.check(0 < self.temperature <= 100, "temperature", self.temperature, "must be in (0, 100]")
+        p.check(0 <= self.alpha <= 1, "alpha", self.alpha, "must be in [0, 1]")
+        p.check(self.weights != "bundled" or self.student not in REGISTRY or REGISTRY[self.student].bundled,
+                "weights", self.weights, f"{self.student} has no bundled weights; pass --weights none (random "
+                "init), a torchvision weights name or a weights file")
+        p.raise_if_any("distill")
+        self.model = self.student
+        super().__post_init__()
+
+
+EXPORT_FORMATS = ("onnx", "torchscript")
+
+
+@dataclass
+class ExportConfig:
+    """`distcls export`: a checkpoint as ONNX or TorchScript (optionally int8) that label and serve can run."""
+
+    checkpoint: str = opt(help="checkpoint directory URI to export")
+    out: str = opt(help="export directory URI to write (distcls.json + model.onnx or model.ts)")
+    sample: str = opt(help="real images to check the export against the checkpoint (and calibrate int8): an "
+                      "ImageFolder prefix, a manifest, or any prefix of images")
+    format: str = opt("onnx", help="onnx (run by onnxruntime) or torchscript (run by torch)", choices=EXPORT_FORMATS)
+    quantize: str = opt("none", help="none, or int8 weights and activations (ONNX only)", choices=("none", "int8"))
+    calibration: str = opt("static", help="int8: static (activation ranges calibrated on --sample images) or "
+                           "dynamic (weights only ahead of time)", choices=("static", "dynamic"))
+    sample_size: int = opt(200, help="images of --sample the top-1 agreement is checked on")
+    calibration_size: int = opt(64, help="images of --sample used for int8 static calibration")
+    min_agreement: float = opt(0.95, help="refuse the export when its top-1 agrees with the checkpoint's on "
+                               "fewer than this share of the sample images")
+    opset: int = opt(18, help="ONNX opset version (the torch.export-based exporter needs 18 or later)")
+
+    def __post_init__(self) -> None:
+        p = Problems()
+        for name in ("checkpoint", "out", "sample"):
+            p.check(bool(getattr(self, name)), name, getattr(self, name), "is required")
+        for name in ("format", "quantize", "calibration"):
+            check_choice(p, self, name)
+        p.check(not (self.quantize == "int8" and self.format == "torchscript"), "quantize", self.quantize,
+                "int8 is supported for --format onnx only (torch.ao quantization is deprecated in torch 2.14)")
+        p.check(self.sample_size >= 1, "sample_size", self.sample_size, "must be at least 1")
+        p.check(self.calibration_size >= 1, "calibration_size", self.calibration_size, "must be at least 1")
+        p.check(0 <= self.min_agreement <= 1, "min_agreement", self.min_agreement, "must be in [0, 1]")
+        p.check(18 <= self.opset <= 23, "opset", self.opset, "must be between 18 and 23")
+        p.raise_if_any("export")
+
+
+@dataclass
+class CompareConfig:
+    """`distcls compare`: checkpoints and exports side by side on one test split (accuracy against speed)."""
+
+    models: tuple[str, ...] = opt(help="checkpoint or export directory URIs")
+    data: str = opt(help="labeled test data: an ImageFolder prefix or a manifest file")
+    out: str = opt("compare", help="folder (or URI) for compare.json, compare.md and compare.png")
+    names: tuple[str, ...] = opt((), help="display names, one per model, comma-separated (default: derived)")
+    limit_per_class: int | None = opt(None, help="evaluate at most N images per class (default: all)")
+    batch_size: int = opt(32, help="images per forward pass, the same for every model")
+    threads: int = opt(1, help="torch / onnxruntime threads, the same for every model")
+    speed_batches: int = opt(20, help="timed batches per model for images/s (after warm-up batches)")
+    warmup_batches: int = opt(3, help="untimed batches per model before timing")
+
+    def __post_init__(self) -> None:
+        p = Problems()
+        p.check(len(self.models) >= 1, "models", ",".join(self.models), "give at least one checkpoint or export")
+        p.check(bool(self.data), "data", self.data, "give a labeled test split")
+        p.check(not self.names or len(self.names) == len(self.models), "names", ",".join(self.names),
+                f"give one name per model ({len(self.models)})")
+        p.check(self.limit_per_class is None or self.limit_per_class >= 1, "limit_per_class", self.limit_per_class,
+                "must be at least 1")
+        p.check(self.batch_size >= 1, "batch_size", self.batch_size, "must be at least 1")
+        p.check(self.threads >= 1, "threads", self.threads, "must be at least 1")
+        p.check(self.speed_batches >= 1, "speed_batches", self.speed_batches, "must be at least 1")
+        p.check(self.warmup_batches >= 0, "warmup_batches", self.warmup_batches, "must be >= 0")
+        p.raise_if_any("compare")
 
 
 @dataclass
@@ -367,13 +466,18 @@ class BenchConfig:
     epochs: int = opt(3, help="epochs of the train benchmark (the first is warm-up)")
     warmup_steps: int = opt(3, help="untimed steps of the plain loop")
     workers: tuple[int, ...] = opt((1, 2), help="distcls worker counts to measure, comma-separated")
+    train_data: tuple[str, ...] = opt(("streamed", "cached"), help="distcls train data modes to measure: streamed "
+                                      "(Ray Data from S3 every epoch) and/or cached (decoded once, in memory)")
     transfer_per_class: int = opt(100, help="training images per class for the transfer benchmark")
     transfer_epochs: int = opt(8, help="epochs for each transfer run (same budget for both)")
     transfer_test_per_class: int | None = opt(None, help="test images per class the transfer runs are scored on "
                                               "(default: all 10,000 of the test split)")
     transfer_lrs: tuple[float, ...] = opt((1e-3, 3e-3), help="learning rates each transfer run picks from")
     backbone_lr_scale: float = opt(1.0, help="backbone lr scale of the pretrained transfer run")
-    label_images: int = opt(400, help="JPEGs (500x375, from real photos) for the label benchmark")
+    use_gpu: bool = opt(False, help="train and label on the GPU (bf16, channels_last), baselines too")
+    label_model: str = opt("efficientnet_lite0", help="ImageNet classifier for the label benchmark (others than "
+                           "the bundled efficientnet_lite0 get random weights: throughput only)")
+    label_images: int = opt(1000, help="JPEGs (500x375, from real photos) for the label benchmark")
     label_batch_size: int = opt(32, help="images per forward pass in the label benchmark")
     label_concurrency: tuple[int, ...] = opt((1,), help="distcls label model replicas (N or MIN,MAX)")
     label_cpus_per_replica: float = opt(2.0, help="CPUs (torch threads) per distcls label replica")
@@ -393,6 +497,17 @@ class BenchConfig:
         p.check(self.images_per_class >= 4, "images_per_class", self.images_per_class, "must be at least 4")
         p.check(self.epochs >= 1, "epochs", self.epochs, "must be at least 1")
         p.check(all(w >= 1 for w in self.workers), "workers", self.workers, "worker counts must be >= 1")
+        from distcls.models import REGISTRY
+
+        p.check(bool(self.train_data) and set(self.train_data) <= {"streamed", "cached"}, "train_data",
+                self.train_data, "must be streamed, cached or streamed,cached")
+        for name in ("model", "label_model"):
+            p.check(getattr(self, name) in REGISTRY, name, getattr(self, name), f"must be one of {', '.join(REGISTRY)}")
+        if self.use_gpu:
+            import torch
+
+            p.check(torch.cuda.is_available(), "use_gpu", self.use_gpu,
+                    "no CUDA GPU is visible to PyTorch on this machine; drop --use-gpu")
         p.raise_if_any("bench")
 
 

@@ -13,9 +13,10 @@ import numpy as np
 import torch
 
 from distcls import storage
-from distcls.checkpoint import checkpoint_id, load_checkpoint, read_meta, save_checkpoint
+from distcls.checkpoint import checkpoint_id, save_checkpoint
 from distcls.config import EvaluateConfig, FromPretrainedConfig
 from distcls.datasets import ErrorTally, build_dataset, load_labeled_index
+from distcls.export import load_predictor, verify_model
 from distcls.metrics import confusion_matrix, summarize, topk_correct
 from distcls.models import create_model, forward_chunk, forward_in_chunks
 from distcls.runtime import init_ray
@@ -30,7 +31,7 @@ class BatchPredictor:
             torch.set_num_threads(threads)  # Ray pins actors to OMP_NUM_THREADS = their CPU count
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.device = torch.device(device)
-        self.model, self.meta = load_checkpoint(checkpoint, self.device)
+        self.model, self.meta = load_predictor(checkpoint, self.device)  # a checkpoint or an export
         self.num_classes = len(self.meta["class_names"])
         self.chunk = forward_chunk(self.device)
 
@@ -82,7 +83,7 @@ def actor_pool(concurrency: int | tuple[int, ...]):
 
 def run_evaluation(cfg: EvaluateConfig) -> dict:
     """Write report.json, report.md, confusion_matrix.png and predictions.parquet to cfg.out."""
-    meta = read_meta(cfg.checkpoint)
+    meta = verify_model(cfg.checkpoint)  # tampered or incomplete: one line, before Ray starts
     class_names = meta["class_names"]
     spec = PreprocessSpec.from_dict(meta["preprocessing"])
     index = load_labeled_index(cfg.data, class_names=class_names)

@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import io
+import re
 import warnings
 
 import numpy as np
@@ -30,6 +31,20 @@ class ImageDecodeError(ValueError):
         self.message = message
 
 
+# Leading bytes of the formats IMAGE_EXTENSIONS name: tells "a broken image" from "not an image at all".
+SIGNATURES = ((b"\x89PNG\r\n\x1a\n", "PNG"), (b"\xff\xd8\xff", "JPEG"), (b"GIF87a", "GIF"), (b"GIF89a", "GIF"),
+              (b"II*\x00", "TIFF"), (b"MM\x00*", "TIFF"))
+
+
+def sniff_format(data: bytes) -> str | None:
+    """The image format named by the first bytes (whatever the file's extension says), or None."""
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "WebP"
+    if data[:2] == b"BM" and data[6:10] == b"\x00\x00\x00\x00":  # "BM", file size, 4 reserved zero bytes
+        return "BMP"
+    return next((fmt for magic, fmt in SIGNATURES if data.startswith(magic)), None)
+
+
 def open_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
     """Open (header only) and check size; the pixels are not decoded yet."""
     if not data:
@@ -38,11 +53,15 @@ def open_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             img = Image.open(io.BytesIO(data))
-    except Image.DecompressionBombError as exc:
-        raise ImageDecodeError("too_large", str(exc)) from None
-    except Image.DecompressionBombWarning as exc:
-        raise ImageDecodeError("too_large", str(exc)) from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        # PIL's own (higher) limit fired first; report the size against ours.
+        declared = re.search(r"\((\d+) pixels\)", str(exc))
+        raise ImageDecodeError("too_large", f"the header declares {declared.group(1) if declared else 'too many'} "
+                               f"pixels, which exceeds the limit of {max_pixels} (a decompression bomb?)") from None
     except Image.UnidentifiedImageError:
+        if (fmt := sniff_format(data)) is not None:  # e.g. a PNG header declaring zero width
+            raise ImageDecodeError("corrupt", f"starts like a {fmt} but its header is invalid (zero width or "
+                                   "height, or a damaged header); re-export the image") from None
         raise ImageDecodeError("not_image", "not a recognised image format") from None
     except Exception as exc:  # noqa: BLE001 - PIL raises many types for garbage
         raise ImageDecodeError("corrupt", f"{type(exc).__name__}: {exc}") from None

@@ -4,12 +4,15 @@ Ray Data pipeline: paths -> read + decode + preprocess (CPU tasks, the checkpoin
 (actor pool, the model loaded once per actor) -> write (one Parquet part per batch, each written
 atomically). A part is the unit of progress: a rerun reads the paths already in the output's parts and
 labels only the rest, so a job killed halfway and run again ends with every object exactly once.
+Runs that overlap (a rerun while a killed run's Ray workers still commit parts) can write an object
+twice; every run removes such second copies when it starts and again when it ends.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import fnmatch
+import hashlib
 import io
 import time
 import uuid
@@ -18,10 +21,11 @@ from collections import Counter
 import numpy as np
 
 from distcls import DistclsError, storage
-from distcls.checkpoint import checkpoint_id, read_meta
+from distcls.checkpoint import checkpoint_id
 from distcls.config import LabelConfig
 from distcls.datasets import build_image_dataset
 from distcls.evaluate import predict_dataset, softmax_topk
+from distcls.export import verify_model
 from distcls.images import IMAGE_EXTENSIONS
 from distcls.runtime import init_ray
 from distcls.transforms import PreprocessSpec
@@ -55,14 +59,35 @@ def existing_parts(output: str) -> list[str]:
             and p.endswith(".parquet")]
 
 
-def done_paths(output: str) -> set[str]:
-    """Paths that already have a row in the output (any committed part)."""
+def done_paths(output: str, repair: bool = True) -> tuple[set[str], int]:
+    """Paths that already have a row in the output (any committed part), and how many duplicate rows
+    were removed. Duplicates come from two runs writing one output at once (a killed run's Ray workers
+    can outlive their driver by seconds and still commit parts; or two reruns started together). With
+    `repair`, the first row of each path (parts in name order) stays: a part holding later copies is
+    rewritten without them before it is deleted, so an interruption leaves them for the next run."""
     import pyarrow.parquet as pq
 
     done: set[str] = set()
-    for part in existing_parts(output):
-        done.update(pq.read_table(io.BytesIO(storage.read_bytes(part)), columns=["path"]).column("path").to_pylist())
-    return done
+    removed = 0
+    for part in sorted(existing_parts(output)):
+        paths = pq.read_table(io.BytesIO(storage.read_bytes(part)), columns=["path"]).column("path").to_pylist()
+        keep, seen = [], set()
+        for i, path in enumerate(paths):
+            if path not in done and path not in seen:
+                keep.append(i)
+                seen.add(path)
+        done |= seen
+        if repair and len(keep) < len(paths):
+            removed += len(paths) - len(keep)
+            if keep:
+                table = pq.read_table(io.BytesIO(storage.read_bytes(part))).take(keep)
+                buf = io.BytesIO()
+                pq.write_table(table, buf)
+                # Named by what it holds: two runs repairing at once write the same object, not two.
+                name = hashlib.sha256(f"{part}:{keep}".encode()).hexdigest()[:32]
+                storage.write_bytes(storage.join_uri(output, f"{PART_PREFIX}{name}.parquet"), buf.getvalue())
+            storage.remove(part)
+    return done, removed
 
 
 def write_part(batch: dict[str, np.ndarray], output: str, class_names: list[str], model_id: str,
@@ -105,17 +130,18 @@ def label_rows(batch: dict[str, np.ndarray], class_names: list[str], model_id: s
 
 def run_labeling(cfg: LabelConfig, progress: bool = True) -> dict:
     started = time.perf_counter()
-    meta = read_meta(cfg.checkpoint)
+    meta = verify_model(cfg.checkpoint)  # checkpoint or export; tampered or incomplete: one line, before Ray
     spec = PreprocessSpec.from_dict(meta["preprocessing"])
     paths = list_inputs(cfg)
     if not paths:
         raise DistclsError(f"label: no image objects under {cfg.input}; check the URI or widen --include")
-    done = done_paths(cfg.output)
+    done, duplicates = done_paths(cfg.output)
     todo = [p for p in paths if p not in done]
     print(f"label: {len(paths)} objects under {cfg.input}; {len(paths) - len(todo)} already labeled, "
-          f"{len(todo)} to do", flush=True)
+          f"{len(todo)} to do" + (f"; removed {duplicates} duplicate rows" if duplicates else ""), flush=True)
     summary = {"total": len(paths), "skipped_done": len(paths) - len(todo), "labeled": 0, "errors": 0,
-               "errors_by_kind": {}, "output": cfg.output, "model": checkpoint_id(meta)}
+               "errors_by_kind": {}, "output": cfg.output, "model": checkpoint_id(meta),
+               "duplicates_removed": duplicates}
     if todo:
         storage.ensure_bucket(cfg.output)
         init_ray()
@@ -136,6 +162,8 @@ def run_labeling(cfg: LabelConfig, progress: bool = True) -> dict:
                 print(f"  {summary['labeled']}/{len(todo)} labeled, {summary['errors']} errors, {rate:.1f} images/s",
                       flush=True)
         summary["errors_by_kind"] = dict(kinds)
+        # A write task retried after its part was committed (a worker lost mid-task) leaves a second copy.
+        summary["duplicates_removed"] += done_paths(cfg.output)[1]
     summary["seconds"] = time.perf_counter() - started
     summary["images_per_s"] = summary["labeled"] / max(summary["seconds"], 1e-9)
     return summary

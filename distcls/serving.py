@@ -74,13 +74,14 @@ class ImageClassifier:
 
     def reconfigure(self, config: dict) -> None:
         """user_config {"checkpoint": URI}: load the new model fully, then swap it in (no request fails)."""
-        from distcls.checkpoint import checkpoint_id, load_checkpoint, read_meta
+        from distcls.checkpoint import checkpoint_id, read_meta
+        from distcls.export import load_predictor
         from distcls.transforms import PreprocessSpec
 
         uri = config["checkpoint"]
         if self.loaded is not None and checkpoint_id(read_meta(uri)) == self.loaded.id:
             return
-        model, meta = load_checkpoint(uri, self.device)
+        model, meta = load_predictor(uri, self.device)  # a checkpoint or an export
         self.loaded = LoadedModel(model, meta, PreprocessSpec.from_dict(meta["preprocessing"]), checkpoint_id(meta))
 
     def check_health(self) -> None:
@@ -364,13 +365,19 @@ APP_ARGS_EXCLUDED = ("host", "port", "name", "detach")
 
 
 def serve_config(cfg: ServeConfig) -> dict:
-    """A Ray Serve config file (`serve deploy`, a RayService's serveConfigV2) for this configuration."""
+    """A Ray Serve config file (`serve deploy`, a RayService's serveConfigV2) for this configuration.
+
+    The checkpoint is also the classifier's `user_config` override: change only that value and Serve
+    reloads the model inside the running replicas. Changing `args` (the checkpoint there included) gives
+    the application a new code version, so Serve replaces every replica (also without failed requests).
+    """
     args = {k: v for k, v in to_dict(cfg).items() if k not in APP_ARGS_EXCLUDED}
     return {
         "proxy_location": "EveryNode",
         "http_options": {"host": cfg.host, "port": cfg.port},
         "applications": [{"name": cfg.name, "route_prefix": "/", "import_path": "distcls.serving:build_app",
-                          "args": args}],
+                          "args": args, "deployments": [{"name": "ImageClassifier",
+                                                         "user_config": {"checkpoint": cfg.checkpoint}}]}],
     }
 
 
@@ -390,9 +397,9 @@ def start(cfg: ServeConfig, route_prefix: str = "/", token: str | None = None, a
 
 def run_serve(cfg: ServeConfig) -> None:
     """`distcls serve`: deploy, print where it listens, serve until Ctrl-C, then take the app down."""
-    from distcls.checkpoint import read_meta
+    from distcls.export import verify_model
 
-    meta = read_meta(cfg.checkpoint)  # a bad checkpoint fails here, with one line, before Ray starts
+    meta = verify_model(cfg.checkpoint)  # a bad or tampered checkpoint fails here, in one line, before Ray
     if cfg.detach and not os.environ.get("RAY_ADDRESS"):
         raise DistclsError("serve: --detach needs a running cluster (RAY_ADDRESS, or run it with "
                            "`ray job submit`); a local Ray instance would stop when this command ends")

@@ -107,3 +107,14 @@ def bad_images(photo) -> dict[str, tuple[bytes, str]]:
         "bomb.png": (png_bomb(), "too_large"),
         "bomb.jpg": (jpeg_bomb(photo), "too_large"),
     }
+
+
+def alive_replicas(app: str, deployment: str = "ImageClassifier") -> dict[int, object]:
+    """PID -> actor state of each live Ray Serve replica of `app`'s `deployment`, on this process's Ray
+    instance (the address is explicit: other Ray instances may run on the same machine)."""
+    import ray
+    from ray.util.state import list_actors
+
+    actors = list_actors(address=ray.get_runtime_context().gcs_address, filters=[("state", "=", "ALIVE")],
+                         limit=10_000, raise_on_missing_output=False)
+    return {a.pid: a for a in actors if a.class_name == f"ServeReplica:{app}:{deployment}"}

@@ -108,8 +108,44 @@ def test_missing_input_is_one_clear_error(ray_local, imagenet_ckpt, capsys):
     assert "does not exist" in capsys.readouterr().err
 
 
+def session_members(sid: int) -> list[int]:
+    """PIDs of the live (not zombie) processes of session `sid`. Ray's workers get process groups of
+    their own, but stay in the session of the command that started the local Ray instance."""
+    import os
+
+    pids = []
+    for entry in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if fields[0] not in "ZX" and int(fields[3]) == sid:
+            pids.append(int(entry))
+    return pids
+
+
+def kill_session(sid: int, timeout: float = 60) -> None:
+    """SIGKILL every process of session `sid` (a machine lost at once) until none is left."""
+    import os
+    import signal
+    import time
+
+    deadline = time.monotonic() + timeout
+    while (pids := session_members(sid)) and time.monotonic() < deadline:
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        time.sleep(0.1)
+    assert not session_members(sid), f"processes of session {sid} survived SIGKILL"
+
+
 def test_killed_run_then_rerun_has_every_object_once(s3_server, imagenet_ckpt, photo, tmp_path):
-    """A real interruption: the labeling process is killed once some parts are committed."""
+    """A real interruption: once some parts are committed (not all), SIGKILL the labeling process and the
+    local Ray instance it started (its whole session, as when a machine dies); a rerun keeps those parts
+    and adds exactly the rest."""
     import os
     import signal
     import subprocess
@@ -124,16 +160,25 @@ def test_killed_run_then_rerun_has_every_object_once(s3_server, imagenet_ckpt, p
            "--output", out, "--rows-per-part", "4", "--batch-size", "4"]
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    deadline = time.monotonic() + 240
+    deadline = time.monotonic() + 300
     while time.monotonic() < deadline and not existing_parts(out) and proc.poll() is None:
         time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    partial = len(read_output(out)) if existing_parts(out) else 0
+    kill_session(proc.pid)  # the CLI, its GCS and raylet, and every Ray worker, at once
+    assert proc.wait(timeout=60) == -signal.SIGKILL, "the run ended before it could be killed"
+    kept = {p: storage.read_bytes(p) for p in existing_parts(out)}
+    partial = len(read_output(out)) if kept else 0
     assert 0 < partial < n, f"the kill came too late or too early: {partial} rows"
-    assert subprocess.run(cmd, env=env, capture_output=True, timeout=600).returncode == 0
-    paths = read_output(out).column("path").to_pylist()
+
+    rerun = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    assert f"{partial} already labeled, {n - partial} to do" in rerun.stdout, rerun.stdout
+    assert {p: storage.read_bytes(p) for p in kept} == kept  # committed parts are kept as they were
+    table = read_output(out)
+    paths = table.column("path").to_pylist()
     assert len(paths) == len(set(paths)) == n
+    assert set(paths) == {f"{root}/{i:03d}.jpg" for i in range(n)}
+    assert table.column("error").null_count == n and table.column("label").null_count == 0
+    print(f"killed after {partial}/{n} rows in {len(kept)} parts; the rerun labeled {n - partial}")
 
 
 def test_label_agrees_with_evaluate(ray_local, imagenet_ckpt, inputs, tmp_path):
@@ -151,3 +196,34 @@ def test_label_agrees_with_evaluate(ray_local, imagenet_ckpt, inputs, tmp_path):
     for row in evaluated:
         assert labeled[row["path"]]["label"] == row["prediction"]
         assert labeled[row["path"]]["score"] == pytest.approx(row["score"], abs=1e-5)
+
+
+@pytest.mark.slow
+def test_two_runs_at_once_still_leave_every_object_once(s3_server, imagenet_ckpt, photo):
+    """Two labeling processes started together on one output (as a rerun overlapping a dying run's
+    workers): both label everything, and the duplicate rows are removed before they end."""
+    import os
+    import re
+    import subprocess
+    import sys
+
+    from distcls.label import done_paths
+
+    root, out, n = f"{BUCKET}/twice", f"{BUCKET}/twice-out", 40
+    storage.write_many((f"{root}/{i:02d}.jpg", encode(Image.fromarray(np.roll(photo, 7 * i, axis=1)).resize((96, 64)),
+                                                      "JPEG")) for i in range(n))
+    cmd = [sys.executable, "-m", "distcls.cli", "label", "--checkpoint", imagenet_ckpt, "--input", root,
+           "--output", out, "--rows-per-part", "4", "--batch-size", "4"]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    procs = [subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+             for _ in range(2)]
+    outputs = [p.communicate(timeout=900)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outputs
+    labeled = [int(re.search(r"objects: labeled (\d+)", o).group(1)) for o in outputs]
+    removed = [int(m.group(1)) if (m := re.search(r"removed (\d+) duplicate rows", o)) else 0 for o in outputs]
+    print(f"\nconcurrent runs labeled {labeled} of {n} objects and removed {removed} duplicate rows")
+    assert sum(labeled) > n, "the runs did not overlap; nothing was written twice"
+    assert sum(removed) == sum(labeled) - n  # every second copy was found and removed, nothing else
+    paths = read_output(out).column("path").to_pylist()
+    assert len(paths) == len(set(paths)) == n
+    assert done_paths(out) == (set(paths), 0)

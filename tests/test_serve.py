@@ -164,10 +164,21 @@ def test_token_auth(serve_url, cat_jpeg):
         assert r.status_code == 401, headers
         assert r.json()["error"]["kind"] == "unauthorized" and TOKEN not in r.text
     assert requests.get(f"{serve_url}/secure/v1/model", timeout=30).status_code == 401
+    # Every /v1 route the app has (not just the ones above): no token and a wrong token of the same length.
+    from distcls.serving import api
+
+    v1 = [(method, route.path) for route in api.routes if route.path.startswith("/v1")
+          for method in sorted(getattr(route, "methods", ()) or ())]
+    assert {("GET", "/v1/model"), ("POST", "/v1/classify")} <= set(v1)
+    for method, path in v1:
+        for headers in ({}, {"Authorization": "Bearer " + "x" * len(TOKEN)}):
+            r = requests.request(method, f"{serve_url}/secure{path}", headers=headers, timeout=30)
+            assert r.status_code == 401 and TOKEN not in r.text, (method, path, headers)
     r = post_image(url, cat_jpeg, headers={"Authorization": f"Bearer {TOKEN}"})
     assert r.status_code == 200 and r.json()["predictions"][0]["label"].startswith("class")
     health = requests.get(f"{serve_url}/secure/healthz", timeout=30)
-    assert health.status_code == 200 and health.json() == {"status": "ok"}
+    assert health.status_code == 200 and health.json() == {"status": "ok"}  # no model, version or config
+    assert TOKEN not in health.text and "sha256" not in health.text
     assert requests.get(f"{serve_url}/secure/", timeout=30).status_code == 200  # the page holds no secrets
 
 

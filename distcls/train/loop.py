@@ -103,10 +103,13 @@ def train_one_epoch(model: nn.Module, batches: Iterable[dict], optimizer: torch.
                     loss_fn: Callable, device: torch.device, *, schedule: Callable[[int], float],
                     start_step: int, amp: bool = False, channels_last: bool = False,
                     augment: Callable[[torch.Tensor], torch.Tensor] | None = None,
-                    on_step: Callable[[int], None] | None = None) -> EpochStats:
+                    on_step: Callable[[int], None] | None = None,
+                    teacher: Callable[[torch.Tensor], torch.Tensor] | None = None) -> EpochStats:
     """One pass: forward, loss, backward, step. `schedule(global_step)` gives the LR multiplier.
 
-    `loss_fn(logits, labels, mask)`; batches carry `mask` (1 = usable image).
+    `loss_fn(logits, labels, mask)`; batches carry `mask` (1 = usable image). With a `teacher`
+    (distillation) it is `loss_fn(logits, labels, mask, teacher(images))`: the teacher sees the very
+    images (augmentation included) the student sees.
     """
     stats = EpochStats()
     step = start_step
@@ -124,7 +127,10 @@ def train_one_epoch(model: nn.Module, batches: Iterable[dict], optimizer: torch.
         set_lr(optimizer, schedule(step))
         with autocast(device, amp):
             logits = model(images)
-        loss = loss_fn(logits, labels, mask)
+        if teacher is None:
+            loss = loss_fn(logits, labels, mask)
+        else:
+            loss = loss_fn(logits, labels, mask, teacher(images))
         # .item() is a host-device sync; it also lets us stop on a non-finite loss at the exact step.
         loss_value = loss.item()
         if not math.isfinite(loss_value):

@@ -12,6 +12,7 @@ import io
 import json
 import os
 import time
+from typing import Callable
 
 import numpy as np
 
@@ -64,7 +65,7 @@ def balance(index: LabeledIndex, seed: int) -> LabeledIndex:
     return index.subset(np.sort(rows))
 
 
-def build_trainer(cfg: TrainConfig, train: LabeledIndex, val: LabeledIndex):
+def build_trainer(cfg: TrainConfig, train: LabeledIndex, val: LabeledIndex, extra_meta: dict | None = None):
     import ray.train
     import ray.train.v2.api.config
     from ray.train.torch import TorchTrainer
@@ -86,6 +87,7 @@ def build_trainer(cfg: TrainConfig, train: LabeledIndex, val: LabeledIndex):
         "val_labels": val.labels,
         "class_weights": balanced_class_weights(counts).tolist() if cfg.class_weights == "balanced" else None,
         "run_uri": run_uri_of(cfg),
+        "extra_meta": extra_meta or {},  # more fields for every checkpoint's distcls.json (e.g. the teacher)
     }
     storage_path, fs = storage_for_ray(cfg.storage)
     return TorchTrainer(
@@ -101,8 +103,19 @@ def build_trainer(cfg: TrainConfig, train: LabeledIndex, val: LabeledIndex):
             checkpoint_config=ray.train.CheckpointConfig(
                 num_to_keep=cfg.keep, checkpoint_score_attribute=SCORE, checkpoint_score_order="max")),
         datasets={"train": train_ds},
-        dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
+        dataset_config=ray.train.DataConfig(datasets_to_split=["train"], execution_options=ingest_options()),
     )
+
+
+def ingest_options():
+    """Ray Data options for the training shards: batches in a fixed order (Ray formats them in a thread
+    pool, which reorders them otherwise). With the worker's per-epoch seeds, a run restarted from a
+    checkpoint replays the lost epochs as an uninterrupted run has them."""
+    from ray.data import DataContext, ExecutionOptions
+
+    current = DataContext.get_current().execution_options
+    return ExecutionOptions(resource_limits=current.resource_limits, preserve_order=True,
+                            verbose_progress=current.verbose_progress)
 
 
 def checkpoint_uri(cfg: TrainConfig, checkpoint) -> str:
@@ -111,27 +124,50 @@ def checkpoint_uri(cfg: TrainConfig, checkpoint) -> str:
     return storage.to_uri(scheme, checkpoint.path)
 
 
-def run_training(cfg: TrainConfig) -> dict:
-    """Fine-tune as configured; returns the content of result.json."""
+def run_training(cfg: TrainConfig, extra_meta: dict | None = None,
+                 check_classes: Callable[[list[str]], None] | None = None) -> dict:
+    """Fine-tune as configured; returns the content of result.json. `check_classes(class_names)` may
+    refuse the data before Ray starts; `extra_meta` goes into every checkpoint's distcls.json."""
     if cfg.name is None:
         cfg = dataclasses.replace(cfg, name="train-" + dt.datetime.now().strftime("%Y%m%d-%H%M%S"))
     check_run_dir(cfg)
     train, val = load_splits(cfg)
+    if check_classes is not None:
+        check_classes(train.class_names)
     print(format_counts(train, f"train {cfg.data}"))
     print(format_counts(val, f"validation {cfg.val_data or f'({cfg.val_fraction:.0%} of --data)'}"), flush=True)
     init_ray(num_cpus=local_cpus(cfg))
     started = time.perf_counter()
     try:
-        result = build_trainer(cfg, train, val).fit()
+        result = build_trainer(cfg, train, val, extra_meta).fit()
     except Exception as exc:  # noqa: BLE001 - Ray wraps worker errors; surface the root cause in one line
         raise DistclsError(f"train: run {run_uri_of(cfg)} failed: {root_cause(exc)}") from exc
-    best = max(result.best_checkpoints, key=lambda cm: cm[1].get(SCORE, -1.0))
+    best_uri, best_metrics = pick_best([(checkpoint_uri(cfg, c), dict(m)) for c, m in result.best_checkpoints])
     history = [dict(m) for m in read_history(cfg, result)]
-    out = {"checkpoint": checkpoint_uri(cfg, best[0]), "metrics": dict(best[1]),
+    out = {"checkpoint": best_uri, "metrics": best_metrics,
            "run": run_uri_of(cfg), "epochs": history, "seconds": time.perf_counter() - started}
     storage.write_text(storage.join_uri(run_uri_of(cfg), "result.json"), json.dumps(out, indent=2))
     storage.write_bytes(storage.join_uri(run_uri_of(cfg), "curves.png"), plot_curves(history))
     return out
+
+
+def pick_best(checkpoints: list[tuple[str, dict]]) -> tuple[str, dict]:
+    """The highest-scoring checkpoint that verifies (complete, weights matching their sha256).
+
+    One whose upload was interrupted or whose files were changed is skipped with a warning, never chosen.
+    """
+    from distcls.checkpoint import verify_checkpoint
+
+    problems = []
+    for uri, metrics in sorted(checkpoints, key=lambda cm: cm[1].get(SCORE, -1.0), reverse=True):
+        try:
+            verify_checkpoint(uri)
+        except DistclsError as exc:
+            problems.append(str(exc))
+            print(f"warning: skipping checkpoint {uri}: {exc}", flush=True)
+            continue
+        return uri, metrics
+    raise DistclsError("train: no complete checkpoint to report; " + ("; ".join(problems) or "none was written"))
 
 
 def local_cpus(cfg: TrainConfig) -> int:
@@ -148,12 +184,48 @@ def read_history(cfg: TrainConfig, result) -> list[dict]:
 
 
 def root_cause(exc: BaseException) -> str:
+    """One line for a failed fit(): a dead worker process first, else the innermost error's last line."""
     seen = exc
+    while seen.__cause__ is not None and not hasattr(seen, "worker_failures"):
+        seen = seen.__cause__
+    failures = getattr(seen, "worker_failures", None)
+    if failures:
+        return worker_failure_line(failures)
     while seen.__cause__ is not None:
         seen = seen.__cause__
-    text = str(seen).strip().splitlines()
-    last = next((line for line in reversed(text) if line.strip()), type(seen).__name__)
-    return last.strip()
+    return last_line(seen)
+
+
+def last_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return next((line for line in reversed(text) if line.strip()), type(exc).__name__).strip()
+
+
+def worker_failure_line(failures: dict) -> str:
+    """Ray Train's {rank: exception}. When a worker process dies (SIGKILL, out of memory, a lost node),
+    the other ranks fail in the collective with `Connection closed by peer`; name the dead one instead."""
+    from ray.exceptions import RayActorError
+
+    dead = sorted(rank for rank, e in failures.items()
+                  if isinstance(e, RayActorError) or "worker process has died" in str(e))
+    if dead:
+        # Ray's text: "... Worker exit type: SYSTEM_ERROR Worker exit detail: <why>. Some common causes ..."
+        text = " ".join(str(failures[dead[0]]).split())
+        why = text.partition("Worker exit detail: ")[2].partition(" Some common causes")[0] or text[:200]
+        return (f"training worker rank {dead[0]} died: its process was killed or crashed ({why.rstrip('.')}); "
+                "pass --max-failures N to restart from the latest checkpoint")
+    lost = {rank: e for rank, e in failures.items() if any(m in str(e) for m in PEER_LOST)}
+    own = sorted(set(failures) - set(lost))
+    if not own:
+        return (f"a training worker process died (killed, out of memory or its node was lost): rank {min(lost)} "
+                "lost its connection to it; pass --max-failures N to restart from the latest checkpoint")
+    error = failures[own[0]]
+    line = last_line(error)
+    return line if type(error).__name__ in line else f"{type(error).__name__}: {line}"
+
+
+# What the surviving ranks' collectives (gloo, NCCL) say when a peer process is gone.
+PEER_LOST = ("Connection closed by peer", "remote worker crash", "Connection reset by peer", "NCCL communicator was aborted")
 
 
 def plot_curves(history: list[dict]) -> bytes:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import signal
 import tempfile
 import time
 
@@ -11,8 +12,8 @@ import numpy as np
 import torch
 
 from distcls import storage
-from distcls.checkpoint import WEIGHTS, load_safetensors, write_local_checkpoint
-from distcls.config import TrainConfig
+from distcls.checkpoint import load_safetensors, read_verified_weights, write_local_checkpoint
+from distcls.config import DistillConfig, TrainConfig
 from distcls.datasets import ErrorTally, LabeledIndex, build_dataset
 from distcls.metrics import summarize
 from distcls.models import create_model, freeze_backbone, get_model_info, head_parameter_names
@@ -22,13 +23,13 @@ from distcls.transforms import PreprocessSpec, augment_batch
 TRAIN_STATE = "train_state.pt"  # optimizer state + counters; loaded with weights_only=True
 
 
-def train_batches(shard, batch_size: int, tally: ErrorTally):
+def train_batches(shard, batch_size: int, tally: ErrorTally, seed: int | None = None):
     """Numpy batches from the Ray Data shard with bad images dropped (and counted), locally shuffled.
 
     A batch made only of bad images is kept with mask 0, so that every DDP worker takes the same steps.
     """
     for batch in shard.iter_batches(batch_size=batch_size, batch_format="numpy", prefetch_batches=2,
-                                    local_shuffle_buffer_size=4 * batch_size):
+                                    local_shuffle_buffer_size=4 * batch_size, local_shuffle_seed=seed):
         good = tally.drop_errors(batch)
         if len(good["label"]):
             good["mask"] = np.ones(len(good["label"]), dtype=np.float32)
@@ -62,21 +63,26 @@ def sync_buffers(model: torch.nn.Module) -> None:
 def restore(model, optimizer, checkpoint) -> tuple[int, int, list]:
     """Load weights and optimizer state from a Ray Train checkpoint; returns (next epoch, step, history)."""
     with checkpoint.as_directory() as d:
-        with open(os.path.join(d, WEIGHTS), "rb") as f:
-            model.net.load_state_dict(load_safetensors(f.read()), strict=True)
+        data, _ = read_verified_weights(d)  # a damaged or half-written checkpoint is refused, not trained on
+        model.net.load_state_dict(load_safetensors(data), strict=True)
         state = torch.load(os.path.join(d, TRAIN_STATE), map_location="cpu", weights_only=True)
     optimizer.load_state_dict(state["optimizer"])
     return int(state["epoch"]) + 1, int(state["step"]), list(state["history"])
 
 
 def maybe_inject_failure(cfg: TrainConfig, run_uri: str, step: int, rank: int) -> None:
-    """Test hook (--fail-at-step): rank 0 raises once; a marker in the run dir keeps restarts from failing."""
+    """Test hook (--fail-at-step): rank 0 fails once; a marker in the run dir keeps restarts from failing.
+
+    --fail-mode raise throws an exception; kill sends SIGKILL to this worker process (as a preempted or
+    OOM-killed machine would: no exception, no cleanup)."""
     if cfg.fail_at_step is None or step != cfg.fail_at_step or rank != 0:
         return
     marker = storage.join_uri(run_uri, "fault-injected.txt")
     if storage.exists(marker):
         return
-    storage.write_text(marker, f"injected at step {step}\n")
+    storage.write_text(marker, f"injected ({cfg.fail_mode}) at step {step} in pid {os.getpid()}\n")
+    if cfg.fail_mode == "kill":
+        os.kill(os.getpid(), signal.SIGKILL)
     raise RuntimeError(f"fault injection: worker failed at step {step} (--fail-at-step)")
 
 
@@ -120,7 +126,7 @@ def train_func(config: dict) -> None:
     import ray.train.torch
 
     quiet_worker_logs()
-    cfg = TrainConfig(**config["train"])
+    cfg = (DistillConfig if "teacher" in config["train"] else TrainConfig)(**config["train"])
     class_names, spec = config["class_names"], PreprocessSpec.from_dict(config["preprocessing"])
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -150,24 +156,34 @@ def train_func(config: dict) -> None:
 
     weights = torch.tensor(config["class_weights"], dtype=torch.float32, device=device) if config["class_weights"] else None
     loss_fn = lambda logits, labels, mask: masked_loss(logits, labels, mask, weights, cfg.label_smoothing)  # noqa: E731
+    teacher = None
+    if isinstance(cfg, DistillConfig):  # the teacher is loaded once per worker, in eval mode
+        from distcls.distill import build_teacher_loss
+
+        teacher, loss_fn = build_teacher_loss(cfg, class_names, spec, device, weights)
     steps_per_epoch = max(1, math.ceil(config["num_train"] / world / cfg.batch_size))
     total_steps = steps_per_epoch * cfg.epochs
     warmup_steps = int(cfg.warmup_epochs * steps_per_epoch)
     val_index = LabeledIndex(config["val_paths"][rank::world], config["val_labels"][rank::world], class_names)
     shard = ray.train.get_dataset_shard("train")
-    rng = np.random.default_rng([cfg.seed, rank, start_epoch])
-    augment = (lambda images: augment_batch(images, spec, rng)) if cfg.augment else None  # noqa: E731
 
     for epoch in range(start_epoch, cfg.epochs):
         started = time.perf_counter()
+        # Every random draw of an epoch (augmentation, dropout, local shuffle) is seeded by (seed, rank,
+        # epoch): a run restored from a checkpoint repeats the epoch an uninterrupted run would have had.
+        rng = np.random.default_rng([cfg.seed, rank, epoch])
+        torch.manual_seed(int(rng.integers(2**31)))
+        augment = (lambda images: augment_batch(images, spec, rng)) if cfg.augment else None  # noqa: E731
         ddp_model.train()
         if cfg.freeze == "backbone":
             model.net.eval()  # linear probe: the backbone's BatchNorm statistics stay as pretrained
         train_tally, val_tally = ErrorTally(), ErrorTally()
         stats = train_one_epoch(
-            ddp_model, train_batches(shard, cfg.batch_size, train_tally), optimizer, loss_fn, device,
+            ddp_model, train_batches(shard, cfg.batch_size, train_tally, seed=int(rng.integers(2**31))),
+            optimizer, loss_fn, device,
             schedule=lambda s: warmup_cosine(s, warmup_steps, total_steps), start_step=step, amp=gpu,
-            channels_last=gpu, augment=augment, on_step=lambda s: maybe_inject_failure(cfg, config["run_uri"], s, rank))
+            channels_last=gpu, augment=augment, on_step=lambda s: maybe_inject_failure(cfg, config["run_uri"], s, rank),
+            teacher=teacher)
         step += stats.steps
         train_seconds = time.perf_counter() - started
         sync_buffers(model)
@@ -221,7 +237,8 @@ def report(metrics, model, optimizer, class_names, cfg, config, history, rank, t
         print(f"  skipped: {example}", flush=True)
     with tempfile.TemporaryDirectory() as d:
         write_local_checkpoint(d, model, class_names, metrics=metrics, config=config["train"],
-                               extra={"history": history, "run": config["run_uri"]})
+                               extra={"history": history, "run": config["run_uri"],
+                                      **config.get("extra_meta", {})})
         torch.save({"optimizer": optimizer.state_dict(), "epoch": metrics["epoch"] - 1, "step": metrics["step"],
                     "history": history}, os.path.join(d, TRAIN_STATE))
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
