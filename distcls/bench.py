@@ -452,7 +452,7 @@ def table(results: dict) -> list[str]:
     for row in results.get("serve", {}).get("rows", []):
         at16 = row["clients"] == 16
         if at16:
-            rows.append(("serve: plain server at 16 clients as a share of the model-only ceiling",
+            rows.append(("serve: plain req/s at 16 clients / model-only images/s",
                          row["plain"]["requests_per_s"] / results["serve"]["model_only_images_per_s"], None))
         rows += [(f"serve req/s vs plain server, {row['clients']} clients", row["ratio_requests_per_s"],
                   ">= 1.5" if at16 else None),

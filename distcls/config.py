@@ -282,6 +282,9 @@ class TrainConfig:
     class_weights: str = opt("none", help="loss weights per class for imbalanced data", choices=CLASS_WEIGHTS)
     balanced_sampling: bool = opt(False, help="oversample rare classes so each class is drawn equally often")
     seed: int = opt(0, help="random seed (split, init, shuffling)")
+    ordered_ingest: bool = opt(True, help="training batches in a fixed order, so that a run restored from a "
+                               "checkpoint replays its lost epochs exactly (--no-ordered-ingest: Ray Data's "
+                               "unordered, sometimes faster, streaming)")
     num_workers: int = opt(2, help="Ray Train workers (DDP processes)")
     use_gpu: bool = opt(False, help="one GPU per worker, bf16 autocast and channels_last")
     cpus_per_worker: float = opt(1.0, help="CPUs reserved per training worker")

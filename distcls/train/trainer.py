@@ -103,18 +103,19 @@ def build_trainer(cfg: TrainConfig, train: LabeledIndex, val: LabeledIndex, extr
             checkpoint_config=ray.train.CheckpointConfig(
                 num_to_keep=cfg.keep, checkpoint_score_attribute=SCORE, checkpoint_score_order="max")),
         datasets={"train": train_ds},
-        dataset_config=ray.train.DataConfig(datasets_to_split=["train"], execution_options=ingest_options()),
+        dataset_config=ray.train.DataConfig(datasets_to_split=["train"],
+                                            execution_options=ingest_options(cfg.ordered_ingest)),
     )
 
 
-def ingest_options():
-    """Ray Data options for the training shards: batches in a fixed order (Ray formats them in a thread
-    pool, which reorders them otherwise). With the worker's per-epoch seeds, a run restarted from a
-    checkpoint replays the lost epochs as an uninterrupted run has them."""
+def ingest_options(ordered: bool):
+    """Ray Data options for the training shards. `ordered`: batches in a fixed order (Ray formats them in
+    a thread pool, which reorders them otherwise); with the worker's per-epoch seeds, a run restarted from
+    a checkpoint then replays the lost epochs as an uninterrupted run has them."""
     from ray.data import DataContext, ExecutionOptions
 
     current = DataContext.get_current().execution_options
-    return ExecutionOptions(resource_limits=current.resource_limits, preserve_order=True,
+    return ExecutionOptions(resource_limits=current.resource_limits, preserve_order=ordered,
                             verbose_progress=current.verbose_progress)
 
 
