@@ -267,10 +267,9 @@ def lose_a_node(cluster: Cluster, runtime_env: dict, args: argparse.Namespace) -
           f"node was lost (status {status})", logs)
     result = json.loads(storage.read_text(f"{run}/result.json"))
     epochs = [h["epoch"] for h in result["epochs"]]
-    resumed = sorted({"resuming from" + line.split("resuming from", 1)[1] for line in logs.splitlines()
-                      if "resuming from" in line})
-    check(epochs == [1, 2, 3] and bool(resumed),
-          f"epochs {epochs}; restarted from its checkpoint ({resumed[0] if resumed else 'no resume line'})", logs)
+    restored = [h.get("restored_from_epoch") for h in result["epochs"]]  # 0: fresh; N: restored from epoch N
+    check(epochs == [1, 2, 3] and restored[0] == 0 and restored[-1] >= 1,
+          f"epochs {epochs}; restarted from its checkpoint (restored_from_epoch per epoch: {restored})", logs)
 
 
 def main(argv: list[str] | None = None) -> int:

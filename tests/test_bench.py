@@ -50,6 +50,7 @@ def test_bench_all_tiny(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1500)
 @pytest.mark.skipif(not os.path.isdir(FASHION_MNIST_DEFAULT_DIR), reason="needs dataset-fashion-mnist")
 def test_gpu_check_script_runs_on_cpu_in_smoke_mode(tmp_path):
     """jobs/bench_gpu.py is meant for a GPU machine; --cpu-smoke runs the same stages, tiny, on CPU."""

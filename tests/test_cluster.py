@@ -133,6 +133,7 @@ def test_two_node_cluster_run():
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)
 def test_two_node_cluster_survives_a_lost_node():
     """cluster/two_nodes.py --lost-node: the second node's raylet is killed during training; a replacement
     node joins and the job finishes from its last checkpoint."""

@@ -61,7 +61,7 @@ def test_killed_worker_without_retries_is_one_clear_error(fm):
 
 
 @pytest.mark.slow
-def test_killed_worker_recovers_from_checkpoint_with_same_accuracy(fm, capfd):
+def test_killed_worker_recovers_from_checkpoint_with_same_accuracy(fm):
     """80 images / 2 workers / batch 8 = 5 steps per epoch: step 7 is in epoch 2. At 64 px and lr 3e-3 the
     model learns (validation accuracy ~0.4 after 3 epochs, chance is 0.1), so the comparison means something."""
     learns = dict(epochs=3, image_size=64, lr=3e-3)
@@ -71,8 +71,10 @@ def test_killed_worker_recovers_from_checkpoint_with_same_accuracy(fm, capfd):
     marker = storage.read_text(f"{BUCKET}/runs/kill2/fault-injected.txt")
     pid = int(marker.split("pid ")[1])
     assert marker.startswith("injected (kill) at step 7") and not pid_alive(pid)
-    out = capfd.readouterr().out
-    assert "resuming from" in out and "at epoch 2" in out  # restored from epoch 1's checkpoint
+    # Restored from epoch 1's checkpoint (Ray forwards the workers' "resuming from" line asynchronously,
+    # so the record is what is checked).
+    assert [h["restored_from_epoch"] for h in killed["epochs"]] == [0, 1, 1]
+    assert [h["restored_from_epoch"] for h in base["epochs"]] == [0, 0, 0]
     assert [h["epoch"] for h in killed["epochs"]] == [1, 2, 3]
     assert [h["step"] for h in killed["epochs"]] == [5, 10, 15]
     assert without_timings(killed["epochs"][0]) == without_timings(base["epochs"][0])

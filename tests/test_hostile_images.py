@@ -106,11 +106,13 @@ def test_one_preprocessing_path_refuses_or_decodes_each(hostile):
 
 
 MEMORY_PROBE = r"""
-import json, resource, sys
+import json, sys
 from distcls.transforms import PreprocessSpec, preprocess_bytes
 from distcls.images import ImageDecodeError
 spec = PreprocessSpec(image_size=224)
-peak = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+# VmHWM: this process's own peak RSS. (getrusage's ru_maxrss keeps the parent's peak across fork+exec,
+# which under a big pytest process hides everything below it.)
+peak = lambda: next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith("VmHWM:"))
 preprocess_bytes(open(sys.argv[1], "rb").read(), spec)  # warm up: lazy imports and buffers of a good decode
 preprocess_bytes(open(sys.argv[1], "rb").read(), spec, train=True)
 out = {"baseline": peak()}

@@ -167,7 +167,12 @@ def test_token_auth(serve_url, cat_jpeg):
     # Every /v1 route the app has (not just the ones above): no token and a wrong token of the same length.
     from distcls.serving import api
 
-    v1 = [(method, route.path) for route in api.routes if route.path.startswith("/v1")
+    def routes(router):  # FastAPI nests the class-based routes Serve registers in included routers
+        for route in router.routes:
+            inner = getattr(route, "original_router", None)
+            yield from routes(inner) if inner is not None else [route]
+
+    v1 = [(method, route.path) for route in routes(api) if getattr(route, "path", "").startswith("/v1")
           for method in sorted(getattr(route, "methods", ()) or ())]
     assert {("GET", "/v1/model"), ("POST", "/v1/classify")} <= set(v1)
     for method, path in v1:

@@ -210,6 +210,8 @@ def train_func(config: dict) -> None:
             "train_images_per_s_per_worker": stats.samples / max(train_seconds, 1e-9),
             "data_wait_fraction": stats.data_seconds / max(train_seconds, 1e-9),
             "epoch_seconds": time.perf_counter() - started,
+            # 0 for a run that started fresh; N when this worker group was restored from epoch N's checkpoint
+            "restored_from_epoch": start_epoch,
         }
         if k >= 5:
             metrics["val_top5_accuracy"] = summary["top5_accuracy"]
