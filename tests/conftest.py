@@ -118,3 +118,14 @@ def alive_replicas(app: str, deployment: str = "ImageClassifier") -> dict[int, o
     actors = list_actors(address=ray.get_runtime_context().gcs_address, filters=[("state", "=", "ALIVE")],
                          limit=10_000, raise_on_missing_output=False)
     return {a.pid: a for a in actors if a.class_name == f"ServeReplica:{app}:{deployment}"}
+
+
+def tiny_fashion_mnist(bucket: str) -> dict[str, str]:
+    """Real Fashion-MNIST under `bucket`: 8 images per class for training, 4 per class for validation."""
+    from distcls.config import FashionMnistConfig
+    from distcls.fmnist import write_fashion_mnist
+
+    write_fashion_mnist(FashionMnistConfig(out=f"{bucket}/fm", limit_per_class=8, splits=("train",)), progress=False)
+    write_fashion_mnist(FashionMnistConfig(out=f"{bucket}/fmval", limit_per_class=4, splits=("test",)),
+                        progress=False)
+    return {"train": f"{bucket}/fm/train", "val": f"{bucket}/fmval/test"}

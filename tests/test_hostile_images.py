@@ -22,7 +22,8 @@ import requests
 from PIL import Image
 
 from distcls import storage
-from distcls.config import FromPretrainedConfig, LabelConfig, ServeConfig, TrainConfig
+from distcls.bench import imagenet_checkpoint
+from distcls.config import LabelConfig, ServeConfig, TrainConfig
 from distcls.datasets import ErrorTally, build_dataset, load_labeled_index
 from distcls.images import ImageDecodeError
 from distcls.transforms import PreprocessSpec, preprocess_bytes
@@ -209,12 +210,7 @@ def test_training_run_skips_and_reports_hostile_images(ray_local, hostile, hosti
 
 @pytest.fixture(scope="module")
 def imagenet_ckpt(s3_server):
-    from distcls.evaluate import checkpoint_from_pretrained
-
-    uri = f"{BUCKET}/ck/imagenet"
-    storage.ensure_bucket(uri)
-    checkpoint_from_pretrained(FromPretrainedConfig(out=uri))
-    return uri
+    return imagenet_checkpoint(BUCKET)  # <BUCKET>/ck/imagenet, written once
 
 
 def test_labeling_writes_an_error_row_per_hostile_object(ray_local, hostile, hostile_prefix, imagenet_ckpt):

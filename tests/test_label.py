@@ -11,8 +11,8 @@ from PIL import Image
 
 from distcls import storage
 from distcls.cli import main
-from distcls.config import FromPretrainedConfig, LabelConfig
-from distcls.evaluate import checkpoint_from_pretrained
+from distcls.bench import imagenet_checkpoint
+from distcls.config import LabelConfig
 from distcls.label import existing_parts, output_schema, run_labeling
 from tests.conftest import encode
 
@@ -22,10 +22,7 @@ IMAGENET_CATS = {"tabby", "tiger cat", "Persian cat", "Siamese cat", "Egyptian c
 
 @pytest.fixture(scope="module")
 def imagenet_ckpt(s3_server):
-    uri = f"{BUCKET}/ck/imagenet"
-    storage.ensure_bucket(uri)
-    checkpoint_from_pretrained(FromPretrainedConfig(out=uri))
-    return uri
+    return imagenet_checkpoint(BUCKET)  # <BUCKET>/ck/imagenet, written once
 
 
 @pytest.fixture(scope="module")

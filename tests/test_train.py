@@ -11,10 +11,10 @@ import torch
 from distcls import DistclsError, storage
 from distcls.checkpoint import load_checkpoint, read_meta
 from distcls.cli import main
-from distcls.config import FASHION_MNIST_DEFAULT_DIR, FashionMnistConfig, TrainConfig
-from distcls.fmnist import write_fashion_mnist
+from distcls.config import FASHION_MNIST_DEFAULT_DIR, TrainConfig
 from distcls.models import create_model
 from distcls.train.trainer import run_training
+from tests.conftest import tiny_fashion_mnist
 
 pytestmark = pytest.mark.skipif(not os.path.isdir(FASHION_MNIST_DEFAULT_DIR),
                                 reason="needs Debian's dataset-fashion-mnist (.ci/run installs it)")
@@ -25,11 +25,7 @@ TINY = ["--model", "efficientnet_lite0", "--weights", "bundled", "--image-size",
 
 @pytest.fixture(scope="module")
 def fm(s3_server, ray_local):
-    """Real Fashion-MNIST: 8 images per class for training, 4 per class for validation."""
-    write_fashion_mnist(FashionMnistConfig(out=f"{BUCKET}/fm", limit_per_class=8, splits=("train",)), progress=False)
-    write_fashion_mnist(FashionMnistConfig(out=f"{BUCKET}/fmval", limit_per_class=4, splits=("test",)),
-                        progress=False)
-    return {"train": f"{BUCKET}/fm/train", "val": f"{BUCKET}/fmval/test"}
+    return tiny_fashion_mnist(BUCKET)
 
 
 def train_cfg(fm, name: str, **kw) -> TrainConfig:
