@@ -321,7 +321,9 @@ def main(argv: list[str] | None = None) -> int:
                       f"({(out.stderr or out.stdout).strip().splitlines()[-1][:120] if (out.stderr or out.stdout).strip() else 'no output'})",
                       out.stdout + out.stderr)
 
-            runtime_env = {"env_vars": s3.env()}
+            # Only the endpoint travels in the jobs' runtime env (which Ray logs and its jobs API returns); the
+            # bucket's credentials are in each node's own environment, as on a real cluster.
+            runtime_env = {"env_vars": {"AWS_ENDPOINT_URL": s3.endpoint_url}}
             train = ["python", "jobs/train.py", "--config", "jobs/configs/train.yaml",
                      "--data", f"{BUCKET}/fmnist/train", "--val-data", f"{BUCKET}/fmnist-test/test",
                      "--image-size", str(args.image_size), "--epochs", "1", "--batch-size", "16",

@@ -461,6 +461,11 @@ def table(results: dict) -> list[str]:
     if "transfer" in results:
         rows.append(("transfer: pretrained minus scratch test accuracy", results["transfer"]["pretrained_minus_scratch"],
                      None))
+    if "recipe" in results:
+        rows += [("recipe: min test accuracy ratio, default flags / plain loop",
+                  results["recipe"]["min_ratio_default_vs_plain"], ">= 0.98"),
+                 ("recipe: most points below the plain loop", results["recipe"]["max_points_below_plain"], "<= 2"),
+                 ("recipe: largest data wait share", results["recipe"]["max_data_wait_fraction"], "< 0.15")]
     lines = [f"{'measure':<66} {'value':>7}  target"]
     for name, value, target in rows:
         lines.append(f"{name:<66} {value:7.2f}  {target or ''}")
@@ -484,6 +489,10 @@ def run_bench(cfg: BenchConfig) -> dict:
                 results["serve"] = bench_serve(cfg, "s3://bench")
             if cfg.which in ("transfer", "all"):
                 results["transfer"] = bench_transfer(cfg, "s3://bench")
+            if cfg.which in ("recipe", "all"):
+                from distcls.bench_recipe import bench_recipe
+
+                results["recipe"] = bench_recipe(cfg)
         finally:
             restore_env(previous)
     storage.write_text(cfg.out, json.dumps(results, indent=2))

@@ -1,8 +1,9 @@
 """The checkpoint contract: a directory with model.safetensors (weights only) and distcls.json.
 
 distcls.json: format, distcls version, architecture, class names in index order, preprocessing spec,
-metrics, the resolved training config, and the sha256 of model.safetensors. Loading verifies the hash
-and never unpickles. distcls.json is written last, so a directory without it is incomplete.
+metrics, the resolved training config, the sha256 of model.safetensors and of each other file of the
+checkpoint (`files_sha256`, e.g. the training state a run resumes from). Loading verifies the hashes and
+never unpickles. distcls.json is written last, so a directory without it is incomplete.
 """
 
 from __future__ import annotations
@@ -48,11 +49,24 @@ def build_meta(model: Classifier, class_names: list[str], weights_sha256: str, m
 
 
 def save_checkpoint(uri: str, model: Classifier, class_names: list[str], metrics: dict | None = None,
-                    config: dict | None = None, extra: dict | None = None) -> dict:
-    """Write the checkpoint directory at `uri` (local or object storage); returns its metadata."""
+                    config: dict | None = None, extra: dict | None = None,
+                    files: dict[str, bytes] | None = None) -> dict:
+    """Write the checkpoint directory at `uri` (local or object storage); returns its metadata.
+
+    `files`: more files of the checkpoint by name (e.g. train_state.pt), their sha256 recorded in
+    distcls.json so that read_verified_file refuses them once changed or damaged.
+    """
+    files = files or {}
+    bad = [name for name in files if name in (WEIGHTS, META, "", ".", "..") or os.path.basename(name) != name]
+    if bad:
+        raise DistclsError(f"checkpoint: cannot add files {bad} to {uri}; name them plainly, not {WEIGHTS} or {META}")
     data = weights_bytes(model)
-    meta = build_meta(model, class_names, hashlib.sha256(data).hexdigest(), metrics, config, extra)
+    hashes = {"files_sha256": {name: hashlib.sha256(b).hexdigest() for name, b in files.items()}} if files else {}
+    meta = build_meta(model, class_names, hashlib.sha256(data).hexdigest(), metrics, config,
+                      {**(extra or {}), **hashes})
     storage.write_bytes(storage.join_uri(uri, WEIGHTS), data)
+    for name, content in files.items():
+        storage.write_bytes(storage.join_uri(uri, name), content)
     storage.write_text(storage.join_uri(uri, META), json.dumps(meta, indent=2, default=str))
     return meta
 
@@ -70,6 +84,10 @@ def read_meta(uri: str) -> dict:
         meta = json.loads(storage.read_text(meta_uri))
     except json.JSONDecodeError as exc:
         raise DistclsError(f"checkpoint: {meta_uri} is not valid JSON ({exc.msg})") from None
+    except UnicodeDecodeError:
+        raise DistclsError(f"checkpoint: {meta_uri} is not UTF-8 text; it was damaged or is not a {META}") from None
+    if not isinstance(meta, dict):
+        raise DistclsError(f"checkpoint: {meta_uri} holds a JSON {type(meta).__name__}, not an object")
     missing = [k for k in ("architecture", "class_names", "preprocessing", "weights_sha256") if k not in meta]
     if missing:
         raise DistclsError(f"checkpoint: {meta_uri} lacks {', '.join(missing)}")
@@ -87,21 +105,49 @@ def read_verified_weights(uri: str) -> tuple[bytes, dict]:
     if not storage.exists(weights_uri):
         raise DistclsError(f"checkpoint: {uri} has no {WEIGHTS}; it is not a (complete) distcls checkpoint")
     data = storage.read_bytes(weights_uri)
-    digest = hashlib.sha256(data).hexdigest()
-    if digest != meta["weights_sha256"]:
-        raise DistclsError(
-            f"checkpoint: {weights_uri} has sha256 {digest[:12]}..., but {META} records "
-            f"{meta['weights_sha256'][:12]}...; the weights were changed or damaged, refusing to load"
-        )
+    check_sha256(weights_uri, data, meta["weights_sha256"], "the weights were")
     return data, meta
 
 
-def verify_checkpoint(uri: str) -> dict:
-    """The metadata of a complete, untampered checkpoint (see read_verified_weights), else DistclsError.
+def read_verified_file(uri: str, name: str, meta: dict | None = None) -> bytes:
+    """The bytes of the checkpoint's file `name` once their sha256 matches `files_sha256` in distcls.json.
+
+    A file that distcls.json records no hash for (a checkpoint written before distcls recorded them, or a
+    file added afterwards) is refused like a changed one: nothing of it is deserialized.
+    """
+    meta = read_meta(uri) if meta is None else meta
+    hashes = meta.get("files_sha256")
+    recorded = hashes.get(name) if isinstance(hashes, dict) else None
+    file_uri = storage.join_uri(uri, name)
+    if not isinstance(recorded, str):
+        raise DistclsError(f"checkpoint: {storage.join_uri(uri, META)} records no sha256 for {name}; refusing "
+                           f"to load it (an older distcls wrote it: start a new run with --weights {uri}/{WEIGHTS})")
+    if not storage.exists(file_uri):
+        raise DistclsError(f"checkpoint: {uri} has no {name}; it is not a (complete) distcls checkpoint")
+    data = storage.read_bytes(file_uri)
+    check_sha256(file_uri, data, recorded, f"{name} was")
+    return data
+
+
+def check_sha256(file_uri: str, data: bytes, recorded: str, what_was: str) -> None:
+    digest = hashlib.sha256(data).hexdigest()
+    if digest != recorded:
+        raise DistclsError(
+            f"checkpoint: {file_uri} has sha256 {digest[:12]}..., but {META} records "
+            f"{str(recorded)[:12]}...; {what_was} changed or damaged, refusing to load"
+        )
+
+
+def verify_checkpoint(uri: str, files: tuple[str, ...] = ()) -> dict:
+    """The metadata of a complete, untampered checkpoint (see read_verified_weights; and the named `files`,
+    see read_verified_file), else DistclsError.
 
     Jobs call this on the driver before they start Ray, so a bad checkpoint fails in seconds, in one line.
     """
-    return read_verified_weights(uri)[1]
+    meta = read_verified_weights(uri)[1]
+    for name in files:
+        read_verified_file(uri, name, meta)
+    return meta
 
 
 def load_checkpoint(uri: str, device: str | torch.device = "cpu") -> tuple[Classifier, dict]:

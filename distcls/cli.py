@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
+import threading
 import time
 from typing import Callable
 
@@ -126,12 +128,19 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def cmd_serve_config(args: argparse.Namespace) -> int:
     import yaml
 
-    from distcls.serving import serve_config
+    from distcls.export import trust_env
+    from distcls.serving import is_loopback, serve_config, warn_no_auth
 
     cfg = config_from_args(ServeConfig, args)
+    if cfg.no_auth and not is_loopback(cfg.host):
+        warn_no_auth(cfg)
+    doc = serve_config(cfg)
+    if trust_env():  # --trust-torchscript / DISTCLS_TRUSTED_MODELS must reach the replicas where they run
+        doc["applications"][0]["runtime_env"] = {"env_vars": trust_env()}
     print("# Ray Serve config for distcls: `serve deploy FILE`, or a KubeRay RayService's serveConfigV2.")
-    print("# The API token is read from DISTCLS_API_TOKEN on the cluster, never from this file.")
-    print(yaml.safe_dump(serve_config(cfg), sort_keys=False), end="")
+    print("# The API token is read from DISTCLS_API_TOKEN on the cluster, never from this file; on a host other")
+    print("# than loopback the application refuses to start without it, unless no_auth is true.")
+    print(yaml.safe_dump(doc, sort_keys=False), end="")
     return 0
 
 
@@ -197,13 +206,28 @@ COMMANDS = (
     (("checkpoint", "from-pretrained"), FromPretrainedConfig, cmd_from_pretrained,
      "the pretrained ImageNet classifier as a checkpoint",
      "Write a checkpoint of a pretrained ImageNet classifier, as it is."),
-    (("bench",), BenchConfig, cmd_bench, "benchmarks against plain PyTorch (train, label, serve, transfer, all)",
+    (("bench",), BenchConfig, cmd_bench, "benchmarks against plain PyTorch (train, label, serve, transfer, recipe, all)",
      "Measured ratios against plain PyTorch baselines, side by side in one run."),
     (("demo",), DemoConfig, cmd_demo, "run the whole product end to end on real data (local Ray + S3)",
      "Fashion-MNIST into the embedded S3 server, through every job."),
 )
 GROUPS = {"data": ("dataset", "put a real dataset into storage (fashion-mnist)"),
           "checkpoint": ("action", "make checkpoints (from-pretrained)")}
+
+
+TRUST_HELP = ("run TorchScript exports, whose code runs as they load: only if you trust whoever can write the "
+              "model's bucket (sets DISTCLS_TRUST_TORCHSCRIPT=1 here and in every Ray worker; to trust single "
+              "models, list their sha256s in DISTCLS_TRUSTED_MODELS instead)")
+
+
+def with_trust(handler: Handler) -> Handler:
+    """Apply --trust-torchscript before the command runs (and starts Ray, whose workers then inherit it)."""
+    def run(args: argparse.Namespace) -> int:
+        if args.trust_torchscript:
+            from distcls.export import trust_torchscript
+            trust_torchscript()
+        return handler(args)
+    return run
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -237,21 +261,48 @@ def build_parser() -> argparse.ArgumentParser:
             skip = ("models",)
         if cfg_cls is not None:
             add_arguments(cmd, cfg_cls, skip=skip)
+        if cfg_cls in (CompareConfig, EvaluateConfig, LabelConfig, ServeConfig):  # the commands that load models
+            cmd.add_argument("--trust-torchscript", action="store_true", help=TRUST_HELP)
+            handler = with_trust(handler)
         cmd.set_defaults(handler=handler)
     return parser
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (`kill`, Kubernetes, systemd), raised in the main thread so that the command stops the way
+    Ctrl-C stops it: every `finally` runs, and Ray goes with it."""
+
+
+def raise_terminated(signum, frame) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # one stop at a time; SIGKILL remains for a stuck one
+    raise Terminated()
+
+
+def ray_running() -> bool:
+    ray = sys.modules.get("ray")
+    return ray is not None and ray.is_initialized()
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    ray_before = ray_running()
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, raise_terminated) if in_main_thread else None
     try:
         return args.handler(args)
     except DistclsError as exc:
         print(f"distcls: error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:
+        terminated = isinstance(exc, Terminated)
+        print("terminated" if terminated else "interrupted", file=sys.stderr, flush=True)
+        return 143 if terminated else 130
+    finally:
+        if ray_running() and not ray_before:  # a local instance it started goes (raylet, GCS, agents)
+            sys.modules["ray"].shutdown()
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

@@ -117,8 +117,8 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, .
         else:
             help_text += " (required)"
         kwargs: dict[str, Any] = {"dest": f.name, "default": None, "help": help_text}
-        if inner is bool:
-            kwargs["action"] = argparse.BooleanOptionalAction
+        if inner is bool:  # --x/--no-x; a field named no_x is its own flag (--no-x), never --no-no-x
+            kwargs["action"] = "store_true" if f.name.startswith("no_") else argparse.BooleanOptionalAction
         else:
             kwargs["metavar"] = f.name.upper()
             if f.metadata.get("choices"):
@@ -268,17 +268,24 @@ class TrainConfig:
     epochs: int = opt(3, help="passes over the training data")
     batch_size: int = opt(32, help="images per step per worker")
     lr: float | None = opt(None, help="peak learning rate of the head (default: 0.05 for sgd, 1e-3 for adamw)")
-    backbone_lr_scale: float = opt(0.1, help="backbone learning rate = lr * this (pretrained weights only)")
+    backbone_lr_scale: float | None = opt(None, help="backbone learning rate = lr * this (pretrained weights "
+                                          "only; default: auto, 1.0)")
     optimizer: str = opt("adamw", help="optimizer", choices=OPTIMIZERS)
     momentum: float = opt(0.9, help="SGD momentum")
     weight_decay: float = opt(0.01, help="weight decay (never on norm layers or biases)")
-    warmup_epochs: float = opt(0.5, help="linear warmup length in epochs, then cosine decay to 0")
-    label_smoothing: float = opt(0.1, help="label smoothing of the cross-entropy loss")
+    warmup_epochs: float | None = opt(None, help="linear warmup length in epochs, then cosine decay to 0 "
+                                      "(default: auto, a tenth of the run)")
+    label_smoothing: float | None = opt(None, help="label smoothing of the cross-entropy loss (default: auto, 0.1)")
     freeze: str = opt("none", help="none, or backbone for a linear probe", choices=FREEZE)
     image_size: int | None = opt(None, help="model input size (default: the model's own, 224)")
-    augment: bool = opt(True, help="random resized crop + horizontal flip on training images")
-    cache_data: bool = opt(False, help="decode the training images once into Ray's object store instead of "
-                           "streaming them from storage every epoch (for sets that fit in memory)")
+    augment: bool | None = opt(None, help="random resized crops of training images (default: auto, by the "
+                               "run's number of steps; printed at start as the recipe)")
+    crop_scale_min: float | None = opt(None, help="smallest random crop as a share of the image area (default: "
+                                       "auto: 0.35, or 0.08 for long runs)")
+    hflip: bool = opt(False, help="random horizontal flips (off by default: a flip changes the class of digits, "
+                      "text and other handed images)")
+    cache_data: bool | None = opt(None, help="decode the training images once into Ray's object store instead of "
+                                  "streaming them every epoch (default: auto, when they fit in 2 GB)")
     class_weights: str = opt("none", help="loss weights per class for imbalanced data", choices=CLASS_WEIGHTS)
     balanced_sampling: bool = opt(False, help="oversample rare classes so each class is drawn equally often")
     seed: int = opt(0, help="random seed (split, init, shuffling)")
@@ -308,12 +315,17 @@ class TrainConfig:
         p.check(self.epochs >= 1, "epochs", self.epochs, "must be at least 1")
         p.check(self.batch_size >= 1, "batch_size", self.batch_size, "must be at least 1")
         p.check(self.lr is None or self.lr > 0, "lr", self.lr, "must be positive")
-        p.check(0 <= self.backbone_lr_scale <= 1, "backbone_lr_scale", self.backbone_lr_scale, "must be in [0, 1]")
+        p.check(self.backbone_lr_scale is None or 0 <= self.backbone_lr_scale <= 1, "backbone_lr_scale",
+                self.backbone_lr_scale, "must be in [0, 1]")
         for name in ("optimizer", "freeze", "class_weights", "placement_strategy", "fail_mode"):
             check_choice(p, self, name)
         p.check(self.weight_decay >= 0, "weight_decay", self.weight_decay, "must be >= 0")
-        p.check(self.warmup_epochs >= 0, "warmup_epochs", self.warmup_epochs, "must be >= 0")
-        p.check(0 <= self.label_smoothing < 1, "label_smoothing", self.label_smoothing, "must be in [0, 1)")
+        p.check(self.warmup_epochs is None or self.warmup_epochs >= 0, "warmup_epochs", self.warmup_epochs,
+                "must be >= 0")
+        p.check(self.label_smoothing is None or 0 <= self.label_smoothing < 1, "label_smoothing",
+                self.label_smoothing, "must be in [0, 1)")
+        p.check(self.crop_scale_min is None or 0 < self.crop_scale_min <= 1, "crop_scale_min", self.crop_scale_min,
+                "must be in (0, 1]")
         p.check(self.image_size is None or 16 <= self.image_size <= 1024, "image_size", self.image_size,
                 "must be between 16 and 1024")
         p.check(self.num_workers >= 1, "num_workers", self.num_workers, "must be at least 1")
@@ -461,7 +473,8 @@ class FromPretrainedConfig:
 class BenchConfig:
     """`distcls bench`: measured ratios against plain PyTorch, side by side in one run."""
 
-    which: str = opt("train", help="which benchmark", choices=("train", "label", "serve", "transfer", "all"))
+    which: str = opt("train", help="which benchmark",
+                     choices=("train", "label", "serve", "transfer", "recipe", "all"))
     model: str = opt("efficientnet_lite0", help="architecture for the train benchmark")
     images_per_class: int = opt(20, help="Fashion-MNIST images per class for the train benchmark")
     image_size: int = opt(64, help="model input size")
@@ -477,6 +490,14 @@ class BenchConfig:
                                               "(default: all 10,000 of the test split)")
     transfer_lrs: tuple[float, ...] = opt((1e-3, 3e-3), help="learning rates each transfer run picks from")
     backbone_lr_scale: float = opt(1.0, help="backbone lr scale of the pretrained transfer run")
+    recipe_settings: tuple[str, ...] = opt(("fmnist20", "fmnist100", "fmnist1000", "digits", "faces"),
+                                           help="recipe benchmark datasets: fmnistN (N images per class), digits, "
+                                           "faces; comma-separated")
+    recipe_epochs: int = opt(3, help="epochs of every recipe benchmark run (the fixed budget)")
+    recipe_model: str = opt("efficientnet_lite0", help="pretrained architecture of the recipe benchmark")
+    recipe_test_per_class: int | None = opt(None, help="Fashion-MNIST test images per class the recipe runs are "
+                                            "scored on (default: the whole test split)")
+    recipe_seeds: int = opt(3, help="seeds averaged for recipe settings of up to 2,000 training images")
     use_gpu: bool = opt(False, help="train and label on the GPU (bf16, channels_last), baselines too")
     label_model: str = opt("efficientnet_lite0", help="ImageNet classifier for the label benchmark (others than "
                            "the bundled efficientnet_lite0 get random weights: throughput only)")
@@ -504,7 +525,13 @@ class BenchConfig:
 
         p.check(bool(self.train_data) and set(self.train_data) <= {"streamed", "cached"}, "train_data",
                 self.train_data, "must be streamed, cached or streamed,cached")
-        for name in ("model", "label_model"):
+        bad = [s for s in self.recipe_settings if s not in ("digits", "faces") and not
+               (s.startswith("fmnist") and s.removeprefix("fmnist").isdigit() and int(s.removeprefix("fmnist")) >= 2)]
+        p.check(bool(self.recipe_settings) and not bad, "recipe_settings", ",".join(self.recipe_settings),
+                "use fmnistN (N >= 2 images per class), digits or faces")
+        p.check(self.recipe_seeds >= 1, "recipe_seeds", self.recipe_seeds, "must be at least 1")
+        p.check(self.recipe_epochs >= 1, "recipe_epochs", self.recipe_epochs, "must be at least 1")
+        for name in ("model", "label_model", "recipe_model"):
             p.check(getattr(self, name) in REGISTRY, name, getattr(self, name), f"must be one of {', '.join(REGISTRY)}")
         if self.use_gpu:
             import torch
@@ -567,6 +594,8 @@ class ServeConfig:
     name: str = opt("distcls", help="Serve application name")
     detach: bool = opt(False, help="deploy on the cluster (RAY_ADDRESS) and return instead of serving until "
                        "Ctrl-C; the application keeps running (for `ray job submit` and scripts)")
+    no_auth: bool = opt(False, help="serve without a token on a --host other than loopback (warned on stderr); "
+                        "without this flag such a host needs DISTCLS_API_TOKEN")
 
     def __post_init__(self) -> None:
         p = Problems()

@@ -183,8 +183,10 @@ def load_images(batch: dict[str, np.ndarray], spec: PreprocessSpec, train: bool 
             data = storage.read_bytes(path)
         except DistclsError as exc:
             return None, f"read_error: {exc}"
+        except MemoryError:
+            return None, "too_large: reading the object needs more memory than this worker could get"
         try:
-            return preprocess_bytes(data, spec, train=train), ""
+            return preprocess_bytes(data, spec, train=train), ""  # MemoryError there is a too_large error
         except ImageDecodeError as exc:
             return None, str(exc)
 

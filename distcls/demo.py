@@ -155,7 +155,7 @@ def run_demo(cfg: DemoConfig) -> dict:
                 result = run_training(TrainConfig(
                     data=train_data, val_fraction=0.1, model="efficientnet_lite0", weights="bundled",
                     epochs=cfg.epochs, image_size=cfg.image_size, batch_size=32, num_workers=2,
-                    storage=f"{root}/runs", name=name, backbone_lr_scale=1.0, cache_data=True))
+                    storage=f"{root}/runs", name=name))  # the recipe's defaults, as a user gets them
                 checkpoint = result["checkpoint"]
             with stages.stage("evaluate: the best checkpoint on the test split"):
                 report = run_evaluation(EvaluateConfig(checkpoint=checkpoint, data=test_data,

@@ -21,8 +21,9 @@ import torch
 from torch import nn
 
 from distcls import DistclsError
-from distcls.checkpoint import checkpoint_id, load_checkpoint
+from distcls.checkpoint import checkpoint_id, load_checkpoint, read_meta
 from distcls.config import DistillConfig
+from distcls.export import is_export
 from distcls.train.loop import autocast, masked_loss
 from distcls.transforms import INTERPOLATIONS, PreprocessSpec
 
@@ -51,7 +52,7 @@ class Teacher:
 
     def __init__(self, uri: str, class_names: list[str], student_spec: PreprocessSpec, device: torch.device,
                  amp: bool = False):
-        self.model, self.meta = load_checkpoint(uri, device)  # refuses weights whose sha256 differs
+        self.model, self.meta = load_teacher(uri, device)
         check_classes(self.meta, class_names, uri)
         for p in self.model.parameters():
             p.requires_grad_(False)
@@ -68,6 +69,18 @@ class Teacher:
             images = TF.resize(images, size, interpolation=INTERPOLATIONS[self.spec.interpolation], antialias=True)
         with autocast(self.device, self.amp):
             return self.model(images).float()
+
+
+def load_teacher(uri: str, device: str | torch.device = "cpu") -> tuple[nn.Module, dict]:
+    """(model, metadata) of a verified PyTorch checkpoint: weights only, no code. Never an export, so never
+    TorchScript, whatever --trust-torchscript or DISTCLS_TRUSTED_MODELS say."""
+    meta = read_meta(uri)
+    if is_export(meta):
+        export = meta["export"] if isinstance(meta.get("export"), dict) else {}
+        fmt, source = export.get("format"), export.get("source_checkpoint")
+        raise DistclsError(f"distill: teacher {uri} is a {fmt} export, and a teacher is never run from an export; "
+                           f"pass the PyTorch checkpoint it was exported from{f' ({source})' if source else ''}")
+    return load_checkpoint(uri, device)  # refuses weights whose sha256 differs
 
 
 def check_classes(teacher_meta: dict, class_names: list[str], uri: str) -> None:
@@ -93,7 +106,7 @@ def run_distillation(cfg: DistillConfig) -> dict:
     """Distil as configured; returns the content of result.json (plus the teacher's record)."""
     from distcls.train.trainer import run_training
 
-    _, teacher_meta = load_checkpoint(cfg.teacher)  # fail here, in one line, before Ray starts
+    _, teacher_meta = load_teacher(cfg.teacher)  # fail here, in one line, before Ray starts
     if cfg.name is None:
         cfg = dataclasses.replace(cfg, name="distill-" + dt.datetime.now().strftime("%Y%m%d-%H%M%S"))
     record = {"teacher": cfg.teacher, "teacher_id": checkpoint_id(teacher_meta),

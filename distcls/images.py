@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import re
+import sys
 import warnings
 
 import numpy as np
@@ -29,6 +30,12 @@ class ImageDecodeError(ValueError):
         super().__init__(f"{kind}: {message}")
         self.kind = kind
         self.message = message
+
+
+def out_of_memory() -> ImageDecodeError:
+    """The error for an image whose decoding hit MemoryError: the object is refused, the process lives on."""
+    return ImageDecodeError("too_large", "decoding it needs more memory than this process could get "
+                            "(a decompression bomb, or too little memory per worker)")
 
 
 # Leading bytes of the formats IMAGE_EXTENSIONS name: tells "a broken image" from "not an image at all".
@@ -75,19 +82,43 @@ def open_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image
     return img
 
 
+# 16-bit grey modes -> the raw mode that unpacks each sample's high byte into L (sample >> 8).
+HIGH_BYTE_RAWMODES = {"I;16": "L;16", "I;16L": "L;16", "I;16B": "L;16B",
+                      "I;16N": "L;16B" if sys.byteorder == "big" else "L;16"}
+
+
+def _grey_to_l(img: Image.Image) -> Image.Image:
+    """16/32-bit grey (16-bit PNG, TIFF) -> 8-bit L, scaled by the data's bit depth (>> 8), not clipped.
+
+    Never widened: a 16-bit image unpacks its high bytes, a 32-bit one goes through a 65536-entry table
+    (values clamped to 0..65535 first), so memory stays at about one more copy of the source.
+    """
+    if img.mode in HIGH_BYTE_RAWMODES:
+        return Image.frombytes("L", img.size, img.tobytes(), "raw", HIGH_BYTE_RAWMODES[img.mode])
+    if img.mode != "I":
+        img = img.convert("I")  # any other integer mode Pillow may add
+    shift = 8 if img.getextrema()[1] > 255 else 0  # 8-bit data stored as 32-bit keeps its values
+    return img.point([min(v >> shift, 255) for v in range(65536)], "L")
+
+
+def _float_to_l(img: Image.Image) -> Image.Image:
+    """32-bit float -> L, stretched from the image's own min..max, computed in place."""
+    arr = np.array(img, dtype=np.float32)
+    with np.errstate(invalid="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN images: nanmin warns, NaNs become 0
+        lo, hi = float(np.nanmin(arr)), float(np.nanmax(arr))
+        arr -= lo
+        arr /= hi - lo or 1.0
+        arr *= 255
+        return Image.fromarray(arr.astype(np.uint8), "L")
+
+
 def _to_rgb(img: Image.Image) -> Image.Image:
     mode = img.mode
     if mode.startswith("I"):
-        # 16/32-bit grey (16-bit PNG, TIFF): scale to 8 bits by the data's bit depth, not by clipping.
-        arr = np.asarray(img).astype(np.int64)
-        bits = 16 if mode.startswith("I;16") or arr.max(initial=0) > 255 else 8
-        arr8 = (arr.clip(0, 2**bits - 1) >> (bits - 8)).astype(np.uint8)
-        return Image.fromarray(arr8, "L").convert("RGB")
+        return _grey_to_l(img).convert("RGB")
     if mode == "F":
-        arr = np.asarray(img, dtype=np.float32)
-        lo, hi = float(np.nanmin(arr)), float(np.nanmax(arr))
-        arr8 = ((arr - lo) / (hi - lo or 1.0) * 255).astype(np.uint8)
-        return Image.fromarray(arr8, "L").convert("RGB")
+        return _float_to_l(img).convert("RGB")
     if mode in ("RGBA", "LA", "PA") or (mode == "P" and "transparency" in img.info):
         # Composite transparency onto white, as a viewer would show it.
         rgba = img.convert("RGBA")
@@ -115,6 +146,8 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS,
         return _to_rgb(img)
     except ImageDecodeError:
         raise
+    except MemoryError:
+        raise out_of_memory() from None
     except OSError as exc:
         text = str(exc)
         kind = "truncated" if "truncated" in text or "broken data stream" in text or "image file is" in text else "corrupt"

@@ -11,10 +11,14 @@ checkpoint reloads the model in place, without failed requests. `build_app` is t
 import asyncio
 import base64
 import binascii
+import contextlib
 import hashlib
 import hmac
+import ipaddress
 import json
+import logging
 import os
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +27,7 @@ import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse
 from ray import serve
+from starlette.exceptions import HTTPException
 
 from distcls import DistclsError
 from distcls.config import ServeConfig, load_config, to_dict
@@ -32,6 +37,9 @@ PAGE = Path(__file__).with_name("static") / "index.html"
 LATENCY_BOUNDARIES_MS = [2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000]
 # Replica failures worth one more try on another replica (a killed or restarting replica).
 RETRIES = 2
+# Requests an Ingress replica takes beyond its own admission limit (health checks, the page, /v1/model, and
+# /v1/classify requests on their way to a JSON 503), so that Ray's proxy never has to queue or refuse them.
+INGRESS_HEADROOM = 64
 
 
 class RequestError(Exception):
@@ -44,6 +52,38 @@ class RequestError(Exception):
 
 def token_digest(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
+
+
+def is_loopback(host: str) -> bool:
+    """Whether only this machine can reach `host` (a hostname other than localhost may resolve anywhere)."""
+    try:
+        return host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def check_auth(cfg: ServeConfig, token: str | None) -> str | None:
+    """The sha256 of the API token the endpoint will require, or None for an open endpoint, which only a
+    loopback host or an explicit --no-auth gets. Refuses (before anything starts) what would be open by accident."""
+    if token and cfg.no_auth:
+        raise DistclsError(f"serve: --no-auth is given but {TOKEN_ENV} is set; unset {TOKEN_ENV} to serve "
+                           "without authentication, or drop --no-auth to require the token")
+    if token:
+        return token_digest(token)
+    if is_loopback(cfg.host):
+        return None
+    if not cfg.no_auth:
+        raise DistclsError(f"serve: --host {cfg.host} is reachable from other machines and {TOKEN_ENV} is not "
+                           f"set; set {TOKEN_ENV} (e.g. from a Kubernetes Secret) to require 'Authorization: "
+                           "Bearer <token>', or pass --no-auth (no_auth: true) to serve without authentication")
+    warn_no_auth(cfg)
+    return None
+
+
+def warn_no_auth(cfg: ServeConfig) -> None:
+    print(f"distcls: WARNING: NO AUTHENTICATION (--no-auth): anyone who can reach {cfg.host}:{cfg.port} can use "
+          f"the model; set {TOKEN_ENV} instead unless an authenticating proxy is the only way in",
+          file=sys.stderr, flush=True)
 
 
 # --- the classifier -----------------------------------------------------------------------------------
@@ -144,6 +184,22 @@ def error_response(err: RequestError) -> JSONResponse:
                         headers=err.headers)
 
 
+@api.exception_handler(HTTPException)
+async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
+    """A path or method the API does not have: the JSON error shape instead of FastAPI's {"detail": ...}."""
+    kind = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "bad_request")
+    return error_response(RequestError(exc.status_code, kind, f"{request.method} {request.url.path}: {exc.detail}; "
+                                       "the API is POST /v1/classify, GET /v1/model, GET /healthz, GET /",
+                                       headers=getattr(exc, "headers", None)))
+
+
+@api.exception_handler(Exception)
+async def internal_error(request: Request, exc: Exception) -> JSONResponse:
+    """A failure no other handler names (a bug, a classifier that raised): JSON, without internals."""
+    return error_response(RequestError(500, "internal", f"the server failed on this request ({type(exc).__name__}); "
+                                       "retry, and report it if it persists"))
+
+
 async def read_body(request: Request, limit: int) -> bytes:
     """The request body, refusing (413) anything over `limit` bytes without reading all of it."""
     too_big = RequestError(413, "too_large_body", f"request body exceeds the limit of {limit} bytes "
@@ -172,14 +228,48 @@ def parse_top_k(raw, default: int) -> int:
     return value
 
 
-def parse_json_images(body: bytes) -> tuple[list[bytes], object]:
+def too_many_images(count: int, max_images: int) -> RequestError:
+    return RequestError(413, "too_many_images", f"{count} images in one request; the limit is {max_images} "
+                        "(server flag --max-images-per-request)")
+
+
+def count_json_values(body: bytes, max_images: int) -> None:
+    """Refuse, before parsing, a body that holds more images or JSON values than `max_images` images need.
+
+    Parsing builds every value first: 10 MB of {"b64": ""} items would be ~900,000 objects. A string
+    "b64" is each image's key, and base64 has no ',', '{' or '[', so a valid request has about two of
+    those per image; anything far past that is refused here, in C-speed scans of the bytes.
+    """
+    if (images := body.count(b'"b64"')) > max_images:
+        raise too_many_images(images, max_images)
+    if (values := body.count(b",") + body.count(b"{") + body.count(b"[")) > 4 * max_images + 64:
+        raise RequestError(413, "too_many_images", f"the JSON body holds {values} values, more than {max_images} "
+                           'images need; send {"images": [{"b64": "..."}, ...]} with at most '
+                           f"{max_images} images (server flag --max-images-per-request)")
+
+
+async def read_json_images(body: bytes, max_images: int) -> tuple[list[bytes], object]:
+    """parse_json_images in a worker thread: parsing and base64 decoding never block the event loop."""
+    try:
+        return await asyncio.to_thread(parse_json_images, body, max_images)
+    except MemoryError:
+        raise RequestError(422, "too_large", "decoding the request needs more memory than the server could "
+                           "get; send fewer or smaller images") from None
+
+
+def parse_json_images(body: bytes, max_images: int) -> tuple[list[bytes], object]:
+    """{"images": [{"b64": ...}, ...], "top_k": k} -> (image bytes, top_k); counted before anything is decoded."""
+    count_json_values(body, max_images)
     try:
         doc = json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise RequestError(400, "bad_request", f"body is not valid JSON ({exc}); send "
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        reason = "nested too deeply" if isinstance(exc, RecursionError) else exc
+        raise RequestError(400, "bad_request", f"body is not valid JSON ({reason}); send "
                            '{"images": [{"b64": "..."}], "top_k": 5}') from None
     if not isinstance(doc, dict) or not isinstance(doc.get("images"), list):
         raise RequestError(400, "bad_request", 'JSON body must be an object with "images": [{"b64": "..."}, ...]')
+    if len(doc["images"]) > max_images:
+        raise too_many_images(len(doc["images"]), max_images)
     images = []
     for i, item in enumerate(doc["images"]):
         if not isinstance(item, dict) or not isinstance(item.get("b64"), str):
@@ -212,6 +302,29 @@ async def parse_multipart(request: Request, body: bytes, max_images: int) -> tup
     return images, top_k
 
 
+class Admission:
+    """At most `running` classify requests in progress in one Ingress replica and `queued` more waiting;
+    beyond that a JSON 503 at once. (Left to Ray, the proxy would queue them and answer a plain-text 503.)"""
+
+    def __init__(self, running: int, queued: int):
+        self.slots, self.queued, self.waiting = asyncio.Semaphore(running), queued, 0
+
+    @contextlib.asynccontextmanager
+    async def slot(self):
+        if self.slots.locked() and self.waiting >= self.queued:
+            raise RequestError(503, "overloaded", "the server is at its limit of requests in progress and waiting; "
+                               "retry after a moment", headers={"Retry-After": "1"})
+        self.waiting += 1
+        try:
+            await self.slots.acquire()
+        finally:
+            self.waiting -= 1
+        try:
+            yield
+        finally:
+            self.slots.release()
+
+
 @serve.deployment
 @serve.ingress(api)
 class Ingress:
@@ -219,10 +332,11 @@ class Ingress:
     one to the classifier so that they batch with other requests' images."""
 
     def __init__(self, classifier, max_request_bytes: int, max_images: int, default_top_k: int,
-                 token_sha256: str | None = None):
+                 token_sha256: str | None = None, max_running: int = 256, max_waiting: int = 256):
         from ray.serve.metrics import Counter, Histogram
 
         self.classifier = classifier
+        self.admission = Admission(max_running, max_waiting)
         self.max_request_bytes = max_request_bytes
         self.max_images = max_images
         self.default_top_k = default_top_k
@@ -249,7 +363,7 @@ class Ingress:
     async def call_classifier(self, method: str, *args):
         """A classifier call, retried on another replica when the one answering died (never on overload)."""
         from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
-        from ray.serve.exceptions import BackPressureError
+        from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 
         for attempt in range(RETRIES + 1):
             try:
@@ -257,6 +371,9 @@ class Ingress:
             except BackPressureError:
                 raise RequestError(503, "overloaded", "the classifier's queue is full; retry after a moment",
                                    headers={"Retry-After": "1"}) from None
+            except DeploymentUnavailableError:
+                raise RequestError(503, "unavailable", "the classifier is not deployed or not healthy; retry "
+                                   "shortly", headers={"Retry-After": "1"}) from None
             except (ActorDiedError, ActorUnavailableError, RayActorError):
                 if attempt == RETRIES:
                     raise RequestError(503, "unavailable", "no classifier replica could answer; retry shortly",
@@ -283,14 +400,15 @@ class Ingress:
     async def classify(self, request: Request):
         started = time.perf_counter()
         try:
-            response = await self._classify(request)
+            self.authorize(request)
+            async with self.admission.slot():
+                response = await self._classify(request)
         except RequestError as err:
             response = self.refuse(err)
         self.latency.observe((time.perf_counter() - started) * 1000, tags={"status": str(response.status_code)})
         return response
 
     async def _classify(self, request: Request) -> JSONResponse:
-        self.authorize(request)
         body = await read_body(request, self.max_request_bytes)
         ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
         if ctype.startswith("image/") or ctype == "application/octet-stream":
@@ -299,15 +417,14 @@ class Ingress:
             images, top_k = await parse_multipart(request, body, self.max_images)
             top_k = top_k if top_k is not None else request.query_params.get("top_k")
         elif ctype == "application/json":
-            images, top_k = parse_json_images(body)
+            images, top_k = await read_json_images(body, self.max_images)
         else:
             raise RequestError(415, "unsupported_media_type", f"Content-Type {ctype or '(none)'!r} is not accepted; "
                                "send image/* bytes, multipart/form-data files or application/json with base64")
         if not images:
             raise RequestError(400, "bad_request", "no image in the request")
         if len(images) > self.max_images:
-            raise RequestError(413, "too_many_images", f"{len(images)} images in one request; the limit is "
-                               f"{self.max_images} (server flag --max-images-per-request)")
+            raise too_many_images(len(images), self.max_images)
         top_k = parse_top_k(top_k, self.default_top_k)
         results = await asyncio.gather(*(self.call_classifier("classify", data, top_k) for data in images))
         bad = [(i, r["error"]) for i, r in enumerate(results) if "error" in r]
@@ -342,26 +459,31 @@ def application(cfg: ServeConfig, token_sha256: str | None = None):
         health_check_period_s=10,
     ).bind(max_batch_size=cfg.max_batch_size, batch_wait_timeout_s=cfg.batch_wait_timeout_s,
            threads=max(1, int(cfg.cpus_per_replica)))
+    running = cfg.max_ongoing_requests * cfg.max_replicas
     return Ingress.options(
         name="Ingress",
         ray_actor_options={"num_cpus": 0.5},
         autoscaling_config={"min_replicas": 1, "max_replicas": cfg.max_replicas,
                             "target_ongoing_requests": 4 * cfg.target_ongoing_requests},
-        max_ongoing_requests=cfg.max_ongoing_requests * cfg.max_replicas,
-        max_queued_requests=cfg.max_queued_requests,
+        # Admission is the Ingress's own (JSON 503s). Ray's limits sit above it, the proxy's queue included
+        # (it also holds requests while their replica is being chosen): only a flood of more concurrent
+        # requests than both together reaches them, and gets Ray's plain-text 503.
+        max_ongoing_requests=running + cfg.max_queued_requests + INGRESS_HEADROOM,
+        max_queued_requests=running + cfg.max_queued_requests + INGRESS_HEADROOM,
     ).bind(classifier, max_request_bytes=int(cfg.max_request_mb * 1e6), max_images=cfg.max_images_per_request,
-           default_top_k=cfg.top_k, token_sha256=token_sha256)
+           default_top_k=cfg.top_k, token_sha256=token_sha256, max_running=running,
+           max_waiting=cfg.max_queued_requests)
 
 
 def build_app(args: dict):
     """Ray Serve application builder (`import_path: distcls.serving:build_app`); `args` are ServeConfig
-    fields. The API token comes from DISTCLS_API_TOKEN where the app is built, never from the config."""
-    cfg = load_config(ServeConfig, overrides=dict(args))
-    token = os.environ.get(TOKEN_ENV)
-    return application(cfg, token_digest(token) if token else None)
+    fields. The API token comes from DISTCLS_API_TOKEN where the app is built, never from the config; args
+    without a `host` count as a public address, so such an app needs the token or `no_auth: true`."""
+    cfg = load_config(ServeConfig, overrides={"host": "0.0.0.0", **args})
+    return application(cfg, check_auth(cfg, os.environ.get(TOKEN_ENV)))
 
 
-APP_ARGS_EXCLUDED = ("host", "port", "name", "detach")
+APP_ARGS_EXCLUDED = ("port", "name", "detach")  # `host` stays: build_app decides on auth by it
 
 
 def serve_config(cfg: ServeConfig) -> dict:
@@ -385,18 +507,18 @@ def start(cfg: ServeConfig, route_prefix: str = "/", token: str | None = None, a
     """Deploy on the Ray cluster (RAY_ADDRESS, else a local instance); returns the endpoint's base URL."""
     from distcls.runtime import init_ray
 
+    token_sha256 = check_auth(cfg, token if token is not None else os.environ.get(TOKEN_ENV))
     init_ray()
     logging_config = {"log_level": "INFO" if access_log else "WARNING", "enable_access_log": access_log}
     serve.start(http_options={"host": cfg.host, "port": cfg.port}, logging_config=logging_config)
-    token = token if token is not None else os.environ.get(TOKEN_ENV)
-    serve.run(application(cfg, token_digest(token) if token else None), name=cfg.name,
-              route_prefix=route_prefix, logging_config=logging_config)
+    serve.run(application(cfg, token_sha256), name=cfg.name, route_prefix=route_prefix, logging_config=logging_config)
     host = "127.0.0.1" if cfg.host in ("0.0.0.0", "::") else cfg.host
     return f"http://{host}:{cfg.port}{route_prefix.rstrip('/')}"
 
 
 def run_serve(cfg: ServeConfig) -> None:
-    """`distcls serve`: deploy, print where it listens, serve until Ctrl-C, then take the app down."""
+    """`distcls serve`: deploy, print where it listens, serve until Ctrl-C or SIGTERM, then take the app down
+    (cli.main prints the one line that says why and shuts down the Ray instance it started)."""
     from distcls.export import verify_model
 
     meta = verify_model(cfg.checkpoint)  # a bad or tampered checkpoint fails here, in one line, before Ray
@@ -404,7 +526,8 @@ def run_serve(cfg: ServeConfig) -> None:
         raise DistclsError("serve: --detach needs a running cluster (RAY_ADDRESS, or run it with "
                            "`ray job submit`); a local Ray instance would stop when this command ends")
     url = start(cfg)
-    auth = f"on ({TOKEN_ENV})" if os.environ.get(TOKEN_ENV) else f"off (set {TOKEN_ENV} to require a token)"
+    auth = (f"on ({TOKEN_ENV})" if os.environ.get(TOKEN_ENV) else "OFF (--no-auth)" if cfg.no_auth
+            else f"off: loopback only (set {TOKEN_ENV} to require a token)")
     print(f"serving {meta['architecture']} ({len(meta['class_names'])} classes, "
           f"model {meta['weights_sha256'][:12]}...) at {url}/", flush=True)
     print(f"  POST {url}/v1/classify   GET {url}/v1/model   GET {url}/healthz   page: {url}/", flush=True)
@@ -416,8 +539,14 @@ def run_serve(cfg: ServeConfig) -> None:
     try:
         while True:
             time.sleep(3600)
-    except KeyboardInterrupt:
-        print("stopping", flush=True)
     finally:
-        serve.delete(cfg.name)
+        stop_app(cfg.name)
+
+
+def stop_app(name: str) -> None:
+    """Take the application down; on a cluster (RAY_ADDRESS) also Serve, if no other application runs on
+    it. A local instance goes with Ray itself (cli.main), so nothing else is needed there."""
+    logging.getLogger("ray.serve").setLevel(logging.WARNING)  # no INFO lines while stopping
+    serve.delete(name)
+    if os.environ.get("RAY_ADDRESS") and not serve.status().applications:
         serve.shutdown()

@@ -7,6 +7,7 @@ AWS_SESSION_TOKEN, AWS_DEFAULT_REGION / AWS_REGION, AWS_PROFILE). No Ray in this
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import posixpath
 import random
@@ -195,26 +196,76 @@ def read_text(uri: str) -> str:
 def write_bytes(uri: str, data: bytes) -> None:
     """Write a whole object atomically: readers see the old object, or the new one, never half of it.
 
-    Local files go to a temporary name in the same folder and are renamed; S3/GCS PUTs are atomic.
+    Local files go to a temporary name in the same folder, are fsynced and renamed (see
+    write_local_durably); S3/GCS PUTs are atomic.
     """
     scheme, path = split_uri(uri)
     fs, path = get_filesystem(uri)
     with storage_errors(uri):
         if scheme == "file":
-            os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-            tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
-            try:
-                with open(tmp, "wb") as f:
-                    f.write(data)
-                os.replace(tmp, path)
-            finally:
-                if os.path.exists(tmp):
-                    os.remove(tmp)
+            write_local_durably(path, data)
         elif scheme == "s3":
             bucket, _, key = path.partition("/")
             s3_client().put_object(Bucket=bucket, Key=key, Body=data)
         else:
             fs.pipe_file(path, data)
+
+
+def write_local_durably(path: str, data: bytes) -> None:
+    """Temporary file in the same folder, fsync, rename, fsync the folder: after a crash or power loss the
+    path holds the old bytes or the new ones, never an empty or partial file (rename alone does not
+    promise that: the data may still be in the page cache when the rename reaches the disk)."""
+    folder = os.path.dirname(path) or "."
+    make_folders_durably(folder)
+    tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    fsync_folder(folder)
+
+
+def make_folders_durably(folder: str) -> None:
+    """os.makedirs, then fsync the parent of each folder it created, so the new entries survive a crash."""
+    created = []
+    probe = os.path.abspath(folder)
+    while not os.path.isdir(probe):
+        created.append(probe)
+        probe = os.path.dirname(probe)
+    os.makedirs(folder, exist_ok=True)
+    for new in reversed(created):
+        fsync_folder(os.path.dirname(new))
+
+
+def sync_local_tree(folder: str) -> None:
+    """fsync every file and folder under a local `folder` and its entry in the parent: for trees that other
+    code wrote without fsync (Ray Train copies checkpoints into local storage that way)."""
+    for root, _dirs, files in os.walk(folder, topdown=False):
+        for name in files:
+            with open(os.path.join(root, name), "rb") as f:
+                os.fsync(f.fileno())
+        fsync_folder(root)
+    fsync_folder(os.path.dirname(os.path.abspath(folder)))
+
+
+def fsync_folder(folder: str) -> None:
+    """Make a rename or a new entry in `folder` durable (POSIX; a no-op where folders cannot be opened)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:  # Windows: folders cannot be opened (NTFS makes renames durable itself)
+        return
+    try:
+        os.fsync(fd)
+    except OSError as exc:
+        if exc.errno not in (errno.EINVAL, errno.ENOTSUP):  # filesystems that cannot sync a folder
+            raise
+    finally:
+        os.close(fd)
 
 
 def write_text(uri: str, text: str) -> None:

@@ -20,7 +20,7 @@ from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as TF
 
 from distcls import DistclsError
-from distcls.images import DEFAULT_MAX_PIXELS, decode_image
+from distcls.images import DEFAULT_MAX_PIXELS, decode_image, out_of_memory
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -29,6 +29,12 @@ INTERPOLATIONS = {
     "bilinear": InterpolationMode.BILINEAR,
     "bicubic": InterpolationMode.BICUBIC,
 }
+PIL_RESAMPLE = {"nearest": Image.Resampling.NEAREST, "bilinear": Image.Resampling.BILINEAR,
+                "bicubic": Image.Resampling.BICUBIC}
+FILTER_SUPPORT = {"nearest": 0.5, "bilinear": 1.0, "bicubic": 2.0}  # source pixels each side, at scale 1
+# Resize-then-crop never builds a resized image over this many pixels (16 MB as Pillow's RGBX): past it
+# (an extreme aspect ratio: 100000x1 would become 25600000x256, ~26 GB) only the crop's region is resampled.
+RESIZE_BUDGET_PIXELS = 4_000_000
 
 
 @dataclass(frozen=True)
@@ -79,10 +85,44 @@ class PreprocessSpec:
 
 def eval_transform(img: Image.Image, spec: PreprocessSpec) -> np.ndarray:
     """Resize the shorter side to resize_size, center-crop image_size -> uint8 CHW."""
-    interp = INTERPOLATIONS[spec.interpolation]
-    img = TF.resize(img, spec.resize_size, interpolation=interp)
-    img = TF.center_crop(img, [spec.image_size, spec.image_size])
-    return to_chw(img)
+    return to_chw(resize_center_crop(img, spec.resize_size, spec.image_size, spec.interpolation))
+
+
+def resized_size(width: int, height: int, short: int) -> tuple[int, int]:
+    """(width, height) once the shorter side is resized to `short`, computed as torchvision does."""
+    if width <= height:
+        return short, int(short * height / width)
+    return int(short * width / height), short
+
+
+def resize_center_crop(img: Image.Image, resize_size: int, crop_size: int, interpolation: str) -> Image.Image:
+    """torchvision's Resize(resize_size) then CenterCrop(crop_size), in bounded memory.
+
+    Exactly those two steps while the resized image fits max(source size, RESIZE_BUDGET_PIXELS): every
+    ordinary photo. Past that (extreme aspect ratios) the crop is resampled straight from the source region
+    under it, with the same filter at the same source positions, never building the huge image: within one
+    level of the two-step result for bilinear and bicubic (nearest may pick the neighbour at a tie).
+    """
+    width, height = img.size
+    new_w, new_h = resized_size(width, height, resize_size)
+    if new_w * new_h <= max(width * height, RESIZE_BUDGET_PIXELS):
+        img = TF.resize(img, resize_size, interpolation=INTERPOLATIONS[interpolation])
+        return TF.center_crop(img, [crop_size, crop_size])
+    sx, sy = width / new_w, height / new_h
+    top, left = int(round((new_h - crop_size) / 2.0)), int(round((new_w - crop_size) / 2.0))
+    x0, x1 = source_span(left, crop_size, sx, width, FILTER_SUPPORT[interpolation])
+    y0, y1 = source_span(top, crop_size, sy, height, FILTER_SUPPORT[interpolation])
+    # Pillow takes the box in single precision: relative to the small region it stays exact enough.
+    box = (left * sx - x0, top * sy - y0, min(x1 - x0, (left + crop_size) * sx - x0),
+           min(y1 - y0, (top + crop_size) * sy - y0))
+    region = img.crop((x0, y0, x1, y1))
+    return region.resize((crop_size, crop_size), PIL_RESAMPLE[interpolation], box=box)
+
+
+def source_span(start: int, size: int, scale: float, limit: int, support: float) -> tuple[int, int]:
+    """The source pixels [first, last) that resized pixels start..start+size read, filter reach included."""
+    reach = support * max(scale, 1.0) + 1
+    return max(0, math.floor(start * scale - reach)), min(limit, math.ceil((start + size) * scale + reach))
 
 
 def random_resized_crop_box(width: int, height: int, spec: PreprocessSpec,
@@ -114,9 +154,7 @@ def base_transform(img: Image.Image, spec: PreprocessSpec) -> np.ndarray:
     The random crop and flip are applied per batch in the training process (`augment_batch`), so decoded
     images are the same every epoch and can be cached.
     """
-    img = TF.resize(img, spec.resize_size, interpolation=INTERPOLATIONS[spec.interpolation])
-    img = TF.center_crop(img, [spec.resize_size, spec.resize_size])
-    return to_chw(img)
+    return to_chw(resize_center_crop(img, spec.resize_size, spec.resize_size, spec.interpolation))
 
 
 def augment_batch(images: torch.Tensor, spec: PreprocessSpec, rng: np.random.Generator) -> torch.Tensor:
@@ -146,9 +184,12 @@ def preprocess_bytes(data: bytes, spec: PreprocessSpec, train: bool = False) -> 
     Eval: the image_size square every job feeds the model. Train: the resize_size base square that
     `augment_batch` crops from. Raises images.ImageDecodeError for objects that are not usable images.
     """
-    # JPEG DCT-domain downscaling: never below the resize target, so quality is unchanged in practice.
-    img = decode_image(data, spec.max_pixels, draft_size=(spec.resize_size, spec.resize_size))
-    return base_transform(img, spec) if train else eval_transform(img, spec)
+    try:
+        # JPEG DCT-domain downscaling: never below the resize target, so quality is unchanged in practice.
+        img = decode_image(data, spec.max_pixels, draft_size=(spec.resize_size, spec.resize_size))
+        return base_transform(img, spec) if train else eval_transform(img, spec)
+    except MemoryError:
+        raise out_of_memory() from None
 
 
 def normalize(images: torch.Tensor, spec: PreprocessSpec, dtype: torch.dtype = torch.float32) -> torch.Tensor:

@@ -2,6 +2,8 @@
 .pt file is never executed; a checkpoint whose upload was interrupted is never chosen. No Ray needed:
 every refusal happens before a job starts Ray."""
 
+import hashlib
+import io
 import json
 import os
 import pickle
@@ -110,37 +112,118 @@ def test_pickle_payload_in_pt_is_never_executed(tmp_path, capsys):
     assert not canary.exists()
 
 
-def test_pickle_payload_in_train_state_is_never_executed(tmp_path):
-    """Resuming training reads train_state.pt (optimizer state) from the checkpoint: weights_only, so a
-    payload there is refused and never runs."""
-    import ray.train
+def checkpoint_with_state(run: Path, epoch: int, state: bytes | None = None) -> Path:
+    """A checkpoint folder of a run as the training worker writes it: weights, train_state.pt (optimizer
+    state and counters, its sha256 in distcls.json) and distcls.json."""
+    from distcls.train.worker import TRAIN_STATE
 
+    torch.manual_seed(epoch)
+    model = create_model("efficientnet_lite0", len(CLASSES), "none", image_size=32)
+    if state is None:
+        buf = io.BytesIO()
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        torch.save({"optimizer": optimizer.state_dict(), "epoch": epoch - 1, "step": 5 * epoch,
+                    "history": [{"epoch": e} for e in range(1, epoch + 1)]}, buf)
+        state = buf.getvalue()
+    ckpt = run / f"checkpoint_2026-01-0{epoch}_00-00-00.000000"
+    save_checkpoint(str(ckpt), model.eval(), CLASSES, metrics={"epoch": epoch}, files={TRAIN_STATE: state})
+    return ckpt
+
+
+def fresh_model_and_optimizer():
+    model = create_model("efficientnet_lite0", len(CLASSES), "none", image_size=32)
+    return model, torch.optim.SGD(model.parameters(), lr=0.1)
+
+
+def test_pickle_payload_in_train_state_is_never_executed(tmp_path):
+    """Resuming training reads train_state.pt (optimizer state) from the checkpoint. A payload whose sha256
+    does not match distcls.json is refused before it is read; one whose sha256 was rewritten as well (by
+    whoever can write the bucket) meets torch.load(weights_only=True), which refuses it: it never runs."""
     from distcls.train.worker import TRAIN_STATE, restore
 
-    ckpt, canary = tmp_path / "ckpt", tmp_path / "canary"
-    make_checkpoint(str(ckpt))
-    torch.save({"optimizer": Payload(str(canary)), "epoch": 0, "step": 5, "history": []}, ckpt / TRAIN_STATE)
-    model = create_model("efficientnet_lite0", len(CLASSES), "none", image_size=32)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    canary = tmp_path / "canary"
+    buf = io.BytesIO()
+    torch.save({"optimizer": Payload(str(canary)), "epoch": 0, "step": 5, "history": []}, buf)
+    swapped = checkpoint_with_state(tmp_path / "swapped", 1)
+    (swapped / TRAIN_STATE).write_bytes(buf.getvalue())
+    with pytest.raises(DistclsError, match=r"train_state.pt has sha256 .* was changed or damaged"):
+        restore(*fresh_model_and_optimizer(), str(tmp_path / "swapped"))
+    checkpoint_with_state(tmp_path / "rehashed", 1, state=buf.getvalue())
     with pytest.raises(pickle.UnpicklingError):
-        restore(model, optimizer, ray.train.Checkpoint.from_directory(str(ckpt)))
+        restore(*fresh_model_and_optimizer(), str(tmp_path / "rehashed"))
     assert not canary.exists()
 
 
 def test_restore_refuses_tampered_weights(tmp_path):
-    import ray.train
+    from distcls.train.worker import restore
 
+    run = tmp_path / "run"
+    ckpt = checkpoint_with_state(run, 1)
+    assert restore(*fresh_model_and_optimizer(), str(run))[:2] == (1, 5)
+    tamper(str(ckpt))
+    with pytest.raises(DistclsError, match=r"cannot resume run .* none of its 1 checkpoints verifies \(.*refusing"):
+        restore(*fresh_model_and_optimizer(), str(run))
+
+
+def test_train_state_sha256_is_recorded_and_checked(root):
+    from distcls.checkpoint import read_verified_file
+
+    ckpt = f"{root}/with-state"
+    meta = save_checkpoint(ckpt, create_model("efficientnet_lite0", len(CLASSES), "none", image_size=32).eval(),
+                           CLASSES, files={"train_state.pt": b"optimizer state"})
+    assert meta["files_sha256"] == {"train_state.pt": hashlib.sha256(b"optimizer state").hexdigest()}
+    assert json.loads(storage.read_text(f"{ckpt}/{META}"))["files_sha256"] == meta["files_sha256"]
+    assert read_verified_file(ckpt, "train_state.pt") == b"optimizer state"
+    assert verify_checkpoint(ckpt, files=("train_state.pt",)) == meta
+
+    storage.write_bytes(f"{ckpt}/train_state.pt", b"optimizer statf")  # one bit flipped
+    with pytest.raises(DistclsError, match=r"^checkpoint: .*/train_state.pt has sha256 [0-9a-f]{12}\.\.\., but "
+                                           r"distcls.json records [0-9a-f]{12}\.\.\.; train_state.pt was changed"):
+        read_verified_file(ckpt, "train_state.pt")
+    storage.remove(f"{ckpt}/train_state.pt")
+    with pytest.raises(DistclsError, match="has no train_state.pt; it is not a \\(complete\\)"):
+        verify_checkpoint(ckpt, files=("train_state.pt",))
+    make_checkpoint(f"{root}/older")  # a checkpoint that records no sha256 for it is refused, not trusted
+    storage.write_bytes(f"{root}/older/train_state.pt", b"optimizer state")
+    with pytest.raises(DistclsError, match="records no sha256 for train_state.pt; refusing to load it"):
+        read_verified_file(f"{root}/older", "train_state.pt")
+
+
+def test_restore_falls_back_to_newest_checkpoint_that_verifies(tmp_path, capsys):
+    """A restart (after a failure, or --resume) whose latest checkpoint was damaged resumes from the newest
+    one that verifies, weights and training state both, and says so in one line."""
+    from distcls.train.resume import RAY_SNAPSHOT, find_restorable, latest_registered, list_checkpoints
     from distcls.train.worker import TRAIN_STATE, restore
 
-    ckpt = tmp_path / "ckpt"
-    make_checkpoint(str(ckpt))
-    model = create_model("efficientnet_lite0", len(CLASSES), "none", image_size=32)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    torch.save({"optimizer": optimizer.state_dict(), "epoch": 0, "step": 5, "history": []}, ckpt / TRAIN_STATE)
-    assert restore(model, optimizer, ray.train.Checkpoint.from_directory(str(ckpt)))[:2] == (1, 5)
-    tamper(str(ckpt))
-    with pytest.raises(DistclsError, match="refusing to load"):
-        restore(model, optimizer, ray.train.Checkpoint.from_directory(str(ckpt)))
+    run = tmp_path / "run"
+    ckpts = [checkpoint_with_state(run, epoch) for epoch in (1, 2, 3)]
+    (run / "result.json").write_text("{}")
+    assert list_checkpoints(str(run)) == [str(c) for c in reversed(ckpts)]
+    assert restore(*fresh_model_and_optimizer(), str(run)) == (3, 15, [{"epoch": 1}, {"epoch": 2}, {"epoch": 3}])
+    assert capsys.readouterr().out == f"resuming from {ckpts[2]} at epoch 4\n"
+
+    tamper(str(ckpts[2]))  # the latest: weights flipped
+    state = bytearray((ckpts[1] / TRAIN_STATE).read_bytes())
+    state[len(state) // 2] ^= 0x10  # the one before: its training state flipped
+    (ckpts[1] / TRAIN_STATE).write_bytes(bytes(state))
+    model, optimizer = fresh_model_and_optimizer()
+    assert restore(model, optimizer, str(run), announce=True) == (1, 5, [{"epoch": 1}])
+    out = capsys.readouterr().out
+    assert len(out.splitlines()) == 1, out
+    assert out.startswith(f"resuming from {ckpts[0]} at epoch 2; skipped 2 newer that do not verify: "
+                          f"checkpoint: {ckpts[2]}/{WEIGHTS} has sha256 "), out
+    assert f"checkpoint: {ckpts[1]}/{TRAIN_STATE} has sha256 " in out
+    # Ray Train's latest (registered) checkpoint bounds the search: a newer folder is an unregistered upload.
+    restore(*fresh_model_and_optimizer(), str(run), latest=str(ckpts[1]))
+    assert capsys.readouterr().out.startswith(f"resuming from {ckpts[0]} at epoch 2; skipped 1 newer ")
+    assert latest_registered(str(run)) is None  # no snapshot: every folder is a candidate
+    (run / RAY_SNAPSHOT).write_text(json.dumps({"latest_checkpoint_result": {"checkpoint_dir_name": ckpts[0].name}}))
+    assert latest_registered(str(run)) == ckpts[0].name
+    assert list_checkpoints(str(run), latest_registered(str(run))) == [str(ckpts[0])]
+    torch.manual_seed(1)
+    expected = create_model("efficientnet_lite0", len(CLASSES), "none", image_size=32).net.state_dict()
+    assert all(torch.equal(v, model.net.state_dict()[k]) for k, v in expected.items())  # epoch 1's weights
+    assert find_restorable(str(tmp_path / "no-run")) is None
 
 
 def interrupted_uploads(root: str) -> dict[str, str]:

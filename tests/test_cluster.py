@@ -24,6 +24,16 @@ def pinned_ray() -> str:
     return re.search(r'"ray\[[^\]]*\]==([0-9.]+)"', text).group(1)
 
 
+def load_docs(path: Path) -> list[dict]:
+    return [d for d in yaml.safe_load_all(path.read_text()) if d is not None]
+
+
+def ray_resource(path: Path) -> dict:
+    """The file's Ray resource (RayCluster, RayJob or RayService); a NetworkPolicy may follow it."""
+    (doc,) = [d for d in load_docs(path) if d["apiVersion"].startswith("ray.io/")]
+    return doc
+
+
 def walk(node):
     if isinstance(node, dict):
         yield node
@@ -64,7 +74,7 @@ def test_rayservice_serve_config_is_what_serve_config_prints():
     from distcls.config import config_from_args
 
     text = (ROOT / "cluster" / "kuberay" / "rayservice.yaml").read_text()
-    service = yaml.safe_load(text)
+    service = ray_resource(ROOT / "cluster" / "kuberay" / "rayservice.yaml")
     embedded = yaml.safe_load(service["spec"]["serveConfigV2"])
     ServeDeploySchema.model_validate(embedded)
     command = re.search(r"#\s*(distcls serve-config .+)", text).group(1)
@@ -75,7 +85,7 @@ def test_rayservice_serve_config_is_what_serve_config_prints():
 def test_kuberay_versions_tokens_and_head():
     ray_version = pinned_ray()
     for path in KUBERAY:
-        doc = yaml.safe_load(path.read_text())
+        doc = ray_resource(path)
         nodes = list(walk(doc))
         images = [n["image"] for n in nodes if "image" in n]
         assert images and all(img.endswith(f"ray{ray_version}") or f":{ray_version}" in img for img in images), \
@@ -93,9 +103,108 @@ def test_kuberay_versions_tokens_and_head():
     assert f"FROM rayproject/ray:{ray_version}-" in dockerfile
 
 
+def pod_specs(doc: dict) -> list[dict]:
+    """Every pod spec in a Ray resource: head, worker groups, RayJob submitter."""
+    return [n for n in walk(doc) if "containers" in n]
+
+
+def pod_templates(doc: dict) -> list[dict]:
+    return [n for n in walk(doc) if isinstance(n.get("spec"), dict) and "containers" in n["spec"]]
+
+
+def test_pods_run_as_non_root_with_least_privilege():
+    """Every container of every manifest: a non-root uid (the Dockerfile's), no privilege escalation, no
+    capabilities, a read-only root with /tmp (where Ray writes) an emptyDir; the autoscaler sidecar too."""
+    dockerfile = (ROOT / "cluster" / "Dockerfile").read_text()
+    uid = int(re.search(r"^USER (\d+):(\d+)$", dockerfile, re.M).group(1))
+    assert uid != 0
+    for path in KUBERAY:
+        doc = ray_resource(path)
+        specs = pod_specs(doc)
+        assert specs, path.name
+        for spec in specs:
+            pod = spec["securityContext"]
+            assert pod["runAsNonRoot"] is True and pod["runAsUser"] == uid, path.name
+            assert pod["seccompProfile"] == {"type": "RuntimeDefault"}, path.name
+            empty_dirs = {v["name"] for v in spec["volumes"] if "emptyDir" in v}
+            for container in spec["containers"]:
+                where = (path.name, container["name"])
+                sc = container["securityContext"]
+                assert sc["allowPrivilegeEscalation"] is False and sc["capabilities"] == {"drop": ["ALL"]}, where
+                assert sc["readOnlyRootFilesystem"] is True, where
+                assert sc.get("runAsUser", uid) != 0 and sc.get("privileged", False) is False, where
+                tmp = [m for m in container["volumeMounts"] if m["mountPath"] == "/tmp"]
+                assert tmp and tmp[0]["name"] in empty_dirs, where
+        for autoscaler in (n["autoscalerOptions"] for n in walk(doc) if "autoscalerOptions" in n):
+            sc = autoscaler["securityContext"]
+            assert sc["allowPrivilegeEscalation"] is False and sc["capabilities"] == {"drop": ["ALL"]}, path.name
+
+
+def admitted(policy: dict, peer_labels: dict, port: int) -> bool:
+    """Whether a NetworkPolicy admits a pod with `peer_labels` to `port` (matchLabels peers, TCP ports)."""
+    for rule in policy["spec"]["ingress"]:
+        ports = {p["port"] for p in rule.get("ports", [])}
+        if ports and port not in ports:
+            continue
+        if "from" not in rule:
+            return True
+        for peer in rule["from"]:
+            wanted = peer.get("podSelector", {}).get("matchLabels", {})
+            if wanted.items() <= peer_labels.items():
+                return True
+    return False
+
+
+OPERATOR = {"app.kubernetes.io/name": "kuberay-operator", "app.kubernetes.io/instance": "kuberay-operator"}
+STRANGER = {"app": "something-else"}
+
+
+@pytest.mark.parametrize("name", ["raycluster.yaml", "rayservice.yaml"])
+def test_network_policy_admits_only_the_cluster_and_the_operator(name):
+    """GCS (6379), the dashboard (8265), Ray client (10001) and Ray's other ports: the cluster's own pods
+    (and the RayJob submitters) only, GCS and dashboard also the operator; the serve port: anyone."""
+    docs = load_docs(ROOT / "cluster" / "kuberay" / name)
+    (policy,) = [d for d in docs if d["kind"] == "NetworkPolicy"]
+    assert policy["spec"]["policyTypes"] == ["Ingress"]
+    labels = [t["metadata"]["labels"] for t in pod_templates(ray_resource(ROOT / "cluster" / "kuberay" / name))]
+    selector = policy["spec"]["podSelector"]["matchLabels"]
+    assert labels and all(selector.items() <= pod.items() for pod in labels), (selector, labels)  # covers every pod
+    own = labels[0]
+    peers = [own]
+    if name == "raycluster.yaml":  # the RayJobs' submitter pods talk to this cluster's dashboard
+        peers += [t["metadata"]["labels"] for job in ("rayjob-train.yaml", "rayjob-label.yaml")
+                  for t in pod_templates(ray_resource(ROOT / "cluster" / "kuberay" / job))]
+    for peer in peers:
+        assert all(admitted(policy, peer, port) for port in (6379, 8265, 10001, 8000, 8076, 23456)), peer
+    assert admitted(policy, OPERATOR, 6379) and admitted(policy, OPERATOR, 8265)
+    assert not any(admitted(policy, OPERATOR, port) for port in (10001, 8076, 52365, 23456))
+    assert admitted(policy, STRANGER, 8000) and admitted(policy, {}, 8000)
+    assert not any(admitted(policy, STRANGER, port) for port in (6379, 8265, 10001, 8076, 52365, 23456))
+
+
+def test_every_manifest_that_serves_has_the_api_token():
+    """An endpoint on 0.0.0.0 refuses to start without DISTCLS_API_TOKEN: each place it can run gets it
+    from a secret, never from a file in this repository."""
+    for name, optional in (("rayservice.yaml", False), ("raycluster.yaml", True)):  # jobs/serve.py may run there
+        doc = ray_resource(ROOT / "cluster" / "kuberay" / name)
+        for spec in pod_specs(doc):
+            for container in spec["containers"]:
+                (env,) = [e for e in container["env"] if e["name"] == "DISTCLS_API_TOKEN"]
+                ref = env["valueFrom"]["secretKeyRef"]
+                assert ref["name"] == "distcls-api-token" and ref.get("optional", False) is optional, name
+    launcher = yaml.safe_load((ROOT / "cluster" / "ray-cluster.aws.yaml").read_text())
+    for key in ("head_start_ray_commands", "worker_start_ray_commands"):
+        start = [c for c in launcher[key] if "ray start" in c]
+        assert start and all('DISTCLS_API_TOKEN="$(cat ~/.distcls/api_token)"' in c for c in start), key
+    assert "~/.distcls/api_token" in launcher["file_mounts"]
+    assert any("/home/ray/.distcls/api_token:ro" in o for o in launcher["docker"]["run_options"])
+    job = yaml.safe_load((ROOT / "jobs" / "configs" / "serve.yaml").read_text())
+    assert job["host"] == "0.0.0.0" and not job.get("no_auth")  # the documented job needs the token
+
+
 @pytest.mark.parametrize("name", ["rayjob-train.yaml", "rayjob-label.yaml"])
 def test_rayjob_entrypoints_exist_and_answer_help(name):
-    doc = yaml.safe_load((ROOT / "cluster" / "kuberay" / name).read_text())
+    doc = ray_resource(ROOT / "cluster" / "kuberay" / name)
     argv = shlex.split(doc["spec"]["entrypoint"])
     script = ROOT / argv[1].replace("/home/ray/distcls/", "")
     config = ROOT / argv[argv.index("--config") + 1].replace("/home/ray/distcls/", "")

@@ -107,52 +107,132 @@ def test_one_preprocessing_path_refuses_or_decodes_each(hostile):
 
 
 MEMORY_PROBE = r"""
-import json, sys
+import json, resource, sys
 from distcls.transforms import PreprocessSpec, preprocess_bytes
 from distcls.images import ImageDecodeError
 spec = PreprocessSpec(image_size=224)
 # VmHWM: this process's own peak RSS. (getrusage's ru_maxrss keeps the parent's peak across fork+exec,
 # which under a big pytest process hides everything below it.)
-peak = lambda: next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith("VmHWM:"))
+status = lambda key: next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith(key + ":"))
+def start_peak():
+    # Writing 5 to clear_refs resets VmHWM to the current RSS (Linux >= 4.0), so each file gets its own
+    # peak; where that is refused, peaks stay cumulative from the baseline (still an upper bound).
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return status("VmHWM")
+    except OSError:
+        return out["baseline"]
 preprocess_bytes(open(sys.argv[1], "rb").read(), spec)  # warm up: lazy imports and buffers of a good decode
 preprocess_bytes(open(sys.argv[1], "rb").read(), spec, train=True)
-out = {"baseline": peak()}
+out = {"baseline": status("VmHWM")}
+# A regression that asks for tens of GB gets MemoryError here instead of taking the machine down.
+hard = resource.getrlimit(resource.RLIMIT_AS)[1]
+cap = status("VmSize") + (4 << 30)
+resource.setrlimit(resource.RLIMIT_AS, (cap if hard == resource.RLIM_INFINITY else min(cap, hard), hard))
 for path in sys.argv[2:]:
     data = open(path, "rb").read()
-    kinds = []
+    kinds, start = [], start_peak()
     for train in (False, True):
         try:
             preprocess_bytes(data, spec, train=train)
             kinds.append("")
         except ImageDecodeError as exc:
             kinds.append(exc.kind)
-    out[path] = {"kinds": kinds, "peak": peak()}
+        except BaseException as exc:  # reported, so that the test names what went wrong
+            kinds.append(f"{type(exc).__name__}: {exc}")
+    out[path] = {"kinds": kinds, "grown": status("VmHWM") - start}
 print(json.dumps(out))
 """
+
+
+def probe_memory(tmp_path, files: dict[str, bytes], warmup: bytes) -> dict[str, dict]:
+    """name -> {"kinds": [eval, train], "grown": peak RSS growth in bytes} from one fresh process that runs
+    preprocess_bytes on each file, in the order given."""
+    (tmp_path / "warmup.jpg").write_bytes(warmup)
+    for name, data in files.items():
+        (tmp_path / name).write_bytes(data)
+    proc = subprocess.run([sys.executable, "-c", MEMORY_PROBE, str(tmp_path / "warmup.jpg"),
+                           *(str(tmp_path / name) for name in files)],
+                          capture_output=True, text=True, timeout=180, cwd=os.getcwd())
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    return {name: out[str(tmp_path / name)] for name in files}
 
 
 def test_bombs_are_refused_in_bounded_memory(hostile, tmp_path):
     """A fresh process decodes each bomb with the one preprocessing function; its peak RSS must not grow
     by more than 50 MB, against 0.2-30 GB declared. Time is bounded only by a generous timeout."""
-    (tmp_path / "good.jpg").write_bytes(hostile["rgb.jpg"][0])
-    for name in BOMBS:
-        (tmp_path / name).write_bytes(hostile[name][0])
     # The control: a real 4000x4000 PNG under the limit is decoded for real (48 MB), so the probe can see it.
-    (tmp_path / "control.png").write_bytes(png_of_zeros(4_000, 4_000))
-    paths = [str(tmp_path / name) for name in BOMBS]
-    proc = subprocess.run([sys.executable, "-c", MEMORY_PROBE, str(tmp_path / "good.jpg"), *paths,
-                           str(tmp_path / "control.png")],
-                          capture_output=True, text=True, timeout=180, cwd=os.getcwd())
+    files = {name: hostile[name][0] for name in BOMBS} | {"control.png": png_of_zeros(4_000, 4_000)}
+    out = probe_memory(tmp_path, files, warmup=hostile["rgb.jpg"][0])
+    for name in BOMBS:
+        assert out[name]["kinds"] == ["too_large", "too_large"], (name, out[name])
+        print(f"{name}: {len(hostile[name][0])} bytes, peak RSS +{out[name]['grown'] / 1e6:.1f} MB")
+        assert out[name]["grown"] < 50e6, f"{name} grew the decoder's peak RSS by {out[name]['grown'] / 1e6:.0f} MB"
+    control = out["control.png"]
+    print(f"control 4000x4000 PNG (48 MB decoded): peak RSS +{control['grown'] / 1e6:.1f} MB")
+    assert control["kinds"] == ["", ""] and control["grown"] > 40e6, control
+
+
+def test_extreme_aspect_ratios_and_sixteen_bit_stay_in_bounded_memory(hostile, tmp_path):
+    """Resizing the short side of a 2000x1 PNG to 256 once built a 512000x256 image (+540 MB for an 86-byte
+    file); 100000x1 asked for ~20 GB. Both now decode, train and eval, in a few MB. A 4000x4000 16-bit PNG
+    (tens of KB) took 320 MB through int64 copies; the 16-bit path now stays near the source plus its RGB."""
+    red = (200, 30, 30)
+    gradient16 = (np.arange(4_000, dtype=np.uint16)[None, :] * 16 + np.arange(4_000, dtype=np.uint16)[:, None])
+    files = {"wide_2000x1.png": encode(Image.new("RGB", (2_000, 1), red), "PNG"),
+             "wide_100000x1.png": encode(Image.new("RGB", (100_000, 1), red), "PNG"),
+             "tall_1x100000.png": encode(Image.new("RGB", (1, 100_000), red), "PNG"),
+             "wide_65500x1.jpg": encode(Image.new("RGB", (65_500, 1), red), "JPEG"),
+             "sixteen_4000x4000.png": encode(Image.fromarray(gradient16), "PNG"),
+             "sixteen_be_4000x4000.tif": encode(Image.frombytes("I;16B", (4_000, 4_000), gradient16.astype(">u2")
+                                                                .tobytes()), "TIFF", compression="tiff_deflate")}
+    out = probe_memory(tmp_path, files, warmup=hostile["rgb.jpg"][0])
+    for name, result in out.items():
+        print(f"{name}: {len(files[name])} bytes, peak RSS +{result['grown'] / 1e6:.1f} MB")
+        assert result["kinds"] == ["", ""], (name, result)
+        # 16-bit: the 32 MB source, its 16 MB 8-bit copy and the 64 MB RGB(X) image; nothing 8 bytes a pixel.
+        bound = 150e6 if name.startswith("sixteen") else 20e6
+        assert result["grown"] < bound, f"{name} grew the decoder's peak RSS by {result['grown'] / 1e6:.0f} MB"
+
+
+OUT_OF_MEMORY_PROBE = r"""
+import json, resource, sys
+import numpy as np
+from distcls.datasets import load_images
+from distcls.images import ImageDecodeError
+from distcls.transforms import PreprocessSpec, preprocess_bytes
+spec = PreprocessSpec(image_size=64)
+status = lambda key: next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith(key + ":"))
+load_images({"path": np.asarray([sys.argv[1]], dtype=object)}, spec)  # warm up: imports, thread pool
+# 150 MB more address space than the process has: an 8000x8000 image needs 256 MB as RGB.
+resource.setrlimit(resource.RLIMIT_AS, (status("VmSize") + 150_000_000, resource.getrlimit(resource.RLIMIT_AS)[1]))
+out = {}
+try:
+    preprocess_bytes(open(sys.argv[2], "rb").read(), spec)
+    out["preprocess"] = "decoded"
+except ImageDecodeError as exc:
+    out["preprocess"] = str(exc)
+batch = load_images({"path": np.asarray([sys.argv[2], sys.argv[1]], dtype=object)}, spec)
+out["rows"] = [str(e) for e in batch["error"]]
+print(json.dumps(out))
+"""
+
+
+def test_out_of_memory_is_an_error_row_not_a_crash(hostile, tmp_path):
+    """A real MemoryError (an address-space limit below what an image under the pixel limit needs) is the
+    image's `too_large` error, in preprocess_bytes and as the labeling/training pipeline's error row; the
+    next image in the batch still decodes."""
+    (tmp_path / "good.jpg").write_bytes(hostile["rgb.jpg"][0])
+    (tmp_path / "big.png").write_bytes(encode(Image.new("L", (8_000, 8_000), 90), "PNG"))  # 64 M pixels: allowed
+    proc = subprocess.run([sys.executable, "-c", OUT_OF_MEMORY_PROBE, str(tmp_path / "good.jpg"),
+                           str(tmp_path / "big.png")], capture_output=True, text=True, timeout=180, cwd=os.getcwd())
     assert proc.returncode == 0, proc.stderr[-2000:]
     out = json.loads(proc.stdout.strip().splitlines()[-1])
-    for name, path in zip(BOMBS, paths):
-        assert out[path]["kinds"] == ["too_large", "too_large"], (name, out[path])
-        grown = out[path]["peak"] - out["baseline"]
-        print(f"{name}: {len(hostile[name][0])} bytes, peak RSS +{grown / 1e6:.1f} MB")
-        assert grown < 50e6, f"{name} grew the decoder's peak RSS by {grown / 1e6:.0f} MB"
-    control = out[str(tmp_path / "control.png")]
-    print(f"control 4000x4000 PNG (48 MB decoded): peak RSS +{(control['peak'] - out['baseline']) / 1e6:.1f} MB")
-    assert control["kinds"] == ["", ""] and control["peak"] - out["baseline"] > 40e6, control
+    print(f"\nunder an address-space limit: {out}")
+    assert out["preprocess"].startswith("too_large: decoding it needs more memory than this process could get")
+    assert out["rows"][0].startswith("too_large: ") and out["rows"][1] == "", out["rows"]
 
 
 @pytest.fixture(scope="module")
@@ -280,3 +360,58 @@ def test_serving_answers_4xx_and_the_replica_keeps_serving(serve_url, hostile):
     assert r.status_code == 422 and r.json()["error"]["bad_images"] == [1, 2, 3, 4], r.text
     assert requests.post(url, data=cat, headers={"Content-Type": "image/jpeg"}, timeout=120).status_code == 200
     assert set(alive_replicas("hostile")) == before  # the same replica process answered everything: none crashed
+
+
+def empty_b64_flood(limit_bytes: int = 10_000_000) -> tuple[bytes, int]:
+    """The largest JSON body under `limit_bytes` made of {"b64":""} items, and how many items it holds."""
+    count = (limit_bytes - 32) // 11
+    return b'{"images":[' + b",".join([b'{"b64":""}'] * count) + b'],"top_k":1}', count
+
+
+def test_json_image_count_is_checked_before_parsing():
+    """10 MB of {"b64": ""} items once became 909,089 parsed objects (+174 MB, ~3 s on the event loop)
+    before the count check. Now the count is read from the bytes first: refused with almost no allocation."""
+    import base64
+    import tracemalloc
+
+    from distcls.serving import RequestError, parse_json_images
+
+    flood, count = empty_b64_flood()
+    floods = {"b64 items": flood, "empty lists": b'{"images":[' + b",".join([b"[]"] * 2_000_000) + b"]}",
+              "numbers": b'{"images":[' + b",".join([b"0"] * 3_000_000) + b"]}", "nesting": b"[" * 5_000_000}
+    for name, body in floods.items():
+        tracemalloc.start()
+        with pytest.raises(RequestError) as info:
+            parse_json_images(body, max_images=64)
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        print(f"{name}: {len(body) / 1e6:.1f} MB body refused with {info.value.status} after {peak / 1e3:.0f} KB")
+        assert (info.value.status, info.value.kind) == (413, "too_many_images"), (name, info.value.message)
+        assert peak < 1e6, f"{name}: parsing allocated {peak / 1e6:.0f} MB before refusing"
+    with pytest.raises(RequestError, match=rf"^{count} images in one request; the limit is 64 "):
+        parse_json_images(flood, max_images=64)
+    with pytest.raises(RequestError, match=r"^65 images in one request; the limit is 64 "):
+        parse_json_images(json.dumps({"images": [{"b64": ""}] * 65}).encode(), max_images=64)
+    with pytest.raises(RequestError, match=r"nested too deeply") as info:  # under the value cap, over Python's
+        parse_json_images(b'{"images": ' + b"[" * 3_000 + b"]" * 3_000 + b"}", max_images=1_000)
+    assert info.value.status == 400
+    # At the limit, extra keys per image and all: accepted, decoded in order.
+    doc = {"images": [{"b64": base64.b64encode(bytes([i])).decode(), "name": f"{i}.jpg"} for i in range(64)],
+           "top_k": 3}
+    assert parse_json_images(json.dumps(doc).encode(), max_images=64) == ([bytes([i]) for i in range(64)], 3)
+
+
+def test_serving_refuses_a_json_flood_with_the_documented_error(serve_url, hostile):
+    import base64
+
+    url = f"{serve_url}/v1/classify"
+    before = set(alive_replicas("hostile"))
+    flood, count = empty_b64_flood()
+    r = requests.post(url, data=flood, headers={"Content-Type": "application/json"}, timeout=120)
+    assert r.status_code == 413, r.text
+    assert r.json() == {"error": {"kind": "too_many_images", "message": f"{count} images in one request; the limit "
+                                  "is 64 (server flag --max-images-per-request)"}}
+    doc = {"images": [{"b64": base64.b64encode(hostile["rgb.jpg"][0]).decode()}] * 2, "top_k": 2}
+    r = requests.post(url, json=doc, timeout=120)
+    assert r.status_code == 200 and [p["label"] in IMAGENET_CATS for p in r.json()["predictions"]] == [True, True]
+    assert set(alive_replicas("hostile")) == before

@@ -2,6 +2,7 @@
 
 import base64
 import io
+import json
 import os
 import shutil
 import threading
@@ -188,14 +189,19 @@ def test_token_auth(serve_url, cat_jpeg):
 
 
 def test_overload_answers_503_then_recovers(serve_url, cat_jpeg):
+    """24 clients at once against queues of 1: the excess gets 503 in the documented JSON shape (the
+    Ingress's own admission, never Ray's plain-text proxy 503), with Retry-After, then it serves again."""
     url = f"{serve_url}/tiny/v1/classify"
     codes: list = []
+    refusals: list = []
     lock = threading.Lock()
 
     def client():
         r = post_image(url, cat_jpeg)
         with lock:
             codes.append(r.status_code)
+            if r.status_code == 503:
+                refusals.append((r.headers.get("content-type"), r.headers.get("retry-after"), r.text))
     threads = [threading.Thread(target=client) for _ in range(24)]
     for t in threads:
         t.start()
@@ -203,8 +209,25 @@ def test_overload_answers_503_then_recovers(serve_url, cat_jpeg):
         t.join()
     assert set(codes) <= {200, 503}, codes
     assert codes.count(503) >= 1 and codes.count(200) >= 1, codes
+    for ctype, retry_after, text in refusals:
+        assert ctype == "application/json" and retry_after == "1", (ctype, text)
+        assert json.loads(text)["error"]["kind"] == "overloaded", text
     time.sleep(1)
     assert post_image(url, cat_jpeg).status_code == 200
+
+
+@pytest.mark.parametrize("method,path,status,kind", [
+    ("GET", "/nope", 404, "not_found"),
+    ("POST", "/v1/nope", 404, "not_found"),
+    ("GET", "/v1/classify", 405, "method_not_allowed"),
+    ("DELETE", "/v1/model", 405, "method_not_allowed"),
+])
+def test_unknown_paths_and_methods_are_json(serve_url, method, path, status, kind):
+    for app in ("open", "secure"):
+        r = requests.request(method, f"{serve_url}/{app}{path}", timeout=30)
+        assert r.status_code == status and r.headers["content-type"] == "application/json", (app, r.text)
+        error = r.json()["error"]
+        assert error["kind"] == kind and path in error["message"] and "POST /v1/classify" in error["message"]
 
 
 def test_same_top_k_as_label(serve_url, cat_jpeg, checkpoints):

@@ -291,9 +291,36 @@ def test_over_limit_load_gets_quick_503s(serve_port, checkpoints, photo_jpeg):
     assert {s.status for s in shots} <= {"200", "503"}, summary(shots)
     kinds = {k: sum(s.kind == k for s in shots if s.status == "503") for k in {s.kind for s in shots}}
     print(f"503 bodies by kind: {kinds}")
+    assert {s.kind for s in shots if s.status == "503"} == {"overloaded"}, kinds  # JSON, never Ray's plain text
     refused = [s.seconds for s in shots if s.status == "503"]
     assert len(refused) >= 32 and any(s.status == "200" for s in shots), summary(shots)
     # Generous bound (a fail-fast 503 takes milliseconds); a queue without limit would grow past it.
     assert max(refused) < 15, summary(shots)
     time.sleep(1)
     assert requests.post(url, data=photo_jpeg, headers={"Content-Type": "image/jpeg"}, timeout=60).status_code == 200
+
+
+def test_a_failing_classifier_is_a_json_500(serve_port):
+    """A classifier that raises on every call (a bug, a model that fails): the endpoint answers 500 in the
+    documented JSON shape, names no internals, and keeps answering."""
+    from ray import serve
+
+    from distcls.serving import Ingress
+
+    @serve.deployment(ray_actor_options={"num_cpus": 0})
+    class FailingClassifier:
+        def classify(self, data: bytes, top_k: int) -> dict:
+            raise ValueError("secret internal detail")
+
+        def info(self) -> dict:
+            raise ValueError("secret internal detail")
+
+    deploy(Ingress.options(name="Ingress", ray_actor_options={"num_cpus": 0})
+           .bind(FailingClassifier.bind(), max_request_bytes=1_000_000, max_images=4, default_top_k=5), "failing")
+    base = f"http://127.0.0.1:{serve_port}/failing"
+    for _ in range(2):
+        for r in (requests.post(f"{base}/v1/classify", data=b"x", headers={"Content-Type": "image/jpeg"}, timeout=60),
+                  requests.get(f"{base}/v1/model", timeout=60)):
+            assert r.status_code == 500 and r.headers["content-type"] == "application/json", r.text
+            assert r.json()["error"]["kind"] == "internal" and "secret" not in r.text, r.text
+    assert requests.get(f"{base}/healthz", timeout=30).json() == {"status": "ok"}

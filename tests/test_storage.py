@@ -46,6 +46,73 @@ def test_local_write_is_atomic(tmp_path):
     assert os.listdir(tmp_path) == ["x.json"]  # no temporary file left behind
 
 
+def record_syncs(monkeypatch) -> list[tuple[str, str]]:
+    """('fsync', path) and ('replace', target) in call order: the real calls, watched through a wrapper
+    (the path of an fsynced descriptor is read back from /proc)."""
+    events: list[tuple[str, str]] = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        return real_fsync(fd)
+
+    def replace(src, dst):
+        events.append(("replace", os.fspath(dst)))
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    return events
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="reads fsynced paths back from /proc")
+def test_local_write_is_durable(tmp_path, monkeypatch):
+    """Power loss after a write must not leave an empty file: the data is fsynced before the rename, the
+    folder after it, and each folder the write created in its parent."""
+    events = record_syncs(monkeypatch)
+    target = tmp_path / "new" / "deeper" / "part-0.parquet"
+    storage.write_bytes(str(target), b"rows")
+    tmp_fsync = [i for i, (kind, path) in enumerate(events) if kind == "fsync" and ".tmp-" in path]
+    rename = events.index(("replace", str(target)))
+    assert len(tmp_fsync) == 1 and tmp_fsync[0] < rename, events  # the data is on disk before the rename
+    assert events[tmp_fsync[0]][1].startswith(f"{target}.tmp-")
+    after = {path for kind, path in events[rename:] if kind == "fsync"}
+    assert str(target.parent) in after, events  # the rename itself is on disk
+    created = {path for kind, path in events[:rename] if kind == "fsync"}
+    assert {str(tmp_path), str(tmp_path / "new")} <= created, events  # new folders' entries too
+    assert target.read_bytes() == b"rows" and os.listdir(target.parent) == ["part-0.parquet"]
+
+    events.clear()
+    storage.write_text(str(target), "rewritten")  # an existing folder: one file and one folder fsync
+    assert [kind for kind, _ in events] == ["fsync", "replace", "fsync"], events
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="reads fsynced paths back from /proc")
+def test_local_checkpoint_write_is_durable(tmp_path, monkeypatch):
+    """A checkpoint's files (weights, train state, distcls.json) and the folder that holds them; and a tree
+    another library wrote without fsync (Ray Train's copy of a checkpoint into local storage)."""
+    from distcls.checkpoint import META, WEIGHTS, save_checkpoint
+    from distcls.models import create_model
+
+    events = record_syncs(monkeypatch)
+    ckpt = tmp_path / "run" / "checkpoint_1"
+    model = create_model("mobilenet_v3_small", 3, "none", image_size=32)
+    save_checkpoint(str(ckpt), model, ["a", "b", "c"], files={"train_state.pt": b"state"})
+    synced = [path for kind, path in events if kind == "fsync"]
+    for name in (WEIGHTS, "train_state.pt", META):
+        assert any(p.startswith(f"{ckpt / name}.tmp-") for p in synced), (name, synced)
+    assert str(ckpt) in synced and str(tmp_path / "run") in synced
+
+    copied = tmp_path / "copy" / "checkpoint_2"
+    copied.mkdir(parents=True)
+    for name in os.listdir(ckpt):
+        (copied / name).write_bytes((ckpt / name).read_bytes())
+    events.clear()
+    storage.sync_local_tree(str(copied))
+    expected = {str(copied / name) for name in os.listdir(ckpt)} | {str(copied), str(copied.parent)}
+    assert {path for _, path in events} == expected
+
+
 def test_missing_prefix_and_bucket(s3_server):
     with pytest.raises(DistclsError, match=r"s3://storage-test/does-not-exist does not exist"):
         storage.list_files("s3://storage-test/does-not-exist")

@@ -21,7 +21,9 @@ from distcls.config import TrainConfig
 from distcls.datasets import LabeledIndex, build_dataset, format_counts, load_labeled_index, stratified_split
 from distcls.metrics import balanced_class_weights
 from distcls.models import default_spec
+from distcls.recipe import Recipe, choose_recipe
 from distcls.runtime import init_ray
+from distcls.train.resume import compare_with_checkpoint, find_restorable, latest_registered
 
 SCORE = "val_accuracy"
 
@@ -49,11 +51,62 @@ def check_run_dir(cfg: TrainConfig) -> None:
         raise DistclsError(f"train: nothing to resume at {run}; drop --resume to start a new run")
 
 
+def check_resume(cfg: TrainConfig, class_names: list[str]) -> None:
+    """On --resume, before Ray starts: the checkpoint the workers will restore (the newest that verifies)
+    must have the same class names in index order, architecture and preprocessing as this run, else a
+    renamed class folder would resume under a silently permuted mapping. Says so when it falls back."""
+    if not cfg.resume:
+        return
+    run = run_uri_of(cfg)
+    found = find_restorable(run, latest_registered(run))
+    if found is None:
+        return  # the run stopped before its first checkpoint: Ray Train starts it afresh
+    problems = compare_with_checkpoint(found.meta, class_names, cfg.model, train_spec(cfg))
+    if problems:
+        raise DistclsError(f"train: cannot resume run {run}: " + "; ".join(problems) + "; resume with the data, "
+                           "--model and --image-size it was started with, or start a new run with another --name")
+    if found.skipped:
+        print(found.fallback_line(run), flush=True)
+
+
 def load_splits(cfg: TrainConfig) -> tuple[LabeledIndex, LabeledIndex]:
     train = load_labeled_index(cfg.data)
     if cfg.val_data:
         return train, load_labeled_index(cfg.val_data, class_names=train.class_names)
     return stratified_split(train, cfg.val_fraction, cfg.seed)
+
+
+RECIPE_FIELDS = ("backbone_lr_scale", "warmup_epochs", "label_smoothing", "augment", "crop_scale_min", "cache_data")
+
+
+def sample_native_size(index: LabeledIndex, n: int = 16) -> int | None:
+    """Median shorter side of up to `n` training images (headers only), or None when none opens."""
+    from distcls.images import ImageDecodeError, open_image
+
+    sides = []
+    for path in index.paths[:: max(1, len(index) // n)][:n]:
+        try:
+            sides.append(min(open_image(storage.read_bytes(path)).size))
+        except (ImageDecodeError, OSError, DistclsError):
+            continue
+    return int(np.median(sides)) if sides else None
+
+
+def resolve_recipe(cfg: TrainConfig, train: LabeledIndex) -> tuple[TrainConfig, Recipe]:
+    """The config with every adaptive flag the user left unset filled in (see distcls.recipe)."""
+    spec = default_spec(cfg.model, cfg.image_size)
+    recipe = choose_recipe(num_train=len(train), epochs=cfg.epochs, batch_size=cfg.batch_size,
+                           num_workers=cfg.num_workers, image_size=spec.image_size, resize_size=spec.resize_size,
+                           native_size=sample_native_size(train), pretrained=cfg.weights != "none",
+                           given={name: getattr(cfg, name) for name in RECIPE_FIELDS})
+    return dataclasses.replace(cfg, **{name: getattr(recipe, name) for name in RECIPE_FIELDS}), recipe
+
+
+def train_spec(cfg: TrainConfig):
+    """The preprocessing spec of a run (stored in its checkpoints): the model's eval transform, plus the
+    run's training crops and flips. `cfg` has its recipe resolved."""
+    return dataclasses.replace(default_spec(cfg.model, cfg.image_size), crop_scale=(cfg.crop_scale_min, 1.0),
+                               hflip=cfg.hflip)
 
 
 def balance(index: LabeledIndex, seed: int) -> LabeledIndex:
@@ -72,7 +125,7 @@ def build_trainer(cfg: TrainConfig, train: LabeledIndex, val: LabeledIndex, extr
 
     from distcls.train.worker import train_func
 
-    spec = default_spec(cfg.model, cfg.image_size)
+    spec = train_spec(cfg)
     train_ds = build_dataset(balance(train, cfg.seed) if cfg.balanced_sampling else train, spec,
                              train=cfg.augment, shuffle_seed=cfg.seed)
     if cfg.cache_data:
@@ -133,20 +186,23 @@ def run_training(cfg: TrainConfig, extra_meta: dict | None = None,
         cfg = dataclasses.replace(cfg, name="train-" + dt.datetime.now().strftime("%Y%m%d-%H%M%S"))
     check_run_dir(cfg)
     train, val = load_splits(cfg)
+    cfg, recipe = resolve_recipe(cfg, train)
+    check_resume(cfg, train.class_names)
     if check_classes is not None:
         check_classes(train.class_names)
     print(format_counts(train, f"train {cfg.data}"))
-    print(format_counts(val, f"validation {cfg.val_data or f'({cfg.val_fraction:.0%} of --data)'}"), flush=True)
+    print(format_counts(val, f"validation {cfg.val_data or f'({cfg.val_fraction:.0%} of --data)'}"))
+    print(recipe.line(), flush=True)
     init_ray(num_cpus=local_cpus(cfg))
     started = time.perf_counter()
     try:
-        result = build_trainer(cfg, train, val, extra_meta).fit()
+        result = build_trainer(cfg, train, val, {**(extra_meta or {}), "recipe": recipe.to_dict()}).fit()
     except Exception as exc:  # noqa: BLE001 - Ray wraps worker errors; surface the root cause in one line
         raise DistclsError(f"train: run {run_uri_of(cfg)} failed: {root_cause(exc)}") from exc
     best_uri, best_metrics = pick_best([(checkpoint_uri(cfg, c), dict(m)) for c, m in result.best_checkpoints])
     history = [dict(m) for m in read_history(cfg, result)]
-    out = {"checkpoint": best_uri, "metrics": best_metrics,
-           "run": run_uri_of(cfg), "epochs": history, "seconds": time.perf_counter() - started}
+    out = {"checkpoint": best_uri, "metrics": best_metrics, "run": run_uri_of(cfg), "epochs": history,
+           "recipe": recipe.to_dict(), "seconds": time.perf_counter() - started}
     storage.write_text(storage.join_uri(run_uri_of(cfg), "result.json"), json.dumps(out, indent=2))
     storage.write_bytes(storage.join_uri(run_uri_of(cfg), "curves.png"), plot_curves(history))
     return out

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import math
 import os
 import signal
@@ -11,16 +12,15 @@ import time
 import numpy as np
 import torch
 
-from distcls import storage
-from distcls.checkpoint import load_safetensors, read_verified_weights, write_local_checkpoint
+from distcls import DistclsError, storage
+from distcls.checkpoint import load_safetensors, write_local_checkpoint
 from distcls.config import DistillConfig, TrainConfig
 from distcls.datasets import ErrorTally, LabeledIndex, build_dataset
 from distcls.metrics import summarize
 from distcls.models import create_model, freeze_backbone, get_model_info, head_parameter_names
 from distcls.train.loop import build_optimizer, evaluate, masked_loss, train_one_epoch, warmup_cosine
+from distcls.train.resume import TRAIN_STATE, find_restorable
 from distcls.transforms import PreprocessSpec, augment_batch
-
-TRAIN_STATE = "train_state.pt"  # optimizer state + counters; loaded with weights_only=True
 
 
 def train_batches(shard, batch_size: int, tally: ErrorTally, seed: int | None = None):
@@ -60,13 +60,20 @@ def sync_buffers(model: torch.nn.Module) -> None:
             torch.distributed.broadcast(buffer.data, src=0)
 
 
-def restore(model, optimizer, checkpoint) -> tuple[int, int, list]:
-    """Load weights and optimizer state from a Ray Train checkpoint; returns (next epoch, step, history)."""
-    with checkpoint.as_directory() as d:
-        data, _ = read_verified_weights(d)  # a damaged or half-written checkpoint is refused, not trained on
-        model.net.load_state_dict(load_safetensors(data), strict=True)
-        state = torch.load(os.path.join(d, TRAIN_STATE), map_location="cpu", weights_only=True)
+def restore(model, optimizer, run_uri: str, latest: str | None = None,
+            announce: bool = True) -> tuple[int, int, list]:
+    """Load weights and optimizer state from the newest checkpoint of the run, `latest` (Ray Train's) or
+    older, that verifies: a damaged or half-written one is passed over, never trained on. Returns (next
+    epoch, step, history)."""
+    found = find_restorable(run_uri, latest)
+    if found is None:
+        raise DistclsError(f"train: Ray Train restored run {run_uri}, but it has no checkpoint folder; "
+                           "start a new run with another --name")
+    model.net.load_state_dict(load_safetensors(found.weights), strict=True)
+    state = torch.load(io.BytesIO(found.train_state), map_location="cpu", weights_only=True)
     optimizer.load_state_dict(state["optimizer"])
+    if announce:
+        print(found.resuming_line(next_epoch=int(state["epoch"]) + 2), flush=True)
     return int(state["epoch"]) + 1, int(state["step"]), list(state["history"])
 
 
@@ -142,10 +149,8 @@ def train_func(config: dict) -> None:
     backbone_scale = 1.0 if cfg.weights == "none" else cfg.backbone_lr_scale
     optimizer = build_optimizer(model, cfg.optimizer, cfg.lr, cfg.weight_decay, cfg.momentum, head, backbone_scale)
     start_epoch, step, history = 0, 0, []
-    if (checkpoint := ray.train.get_checkpoint()) is not None:
-        start_epoch, step, history = restore(model, optimizer, checkpoint)
-        if rank == 0:
-            print(f"resuming from {checkpoint.path} at epoch {start_epoch + 1}", flush=True)
+    if (latest := ray.train.get_checkpoint()) is not None:  # a restart after a failure, or --resume
+        start_epoch, step, history = restore(model, optimizer, config["run_uri"], latest.path, announce=rank == 0)
     if gpu:
         model = model.to(memory_format=torch.channels_last)
     ddp_model = ray.train.torch.prepare_model(model)
@@ -237,11 +242,14 @@ def report(metrics, model, optimizer, class_names, cfg, config, history, rank, t
     print(line, flush=True)
     for example in (train_tally.examples + val_tally.examples)[:3]:
         print(f"  skipped: {example}", flush=True)
-    with tempfile.TemporaryDirectory() as d:
+    state = io.BytesIO()
+    torch.save({"optimizer": optimizer.state_dict(), "epoch": metrics["epoch"] - 1, "step": metrics["step"],
+                "history": history}, state)
+    with tempfile.TemporaryDirectory() as d:  # train_state.pt's sha256 goes into distcls.json with the weights'
         write_local_checkpoint(d, model, class_names, metrics=metrics, config=config["train"],
                                extra={"history": history, "run": config["run_uri"],
-                                      **config.get("extra_meta", {})})
-        torch.save({"optimizer": optimizer.state_dict(), "epoch": metrics["epoch"] - 1, "step": metrics["step"],
-                    "history": history}, os.path.join(d, TRAIN_STATE))
+                                      **config.get("extra_meta", {})}, files={TRAIN_STATE: state.getvalue()})
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
+    if storage.split_uri(config["run_uri"])[0] == "file":  # Ray copied it into local storage without fsync
+        storage.sync_local_tree(ray.train.get_checkpoint().path)
 

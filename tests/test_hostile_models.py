@@ -1,0 +1,360 @@
+"""Model directories written by someone else (issue 16, items 1-3). Whoever can write the model bucket also
+writes the sha256 in distcls.json, so every export here carries a correct hash: the refusals must come from
+what the file would do when loaded (run code, read other files), not from the integrity check.
+
+Each attack is first shown to work when the file reaches torch or onnxruntime directly (a canary file is
+overwritten, or its bytes become the model's weights), then shown refused by the loader, in one line."""
+
+import hashlib
+import io
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+from distcls import DistclsError
+from distcls.cli import main
+from distcls.export import TRUST_ENV, TRUSTED_MODELS_ENV, load_predictor, model_file_uri, verify_model
+from distcls.runtime import forwarded_env
+from distcls.transforms import PreprocessSpec
+
+onnx = pytest.importorskip("onnx")
+ort = pytest.importorskip("onnxruntime")
+from onnx import TensorProto, helper  # noqa: E402
+
+SIZE = 16  # image_size of the hand-made models
+CANARY = b"canary: must stay exactly like this\n"
+
+
+@pytest.fixture(autouse=True)
+def untrusted(monkeypatch):
+    """No trust from the environment the tests run in; whatever a test sets is undone after it."""
+    for name in (TRUST_ENV, TRUSTED_MODELS_ENV, "RAY_JOB_CONFIG_JSON_ENV_VAR"):
+        monkeypatch.setenv(name, "")
+        monkeypatch.delenv(name)
+
+
+def write_export(directory, fmt: str, data: bytes, file: str | None = None, sha256: str | None = None) -> str:
+    """An export directory as an attacker with write access makes it: the model file and a distcls.json whose
+    sha256 matches (of `data`, or of whatever `file` points at)."""
+    os.makedirs(directory, exist_ok=True)
+    name = {"onnx": "model.onnx", "torchscript": "model.ts"}[fmt]
+    with open(os.path.join(directory, name), "wb") as f:
+        f.write(data)
+    meta = {"format": "distcls-export/1", "architecture": "hostile", "num_classes": 2, "class_names": ["a", "b"],
+            "preprocessing": PreprocessSpec(image_size=SIZE).to_dict(),
+            "weights_sha256": sha256 or hashlib.sha256(data).hexdigest(),
+            "export": {"format": fmt, "runtime": "torch" if fmt == "torchscript" else "onnxruntime",
+                       "file": name if file is None else file, "source_checkpoint": "s3://models/original"}}
+    with open(os.path.join(directory, "distcls.json"), "w") as f:
+        json.dump(meta, f)
+    return str(directory)
+
+
+def one_line_error(exc_info) -> str:
+    message = str(exc_info.value)
+    assert "\n" not in message
+    return message
+
+
+# --- 1. TorchScript runs code ----------------------------------------------------------------------------
+
+class Hostile(torch.nn.Module):
+    """Overwrites `canary` as it is loaded (TorchScript calls __setstate__) and returns bytes of `secret` as
+    its logits when run: what torch.from_file lets any model.ts do."""
+
+    def __init__(self, canary: str, secret: str):
+        super().__init__()
+        self.canary, self.secret, self.size = canary, secret, len(CANARY)
+        self.written = 0
+
+    @torch.jit.export
+    def __getstate__(self) -> tuple[str, str, int, bool]:
+        return self.canary, self.secret, self.size, self.training
+
+    @torch.jit.export
+    def __setstate__(self, state: tuple[str, str, int, bool]) -> None:
+        self.canary, self.secret, self.size, self.training = state
+        canary = torch.from_file(self.canary, shared=True, size=self.size, dtype=torch.uint8)
+        self.written = int(canary.fill_(88).sum())  # b"X" * size (kept, or TorchScript drops the write)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        stolen = torch.from_file(self.secret, shared=False, size=2, dtype=torch.uint8).float()
+        return stolen.unsqueeze(0).repeat(images.shape[0], 1)
+
+
+@pytest.fixture
+def hostile_ts(tmp_path) -> dict:
+    canary, secret = tmp_path / "canary.txt", tmp_path / "secret.txt"
+    canary.write_bytes(CANARY)
+    secret.write_bytes(b"\x01\x07 secret")
+    buf = io.BytesIO()
+    torch.jit.save(torch.jit.script(Hostile(str(canary), str(secret))), buf)
+    data = buf.getvalue()
+    return {"data": data, "dir": write_export(tmp_path / "ts-export", "torchscript", data), "canary": canary,
+            "sha256": hashlib.sha256(data).hexdigest()}
+
+
+def test_torchscript_runs_code_when_loaded(hostile_ts):
+    """The attack itself, without distcls: loading overwrites the canary, running reads the secret."""
+    model = torch.jit.load(io.BytesIO(hostile_ts["data"]))
+    assert hostile_ts["canary"].read_bytes() == b"X" * len(CANARY)
+    assert model(torch.zeros(1, 3, SIZE, SIZE, dtype=torch.uint8)).tolist() == [[1.0, 7.0]]
+
+
+def test_torchscript_is_refused_by_default(hostile_ts, tmp_path, capsys):
+    for load in (load_predictor, verify_model):
+        with pytest.raises(DistclsError) as exc_info:
+            load(hostile_ts["dir"])
+        message = one_line_error(exc_info)
+        assert "is TorchScript, which runs code from the model file" in message
+        assert "--trust-torchscript" in message and f"{hostile_ts['sha256']} to {TRUSTED_MODELS_ENV}" in message
+    assert main(["label", "--checkpoint", hostile_ts["dir"], "--input", str(tmp_path),
+                 "--output", str(tmp_path / "labels")]) == 2
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line.startswith("distcls: error: export: ") and "is TorchScript" in line
+    assert hostile_ts["canary"].read_bytes() == CANARY  # nothing of the model ran
+
+
+def test_torchscript_runs_when_trusted_by_flag_or_sha256(hostile_ts, monkeypatch):
+    monkeypatch.setenv(TRUST_ENV, "1")  # what --trust-torchscript sets
+    model, meta = load_predictor(hostile_ts["dir"])
+    assert hostile_ts["canary"].read_bytes() == b"X" * len(CANARY)  # trusted: it really runs
+    assert meta["weights_sha256"] == hostile_ts["sha256"]
+
+    hostile_ts["canary"].write_bytes(CANARY)
+    monkeypatch.setenv(TRUST_ENV, "0")
+    monkeypatch.setenv(TRUSTED_MODELS_ENV, "ab" * 32)  # another model's sha256
+    with pytest.raises(DistclsError, match="is TorchScript"):
+        load_predictor(hostile_ts["dir"])
+    assert hostile_ts["canary"].read_bytes() == CANARY
+    monkeypatch.setenv(TRUSTED_MODELS_ENV, f"{'ab' * 32}, {hostile_ts['sha256'].upper()} ,")
+    assert verify_model(hostile_ts["dir"])["weights_sha256"] == hostile_ts["sha256"]
+    load_predictor(hostile_ts["dir"])
+    assert hostile_ts["canary"].read_bytes() == b"X" * len(CANARY)
+
+    monkeypatch.setenv(TRUSTED_MODELS_ENV, hostile_ts["sha256"][:12])  # a prefix is not a sha256
+    with pytest.raises(DistclsError, match=f"{TRUSTED_MODELS_ENV} entry '{hostile_ts['sha256'][:12]}' is not a sha256"):
+        load_predictor(hostile_ts["dir"])
+
+
+def test_trust_flag_reaches_ray_workers_and_serve_configs(hostile_ts, tmp_path, capsys):
+    from ray.serve.schema import ServeDeploySchema
+
+    # label: the flag passes the driver's check (the next problem is the empty input), before Ray starts.
+    assert main(["label", "--trust-torchscript", "--checkpoint", hostile_ts["dir"],
+                 "--input", str(tmp_path / "ts-export"), "--output", str(tmp_path / "labels")]) == 2
+    assert "label: no image objects under" in capsys.readouterr().err
+    assert os.environ[TRUST_ENV] == "1" and forwarded_env()[TRUST_ENV] == "1"  # what init_ray gives workers
+    assert hostile_ts["canary"].read_bytes() == CANARY  # verifying loads nothing
+
+    assert main(["serve-config", "--checkpoint", hostile_ts["dir"], "--trust-torchscript"]) == 0
+    doc = yaml.safe_load(capsys.readouterr().out)
+    ServeDeploySchema.model_validate(doc)
+    assert doc["applications"][0]["runtime_env"] == {"env_vars": {TRUST_ENV: "1"}}
+
+
+def test_trust_flag_inside_ray_job_needs_the_runtime_env(hostile_ts, monkeypatch, capsys):
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", "{}")  # as inside `ray job submit`
+    assert main(["serve-config", "--checkpoint", hostile_ts["dir"], "--trust-torchscript"]) == 2
+    (line,) = capsys.readouterr().err.splitlines()
+    assert f"add {TRUST_ENV}=1 to --runtime-env-json's env_vars" in line
+    monkeypatch.setenv(TRUST_ENV, "1")  # the job's runtime env has it: every worker has it too
+    assert main(["serve-config", "--checkpoint", hostile_ts["dir"], "--trust-torchscript"]) == 0
+
+
+def test_distill_never_runs_a_torchscript_teacher(hostile_ts, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv(TRUST_ENV, "1")
+    monkeypatch.setenv(TRUSTED_MODELS_ENV, hostile_ts["sha256"])
+    assert main(["distill", "--teacher", hostile_ts["dir"], "--data", str(tmp_path), "--storage",
+                 str(tmp_path / "runs"), "--weights", "none"]) == 2
+    (line,) = capsys.readouterr().err.splitlines()
+    assert f"distill: teacher {hostile_ts['dir']} is a torchscript export" in line
+    assert "(s3://models/original)" in line
+    assert hostile_ts["canary"].read_bytes() == CANARY
+
+
+@pytest.mark.slow
+def test_trusted_torchscript_runs_in_label_actors(hostile_ts, tmp_path):
+    """End to end in a fresh process with its own local Ray: --trust-torchscript reaches the actors."""
+    import pyarrow.parquet as pq
+
+    images = tmp_path / "images"
+    images.mkdir()
+    for i in range(2):
+        Image.fromarray(np.full((20, 20, 3), 40 * i, np.uint8)).save(images / f"{i}.png")
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", TRUST_ENV, TRUSTED_MODELS_ENV)}
+    out = tmp_path / "labels"
+    proc = subprocess.run([sys.executable, "-m", "distcls.cli", "label", "--trust-torchscript", "--checkpoint",
+                           hostile_ts["dir"], "--input", str(images), "--output", str(out), "--concurrency", "1"],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = pq.read_table(out).to_pylist()
+    assert len(rows) == 2 and {r["label"] for r in rows} == {"b"}  # logits [1, 7] from the secret's bytes
+    assert hostile_ts["canary"].read_bytes() == b"X" * len(CANARY)  # loaded (and so run) in the actor
+
+
+# --- 2. ONNX external data reads files --------------------------------------------------------------------
+
+WEIGHT_SHAPE = [2, 3, SIZE, SIZE]  # Conv: 2 filters over the whole image -> logits (n, 2)
+WEIGHT_COUNT = int(np.prod(WEIGHT_SHAPE))
+
+
+def external(name: str, location: str, dims=tuple(WEIGHT_SHAPE), data_type=TensorProto.FLOAT) -> TensorProto:
+    """A tensor with no data of its own: onnxruntime reads it from `location`, relative to its working dir."""
+    t = TensorProto(name=name, data_type=data_type, dims=list(dims), data_location=TensorProto.EXTERNAL)
+    for key, value in (("location", location), ("offset", "0"), ("length", str(4 * int(np.prod(dims))))):
+        entry = t.external_data.add()
+        entry.key, entry.value = key, value
+    return t
+
+
+def inline(name: str) -> TensorProto:
+    return helper.make_tensor(name, TensorProto.FLOAT, WEIGHT_SHAPE, np.ones(WEIGHT_COUNT, np.float32))
+
+
+def classifier(weight_nodes: list, initializers: list, **model_fields) -> bytes:
+    """uint8 NCHW image -> float -> Conv with weight `w` -> logits, the interface of a distcls export."""
+    image = helper.make_tensor_value_info("image", TensorProto.UINT8, ["n", 3, SIZE, SIZE])
+    logits = helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["n", 2])
+    nodes = [*weight_nodes, helper.make_node("Cast", ["image"], ["x"], to=TensorProto.FLOAT),
+             helper.make_node("Conv", ["x", "w"], ["c"]), helper.make_node("Flatten", ["c"], ["logits"])]
+    graph = helper.make_graph(nodes, "classifier", [image], [logits], initializer=initializers)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("x", 1)],
+                              **model_fields)
+    return model.SerializeToString()
+
+
+def if_subgraph(location: str) -> bytes:
+    """The weight comes out of an If whose then-branch holds the external tensor."""
+    out = helper.make_tensor_value_info("w_then", TensorProto.FLOAT, WEIGHT_SHAPE)
+    then = helper.make_graph([helper.make_node("Identity", ["ext"], ["w_then"])], "then", [], [out],
+                             initializer=[external("ext", location)])
+    other = helper.make_graph([helper.make_node("Identity", ["ones"], ["w_else"])], "else", [],
+                              [helper.make_tensor_value_info("w_else", TensorProto.FLOAT, WEIGHT_SHAPE)],
+                              initializer=[inline("ones")])
+    cond = helper.make_tensor("cond", TensorProto.BOOL, [], [True])
+    return classifier([helper.make_node("If", ["cond"], ["w"], then_branch=then, else_branch=other)], [cond])
+
+
+def sparse_initializer(location: str) -> bytes:
+    values = external("w_values", location, dims=(WEIGHT_COUNT,))
+    indices = helper.make_tensor("w_indices", TensorProto.INT64, [WEIGHT_COUNT], np.arange(WEIGHT_COUNT))
+    graph_model = onnx.load_model_from_string(classifier([], []))
+    graph_model.graph.sparse_initializer.append(helper.make_sparse_tensor(values, indices, WEIGHT_SHAPE))
+    graph_model.graph.initializer.append(inline("unused"))
+    graph_model.graph.node.insert(0, helper.make_node("Identity", ["unused"], ["w"]))
+    return graph_model.SerializeToString()
+
+
+def function_body(location: str) -> bytes:
+    weights = helper.make_function("x", "Weights", [], ["w"], [helper.make_node("Constant", [], ["w"],
+                                                               value=external("f", location))],
+                                   [helper.make_opsetid("", 17)])
+    return classifier([helper.make_node("Weights", [], ["w"], domain="x")], [], functions=[weights])
+
+
+PLACES = {
+    "initializer": lambda loc: classifier([], [external("w", loc)]),
+    "constant-node": lambda loc: classifier([helper.make_node("Constant", [], ["w"], value=external("w", loc))], []),
+    "if-subgraph": if_subgraph,
+    "sparse-initializer": sparse_initializer,
+    "function": function_body,
+}
+
+
+STOLEN_LOGITS = [[3.0 * SIZE * SIZE, 6.0 * SIZE * SIZE]]  # all-ones image through the canary's weights
+
+
+@pytest.fixture(params=["bare-name", "dot-dot"])
+def stolen_location(request, tmp_path, monkeypatch) -> str:
+    """A file outside any model whose bytes are valid weights (filter 0 all 1.0, filter 1 all 2.0), and the
+    external-data location that makes onnxruntime read it: a bare name in the working directory, or
+    `../../../<path>` from a working directory of / (as in many containers). onnxruntime refuses only
+    absolute paths and paths that leave its working directory."""
+    canary = tmp_path / "canary.bin"
+    weights = np.concatenate([np.full(WEIGHT_COUNT // 2, 1.0), np.full(WEIGHT_COUNT // 2, 2.0)])
+    weights.astype(np.float32).tofile(canary)
+    if request.param == "bare-name":
+        monkeypatch.chdir(tmp_path)
+        return "canary.bin"
+    monkeypatch.chdir("/")
+    return "../../.." + str(canary)
+
+
+def test_onnxruntime_reads_external_data_outside_the_model(stolen_location):
+    """The attack itself, without distcls: the canary's bytes become the weights."""
+    for make in (PLACES["initializer"], PLACES["constant-node"]):
+        session = ort.InferenceSession(make(stolen_location), providers=["CPUExecutionProvider"])
+        logits = session.run(None, {"image": np.ones((1, 3, SIZE, SIZE), np.uint8)})[0]
+        assert logits.tolist() == STOLEN_LOGITS
+
+
+@pytest.mark.parametrize("place", sorted(PLACES))
+def test_onnx_external_data_is_refused_anywhere_in_the_model(stolen_location, tmp_path, place, capsys):
+    directory = write_export(tmp_path / "onnx-export", "onnx", PLACES[place](stolen_location))
+    for load in (load_predictor, verify_model):
+        with pytest.raises(DistclsError) as exc_info:
+            load(directory)
+        message = one_line_error(exc_info)
+        assert "model.onnx keeps tensor " in message
+        assert f"in the external file {stolen_location!r}; refusing to read files outside the model" in message
+    assert main(["evaluate", "--checkpoint", directory, "--data", str(tmp_path), "--out", str(tmp_path / "r")]) == 2
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line.startswith("distcls: error: export: ") and "external file" in line
+
+
+def test_self_contained_onnx_still_loads(tmp_path):
+    directory = write_export(tmp_path / "onnx-export", "onnx", classifier([], [inline("w")]))
+    model, meta = load_predictor(directory)
+    assert model(torch.ones(2, 3, SIZE, SIZE, dtype=torch.uint8)).tolist() == [[3.0 * 256] * 2] * 2
+    assert verify_model(directory) == meta
+
+
+def test_not_an_onnx_model_is_one_line(tmp_path):
+    directory = write_export(tmp_path / "onnx-export", "onnx", b"\x0a\xff\xff\xff garbage")
+    with pytest.raises(DistclsError, match="model.onnx is not an ONNX model .*; export the checkpoint again"):
+        verify_model(directory)
+
+
+# --- 3. export.file escapes the export directory ---------------------------------------------------------
+
+@pytest.fixture
+def outside_model(tmp_path) -> tuple[str, bytes]:
+    """A valid model file outside the export directory, which the attacker's distcls.json points at."""
+    data = classifier([], [inline("w")])
+    path = tmp_path / "other-bucket" / "model.onnx"
+    path.parent.mkdir()
+    path.write_bytes(data)
+    return str(path), data
+
+
+@pytest.mark.parametrize("file", ["ABSOLUTE", "../other-bucket/model.onnx", "/other-bucket/x", "/etc/passwd",
+                                  "../..", "sub/model.onnx", "./model.onnx", "model.ts", ""])
+def test_export_file_outside_the_directory_is_refused(tmp_path, outside_model, file):
+    path, data = outside_model
+    file = path if file == "ABSOLUTE" else file
+    target = path if file in (path, "../other-bucket/model.onnx") else "/etc/passwd"
+    sha256 = hashlib.sha256(open(target, "rb").read()).hexdigest()  # the attacker writes the matching hash
+    directory = write_export(tmp_path / "export", "onnx", data, file=file, sha256=sha256)
+    for load in (load_predictor, verify_model, model_file_uri):
+        with pytest.raises(DistclsError) as exc_info:
+            load(directory)
+        message = one_line_error(exc_info)
+        assert f"names export.file {file!r}; the model of this onnx export can only be 'model.onnx' in its " \
+               "directory, refusing to read any other path" in message
+
+
+def test_export_format_must_be_known(tmp_path):
+    directory = write_export(tmp_path / "export", "onnx", classifier([], [inline("w")]))
+    meta = json.load(open(f"{directory}/distcls.json"))
+    meta["export"]["format"] = "pickle"
+    json.dump(meta, open(f"{directory}/distcls.json", "w"))
+    with pytest.raises(DistclsError, match="unknown export format 'pickle' in distcls.json; expected onnx or torch"):
+        load_predictor(directory)
