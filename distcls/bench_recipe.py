@@ -92,7 +92,14 @@ def distcls_default(cfg: BenchConfig, data: str, test_uri: str, root: str, seed:
         report = run_evaluation(EvaluateConfig(checkpoint=result["checkpoint"], data=test_uri, out=d,
                                                batch_size=128, concurrency=2))
     return {"test_accuracy": report["accuracy"], "recipe": result["recipe"], "train_seconds": result["seconds"],
-            "data_wait_fraction": max(e["data_wait_fraction"] for e in result["epochs"])}
+            "data_wait_fraction": run_data_wait(result["epochs"]),
+            "data_wait_fraction_first_epoch": result["epochs"][0]["data_wait_fraction"]}
+
+
+def run_data_wait(epochs: list[dict]) -> float:
+    """The run's share of training time spent waiting for data (rank 0's, all epochs together)."""
+    wait = sum(e.get("data_wait_seconds", e["data_wait_fraction"] * e["epoch_seconds"]) for e in epochs)
+    return wait / max(1e-9, sum(e.get("train_seconds", e["epoch_seconds"]) for e in epochs))
 
 
 def bench_setting(cfg: BenchConfig, name: str, root: str) -> dict:

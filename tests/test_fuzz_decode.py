@@ -14,12 +14,14 @@ CI runs a short seeded run (`make test`); `make test-all` adds the long run, mar
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import io
 import os
 import resource
 import struct
 import warnings
 import zlib
+from dataclasses import dataclass
 
 import numpy as np
 import pytest
@@ -104,14 +106,29 @@ def save(img: Image.Image, fmt: str, options: dict, extra: dict) -> bytes:
     raise AssertionError(f"Pillow could not write {img.mode} {img.size} as {fmt}")
 
 
+@dataclass(frozen=True)
+class Sample:
+    """One input: its bytes, whether it must decode (an untouched file Pillow wrote), and how it was made,
+    which is what a failure report shows (hypothesis prints the blob that reproduces it)."""
+
+    data: bytes
+    must_decode: bool
+    how: str
+
+    def __repr__(self) -> str:
+        return f"Sample({self.how}, {len(self.data)} bytes, starts {self.data[:16]!r})"
+
+
 @st.composite
-def written_images(draw, max_pixels: int) -> bytes:
-    """A real image file: mode, format, size, content, save options, animation, EXIF orientation."""
+def written_images(draw, max_pixels: int) -> tuple[bytes, str]:
+    """A real image file (mode, format, size, content, save options, animation, EXIF orientation) and a
+    description of it."""
     fmt = draw(st.sampled_from(list(FORMATS)))
     mode = draw(st.sampled_from([m for m, f in WRITABLE if f == fmt]))
     size = draw(dimensions(max_pixels, FORMATS[fmt]))
     event(f"{fmt}, aspect {'>= 100' if max(size) >= 100 * min(size) else '< 100'}")
-    img = make_image(mode, size, draw(st.sampled_from(["noise", "flat", "ramp"])), draw(st.integers(0, 2**32 - 1)))
+    pattern = draw(st.sampled_from(["noise", "flat", "ramp"]))
+    img = make_image(mode, size, pattern, draw(st.integers(0, 2**32 - 1)))
     extra = {}
     if fmt in ANIMATED and draw(st.booleans()):
         extra = {"save_all": True, "append_images": [img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)]}
@@ -121,11 +138,9 @@ def written_images(draw, max_pixels: int) -> bytes:
         extra["exif"] = exif.tobytes()
     if mode in ("P", "L") and fmt in ("PNG", "GIF") and draw(st.booleans()):
         img.info["transparency"] = 0
-    return save(img, fmt, draw(st.sampled_from(SAVE_OPTIONS[fmt])), extra)
-
-
-def png_chunk(kind: bytes, data: bytes) -> bytes:
-    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    options = draw(st.sampled_from(SAVE_OPTIONS[fmt]))
+    how = f"{fmt} {mode} {size[0]}x{size[1]} {pattern} {options} {sorted(k for k in extra if k != 'append_images')}"
+    return save(img, fmt, options, extra), how
 
 
 def lie_about_size(data: bytes, width: int, height: int) -> bytes:
@@ -144,33 +159,38 @@ def lie_about_size(data: bytes, width: int, height: int) -> bytes:
 
 
 @st.composite
-def damaged(draw, data: bytes) -> tuple[bytes, bool]:
-    """(bytes, untouched): the file as written, or truncated, bit-flipped, lying about its size, overwritten
-    in its header or with garbage appended."""
-    how = draw(st.sampled_from(["none", "truncate", "flip", "lie", "overwrite", "append"]))
+def damaged(draw, data: bytes) -> tuple[bytes, str]:
+    """The file as written ("untouched"), or truncated, bit-flipped, lying about its size, overwritten in
+    its header or with garbage appended; and what was done."""
+    how = draw(st.sampled_from(["untouched", "truncate", "flip", "lie", "overwrite", "append"]))
     anywhere, header = st.integers(0, len(data) - 1), st.integers(0, min(len(data), 64) - 1)
     if how == "truncate":
-        return data[:draw(st.one_of(header, anywhere))], False
+        cut = draw(st.one_of(header, anywhere))
+        return data[:cut], f"truncated to {cut}"
     if how == "flip":
         out = bytearray(data)
-        for pos in draw(st.lists(st.one_of(header, anywhere), min_size=1, max_size=8)):
+        positions = draw(st.lists(st.one_of(header, anywhere), min_size=1, max_size=8))
+        for pos in positions:
             out[pos] ^= 1 << draw(st.integers(0, 7))
-        return bytes(out), False
+        return bytes(out), f"bits flipped at {positions}"
     if how == "lie":
         side = st.one_of(st.integers(0, 2**31 - 1), SIDES)
-        return lie_about_size(data, draw(side), draw(side)), False
+        width, height = draw(side), draw(side)
+        return lie_about_size(data, width, height), f"header says {width}x{height}"
     if how == "overwrite":
-        pos = draw(header)
-        return data[:pos] + draw(st.binary(min_size=1, max_size=8)) + data[pos + 8:], False
+        pos, patch = draw(header), draw(st.binary(min_size=1, max_size=8))
+        return data[:pos] + patch + data[pos + 8:], f"{patch!r} over bytes {pos}..{pos + 8}"
     if how == "append":
-        return data + draw(st.binary(min_size=1, max_size=64)), False
-    return data, True
+        tail = draw(st.binary(min_size=1, max_size=64))
+        return data + tail, f"{len(tail)} bytes appended"
+    return data, how
 
 
 @st.composite
-def inputs(draw, max_pixels: int) -> tuple[bytes, bool]:
-    """(bytes, must_decode) for one call."""
-    return draw(damaged(draw(written_images(max_pixels))))
+def inputs(draw, max_pixels: int) -> Sample:
+    data, made = draw(written_images(max_pixels))
+    data, how = draw(damaged(data))
+    return Sample(data, how == "untouched", f"{made}, {how}")
 
 
 random_bytes = st.one_of(st.binary(max_size=4096),
@@ -186,8 +206,16 @@ def status(key: str) -> int:
         return next(int(line.split()[1]) * 1024 for line in f if line.startswith(key + ":"))
 
 
+def release_free_memory() -> None:
+    """Hand freed heap memory back to the system (glibc), so that the next call's allocations show in RSS
+    again instead of reusing pages the last call left resident: a replayed failure must fail again."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
 def reset_peak() -> bool:
     """Reset this process's VmHWM to its current RSS (Linux >= 4.0); False where that is refused."""
+    release_free_memory()
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
@@ -248,7 +276,7 @@ LONG = settings(CI, max_examples=5_000, derandomize=False)
 @CI
 @given(sample=inputs(max_pixels=100_000), spec=specs, train=st.booleans())
 def test_generated_images_decode_or_refuse(sample, spec, train):
-    check_contract(sample[0], spec, train, must_decode=sample[1])
+    check_contract(sample.data, spec, train, must_decode=sample.must_decode)
 
 
 @CI
@@ -258,10 +286,11 @@ def test_random_bytes_are_refused_with_a_kind(data, spec, train):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)  # ~5 minutes on 2 busy cores
 @LONG
 @given(sample=inputs(max_pixels=2_000_000), spec=specs, train=st.booleans())
 def test_generated_images_decode_or_refuse_long(sample, spec, train):
-    check_contract(sample[0], spec, train, must_decode=sample[1])
+    check_contract(sample.data, spec, train, must_decode=sample.must_decode)
 
 
 @pytest.mark.slow

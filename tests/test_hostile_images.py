@@ -107,16 +107,22 @@ def test_one_preprocessing_path_refuses_or_decodes_each(hostile):
 
 
 MEMORY_PROBE = r"""
-import json, resource, sys
+import ctypes, json, resource, sys
 from distcls.transforms import PreprocessSpec, preprocess_bytes
 from distcls.images import ImageDecodeError
 spec = PreprocessSpec(image_size=224)
 # VmHWM: this process's own peak RSS. (getrusage's ru_maxrss keeps the parent's peak across fork+exec,
 # which under a big pytest process hides everything below it.)
-status = lambda key: next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith(key + ":"))
+status = lambda key: next(int(line.split()[1]) * 1024 for line in open("/proc/self/status")
+                          if line.startswith(key + ":"))
 def start_peak():
     # Writing 5 to clear_refs resets VmHWM to the current RSS (Linux >= 4.0), so each file gets its own
     # peak; where that is refused, peaks stay cumulative from the baseline (still an upper bound).
+    # malloc_trim first: freed pages left resident would hide the next file's allocations.
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
@@ -186,8 +192,8 @@ def test_extreme_aspect_ratios_and_sixteen_bit_stay_in_bounded_memory(hostile, t
              "tall_1x100000.png": encode(Image.new("RGB", (1, 100_000), red), "PNG"),
              "wide_65500x1.jpg": encode(Image.new("RGB", (65_500, 1), red), "JPEG"),
              "sixteen_4000x4000.png": encode(Image.fromarray(gradient16), "PNG"),
-             "sixteen_be_4000x4000.tif": encode(Image.frombytes("I;16B", (4_000, 4_000), gradient16.astype(">u2")
-                                                                .tobytes()), "TIFF", compression="tiff_deflate")}
+             "sixteen_be_4000x4000.tif": encode(Image.frombytes("I;16B", (4_000, 4_000), b"\x9c\x40" * 16_000_000),
+                                                "TIFF", compression="tiff_deflate")}
     out = probe_memory(tmp_path, files, warmup=hostile["rgb.jpg"][0])
     for name, result in out.items():
         print(f"{name}: {len(files[name])} bytes, peak RSS +{result['grown'] / 1e6:.1f} MB")
@@ -204,7 +210,8 @@ from distcls.datasets import load_images
 from distcls.images import ImageDecodeError
 from distcls.transforms import PreprocessSpec, preprocess_bytes
 spec = PreprocessSpec(image_size=64)
-status = lambda key: next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith(key + ":"))
+status = lambda key: next(int(line.split()[1]) * 1024 for line in open("/proc/self/status")
+                          if line.startswith(key + ":"))
 load_images({"path": np.asarray([sys.argv[1]], dtype=object)}, spec)  # warm up: imports, thread pool
 # 150 MB more address space than the process has: an 8000x8000 image needs 256 MB as RGB.
 resource.setrlimit(resource.RLIMIT_AS, (status("VmSize") + 150_000_000, resource.getrlimit(resource.RLIMIT_AS)[1]))
@@ -415,3 +422,24 @@ def test_serving_refuses_a_json_flood_with_the_documented_error(serve_url, hosti
     r = requests.post(url, json=doc, timeout=120)
     assert r.status_code == 200 and [p["label"] in IMAGENET_CATS for p in r.json()["predictions"]] == [True, True]
     assert set(alive_replicas("hostile")) == before
+
+
+@pytest.mark.parametrize("interpolation", ["bilinear", "bicubic"])
+def test_bounded_resize_matches_torchvision(photo, interpolation):
+    """Ordinary shapes take torchvision's Resize + CenterCrop bit for bit; shapes whose resized image would
+    pass RESIZE_BUDGET_PIXELS are resampled from the source region instead, within one level of it."""
+    from torchvision import transforms as T
+
+    from distcls.transforms import RESIZE_BUDGET_PIXELS, base_transform, eval_transform, resized_size
+
+    spec = PreprocessSpec(image_size=224, interpolation=interpolation)
+    mode = T.InterpolationMode(interpolation)
+    for size, bounded in [((451, 300), False), ((37, 500), False), ((3_000, 40), True), ((9, 2_000), True),
+                          ((2_000, 3), True)]:
+        img = Image.fromarray(photo).resize(size, Image.Resampling.BILINEAR)
+        assert (np.prod(resized_size(*size, spec.resize_size)) > RESIZE_BUDGET_PIXELS) == bounded, size
+        for crop, ours in ((spec.image_size, eval_transform(img, spec)), (spec.resize_size, base_transform(img, spec))):
+            reference = T.Compose([T.Resize(spec.resize_size, interpolation=mode), T.CenterCrop(crop),
+                                   T.PILToTensor()])(img).numpy()
+            diff = np.abs(ours.astype(int) - reference).max()
+            assert diff <= (1 if bounded else 0), (size, crop, diff)

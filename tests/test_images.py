@@ -68,3 +68,25 @@ def test_pixel_limit_is_configurable(good_images):
         decode_image(good_images["rgb.jpg"], max_pixels=1000)
     assert info.value.kind == "too_large"
     assert "exceeds the limit of 1000" in str(info.value)
+
+
+def test_sixteen_bit_byte_orders_and_32_bit_grey_give_the_same_levels(photo):
+    """16-bit grey in either byte order (PNG I;16, big-endian TIFF I;16B) and 32-bit grey TIFF (I) become
+    sample >> 8, without widening; 32-bit data that only holds 8-bit values keeps them."""
+    grey = np.asarray(Image.fromarray(photo).convert("L"), dtype=np.uint16)
+    arr16 = grey * 257 + 3  # high byte == grey
+    h, w = arr16.shape
+    files = {
+        "png I;16": encode(Image.fromarray(arr16), "PNG"),
+        "tiff I;16B": encode(Image.frombytes("I;16B", (w, h), arr16.astype(">u2").tobytes()), "TIFF"),
+        "tiff I;16": encode(Image.frombytes("I;16", (w, h), arr16.astype("<u2").tobytes()), "TIFF"),
+        "tiff I 16-bit data": encode(Image.fromarray(arr16.astype(np.int32), "I"), "TIFF"),
+    }
+    for name, data in files.items():
+        arr = decode_to_array(data)
+        np.testing.assert_array_equal(arr[..., 0], grey, err_msg=name)
+        assert (arr[..., 0] == arr[..., 2]).all(), name
+    eight_bit = decode_to_array(encode(Image.fromarray(grey.astype(np.int32), "I"), "TIFF"))
+    np.testing.assert_array_equal(eight_bit[..., 0], grey)
+    clipped = decode_to_array(encode(Image.fromarray(np.array([[-7, 70_000, 512]], dtype=np.int32), "I"), "TIFF"))
+    assert clipped[0, :, 0].tolist() == [0, 255, 2]

@@ -214,6 +214,8 @@ def train_func(config: dict) -> None:
             "skipped_val": int(summed[5]),
             "train_images_per_s_per_worker": stats.samples / max(train_seconds, 1e-9),
             "data_wait_fraction": stats.data_seconds / max(train_seconds, 1e-9),
+            "data_wait_seconds": stats.data_seconds,
+            "train_seconds": train_seconds,
             "epoch_seconds": time.perf_counter() - started,
             # 0 for a run that started fresh; N when this worker group was restored from epoch N's checkpoint
             "restored_from_epoch": start_epoch,
