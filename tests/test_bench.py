@@ -19,7 +19,8 @@ def test_bench_all_tiny(tmp_path):
         [sys.executable, "-m", "distcls.cli", "bench", "all", "--images-per-class", "4", "--image-size", "32",
          "--batch-size", "8", "--epochs", "1", "--workers", "1", "--label-images", "8", "--serve-images", "4",
          "--serve-clients", "1,16", "--serve-seconds", "1", "--transfer-per-class", "4", "--transfer-epochs", "1",
-         "--transfer-lrs", "0.001", "--transfer-test-per-class", "2", "--out", str(out)],
+         "--transfer-lrs", "0.001", "--transfer-test-per-class", "2", "--recipe-settings", "faces",
+         "--recipe-seeds", "1", "--recipe-epochs", "1", "--out", str(out)],
         capture_output=True, text=True, timeout=1200, env=env)
     assert result.returncode == 0, (result.stdout[-3000:], result.stderr[-3000:])
     bench = json.loads(out.read_text())
@@ -44,6 +45,12 @@ def test_bench_all_tiny(tmp_path):
     transfer = bench["transfer"]
     assert transfer["bundled"]["test_images"] == transfer["none"]["test_images"] == 20
     assert -1 <= transfer["pretrained_minus_scratch"] <= 1
+    recipe = bench["recipe"]
+    faces = recipe["settings"]["faces"]
+    assert faces["train_images"] == 140 and faces["test_images"] == 60 and faces["seeds"] == 1
+    assert 0 < faces["default_accuracy"] <= 1 and 0 < faces["plain_accuracy"] <= 1
+    assert recipe["min_ratio_default_vs_plain"] == faces["ratio"] > 0
+    assert 0 <= faces["data_wait_fraction"] <= 1 and faces["recipe"]["steps"] >= 1
     # the table of ratios and targets is printed
     assert "measure" in result.stdout and "label vs DataLoader baseline" in result.stdout
     assert "serve req/s vs plain server, 16 clients" in result.stdout
