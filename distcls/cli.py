@@ -128,7 +128,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def cmd_serve_config(args: argparse.Namespace) -> int:
     import yaml
 
-    from distcls.export import trust_env
+    from distcls.infer.modelfile import trust_env
     from distcls.serving import is_loopback, serve_config, warn_no_auth
 
     cfg = config_from_args(ServeConfig, args)
@@ -224,7 +224,7 @@ def with_trust(handler: Handler) -> Handler:
     """Apply --trust-torchscript before the command runs (and starts Ray, whose workers then inherit it)."""
     def run(args: argparse.Namespace) -> int:
         if args.trust_torchscript:
-            from distcls.export import trust_torchscript
+            from distcls.infer.modelfile import trust_torchscript
             trust_torchscript()
         return handler(args)
     return run

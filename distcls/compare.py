@@ -2,8 +2,8 @@
 
 Every model is scored on the same images (decoded once per preprocessing spec, through the one
 preprocessing path) and timed the same way: in this process, `threads` torch / onnxruntime threads,
-batches of `batch_size` through `forward_in_chunks` (the path label and serve take), `warmup_batches`
-untimed, then `speed_batches` timed. Output: compare.json, compare.md (the table) and compare.png
+batches of `batch_size` through the inference engine on `--runtime` (the path label and serve take),
+`warmup_batches` untimed, then `speed_batches` timed. Output: compare.json, compare.md (the table) and compare.png
 (accuracy against images/s, one point per model).
 """
 
@@ -20,14 +20,13 @@ from distcls import DistclsError, storage
 from distcls.checkpoint import read_meta
 from distcls.config import CompareConfig
 from distcls.datasets import LabeledIndex, load_images, load_labeled_index
-from distcls.export import is_export, load_predictor, model_file_uri
+from distcls.infer import Predictor, is_export, load_model, model_file_uri
 from distcls.metrics import confusion_matrix, summarize
-from distcls.models import forward_chunk, forward_in_chunks
 from distcls.transforms import PreprocessSpec
 
 COLUMNS = (("name", "model", "{}"), ("accuracy", "accuracy", "{:.4f}"), ("macro_f1", "macro F1", "{:.4f}"),
            ("size_mb", "size MB", "{:.2f}"), ("parameters_m", "params M", "{:.2f}"),
-           ("images_per_s", "images/s", "{:.1f}"), ("kind", "kind", "{}"))
+           ("images_per_s", "images/s", "{:.1f}"), ("kind", "kind", "{}"), ("runtime", "runtime", "{}"))
 
 
 def limit_index(index: LabeledIndex, per_class: int | None) -> LabeledIndex:
@@ -55,25 +54,19 @@ def decode_split(index: LabeledIndex, spec: PreprocessSpec) -> tuple[np.ndarray,
     return np.concatenate(images), np.concatenate(labels), skipped
 
 
-@torch.inference_mode()
-def predict(model, images: np.ndarray, batch_size: int) -> np.ndarray:
-    chunk = forward_chunk("cpu")
-    out = [forward_in_chunks(model, torch.from_numpy(images[i:i + batch_size]), chunk).float().numpy()
-           for i in range(0, len(images), batch_size)]
-    return np.concatenate(out)
+def predict(model: Predictor, images: np.ndarray, batch_size: int) -> np.ndarray:
+    return np.concatenate([model.predict(images[i:i + batch_size]) for i in range(0, len(images), batch_size)])
 
 
-@torch.inference_mode()
-def images_per_second(model, images: np.ndarray, cfg: CompareConfig) -> float:
+def images_per_second(model: Predictor, images: np.ndarray, cfg: CompareConfig) -> float:
     """Throughput of the label/serve forward path on batches of the split's own images."""
-    chunk = forward_chunk("cpu")
     reps = int(np.ceil(cfg.batch_size / len(images)))
-    batch = torch.from_numpy(np.concatenate([images] * reps)[:cfg.batch_size] if reps > 1 else images[:cfg.batch_size])
+    batch = np.concatenate([images] * reps)[:cfg.batch_size] if reps > 1 else images[:cfg.batch_size]
     for _ in range(cfg.warmup_batches):
-        forward_in_chunks(model, batch, chunk)
+        model.predict(batch)
     started = time.perf_counter()
     for _ in range(cfg.speed_batches):
-        forward_in_chunks(model, batch, chunk)
+        model.predict(batch)
     return cfg.speed_batches * len(batch) / (time.perf_counter() - started)
 
 
@@ -90,14 +83,9 @@ def describe(uri: str, meta: dict) -> tuple[str, str]:
     return name, kind
 
 
-def count_parameters(model, meta: dict) -> int:
-    if is_export(meta):
-        return int(meta["export"]["parameters"])
-    return sum(p.numel() for p in model.parameters())
-
-
 def evaluate_one(uri: str, name: str | None, index: LabeledIndex, cache: dict, cfg: CompareConfig) -> dict:
-    model, meta = load_predictor(uri, "cpu", threads=cfg.threads)
+    model = load_model(uri, cfg.runtime, "cpu", threads=cfg.threads)
+    meta = model.meta
     if list(meta["class_names"]) != list(index.class_names):
         raise DistclsError(f"compare: {uri} was trained on other classes ({len(meta['class_names'])}: "
                            f"{meta['class_names'][:3]}...) than {cfg.data} has ({index.class_names[:3]}...); "
@@ -109,11 +97,12 @@ def evaluate_one(uri: str, name: str | None, index: LabeledIndex, cache: dict, c
     logits = predict(model, images, cfg.batch_size)
     summary = summarize(confusion_matrix(labels, logits.argmax(1), len(index.class_names)), index.class_names)
     default_name, kind = describe(uri, meta)
-    row = {"name": name or default_name, "uri": uri, "kind": kind, "model_id": meta["weights_sha256"],
+    row = {"name": name or default_name, "uri": uri, "kind": kind, "runtime": model.runtime,
+           "model_id": meta["weights_sha256"],
            "architecture": meta["architecture"], "image_size": meta["preprocessing"]["image_size"],
            "accuracy": summary["accuracy"], "macro_f1": summary["macro_f1"], "num_samples": summary["num_samples"],
            "skipped": skipped, "size_mb": len(storage.read_bytes(model_file_uri(uri))) / 1e6,
-           "parameters_m": count_parameters(model, meta) / 1e6,
+           "parameters_m": (model.parameters or 0) / 1e6,
            "images_per_s": images_per_second(model, images, cfg)}
     if "distillation" in meta:
         row["distillation"] = meta["distillation"]
@@ -124,11 +113,11 @@ def render_table(rows: list[dict], markdown: bool) -> str:
     cells = [[fmt.format(r[key]) for key, _, fmt in COLUMNS] for r in rows]
     heads = [title for _, title, _ in COLUMNS]
     if markdown:
-        lines = ["| " + " | ".join(heads) + " |", "|" + "|".join("---" if i in (0, 6) else "---:"
+        lines = ["| " + " | ".join(heads) + " |", "|" + "|".join("---" if i in (0, 6, 7) else "---:"
                                                                   for i in range(len(heads))) + "|"]
         return "\n".join(lines + ["| " + " | ".join(c) + " |" for c in cells]) + "\n"
     widths = [max(len(h), *(len(c[i]) for c in cells)) for i, h in enumerate(heads)]
-    line = lambda items: "  ".join(s.ljust(w) if i in (0, 6) else s.rjust(w)  # noqa: E731
+    line = lambda items: "  ".join(s.ljust(w) if i in (0, 6, 7) else s.rjust(w)  # noqa: E731
                                    for i, (s, w) in enumerate(zip(items, widths)))
     return "\n".join([line(heads), line(["-" * w for w in widths]), *map(line, cells)])
 

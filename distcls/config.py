@@ -20,6 +20,10 @@ from distcls import DistclsError
 
 C = TypeVar("C")
 
+RUNTIMES = ("auto", "torch", "onnx")
+RUNTIME_HELP = ("inference runtime: auto (onnxruntime on CPU, torch bf16 on CUDA; an export runs on its own), "
+                "torch or onnx (a checkpoint is compiled to ONNX once and cached)")
+
 
 class ConfigError(DistclsError):
     pass
@@ -422,9 +426,11 @@ class CompareConfig:
     threads: int = opt(1, help="torch / onnxruntime threads, the same for every model")
     speed_batches: int = opt(20, help="timed batches per model for images/s (after warm-up batches)")
     warmup_batches: int = opt(3, help="untimed batches per model before timing")
+    runtime: str = opt("auto", help=RUNTIME_HELP, choices=RUNTIMES)
 
     def __post_init__(self) -> None:
         p = Problems()
+        check_choice(p, self, "runtime")
         p.check(len(self.models) >= 1, "models", ",".join(self.models), "give at least one checkpoint or export")
         p.check(bool(self.data), "data", self.data, "give a labeled test split")
         p.check(not self.names or len(self.names) == len(self.models), "names", ",".join(self.names),
@@ -448,9 +454,11 @@ class EvaluateConfig:
     batch_size: int = opt(64, help="images per forward pass")
     concurrency: int = opt(1, help="model replicas (Ray actors) evaluating in parallel")
     num_gpus: float = opt(0, help="GPUs per replica")
+    runtime: str = opt("auto", help=RUNTIME_HELP, choices=RUNTIMES)
 
     def __post_init__(self) -> None:
         p = Problems()
+        check_choice(p, self, "runtime")
         for name in ("checkpoint", "data", "out"):
             p.check(bool(getattr(self, name)), name, getattr(self, name), "is required")
         p.check(self.batch_size >= 1, "batch_size", self.batch_size, "must be at least 1")
@@ -556,9 +564,11 @@ class LabelConfig:
     include: str | None = opt(None, help="glob on the path below --input (or the file name) instead of "
                               "the extension filter, e.g. '*.jpg' or 'cams/*/*.png'")
     rows_per_part: int = opt(512, help="rows per Parquet part: the unit of progress a restart keeps")
+    runtime: str = opt("auto", help=RUNTIME_HELP, choices=RUNTIMES)
 
     def __post_init__(self) -> None:
         p = Problems()
+        check_choice(p, self, "runtime")
         for name in ("checkpoint", "input", "output"):
             p.check(bool(getattr(self, name)), name, getattr(self, name), "is required")
         p.check(self.top_k >= 1, "top_k", self.top_k, "must be at least 1")
@@ -582,7 +592,11 @@ class ServeConfig:
     min_replicas: int = opt(1, help="fewest classifier replicas (autoscaling lower bound)")
     max_replicas: int = opt(4, help="most classifier replicas (autoscaling upper bound)")
     target_ongoing_requests: float = opt(8.0, help="autoscaling target: in-flight requests per replica")
+    upscale_delay_s: float = opt(30.0, help="autoscaling: seconds of load above target before adding replicas")
+    downscale_delay_s: float = opt(600.0, help="autoscaling: seconds of load below target before removing replicas "
+                                   "(also the idle time before scaling to zero with --min-replicas 0)")
     max_batch_size: int = opt(32, help="most images per forward pass (@serve.batch)")
+    runtime: str = opt("auto", help=RUNTIME_HELP, choices=RUNTIMES)
     batch_wait_timeout_s: float = opt(0.01, help="longest wait for a batch to fill")
     num_gpus: float = opt(0, help="GPUs per classifier replica")
     cpus_per_replica: float = opt(1.0, help="CPUs (and torch threads) per classifier replica")
@@ -606,6 +620,9 @@ class ServeConfig:
                 "must be at least 1 and at least --min-replicas")
         p.check(self.target_ongoing_requests > 0, "target_ongoing_requests", self.target_ongoing_requests,
                 "must be positive")
+        p.check(self.upscale_delay_s >= 0, "upscale_delay_s", self.upscale_delay_s, "must be >= 0")
+        p.check(self.downscale_delay_s >= 0, "downscale_delay_s", self.downscale_delay_s, "must be >= 0")
+        check_choice(p, self, "runtime")
         p.check(self.max_batch_size >= 1, "max_batch_size", self.max_batch_size, "must be at least 1")
         p.check(self.batch_wait_timeout_s >= 0, "batch_wait_timeout_s", self.batch_wait_timeout_s, "must be >= 0")
         p.check(self.num_gpus >= 0, "num_gpus", self.num_gpus, "must be >= 0")

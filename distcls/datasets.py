@@ -174,6 +174,16 @@ def format_counts(index: LabeledIndex, title: str = "") -> str:
 
 # --- Ray Data --------------------------------------------------------------------------------------------
 
+def decode_sample(paths: list[str], spec: PreprocessSpec, n: int = 16) -> np.ndarray | None:
+    """Up to `n` decoded images spread evenly over `paths` (e.g. the real inputs of a compile check), or None."""
+    if not len(paths):
+        return None
+    picks = np.linspace(0, len(paths) - 1, num=min(n, len(paths))).astype(int)
+    batch = load_images({"path": np.asarray([paths[i] for i in picks], dtype=object)}, spec)
+    ok = np.array([not e for e in batch["error"]], dtype=bool)
+    return batch["image"][ok] if ok.any() else None
+
+
 def load_images(batch: dict[str, np.ndarray], spec: PreprocessSpec, train: bool = False) -> dict[str, np.ndarray]:
     """Ray Data map_batches function: read + decode + preprocess each path; never raises for a bad object."""
     paths = batch["path"]

@@ -23,7 +23,7 @@ from torch import nn
 from distcls import DistclsError
 from distcls.checkpoint import checkpoint_id, load_checkpoint, read_meta
 from distcls.config import DistillConfig
-from distcls.export import is_export
+from distcls.infer.modelfile import is_export
 from distcls.train.loop import autocast, masked_loss
 from distcls.transforms import INTERPOLATIONS, PreprocessSpec
 

@@ -15,70 +15,12 @@ import torch
 from distcls import storage
 from distcls.checkpoint import checkpoint_id, save_checkpoint
 from distcls.config import EvaluateConfig, FromPretrainedConfig
-from distcls.datasets import ErrorTally, build_dataset, load_labeled_index
-from distcls.export import load_predictor, verify_model
+from distcls.datasets import ErrorTally, build_dataset, decode_sample, load_labeled_index
+from distcls.infer import predict_dataset, prepare_runtime, verify_model
 from distcls.metrics import confusion_matrix, summarize, topk_correct
-from distcls.models import create_model, forward_chunk, forward_in_chunks
+from distcls.models import create_model
 from distcls.runtime import init_ray
 from distcls.transforms import PreprocessSpec
-
-
-class BatchPredictor:
-    """Ray Data callable class: the model is loaded once per actor; adds `logits`, drops `image`."""
-
-    def __init__(self, checkpoint: str, device: str | None = None, threads: int | None = None):
-        if threads:
-            torch.set_num_threads(threads)  # Ray pins actors to OMP_NUM_THREADS = their CPU count
-        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        self.device = torch.device(device)
-        self.model, self.meta = load_predictor(checkpoint, self.device)  # a checkpoint or an export
-        self.num_classes = len(self.meta["class_names"])
-        self.chunk = forward_chunk(self.device)
-
-    @torch.inference_mode()
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        ok = np.fromiter((not e for e in batch["error"]), dtype=bool, count=len(batch["error"]))
-        logits = np.zeros((len(ok), self.num_classes), dtype=np.float32)
-        if ok.any():
-            images = torch.from_numpy(batch["image"][ok]).to(self.device)
-            logits[ok] = forward_in_chunks(self.model, images, self.chunk).float().cpu().numpy()
-        out = {k: v for k, v in batch.items() if k != "image"}
-        out["logits"] = logits
-        return out
-
-
-def softmax_topk(logits: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """(probabilities, top-k class indices by descending probability) for a (N, C) array of logits."""
-    logits = np.asarray(logits, dtype=np.float32)
-    shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
-    probs = shifted / shifted.sum(axis=1, keepdims=True)
-    order = np.argsort(-probs, axis=1, kind="stable")[:, :min(k, probs.shape[1])]
-    return probs, order
-
-
-def top_prediction(logits: np.ndarray, class_names: list[str], k: int) -> dict:
-    """One image's (C,) logits -> {"label", "score", "topk": [{"label", "score"}, ...]} (the endpoint's form)."""
-    probs, order = softmax_topk(np.asarray(logits)[None, :], k)
-    topk = [{"label": class_names[j], "score": float(probs[0, j])} for j in order[0]]
-    return {"label": topk[0]["label"], "score": topk[0]["score"], "topk": topk}
-
-
-def predict_dataset(ds, checkpoint: str, batch_size: int, concurrency: int | tuple[int, ...], num_gpus: float,
-                    cpus_per_replica: float = 1.0):
-    """Add `logits` with an actor pool of `concurrency` replicas (an int, or (MIN, MAX) to autoscale)."""
-    return ds.map_batches(BatchPredictor, fn_constructor_kwargs={"checkpoint": checkpoint,
-                                                                 "threads": max(1, int(cpus_per_replica))},
-                          batch_size=batch_size, batch_format="numpy", compute=actor_pool(concurrency),
-                          num_gpus=num_gpus or None, num_cpus=cpus_per_replica)
-
-
-def actor_pool(concurrency: int | tuple[int, ...]):
-    import ray.data
-
-    sizes = (concurrency,) if isinstance(concurrency, int) else tuple(concurrency)
-    if len(sizes) == 1:
-        return ray.data.ActorPoolStrategy(size=sizes[0])
-    return ray.data.ActorPoolStrategy(min_size=sizes[0], max_size=sizes[1])
 
 
 def run_evaluation(cfg: EvaluateConfig) -> dict:
@@ -87,8 +29,11 @@ def run_evaluation(cfg: EvaluateConfig) -> dict:
     class_names = meta["class_names"]
     spec = PreprocessSpec.from_dict(meta["preprocessing"])
     index = load_labeled_index(cfg.data, class_names=class_names)
+    runtime, note = prepare_runtime(cfg.checkpoint, cfg.runtime, cfg.num_gpus > 0, decode_sample(index.paths, spec))
+    print(f"evaluate: runtime {runtime} ({note})", flush=True)
     init_ray()
-    ds = predict_dataset(build_dataset(index, spec), cfg.checkpoint, cfg.batch_size, cfg.concurrency, cfg.num_gpus)
+    ds = predict_dataset(build_dataset(index, spec), cfg.checkpoint, cfg.batch_size, cfg.concurrency, cfg.num_gpus,
+                         runtime=runtime)
     k = len(class_names)
     cm = np.zeros((k, k), dtype=np.int64)
     top5, loss_sum, tally = 0, 0.0, ErrorTally()
@@ -110,6 +55,7 @@ def run_evaluation(cfg: EvaluateConfig) -> dict:
     report = summarize(cm, class_names, topk=top5, loss=loss_sum / max(1, cm.sum()))
     report.update({"skipped": tally.count, "skipped_by_kind": dict(tally.by_kind), "skipped_examples": tally.examples,
                    "checkpoint": cfg.checkpoint, "model_id": checkpoint_id(meta), "data": cfg.data,
+                   "runtime": runtime, "runtime_note": note,
                    "class_names": class_names})
     write_reports(cfg.out, report, rows)
     return report

@@ -23,9 +23,8 @@ import numpy as np
 from distcls import DistclsError, storage
 from distcls.checkpoint import checkpoint_id
 from distcls.config import LabelConfig
-from distcls.datasets import build_image_dataset
-from distcls.evaluate import predict_dataset, softmax_topk
-from distcls.export import verify_model
+from distcls.datasets import build_image_dataset, decode_sample
+from distcls.infer import predict_dataset, prepare_runtime, softmax_topk, verify_model
 from distcls.images import IMAGE_EXTENSIONS
 from distcls.runtime import init_ray
 from distcls.transforms import PreprocessSpec
@@ -144,9 +143,13 @@ def run_labeling(cfg: LabelConfig, progress: bool = True) -> dict:
                "duplicates_removed": duplicates}
     if todo:
         storage.ensure_bucket(cfg.output)
+        runtime, note = prepare_runtime(cfg.checkpoint, cfg.runtime, cfg.num_gpus > 0, decode_sample(todo, spec))
+        summary.update(runtime=runtime, runtime_note=note)
+        print(f"label: runtime {runtime} ({note})", flush=True)
         init_ray()
         ds = build_image_dataset([{"path": p} for p in todo], spec)
-        ds = predict_dataset(ds, cfg.checkpoint, cfg.batch_size, cfg.concurrency, cfg.num_gpus, cfg.cpus_per_replica)
+        ds = predict_dataset(ds, cfg.checkpoint, cfg.batch_size, cfg.concurrency, cfg.num_gpus, cfg.cpus_per_replica,
+                             runtime)
         ds = ds.map_batches(write_part, fn_kwargs={
             "output": cfg.output, "class_names": meta["class_names"], "model_id": checkpoint_id(meta),
             "top_k": cfg.top_k}, batch_size=cfg.rows_per_part, batch_format="numpy")

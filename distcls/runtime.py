@@ -16,6 +16,7 @@ FORWARDED_ENV = (
     "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_DEFAULT_REGION", "AWS_REGION", "AWS_PROFILE",
     "GOOGLE_APPLICATION_CREDENTIALS",  # the path of a key file on each node, not the key
     "DISTCLS_DATA_DIR",
+    "DISTCLS_CACHE_DIR",  # where checkpoints compiled to ONNX are cached (infer/onnxrt.py)
     "DISTCLS_TRUST_TORCHSCRIPT", "DISTCLS_TRUSTED_MODELS",  # which TorchScript exports may run (export.py)
 )
 

@@ -12,6 +12,7 @@ import asyncio
 import base64
 import binascii
 import contextlib
+import dataclasses
 import hashlib
 import hmac
 import ipaddress
@@ -20,7 +21,6 @@ import logging
 import os
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -88,41 +88,30 @@ def warn_no_auth(cfg: ServeConfig) -> None:
 
 # --- the classifier -----------------------------------------------------------------------------------
 
-@dataclass(frozen=True)
-class LoadedModel:
-    model: object
-    meta: dict
-    spec: object
-    id: str
-
-
 @serve.deployment
 class ImageClassifier:
-    """Decodes each request's image in a thread, then batches forward passes (one model per replica)."""
+    """Decodes each request's image in a thread, then batches forward passes (one model per replica, on the
+    inference engine's runtime: onnxruntime on CPU, torch bf16 on CUDA, unless --runtime says otherwise)."""
 
-    def __init__(self, max_batch_size: int = 32, batch_wait_timeout_s: float = 0.01, threads: int = 1):
+    def __init__(self, max_batch_size: int = 32, batch_wait_timeout_s: float = 0.01, threads: int = 1,
+                 runtime: str = "auto"):
         import torch
 
         torch.set_num_threads(max(1, threads))
-        from distcls.models import forward_chunk
-
-        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        self.chunk = forward_chunk(self.device)
-        self.loaded: LoadedModel | None = None
+        self.threads, self.runtime = max(1, threads), runtime
+        self.loaded = None  # an infer.Predictor
         self.predict_batch.set_max_batch_size(max_batch_size)
         self.predict_batch.set_batch_wait_timeout_s(batch_wait_timeout_s)
 
     def reconfigure(self, config: dict) -> None:
         """user_config {"checkpoint": URI}: load the new model fully, then swap it in (no request fails)."""
         from distcls.checkpoint import checkpoint_id, read_meta
-        from distcls.export import load_predictor
-        from distcls.transforms import PreprocessSpec
+        from distcls.infer import load_model
 
         uri = config["checkpoint"]
         if self.loaded is not None and checkpoint_id(read_meta(uri)) == self.loaded.id:
             return
-        model, meta = load_predictor(uri, self.device)  # a checkpoint or an export
-        self.loaded = LoadedModel(model, meta, PreprocessSpec.from_dict(meta["preprocessing"]), checkpoint_id(meta))
+        self.loaded = load_model(uri, self.runtime, threads=self.threads)  # a checkpoint or an export
 
     def check_health(self) -> None:
         if self.loaded is None:
@@ -130,14 +119,14 @@ class ImageClassifier:
 
     def info(self) -> dict:
         m = self.loaded
-        return {"id": m.id, "architecture": m.meta["architecture"], "class_names": m.meta["class_names"],
-                "num_classes": len(m.meta["class_names"]), "preprocessing": m.meta["preprocessing"],
-                "checkpoint_created": m.meta.get("created")}
+        return {"id": m.id, "architecture": m.meta["architecture"], "class_names": m.class_names,
+                "num_classes": len(m.class_names), "preprocessing": m.meta["preprocessing"],
+                "created": m.meta.get("created_at"), **m.describe()}
 
     async def classify(self, data: bytes, top_k: int) -> dict:
         """One image -> {"label", "score", "topk", "model"}, or {"error": {"kind", "message"}}."""
-        from distcls.evaluate import top_prediction
         from distcls.images import ImageDecodeError
+        from distcls.infer import top_prediction
         from distcls.transforms import preprocess_bytes
 
         loaded = self.loaded
@@ -146,30 +135,24 @@ class ImageClassifier:
         except ImageDecodeError as exc:
             return {"error": {"kind": exc.kind, "message": exc.message}}
         logits = await self.predict_batch((loaded, image))
-        prediction = top_prediction(logits, loaded.meta["class_names"], top_k)
+        prediction = top_prediction(logits, loaded.class_names, top_k)
         prediction["model"] = {"id": loaded.id, "architecture": loaded.meta["architecture"]}
         return prediction
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.01)
-    async def predict_batch(self, items: list[tuple[LoadedModel, np.ndarray]]) -> list[np.ndarray]:
+    async def predict_batch(self, items: list[tuple[object, np.ndarray]]) -> list[np.ndarray]:
         return await asyncio.to_thread(self._forward, items)
 
-    def _forward(self, items: list[tuple[LoadedModel, np.ndarray]]) -> list[np.ndarray]:
-        import torch
-
-        from distcls.models import forward_in_chunks
-
+    @staticmethod
+    def _forward(items: list[tuple[object, np.ndarray]]) -> list[np.ndarray]:
         out: list[np.ndarray | None] = [None] * len(items)
         groups: dict[str, list[int]] = {}  # a batch can straddle a model switch
         for i, (loaded, _) in enumerate(items):
             groups.setdefault(loaded.id, []).append(i)
-        with torch.inference_mode():
-            for idx in groups.values():
-                model = items[idx[0]][0].model
-                batch = torch.from_numpy(np.stack([items[i][1] for i in idx])).to(self.device)
-                logits = forward_in_chunks(model, batch, self.chunk).float().cpu().numpy()
-                for row, i in enumerate(idx):
-                    out[i] = logits[row]
+        for idx in groups.values():
+            logits = items[idx[0]][0].predict(np.stack([items[i][1] for i in idx]))
+            for row, i in enumerate(idx):
+                out[i] = logits[row]
         return out
 
 
@@ -452,13 +435,14 @@ def application(cfg: ServeConfig, token_sha256: str | None = None):
         ray_actor_options={"num_cpus": cfg.cpus_per_replica, "num_gpus": cfg.num_gpus},
         autoscaling_config={"min_replicas": cfg.min_replicas, "max_replicas": cfg.max_replicas,
                             "initial_replicas": max(1, cfg.min_replicas),
-                            "target_ongoing_requests": cfg.target_ongoing_requests},
+                            "target_ongoing_requests": cfg.target_ongoing_requests,
+                            "upscale_delay_s": cfg.upscale_delay_s, "downscale_delay_s": cfg.downscale_delay_s},
         max_ongoing_requests=cfg.max_ongoing_requests,
         max_queued_requests=cfg.max_queued_requests,
         user_config={"checkpoint": cfg.checkpoint},
         health_check_period_s=10,
     ).bind(max_batch_size=cfg.max_batch_size, batch_wait_timeout_s=cfg.batch_wait_timeout_s,
-           threads=max(1, int(cfg.cpus_per_replica)))
+           threads=max(1, int(cfg.cpus_per_replica)), runtime=cfg.runtime)
     running = cfg.max_ongoing_requests * cfg.max_replicas
     return Ingress.options(
         name="Ingress",
@@ -507,7 +491,14 @@ def start(cfg: ServeConfig, route_prefix: str = "/", token: str | None = None, a
     """Deploy on the Ray cluster (RAY_ADDRESS, else a local instance); returns the endpoint's base URL."""
     from distcls.runtime import init_ray
 
+    from distcls.infer import prepare_runtime
+
     token_sha256 = check_auth(cfg, token if token is not None else os.environ.get(TOKEN_ENV))
+    # Compile once here (replicas on this machine read the cache); after a fallback replicas go straight to torch.
+    runtime, note = prepare_runtime(cfg.checkpoint, cfg.runtime, cfg.num_gpus > 0)
+    print(f"serve: runtime {runtime} ({note})", flush=True)
+    if runtime == "torch" and cfg.runtime != "torch":
+        cfg = dataclasses.replace(cfg, runtime="torch")
     init_ray()
     logging_config = {"log_level": "INFO" if access_log else "WARNING", "enable_access_log": access_log}
     serve.start(http_options={"host": cfg.host, "port": cfg.port}, logging_config=logging_config)
@@ -519,7 +510,7 @@ def start(cfg: ServeConfig, route_prefix: str = "/", token: str | None = None, a
 def run_serve(cfg: ServeConfig) -> None:
     """`distcls serve`: deploy, print where it listens, serve until Ctrl-C or SIGTERM, then take the app down
     (cli.main prints the one line that says why and shuts down the Ray instance it started)."""
-    from distcls.export import verify_model
+    from distcls.infer import verify_model
 
     meta = verify_model(cfg.checkpoint)  # a bad or tampered checkpoint fails here, in one line, before Ray
     if cfg.detach and not os.environ.get("RAY_ADDRESS"):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import os
 import struct
+import tempfile
 import zlib
 
 import numpy as np
@@ -14,6 +15,9 @@ from PIL import Image
 from distcls.s3server import S3Server, restore_env, use_server_env
 
 RAY_TEST_CPUS = 4  # logical CPUs for the shared local Ray: training workers + data tasks on a 2-core box
+# One ONNX compile cache for the session (not the user's ~/.cache), set before Ray starts so every worker,
+# actor and replica shares it: a checkpoint used by several tests compiles once.
+os.environ["DISTCLS_CACHE_DIR"] = tempfile.mkdtemp(prefix="distcls-test-cache-")
 
 
 @pytest.fixture(scope="session")

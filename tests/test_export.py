@@ -16,7 +16,8 @@ from distcls.checkpoint import load_checkpoint, read_meta
 from distcls.cli import main
 from distcls.config import ConfigError, ExportConfig, FromPretrainedConfig, LabelConfig, ServeConfig
 from distcls.evaluate import checkpoint_from_pretrained
-from distcls.export import load_predictor, read_sample, sample_paths, verify_model
+from distcls.export import read_sample, sample_paths
+from distcls.infer import load_model, verify_model
 from distcls.label import existing_parts, run_labeling
 from distcls.transforms import PreprocessSpec
 from tests.conftest import encode
@@ -76,11 +77,11 @@ def test_export_round_trip_same_top1_on_real_photos(imagenet_ckpt, photos, onnx_
     assert verify_model(out) == meta
     assert json.loads(storage.read_text(f"{out}/distcls.json")) == meta
     # Loaded back (any batch size): the same logits as the checkpoint on the same decoded photos.
-    predictor, _ = load_predictor(out)
+    predictor = load_model(out)
     model, _ = load_checkpoint(imagenet_ckpt)
-    images = torch.from_numpy(read_sample(sample_paths(photos, 8), PreprocessSpec.from_dict(meta["preprocessing"])))
+    images = read_sample(sample_paths(photos, 8), PreprocessSpec.from_dict(meta["preprocessing"]))
     with torch.inference_mode():
-        ours, theirs = predictor(images[:5]), model(images[:5])
+        ours, theirs = torch.from_numpy(predictor.predict(images[:5])), model(torch.from_numpy(images[:5]))
     assert torch.equal(ours.argmax(1), theirs.argmax(1))
     assert float((ours - theirs).abs().max()) < 1e-3
 
@@ -103,7 +104,7 @@ def test_tampered_export_and_bad_flags_are_refused(imagenet_ckpt, photos, onnx_e
     data[-10] ^= 0xFF
     storage.write_bytes(f"{out}/model.onnx", bytes(data))
     with pytest.raises(DistclsError, match="model.onnx has sha256 .* refusing to load"):
-        load_predictor(out)
+        load_model(out)
     assert main(["label", "--checkpoint", out, "--input", photos, "--output", f"{BUCKET}/never"]) == 2
     assert "refusing to load" in capsys.readouterr().err
     with pytest.raises(ConfigError, match="int8 is supported for --format onnx only"):

@@ -20,7 +20,8 @@ from PIL import Image
 
 from distcls import DistclsError
 from distcls.cli import main
-from distcls.export import TRUST_ENV, TRUSTED_MODELS_ENV, load_predictor, model_file_uri, verify_model
+from distcls.infer import load_model, model_file_uri, verify_model
+from distcls.infer.modelfile import TRUST_ENV, TRUSTED_MODELS_ENV
 from distcls.runtime import forwarded_env
 from distcls.transforms import PreprocessSpec
 
@@ -109,7 +110,7 @@ def test_torchscript_runs_code_when_loaded(hostile_ts):
 
 
 def test_torchscript_is_refused_by_default(hostile_ts, tmp_path, capsys):
-    for load in (load_predictor, verify_model):
+    for load in (load_model, verify_model):
         with pytest.raises(DistclsError) as exc_info:
             load(hostile_ts["dir"])
         message = one_line_error(exc_info)
@@ -124,7 +125,7 @@ def test_torchscript_is_refused_by_default(hostile_ts, tmp_path, capsys):
 
 def test_torchscript_runs_when_trusted_by_flag_or_sha256(hostile_ts, monkeypatch):
     monkeypatch.setenv(TRUST_ENV, "1")  # what --trust-torchscript sets
-    model, meta = load_predictor(hostile_ts["dir"])
+    meta = load_model(hostile_ts["dir"]).meta
     assert hostile_ts["canary"].read_bytes() == b"X" * len(CANARY)  # trusted: it really runs
     assert meta["weights_sha256"] == hostile_ts["sha256"]
 
@@ -132,16 +133,16 @@ def test_torchscript_runs_when_trusted_by_flag_or_sha256(hostile_ts, monkeypatch
     monkeypatch.setenv(TRUST_ENV, "0")
     monkeypatch.setenv(TRUSTED_MODELS_ENV, "ab" * 32)  # another model's sha256
     with pytest.raises(DistclsError, match="is TorchScript"):
-        load_predictor(hostile_ts["dir"])
+        load_model(hostile_ts["dir"])
     assert hostile_ts["canary"].read_bytes() == CANARY
     monkeypatch.setenv(TRUSTED_MODELS_ENV, f"{'ab' * 32}, {hostile_ts['sha256'].upper()} ,")
     assert verify_model(hostile_ts["dir"])["weights_sha256"] == hostile_ts["sha256"]
-    load_predictor(hostile_ts["dir"])
+    load_model(hostile_ts["dir"])
     assert hostile_ts["canary"].read_bytes() == b"X" * len(CANARY)
 
     monkeypatch.setenv(TRUSTED_MODELS_ENV, hostile_ts["sha256"][:12])  # a prefix is not a sha256
     with pytest.raises(DistclsError, match=f"{TRUSTED_MODELS_ENV} entry '{hostile_ts['sha256'][:12]}' is not a sha256"):
-        load_predictor(hostile_ts["dir"])
+        load_model(hostile_ts["dir"])
 
 
 def test_trust_flag_reaches_ray_workers_and_serve_configs(hostile_ts, tmp_path, capsys):
@@ -299,7 +300,7 @@ def test_onnxruntime_reads_external_data_outside_the_model(stolen_location):
 @pytest.mark.parametrize("place", sorted(PLACES))
 def test_onnx_external_data_is_refused_anywhere_in_the_model(stolen_location, tmp_path, place, capsys):
     directory = write_export(tmp_path / "onnx-export", "onnx", PLACES[place](stolen_location))
-    for load in (load_predictor, verify_model):
+    for load in (load_model, verify_model):
         with pytest.raises(DistclsError) as exc_info:
             load(directory)
         message = one_line_error(exc_info)
@@ -312,8 +313,9 @@ def test_onnx_external_data_is_refused_anywhere_in_the_model(stolen_location, tm
 
 def test_self_contained_onnx_still_loads(tmp_path):
     directory = write_export(tmp_path / "onnx-export", "onnx", classifier([], [inline("w")]))
-    model, meta = load_predictor(directory)
-    assert model(torch.ones(2, 3, SIZE, SIZE, dtype=torch.uint8)).tolist() == [[3.0 * 256] * 2] * 2
+    model = load_model(directory)
+    meta = model.meta
+    assert model.predict(np.ones((2, 3, SIZE, SIZE), dtype=np.uint8)).tolist() == [[3.0 * 256] * 2] * 2
     assert verify_model(directory) == meta
 
 
@@ -343,7 +345,7 @@ def test_export_file_outside_the_directory_is_refused(tmp_path, outside_model, f
     target = path if file in (path, "../other-bucket/model.onnx") else "/etc/passwd"
     sha256 = hashlib.sha256(open(target, "rb").read()).hexdigest()  # the attacker writes the matching hash
     directory = write_export(tmp_path / "export", "onnx", data, file=file, sha256=sha256)
-    for load in (load_predictor, verify_model, model_file_uri):
+    for load in (load_model, verify_model, model_file_uri):
         with pytest.raises(DistclsError) as exc_info:
             load(directory)
         message = one_line_error(exc_info)
@@ -357,4 +359,4 @@ def test_export_format_must_be_known(tmp_path):
     meta["export"]["format"] = "pickle"
     json.dump(meta, open(f"{directory}/distcls.json", "w"))
     with pytest.raises(DistclsError, match="unknown export format 'pickle' in distcls.json; expected onnx or torch"):
-        load_predictor(directory)
+        load_model(directory)

@@ -94,6 +94,8 @@ def test_cat_raw_bytes_and_model_info(serve_url, cat_jpeg, checkpoints):
     info = requests.get(f"{serve_url}/open/v1/model", timeout=30).json()
     assert info["id"] == meta["weights_sha256"] and len(info["class_names"]) == 1000
     assert info["preprocessing"]["image_size"] == 224
+    assert info["created"] == meta["created_at"]  # the checkpoint's own timestamp, not null
+    assert info["runtime"] == "onnx" and "ONNX" in info["note"]  # the default runtime on a CPU replica
 
 
 def test_multipart_and_json_keep_order(serve_url, cat_jpeg, astronaut_jpeg):

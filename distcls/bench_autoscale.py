@@ -1,0 +1,264 @@
+"""`distcls serve` autoscaling, measured on a real Ray Serve deployment. Measured, never asserted.
+
+One application (`distcls.serving.start`, the endpoint's own code) with 1..3 classifier replicas at
+fractional CPUs, so that three fit a 2-core machine. Phases: idle (1 replica) -> load (N HTTP clients) ->
+cooldown (no requests, until the replicas are back at the minimum) -> scale_to_zero (the same application
+with min_replicas 0: wait for 0 replicas, then time a cold and a warm request). Replica counts are read from
+Serve's status API every SAMPLE_S; nothing scales but Ray Serve's own autoscaler. Every answer's status code
+is counted: a request that is not answered 200 is a failed request.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import http.client
+import io
+import threading
+import time
+from urllib.parse import urlsplit
+
+from distcls import storage
+from distcls.config import ServeConfig, to_dict
+
+APP = "autoscale"
+DEPLOYMENT = "ImageClassifier"
+SAMPLE_S = 0.5
+BASELINE_S = 3.0
+REQUEST_TIMEOUT_S = 120.0  # a cold start includes starting a replica process and loading the model
+# The run's autoscaling settings. Those that ServeConfig does not have stay at Ray Serve's defaults
+# (look_back_period_s 30 s, downscale_to_zero_delay_s = downscale_delay_s) and are reported as such.
+SETTINGS = {"min_replicas": 1, "max_replicas": 3, "target_ongoing_requests": 1.0, "upscale_delay_s": 2.0,
+            "downscale_delay_s": 5.0, "look_back_period_s": 5.0, "downscale_to_zero_delay_s": 5.0,
+            "max_batch_size": 8, "batch_wait_timeout_s": 0.005}
+
+
+def autoscale_config(checkpoint: str, cpus_per_replica: float, port: int,
+                     overrides: dict | None = None) -> tuple[ServeConfig, list[str]]:
+    """The run's ServeConfig (SETTINGS, then `overrides`), and the names of the settings it cannot carry."""
+    settings = {**SETTINGS, **(overrides or {})}
+    known = {f.name for f in dataclasses.fields(ServeConfig)}
+    given = {k: v for k, v in settings.items() if k in known}
+    cfg = ServeConfig(checkpoint=checkpoint, port=port, name=APP, cpus_per_replica=cpus_per_replica, **given)
+    return cfg, sorted(set(settings) - known)
+
+
+def running_replicas(app: str, deployment: str = DEPLOYMENT) -> int:
+    """RUNNING replicas of `app`'s `deployment`, from Serve's status API (0 while the app is absent)."""
+    from ray import serve
+
+    status = serve.status().applications.get(app)
+    overview = status.deployments.get(deployment) if status else None
+    return int(overview.replica_states.get("RUNNING", 0)) if overview else 0
+
+
+class Timeline:
+    """(seconds since start, running replicas, phase), sampled every SAMPLE_S."""
+
+    def __init__(self, app: str):
+        self.app, self.t0, self.rows = app, time.monotonic(), []
+
+    def now(self) -> float:
+        return time.monotonic() - self.t0
+
+    def sample(self, phase: str, seconds: float, until=None) -> float | None:
+        """Sample for `seconds`, or until `until(replicas)` holds: returns when it held, else None."""
+        deadline = time.monotonic() + seconds
+        while True:
+            replicas, t = running_replicas(self.app), self.now()
+            self.rows.append((round(t, 2), replicas, phase))
+            if until is not None and until(replicas):
+                return t
+            if time.monotonic() >= deadline:
+                return None
+            time.sleep(SAMPLE_S)
+
+    def first(self, phase: str, test, start: float) -> float | None:
+        """Seconds from `start` to the first sample of `phase` whose replica count passes `test`."""
+        return next((round(t - start, 2) for t, n, p in self.rows if p == phase and test(n)), None)
+
+
+class LoadGenerator:
+    """`clients` threads POST the photos in turn over keep-alive connections until stopped; every answer's
+    time and status code (or exception name, for a request that got no HTTP answer) is kept."""
+
+    def __init__(self, url: str, photos: list[bytes], clients: int, clock: Timeline):
+        self.parts, self.photos, self.clients, self.clock = urlsplit(url), photos, clients, clock
+        self.answers: list[tuple[float, str]] = []
+        self.lock, self.halt = threading.Lock(), threading.Event()
+        self.threads = [threading.Thread(target=self._client, args=(i,), daemon=True) for i in range(clients)]
+
+    def start(self) -> None:
+        for t in self.threads:
+            t.start()
+
+    def stop(self) -> None:
+        self.halt.set()
+        deadline = time.monotonic() + REQUEST_TIMEOUT_S + 5
+        for t in self.threads:
+            t.join(max(0.0, deadline - time.monotonic()))
+        if any(t.is_alive() for t in self.threads):
+            raise RuntimeError(f"bench autoscale: load clients still waiting after {REQUEST_TIMEOUT_S:.0f}s")
+
+    def _client(self, i: int) -> None:
+        conn, k = self._connect(), i
+        while not self.halt.is_set():
+            body, k = self.photos[k % len(self.photos)], k + self.clients
+            try:
+                conn.request("POST", self.parts.path, body=body, headers={"Content-Type": "image/jpeg"})
+                response = conn.getresponse()
+                response.read()
+                code = str(response.status)
+            except (OSError, http.client.HTTPException) as exc:
+                code = type(exc).__name__
+                conn.close()
+                conn = self._connect()
+            with self.lock:
+                self.answers.append((self.clock.now(), code))
+        conn.close()
+
+    def _connect(self) -> http.client.HTTPConnection:
+        return http.client.HTTPConnection(self.parts.hostname, self.parts.port, timeout=REQUEST_TIMEOUT_S)
+
+
+def timed_request(url: str, photo: bytes) -> tuple[str, float]:
+    """One POST on a new connection: (status code or exception name, seconds)."""
+    parts = urlsplit(url)
+    conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=REQUEST_TIMEOUT_S)
+    started = time.perf_counter()
+    try:
+        conn.request("POST", parts.path, body=photo, headers={"Content-Type": "image/jpeg"})
+        response = conn.getresponse()
+        response.read()
+        code = str(response.status)
+    except (OSError, http.client.HTTPException) as exc:
+        code = type(exc).__name__
+    finally:
+        conn.close()
+    return code, time.perf_counter() - started
+
+
+def count(codes: dict[str, int], code: str) -> None:
+    codes[code] = codes.get(code, 0) + 1
+
+
+def scale_up_and_down(url: str, photos: list[bytes], clients: int, load_seconds: float, idle_seconds: float,
+                      clock: Timeline, minimum: int, codes: dict[str, int]) -> dict:
+    """idle -> load -> cooldown on the running application; replica counts and every answer recorded."""
+    clock.sample("idle", BASELINE_S)
+    print(f"autoscale: idle: {clock.rows[-1][1]} replica(s) before the load", flush=True)
+    load = LoadGenerator(url, photos, clients, clock)
+    load_start = clock.now()
+    load.start()
+    try:
+        clock.sample("load", load_seconds)
+    finally:
+        load.stop()
+    load_end = clock.now()
+    for _, code in load.answers:
+        count(codes, code)
+    ok = sum(code == "200" for _, code in load.answers)
+    seen = max(n for _, n, p in clock.rows if p == "load")
+    up = clock.first("load", lambda n: n > minimum, load_start)
+    full = clock.first("load", lambda n: n >= seen, load_start) if seen > minimum else None
+    print(f"autoscale: load: {clients} clients for {load_end - load_start:.0f}s, {len(load.answers)} requests "
+          f"({ok / (load_end - load_start):.1f}/s answered 200), replicas {minimum} -> {seen} (first added after "
+          f"{up}s, {seen} after {full}s), {len(load.answers) - ok} failed", flush=True)
+    down_at = clock.sample("cooldown", idle_seconds, until=lambda n: n <= minimum)
+    down = None if down_at is None else round(down_at - load_end, 2)
+    print(f"autoscale: cooldown: back to {minimum} replica(s) {down}s after the load stopped" if down is not None
+          else f"autoscale: cooldown: gave up, still {clock.rows[-1][1]} replicas {idle_seconds:.0f}s after the "
+          "load stopped", flush=True)
+    return {"load_start_s": round(load_start, 2), "load_end_s": round(load_end, 2), "requests": len(load.answers),
+            "requests_per_s": ok / (load_end - load_start), "answers": load.answers, "max_replicas_seen": seen,
+            "scale_up_s": up, "full_scale_up_s": full, "scale_down_s": down}
+
+
+def scale_to_zero(cfg: ServeConfig, photo: bytes, idle_seconds: float, clock: Timeline,
+                  codes: dict[str, int]) -> dict:
+    """Redeploy with min_replicas 0, wait (bounded) for 0 replicas, then a cold and a warm request."""
+    from distcls.serving import start
+
+    url = start(cfg, token="") + "/v1/classify"
+    since = clock.now()
+    zero_at = clock.sample("scale_to_zero", idle_seconds, until=lambda n: n == 0)
+    if zero_at is None:
+        print(f"autoscale: scale to zero: gave up, still {clock.rows[-1][1]} replica(s) {idle_seconds:.0f}s after "
+              "min_replicas became 0", flush=True)
+        return {"reached_zero": False, "zero_after_s": None, "cold_start_s": None, "warm_request_s": None}
+    cold_code, cold = timed_request(url, photo)
+    warm_code, warm = timed_request(url, photo)
+    count(codes, cold_code)
+    count(codes, warm_code)
+    clock.sample("scale_to_zero", 0)
+    print(f"autoscale: scale to zero: 0 replicas {zero_at - since:.1f}s after min_replicas became 0; first "
+          f"request {cold_code} in {cold:.2f}s (cold start), next {warm_code} in {warm:.3f}s", flush=True)
+    return {"reached_zero": True, "zero_after_s": round(zero_at - since, 2), "cold_start_s": cold,
+            "cold_status": cold_code, "warm_request_s": warm, "warm_status": warm_code}
+
+
+def plot(result: dict) -> bytes:
+    """Replicas over time (load phase shaded) and requests/s answered 200, one PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(10, 4.5))
+    t = [row[0] for row in result["timeline"]]
+    ax.step(t, [row[1] for row in result["timeline"]], where="post", color="tab:blue", label="running replicas")
+    ax.axvspan(result["load_start_s"], result["load_end_s"], color="tab:orange", alpha=0.15, label="load")
+    ax.set(xlabel="seconds", ylabel="classifier replicas", ylim=(-0.2, result["settings"]["max_replicas"] + 0.5),
+           title=f"distcls serve autoscaling: {result['clients']} clients, failed requests "
+                 f"{result['failed_requests']}")
+    ok = [a for a, code in result["answers"] if code == "200"]
+    if ok:
+        seconds = range(int(min(ok)), int(max(ok)) + 1)
+        per_s = [sum(1 for a in ok if s <= a < s + 1) for s in seconds]
+        twin = ax.twinx()
+        twin.plot([s + 0.5 for s in seconds], per_s, color="tab:green", alpha=0.6, label="requests/s (200)")
+        twin.set_ylabel("requests/s answered 200")
+        twin.legend(loc="upper right", fontsize=8)
+    ax.legend(loc="upper left", fontsize=8)
+    ax.grid(True, alpha=0.3)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def bench_autoscale(root: str, *, checkpoint: str | None = None, clients_high: int = 16, load_seconds: float = 40,
+                    idle_seconds: float = 40, cpus_per_replica: float = 0.5, out_png: str | None = None,
+                    port: int | None = None, overrides: dict | None = None) -> dict:
+    """Measure scale-up under load, scale-down after it and scale-to-zero with a cold start (module doc).
+
+    `checkpoint`: the model to serve (default: the ImageNet EfficientNet-Lite0 written under `root`);
+    `idle_seconds`: the longest wait for the replicas to fall back to the minimum, and again to 0;
+    `overrides`: ServeConfig fields that replace SETTINGS (e.g. {"target_ongoing_requests": 4}).
+    """
+    from distcls.bench import imagenet_checkpoint, make_photos, wait_healthy
+    from distcls.s3server import free_port
+    from distcls.serving import start, stop_app
+
+    cfg, unsupported = autoscale_config(checkpoint or imagenet_checkpoint(root), cpus_per_replica,
+                                        port or free_port(), overrides)
+    photos = make_photos(16, seed=3)
+    codes: dict[str, int] = {}
+    clock = Timeline(cfg.name)
+    try:
+        url = start(cfg, token="")
+        wait_healthy(f"{url}/healthz")
+        count(codes, timed_request(f"{url}/v1/classify", photos[0])[0])  # the model answers before we measure
+        run = scale_up_and_down(f"{url}/v1/classify", photos, clients_high, load_seconds, idle_seconds, clock,
+                                cfg.min_replicas, codes)
+        run.update(scale_to_zero(dataclasses.replace(cfg, min_replicas=0), photos[1], idle_seconds, clock, codes))
+    finally:
+        stop_app(cfg.name)
+    result = {**run, "timeline": clock.rows, "clients": clients_high, "status_codes": codes,
+              "failed_requests": sum(n for code, n in codes.items() if code != "200"),
+              "scaled_up": run["max_replicas_seen"] > cfg.min_replicas, "scaled_down": run["scale_down_s"] is not None,
+              "settings": {**to_dict(cfg), "not_in_serve_config": unsupported}}
+    print(f"autoscale: {result['failed_requests']} failed requests of {sum(codes.values())}: {codes}", flush=True)
+    if out_png:
+        storage.write_bytes(out_png, plot(result))
+    return result

@@ -1,0 +1,64 @@
+"""The engine inside Ray Data, and the prediction helpers every consumer shares.
+
+`BatchPredictor` is the callable class Ray Data's actor pool runs: the model is loaded once per actor
+(`load_model`, on the runtime the driver chose), each batch gets `logits` and loses `image`.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from distcls.infer.engine import load_model
+
+
+class BatchPredictor:
+    """Ray Data callable class: adds `logits` (float32) for the rows without `error`, drops `image`."""
+
+    def __init__(self, checkpoint: str, runtime: str = "auto", device: str | None = None, threads: int | None = None):
+        # Ray pins actors to OMP_NUM_THREADS = their CPU count; `threads` is that share, set explicitly.
+        self.predictor = load_model(checkpoint, runtime, device, threads)
+        self.num_classes = len(self.predictor.meta["class_names"])
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        ok = np.fromiter((not e for e in batch["error"]), dtype=bool, count=len(batch["error"]))
+        logits = np.zeros((len(ok), self.num_classes), dtype=np.float32)
+        if ok.any():
+            logits[ok] = self.predictor.predict(batch["image"][ok] if not ok.all() else batch["image"])
+        out = {k: v for k, v in batch.items() if k != "image"}
+        out["logits"] = logits
+        return out
+
+
+def predict_dataset(ds, checkpoint: str, batch_size: int, concurrency: int | tuple[int, ...], num_gpus: float,
+                    cpus_per_replica: float = 1.0, runtime: str = "auto"):
+    """Add `logits` with an actor pool of `concurrency` replicas (an int, or (MIN, MAX) to autoscale).
+    `runtime` should be what `prepare_runtime` chose in the driver, so actors never compile."""
+    return ds.map_batches(BatchPredictor, fn_constructor_kwargs={"checkpoint": checkpoint, "runtime": runtime,
+                                                                 "threads": max(1, int(cpus_per_replica))},
+                          batch_size=batch_size, batch_format="numpy", compute=actor_pool(concurrency),
+                          num_gpus=num_gpus or None, num_cpus=cpus_per_replica)
+
+
+def actor_pool(concurrency: int | tuple[int, ...]):
+    import ray.data
+
+    sizes = (concurrency,) if isinstance(concurrency, int) else tuple(concurrency)
+    if len(sizes) == 1:
+        return ray.data.ActorPoolStrategy(size=sizes[0])
+    return ray.data.ActorPoolStrategy(min_size=sizes[0], max_size=sizes[1])
+
+
+def softmax_topk(logits: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """(probabilities, top-k class indices by descending probability) for a (N, C) array of logits."""
+    logits = np.asarray(logits, dtype=np.float32)
+    shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
+    probs = shifted / shifted.sum(axis=1, keepdims=True)
+    order = np.argsort(-probs, axis=1, kind="stable")[:, :min(k, probs.shape[1])]
+    return probs, order
+
+
+def top_prediction(logits: np.ndarray, class_names: list[str], k: int) -> dict:
+    """One image's (C,) logits -> {"label", "score", "topk": [{"label", "score"}, ...]} (the endpoint's form)."""
+    probs, order = softmax_topk(np.asarray(logits)[None, :], k)
+    topk = [{"label": class_names[j], "score": float(probs[0, j])} for j in order[0]]
+    return {"label": topk[0]["label"], "score": topk[0]["score"], "topk": topk}
