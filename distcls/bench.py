@@ -8,9 +8,8 @@ same model, batch size, image size, optimizer and threads per process.
 EfficientNet-Lite0 against the same architecture from scratch, same budget; each picks its own learning
 rate on a held-out 20% of the training images; both are then scored on the full test split.
 
-`distcls bench serve`: requests/s and p50/p99 latency of `distcls serve` against a plain FastAPI +
-uvicorn + PyTorch server without batching (`distcls.plain_server`), same checkpoint and JPEGs, at 1, 4
-and 16 concurrent HTTP clients, the two servers measured in turn by the same load generator.
+`distcls bench label` (bench_label.py) and `distcls bench serve` (bench_serve.py): the inference paths
+against plain scripts and servers, one row per runtime (torch, onnx).
 """
 
 from __future__ import annotations
@@ -26,12 +25,12 @@ import numpy as np
 import torch
 
 from distcls import __version__, storage
-from distcls.config import BenchConfig, EvaluateConfig, FashionMnistConfig, TrainConfig, to_dict
+from distcls.config import BenchConfig, EvaluateConfig, FashionMnistConfig, TrainConfig
 from distcls.datasets import load_labeled_index
 from distcls.fmnist import write_fashion_mnist
-from distcls.models import (create_model, default_spec, forward_chunk, forward_in_chunks, get_model_info,
+from distcls.models import (create_model, default_spec, get_model_info,
                             head_parameter_names)
-from distcls.s3server import S3Server, free_port, restore_env, use_server_env
+from distcls.s3server import S3Server, restore_env, use_server_env
 from distcls.train.loop import build_optimizer, masked_loss
 from distcls.transforms import augment_batch, preprocess_bytes
 
@@ -187,99 +186,6 @@ def make_photos(n: int, seed: int = 0) -> list[bytes]:
     return out
 
 
-def plain_label_rate(cfg: BenchConfig, prefix: str, checkpoint: str, out_path: str) -> float:
-    """The baseline: list the prefix, load the checkpoint, DataLoader worker processes read the objects
-    (boto3), decode and preprocess with the same function; the model runs in eval/inference mode in the
-    main process; one Parquet written. Timed end to end, like `distcls label`."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-    from torch.utils.data import DataLoader, Dataset
-
-    from distcls.checkpoint import load_checkpoint
-    from distcls.images import IMAGE_EXTENSIONS
-
-    started = time.perf_counter()
-    paths = storage.list_files(prefix, IMAGE_EXTENSIONS)
-    device = torch.device("cuda" if cfg.use_gpu else "cpu")
-    model, meta = load_checkpoint(checkpoint, device)
-    spec = model.spec
-
-    class Objects(Dataset):
-        def __len__(self) -> int:
-            return len(paths)
-
-        def __getitem__(self, i: int):
-            return torch.from_numpy(preprocess_bytes(storage.read_bytes(paths[i]), spec)), i
-
-    loader = DataLoader(Objects(), batch_size=cfg.label_batch_size, num_workers=cfg.loader_workers,
-                        persistent_workers=False, prefetch_factor=4, pin_memory=cfg.use_gpu)
-    torch.set_num_threads(os.cpu_count() or 1)
-    names, labels, scores = [], [], []
-    with torch.inference_mode():
-        for images, idx in loader:
-            images = images.to(device, non_blocking=True)
-            probs = forward_in_chunks(model, images, forward_chunk(device)).float().softmax(-1).cpu()
-            top = probs.max(1)
-            names += [paths[i] for i in idx.tolist()]
-            labels += [meta["class_names"][j] for j in top.indices.tolist()]
-            scores += top.values.tolist()
-    pq.write_table(pa.table({"path": names, "label": labels, "score": pa.array(scores, pa.float32())}), out_path)
-    return len(paths) / (time.perf_counter() - started)
-
-
-def model_ceiling(cfg: BenchConfig, checkpoint: str) -> float:
-    """Forward passes alone on already-preprocessed uint8 tensors (already on the GPU with --use-gpu), all
-    cores: what no pipeline can beat."""
-    from distcls.checkpoint import load_checkpoint
-
-    device = torch.device("cuda" if cfg.use_gpu else "cpu")
-    model, _ = load_checkpoint(checkpoint, device)
-    torch.set_num_threads(os.cpu_count() or 1)
-    x = torch.randint(0, 256, (cfg.label_batch_size, 3, model.spec.image_size, model.spec.image_size),
-                      dtype=torch.uint8, device=device)
-    chunk = forward_chunk(device)
-
-    def sync() -> None:
-        if cfg.use_gpu:
-            torch.cuda.synchronize()
-
-    with torch.inference_mode():
-        for _ in range(3):
-            forward_in_chunks(model, x, chunk)
-        sync()
-        started, n = time.perf_counter(), 0
-        while time.perf_counter() - started < 10:
-            forward_in_chunks(model, x, chunk)
-            n += len(x)
-            if n % (20 * len(x)) == 0:
-                sync()
-        sync()
-    return n / (time.perf_counter() - started)
-
-
-def _decode_all(args: tuple[list[bytes], dict]) -> int:
-    from distcls.transforms import PreprocessSpec
-
-    photos, spec = args
-    spec = PreprocessSpec.from_dict(spec)
-    for data in photos:
-        preprocess_bytes(data, spec)
-    return len(photos)
-
-
-def decode_rate(photos: list[bytes], spec) -> float:
-    """Decode + preprocess alone (the same function every job uses), from memory, one process per core."""
-    from concurrent.futures import ProcessPoolExecutor
-
-    cores = os.cpu_count() or 1
-    chunks = [(photos[i::cores], spec.to_dict()) for i in range(cores)]
-    with ProcessPoolExecutor(cores) as pool:
-        list(pool.map(_decode_all, [(c[0][:4], c[1]) for c in chunks]))  # warm-up: imports, first decodes
-        started = time.perf_counter()
-        done = sum(pool.map(_decode_all, chunks))
-    return done / (time.perf_counter() - started)
-
-
 def imagenet_checkpoint(root: str, model: str = "efficientnet_lite0") -> str:
     """An ImageNet classifier as a checkpoint under root (written once per bench run): the bundled pretrained
     EfficientNet-Lite0, or another registry architecture with random weights (for throughput only: the
@@ -294,37 +200,6 @@ def imagenet_checkpoint(root: str, model: str = "efficientnet_lite0") -> str:
         weights = "bundled" if get_model_info(model).bundled else "none"
         checkpoint_from_pretrained(FromPretrainedConfig(out=checkpoint, model=model, weights=weights))
     return checkpoint
-
-
-def bench_label(cfg: BenchConfig, root: str) -> dict:
-    from distcls.config import LabelConfig
-    from distcls.label import run_labeling
-
-    checkpoint = imagenet_checkpoint(root, cfg.label_model)
-    photos = make_photos(cfg.label_images)
-    paths = [f"{root}/photos/{i:05d}.jpg" for i in range(len(photos))]
-    storage.write_many(zip(paths, photos))
-    ceiling = model_ceiling(cfg, checkpoint)
-    print(f"model alone on preprocessed tensors: {ceiling:.1f} images/s", flush=True)
-    from distcls.checkpoint import read_meta
-    from distcls.transforms import PreprocessSpec
-
-    decode = decode_rate(photos, PreprocessSpec.from_dict(read_meta(checkpoint)["preprocessing"]))
-    print(f"decode + preprocess alone ({os.cpu_count()} processes, from memory): {decode:.1f} images/s", flush=True)
-    with tempfile.TemporaryDirectory() as d:
-        plain = plain_label_rate(cfg, f"{root}/photos", checkpoint, os.path.join(d, "plain.parquet"))
-    print(f"plain DataLoader baseline ({cfg.loader_workers} workers): {plain:.1f} images/s", flush=True)
-    summary = run_labeling(LabelConfig(checkpoint=checkpoint, input=f"{root}/photos", output=f"{root}/labels",
-                                       batch_size=cfg.label_batch_size, concurrency=cfg.label_concurrency,
-                                       cpus_per_replica=cfg.label_cpus_per_replica,
-                                       num_gpus=1 if cfg.use_gpu else 0),
-                           progress=False)
-    ours = summary["images_per_s"]
-    print(f"distcls label: {ours:.1f} images/s = {ours / plain:.2f} of the DataLoader baseline, "
-          f"{ours / ceiling:.2f} of the model-only ceiling", flush=True)
-    return {"images": len(paths), "model": cfg.label_model, "model_only_images_per_s": ceiling, "decode_only_images_per_s": decode,
-            "dataloader_images_per_s": plain,
-            "distcls_images_per_s": ours, "ratio_vs_dataloader": ours / plain, "ratio_vs_ceiling": ours / ceiling}
 
 
 def load_test(url: str, photos: list[bytes], clients: int, seconds: float) -> dict:
@@ -389,57 +264,6 @@ def wait_healthy(url: str, timeout: float = 120) -> None:
         time.sleep(0.5)
 
 
-def bench_serve(cfg: BenchConfig, root: str) -> dict:
-    """distcls serve (Ray Serve, batching, N replicas) against one plain FastAPI + uvicorn + PyTorch
-    process without batching: same checkpoint, preprocessing and photos; the two servers are measured
-    in turn at each client count, with the same load generator."""
-    import subprocess
-    import sys
-
-    from ray import serve
-
-    from distcls.config import ServeConfig
-    from distcls.serving import start
-
-    checkpoint = imagenet_checkpoint(root)
-    photos = make_photos(cfg.serve_images, seed=1)
-    # What the hardware allows: forward passes alone, all cores, no HTTP and no decoding. A server can't
-    # answer more single-image requests per second than this.
-    ceiling = model_ceiling(dataclasses.replace(cfg, use_gpu=False, label_batch_size=cfg.serve_max_batch_size),
-                            checkpoint)
-    print(f"model alone on preprocessed tensors (batch {cfg.serve_max_batch_size}): {ceiling:.1f} images/s", flush=True)
-    plain_port, ours_port = free_port(), free_port()
-    plain = subprocess.Popen([sys.executable, "-m", "distcls.plain_server", checkpoint, str(plain_port)])
-    settings = ServeConfig(checkpoint=checkpoint, port=ours_port, min_replicas=cfg.serve_replicas,
-                           max_replicas=cfg.serve_replicas, cpus_per_replica=cfg.serve_cpus_per_replica,
-                           max_batch_size=cfg.serve_max_batch_size,
-                           batch_wait_timeout_s=cfg.serve_batch_wait_timeout_s, name="bench")
-    try:
-        ours_url = start(settings, token="")
-        urls = {"plain": f"http://127.0.0.1:{plain_port}", "distcls": ours_url}
-        for url in urls.values():
-            wait_healthy(f"{url}/healthz")
-            load_test(f"{url}/v1/classify", photos, 4, 3)  # warm-up: first batches, thread pools, caches
-        rows = []
-        for clients in cfg.serve_clients:
-            row = {name: load_test(f"{url}/v1/classify", photos, clients, cfg.serve_seconds)
-                   for name, url in urls.items()}
-            row["clients"] = clients
-            row["ratio_requests_per_s"] = row["distcls"]["requests_per_s"] / max(row["plain"]["requests_per_s"], 1e-9)
-            row["ratio_p99"] = row["distcls"]["p99_ms"] / max(row["plain"]["p99_ms"], 1e-9)
-            rows.append(row)
-            print(f"{clients:>3} clients: plain {row['plain']['requests_per_s']:6.1f} req/s "
-                  f"(p50 {row['plain']['p50_ms']:.0f} ms, p99 {row['plain']['p99_ms']:.0f} ms) | distcls "
-                  f"{row['distcls']['requests_per_s']:6.1f} req/s (p50 {row['distcls']['p50_ms']:.0f} ms, "
-                  f"p99 {row['distcls']['p99_ms']:.0f} ms) | ratio {row['ratio_requests_per_s']:.2f}x req/s, "
-                  f"{row['ratio_p99']:.2f}x p99", flush=True)
-    finally:
-        plain.terminate()
-        plain.wait(timeout=30)
-        serve.shutdown()
-    return {"photos": len(photos), "settings": to_dict(settings), "model_only_images_per_s": ceiling, "rows": rows}
-
-
 def table(results: dict) -> list[str]:
     """One line per measured ratio, next to its roadmap target (targets are for the 2-core CPU machine)."""
     rows = []
@@ -447,17 +271,26 @@ def table(results: dict) -> list[str]:
         if isinstance(value, dict):
             rows.append((f"train {key.replace('_', ', ')} vs plain loop (per worker)", value["ratio"], ">= 0.95"))
     if "label" in results:
-        rows += [("label vs DataLoader baseline", results["label"]["ratio_vs_dataloader"], ">= 1.0"),
-                 ("label vs model-only ceiling", results["label"]["ratio_vs_ceiling"], ">= 0.7")]
-    for row in results.get("serve", {}).get("rows", []):
-        at16 = row["clients"] == 16
-        if at16:
-            rows.append(("serve: plain req/s at 16 clients / model-only images/s",
-                         row["plain"]["requests_per_s"] / results["serve"]["model_only_images_per_s"], None))
-        rows += [(f"serve req/s vs plain server, {row['clients']} clients", row["ratio_requests_per_s"],
-                  ">= 1.5" if at16 else None),
-                 (f"serve p99 latency vs plain server, {row['clients']} clients", row["ratio_p99"],
-                  "<= 2" if at16 else None)]
+        label = results["label"]
+        rows += [("label vs plain PyTorch DataLoader script", label["ratio_vs_plain_torch"], ">= 2.0"),
+                 (f"label vs plain {label['default_runtime']} DataLoader script (same runtime)",
+                  label["ratio_vs_plain_same_runtime"], ">= 0.9"),
+                 (f"label vs {label['default_runtime']} model-only ceiling", label["ratio_vs_ceiling_same_runtime"],
+                  ">= 0.6"),
+                 ("label top-1 agreement, default runtime vs torch", label["top1_agreement_default_vs_torch"],
+                  ">= 0.995")]
+    if "serve" in results:
+        serve, n = results["serve"], results["serve"]["ratio_clients"]
+        rows += [(f"serve req/s vs plain PyTorch server, {n} clients", serve["ratio_rps_vs_plain_torch"], ">= 1.5"),
+                 (f"serve p99 vs plain PyTorch server, {n} clients", serve["ratio_p99_vs_plain_torch"], "<= 1.0"),
+                 (f"serve req/s vs plain {serve['default_runtime']} server, {n} clients",
+                  serve["ratio_rps_vs_plain_same_runtime"], ">= 0.8")]
+    if "autoscale" in results:
+        a = results["autoscale"]
+        rows += [("autoscale: most classifier replicas under load (1..3)", a["max_replicas_seen"], "> 1"),
+                 ("autoscale: seconds from the end of load back to 1 replica", a["scale_down_s"] or float("nan"), None),
+                 ("autoscale: failed requests", a["failed_requests"], "0"),
+                 ("autoscale: cold start from 0 replicas, seconds", a["cold_start_s"] or float("nan"), None)]
     if "transfer" in results:
         rows.append(("transfer: pretrained minus scratch test accuracy", results["transfer"]["pretrained_minus_scratch"],
                      None))
@@ -484,9 +317,20 @@ def run_bench(cfg: BenchConfig) -> dict:
             if cfg.which in ("train", "all"):
                 results["train"] = bench_train(cfg, "s3://bench")
             if cfg.which in ("label", "all"):
-                results["label"] = bench_label(cfg, "s3://bench")
+                from distcls.bench_label import bench_label
+
+                with tempfile.TemporaryDirectory(prefix="distcls-bench-label-") as local:
+                    results["label"] = bench_label(cfg, "s3://bench" if cfg.label_storage == "s3" else local)
             if cfg.which in ("serve", "all"):
+                from distcls.bench_serve import bench_serve
+
                 results["serve"] = bench_serve(cfg, "s3://bench")
+            if cfg.which in ("autoscale", "all"):
+                from distcls.bench_autoscale import bench_autoscale
+
+                results["autoscale"] = bench_autoscale(
+                    "s3://bench", clients_high=cfg.autoscale_clients, load_seconds=cfg.autoscale_load_seconds,
+                    idle_seconds=cfg.autoscale_idle_seconds, out_png=os.path.splitext(cfg.out)[0] + "-autoscale.png")
             if cfg.which in ("transfer", "all"):
                 results["transfer"] = bench_transfer(cfg, "s3://bench")
             if cfg.which in ("recipe", "all"):

@@ -27,9 +27,9 @@ BASELINE_S = 3.0
 REQUEST_TIMEOUT_S = 120.0  # a cold start includes starting a replica process and loading the model
 # The run's autoscaling settings. Those that ServeConfig does not have stay at Ray Serve's defaults
 # (look_back_period_s 30 s, downscale_to_zero_delay_s = downscale_delay_s) and are reported as such.
+# look_back_period_s must stay above Ray Serve's 10 s metrics interval (a FutureWarning, later an error).
 SETTINGS = {"min_replicas": 1, "max_replicas": 3, "target_ongoing_requests": 1.0, "upscale_delay_s": 2.0,
-            "downscale_delay_s": 5.0, "look_back_period_s": 5.0, "downscale_to_zero_delay_s": 5.0,
-            "max_batch_size": 8, "batch_wait_timeout_s": 0.005}
+            "downscale_delay_s": 5.0, "look_back_period_s": 15.0, "downscale_to_zero_delay_s": 5.0}
 
 
 def autoscale_config(checkpoint: str, cpus_per_replica: float, port: int,
@@ -42,39 +42,46 @@ def autoscale_config(checkpoint: str, cpus_per_replica: float, port: int,
     return cfg, sorted(set(settings) - known)
 
 
-def running_replicas(app: str, deployment: str = DEPLOYMENT) -> int:
-    """RUNNING replicas of `app`'s `deployment`, from Serve's status API (0 while the app is absent)."""
+def replica_states(app: str, deployment: str = DEPLOYMENT) -> dict[str, int]:
+    """Replicas of `app`'s `deployment` by state (RUNNING, STARTING, STOPPING, ...), from Serve's status API."""
     from ray import serve
 
     status = serve.status().applications.get(app)
     overview = status.deployments.get(deployment) if status else None
-    return int(overview.replica_states.get("RUNNING", 0)) if overview else 0
+    return {str(getattr(k, "value", k)): int(v) for k, v in overview.replica_states.items()} if overview else {}
+
+
+def live(states: dict[str, int]) -> int:
+    """Replicas serving or on their way to serve (all but STOPPING and STOPPED ones)."""
+    return sum(n for state, n in states.items() if state not in ("STOPPING", "STOPPED"))
 
 
 class Timeline:
-    """(seconds since start, running replicas, phase), sampled every SAMPLE_S."""
+    """(seconds since start, RUNNING replicas, phase), sampled every SAMPLE_S; `live` has the same rows
+    with the replicas that are running or starting."""
 
     def __init__(self, app: str):
-        self.app, self.t0, self.rows = app, time.monotonic(), []
+        self.app, self.t0, self.rows, self.live = app, time.monotonic(), [], []
 
     def now(self) -> float:
         return time.monotonic() - self.t0
 
     def sample(self, phase: str, seconds: float, until=None) -> float | None:
-        """Sample for `seconds`, or until `until(replicas)` holds: returns when it held, else None."""
+        """Sample for `seconds`, or until `until(states)` holds: returns when it held, else None."""
         deadline = time.monotonic() + seconds
         while True:
-            replicas, t = running_replicas(self.app), self.now()
-            self.rows.append((round(t, 2), replicas, phase))
-            if until is not None and until(replicas):
+            states, t = replica_states(self.app), self.now()
+            self.rows.append((round(t, 2), states.get("RUNNING", 0), phase))
+            self.live.append((round(t, 2), live(states), phase))
+            if until is not None and until(states):
                 return t
             if time.monotonic() >= deadline:
                 return None
             time.sleep(SAMPLE_S)
 
-    def first(self, phase: str, test, start: float) -> float | None:
+    def first(self, phase: str, test, start: float, rows: list | None = None) -> float | None:
         """Seconds from `start` to the first sample of `phase` whose replica count passes `test`."""
-        return next((round(t - start, 2) for t, n, p in self.rows if p == phase and test(n)), None)
+        return next((round(t - start, 2) for t, n, p in rows or self.rows if p == phase and test(n)), None)
 
 
 class LoadGenerator:
@@ -141,16 +148,29 @@ def count(codes: dict[str, int], code: str) -> None:
     codes[code] = codes.get(code, 0) + 1
 
 
-def scale_up_and_down(url: str, photos: list[bytes], clients: int, load_seconds: float, idle_seconds: float,
-                      clock: Timeline, minimum: int, codes: dict[str, int]) -> dict:
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """The load and the bounds of the phases: `idle_seconds` is the longest wait for the replicas to fall
+    back to the minimum (and, later, to 0); `stop_at_max` ends the load once max_replicas are running."""
+
+    clients: int
+    load_seconds: float
+    idle_seconds: float
+    stop_at_max: bool = False
+
+
+def scale_up_and_down(url: str, photos: list[bytes], cfg: ServeConfig, plan: Plan, clock: Timeline,
+                      codes: dict[str, int]) -> dict:
     """idle -> load -> cooldown on the running application; replica counts and every answer recorded."""
+    low, high = cfg.min_replicas, cfg.max_replicas
     clock.sample("idle", BASELINE_S)
     print(f"autoscale: idle: {clock.rows[-1][1]} replica(s) before the load", flush=True)
-    load = LoadGenerator(url, photos, clients, clock)
+    load = LoadGenerator(url, photos, plan.clients, clock)
     load_start = clock.now()
     load.start()
     try:
-        clock.sample("load", load_seconds)
+        clock.sample("load", plan.load_seconds,
+                     until=(lambda states: states.get("RUNNING", 0) >= high) if plan.stop_at_max else None)
     finally:
         load.stop()
     load_end = clock.now()
@@ -158,19 +178,22 @@ def scale_up_and_down(url: str, photos: list[bytes], clients: int, load_seconds:
         count(codes, code)
     ok = sum(code == "200" for _, code in load.answers)
     seen = max(n for _, n, p in clock.rows if p == "load")
-    up = clock.first("load", lambda n: n > minimum, load_start)
-    full = clock.first("load", lambda n: n >= seen, load_start) if seen > minimum else None
-    print(f"autoscale: load: {clients} clients for {load_end - load_start:.0f}s, {len(load.answers)} requests "
-          f"({ok / (load_end - load_start):.1f}/s answered 200), replicas {minimum} -> {seen} (first added after "
-          f"{up}s, {seen} after {full}s), {len(load.answers) - ok} failed", flush=True)
-    down_at = clock.sample("cooldown", idle_seconds, until=lambda n: n <= minimum)
+    asked = clock.first("load", lambda n: n > low, load_start, clock.live)
+    up = clock.first("load", lambda n: n > low, load_start)
+    full = clock.first("load", lambda n: n >= seen, load_start) if seen > low else None
+    growth = (f"more asked for after {asked}s, first one running after {up}s, {seen} after {full}s"
+              if up is not None else "none added")
+    print(f"autoscale: load: {plan.clients} clients for {load_end - load_start:.0f}s, {len(load.answers)} requests "
+          f"({ok / (load_end - load_start):.1f}/s answered 200), replicas {low} -> {seen} ({growth}), "
+          f"{len(load.answers) - ok} failed", flush=True)
+    down_at = clock.sample("cooldown", plan.idle_seconds, until=lambda states: live(states) <= low)
     down = None if down_at is None else round(down_at - load_end, 2)
-    print(f"autoscale: cooldown: back to {minimum} replica(s) {down}s after the load stopped" if down is not None
-          else f"autoscale: cooldown: gave up, still {clock.rows[-1][1]} replicas {idle_seconds:.0f}s after the "
-          "load stopped", flush=True)
+    print(f"autoscale: cooldown: back to {low} replica(s) {down}s after the load stopped" if down is not None
+          else f"autoscale: cooldown: gave up, still {clock.rows[-1][1]} replicas {plan.idle_seconds:.0f}s after "
+          "the load stopped", flush=True)
     return {"load_start_s": round(load_start, 2), "load_end_s": round(load_end, 2), "requests": len(load.answers),
             "requests_per_s": ok / (load_end - load_start), "answers": load.answers, "max_replicas_seen": seen,
-            "scale_up_s": up, "full_scale_up_s": full, "scale_down_s": down}
+            "upscale_started_s": asked, "scale_up_s": up, "full_scale_up_s": full, "scale_down_s": down}
 
 
 def scale_to_zero(cfg: ServeConfig, photo: bytes, idle_seconds: float, clock: Timeline,
@@ -178,34 +201,45 @@ def scale_to_zero(cfg: ServeConfig, photo: bytes, idle_seconds: float, clock: Ti
     """Redeploy with min_replicas 0, wait (bounded) for 0 replicas, then a cold and a warm request."""
     from distcls.serving import start
 
-    url = start(cfg, token="") + "/v1/classify"
     since = clock.now()
-    zero_at = clock.sample("scale_to_zero", idle_seconds, until=lambda n: n == 0)
+    clock.sample("scale_to_zero", 0)
+    url = start(cfg, token="") + "/v1/classify"  # blocks while Serve redeploys (replicas not sampled meanwhile)
+    zero_at = clock.sample("scale_to_zero", idle_seconds, until=lambda states: live(states) == 0)
+    out = {"redeploy_at_s": round(since, 2), "reached_zero": zero_at is not None, "zero_after_s": None,
+           "cold_start_at_s": None, "cold_start_s": None, "cold_status": None, "warm_request_s": None,
+           "warm_status": None}
     if zero_at is None:
-        print(f"autoscale: scale to zero: gave up, still {clock.rows[-1][1]} replica(s) {idle_seconds:.0f}s after "
-              "min_replicas became 0", flush=True)
-        return {"reached_zero": False, "zero_after_s": None, "cold_start_s": None, "warm_request_s": None}
+        print(f"autoscale: scale to zero: gave up, still {clock.rows[-1][1]} replica(s) {clock.now() - since:.0f}s "
+              "after the redeploy with min_replicas 0 began", flush=True)
+        return out
+    sent = clock.now()
     cold_code, cold = timed_request(url, photo)
     warm_code, warm = timed_request(url, photo)
     count(codes, cold_code)
     count(codes, warm_code)
-    clock.sample("scale_to_zero", 0)
-    print(f"autoscale: scale to zero: 0 replicas {zero_at - since:.1f}s after min_replicas became 0; first "
-          f"request {cold_code} in {cold:.2f}s (cold start), next {warm_code} in {warm:.3f}s", flush=True)
-    return {"reached_zero": True, "zero_after_s": round(zero_at - since, 2), "cold_start_s": cold,
+    clock.sample("cold_start", 0)
+    print(f"autoscale: scale to zero: 0 replicas {zero_at - since:.1f}s after the redeploy with min_replicas 0 began; "
+          f"first request {cold_code} in {cold:.2f}s (cold start), next {warm_code} in {warm:.3f}s", flush=True)
+    return {**out, "zero_after_s": round(zero_at - since, 2), "cold_start_at_s": round(sent, 2), "cold_start_s": cold,
             "cold_status": cold_code, "warm_request_s": warm, "warm_status": warm_code}
 
 
 def plot(result: dict) -> bytes:
-    """Replicas over time (load phase shaded) and requests/s answered 200, one PNG."""
+    """Replicas over time (load phase shaded, the cold request marked) and requests/s answered 200, one PNG."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(10, 4.5))
-    t = [row[0] for row in result["timeline"]]
-    ax.step(t, [row[1] for row in result["timeline"]], where="post", color="tab:blue", label="running replicas")
+    for rows, style, label in ((result["live_timeline"], ":", "running or starting"),
+                               (result["timeline"], "-", "running replicas")):
+        ax.step([r[0] for r in rows], [r[1] for r in rows], style, where="post", color="tab:blue", label=label)
+    ax.axvline(result["redeploy_at_s"], color="tab:gray", linestyle="--", alpha=0.6,
+               label="redeploy with min_replicas 0")
+    if result.get("cold_start_s") is not None:
+        ax.axvline(result["cold_start_at_s"], color="tab:red", alpha=0.6,
+                   label=f"first request at 0 replicas (answered in {result['cold_start_s']:.1f}s)")
     ax.axvspan(result["load_start_s"], result["load_end_s"], color="tab:orange", alpha=0.15, label="load")
     ax.set(xlabel="seconds", ylabel="classifier replicas", ylim=(-0.2, result["settings"]["max_replicas"] + 0.5),
            title=f"distcls serve autoscaling: {result['clients']} clients, failed requests "
@@ -228,13 +262,12 @@ def plot(result: dict) -> bytes:
 
 
 def bench_autoscale(root: str, *, checkpoint: str | None = None, clients_high: int = 16, load_seconds: float = 40,
-                    idle_seconds: float = 40, cpus_per_replica: float = 0.5, out_png: str | None = None,
-                    port: int | None = None, overrides: dict | None = None) -> dict:
+                    idle_seconds: float = 60, cpus_per_replica: float = 0.5, out_png: str | None = None,
+                    port: int | None = None, overrides: dict | None = None, stop_at_max: bool = False) -> dict:
     """Measure scale-up under load, scale-down after it and scale-to-zero with a cold start (module doc).
 
     `checkpoint`: the model to serve (default: the ImageNet EfficientNet-Lite0 written under `root`);
-    `idle_seconds`: the longest wait for the replicas to fall back to the minimum, and again to 0;
-    `overrides`: ServeConfig fields that replace SETTINGS (e.g. {"target_ongoing_requests": 4}).
+    `overrides`: ServeConfig fields over SETTINGS; `idle_seconds`, `stop_at_max`: see Plan.
     """
     from distcls.bench import imagenet_checkpoint, make_photos, wait_healthy
     from distcls.s3server import free_port
@@ -242,6 +275,7 @@ def bench_autoscale(root: str, *, checkpoint: str | None = None, clients_high: i
 
     cfg, unsupported = autoscale_config(checkpoint or imagenet_checkpoint(root), cpus_per_replica,
                                         port or free_port(), overrides)
+    plan = Plan(clients_high, load_seconds, idle_seconds, stop_at_max)
     photos = make_photos(16, seed=3)
     codes: dict[str, int] = {}
     clock = Timeline(cfg.name)
@@ -249,12 +283,12 @@ def bench_autoscale(root: str, *, checkpoint: str | None = None, clients_high: i
         url = start(cfg, token="")
         wait_healthy(f"{url}/healthz")
         count(codes, timed_request(f"{url}/v1/classify", photos[0])[0])  # the model answers before we measure
-        run = scale_up_and_down(f"{url}/v1/classify", photos, clients_high, load_seconds, idle_seconds, clock,
-                                cfg.min_replicas, codes)
+        run = scale_up_and_down(f"{url}/v1/classify", photos, cfg, plan, clock, codes)
         run.update(scale_to_zero(dataclasses.replace(cfg, min_replicas=0), photos[1], idle_seconds, clock, codes))
     finally:
         stop_app(cfg.name)
-    result = {**run, "timeline": clock.rows, "clients": clients_high, "status_codes": codes,
+    result = {**run, "timeline": clock.rows, "live_timeline": clock.live, "clients": clients_high,
+              "status_codes": codes,
               "failed_requests": sum(n for code, n in codes.items() if code != "200"),
               "scaled_up": run["max_replicas_seen"] > cfg.min_replicas, "scaled_down": run["scale_down_s"] is not None,
               "settings": {**to_dict(cfg), "not_in_serve_config": unsupported}}

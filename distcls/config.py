@@ -482,7 +482,7 @@ class BenchConfig:
     """`distcls bench`: measured ratios against plain PyTorch, side by side in one run."""
 
     which: str = opt("train", help="which benchmark",
-                     choices=("train", "label", "serve", "transfer", "recipe", "all"))
+                     choices=("train", "label", "serve", "autoscale", "transfer", "recipe", "all"))
     model: str = opt("efficientnet_lite0", help="architecture for the train benchmark")
     images_per_class: int = opt(20, help="Fashion-MNIST images per class for the train benchmark")
     image_size: int = opt(64, help="model input size")
@@ -509,10 +509,16 @@ class BenchConfig:
     use_gpu: bool = opt(False, help="train and label on the GPU (bf16, channels_last), baselines too")
     label_model: str = opt("efficientnet_lite0", help="ImageNet classifier for the label benchmark (others than "
                            "the bundled efficientnet_lite0 get random weights: throughput only)")
-    label_images: int = opt(1000, help="JPEGs (500x375, from real photos) for the label benchmark")
-    label_batch_size: int = opt(32, help="images per forward pass in the label benchmark")
+    label_images: int = opt(5000, help="JPEGs (500x375, from real photos) for the label benchmark")
+    label_batch_size: int = opt(64, help="images per forward pass in the label benchmark (distcls label's default)")
+    label_storage: str = opt("local", help="where the label benchmark's JPEGs live: local (a folder) or s3 (the "
+                             "embedded S3 server, which serves ~50 objects/s on 2 cores and then caps every labeler)",
+                             choices=("local", "s3"))
+    label_large_photos: int = opt(24, help="12-megapixel JPEGs the decode measurement of the label benchmark uses")
+    ceiling_seconds: float = opt(10.0, help="seconds each model-only ceiling is timed for")
     label_concurrency: tuple[int, ...] = opt((1,), help="distcls label model replicas (N or MIN,MAX)")
-    label_cpus_per_replica: float = opt(2.0, help="CPUs (torch threads) per distcls label replica")
+    label_cpus_per_replica: float = opt(1.0, help="CPUs (runtime threads) per distcls label replica (distcls label's "
+                                        "default)")
     loader_workers: int = opt(2, help="DataLoader worker processes of the label baseline")
     serve_images: int = opt(32, help="distinct JPEGs (500x375, from real photos) the serve clients send")
     serve_clients: tuple[int, ...] = opt((1, 4, 16), help="concurrent HTTP clients to measure, comma-separated")
@@ -521,11 +527,15 @@ class BenchConfig:
     serve_cpus_per_replica: float = opt(1.0, help="CPUs (torch threads) per distcls serve replica")
     serve_max_batch_size: int = opt(8, help="distcls serve --max-batch-size for the measurement")
     serve_batch_wait_timeout_s: float = opt(0.0, help="distcls serve --batch-wait-timeout-s for the measurement")
+    autoscale_clients: int = opt(16, help="HTTP clients of the autoscaling benchmark's load phase")
+    autoscale_load_seconds: float = opt(40.0, help="longest load phase of the autoscaling benchmark")
+    autoscale_idle_seconds: float = opt(60.0, help="longest wait for scale-down and for scale-to-zero")
     out: str = opt("bench.json", help="where to write every figure (JSON)")
 
     def __post_init__(self) -> None:
         p = Problems()
         check_choice(p, self, "which")
+        check_choice(p, self, "label_storage")
         p.check(self.images_per_class >= 4, "images_per_class", self.images_per_class, "must be at least 4")
         p.check(self.epochs >= 1, "epochs", self.epochs, "must be at least 1")
         p.check(all(w >= 1 for w in self.workers), "workers", self.workers, "worker counts must be >= 1")
@@ -565,10 +575,14 @@ class LabelConfig:
                               "the extension filter, e.g. '*.jpg' or 'cams/*/*.png'")
     rows_per_part: int = opt(512, help="rows per Parquet part: the unit of progress a restart keeps")
     runtime: str = opt("auto", help=RUNTIME_HELP, choices=RUNTIMES)
+    pipeline: str = opt("auto", help="fused: the model actors also read and decode (no decode tasks; the CPU "
+                        "default); split: decode in Ray Data tasks, predict in actors (the GPU default)",
+                        choices=("auto", "fused", "split"))
 
     def __post_init__(self) -> None:
         p = Problems()
         check_choice(p, self, "runtime")
+        check_choice(p, self, "pipeline")
         for name in ("checkpoint", "input", "output"):
             p.check(bool(getattr(self, name)), name, getattr(self, name), "is required")
         p.check(self.top_k >= 1, "top_k", self.top_k, "must be at least 1")
@@ -595,6 +609,10 @@ class ServeConfig:
     upscale_delay_s: float = opt(30.0, help="autoscaling: seconds of load above target before adding replicas")
     downscale_delay_s: float = opt(600.0, help="autoscaling: seconds of load below target before removing replicas "
                                    "(also the idle time before scaling to zero with --min-replicas 0)")
+    look_back_period_s: float = opt(30.0, help="autoscaling: seconds of request metrics each decision averages "
+                                    "(more than Ray Serve's 10 s metrics interval)")
+    downscale_to_zero_delay_s: float | None = opt(None, help="autoscaling: seconds at 1 replica without requests "
+                                                  "before going to 0 with --min-replicas 0 (default: --downscale-delay-s)")
     max_batch_size: int = opt(32, help="most images per forward pass (@serve.batch)")
     runtime: str = opt("auto", help=RUNTIME_HELP, choices=RUNTIMES)
     batch_wait_timeout_s: float = opt(0.01, help="longest wait for a batch to fill")
@@ -622,6 +640,10 @@ class ServeConfig:
                 "must be positive")
         p.check(self.upscale_delay_s >= 0, "upscale_delay_s", self.upscale_delay_s, "must be >= 0")
         p.check(self.downscale_delay_s >= 0, "downscale_delay_s", self.downscale_delay_s, "must be >= 0")
+        p.check(self.look_back_period_s > 10, "look_back_period_s", self.look_back_period_s,
+                "must be more than 10 (Ray Serve's metrics interval)")
+        p.check(self.downscale_to_zero_delay_s is None or self.downscale_to_zero_delay_s >= 0,
+                "downscale_to_zero_delay_s", self.downscale_to_zero_delay_s, "must be >= 0")
         check_choice(p, self, "runtime")
         p.check(self.max_batch_size >= 1, "max_batch_size", self.max_batch_size, "must be at least 1")
         p.check(self.batch_wait_timeout_s >= 0, "batch_wait_timeout_s", self.batch_wait_timeout_s, "must be >= 0")

@@ -23,7 +23,7 @@ import numpy as np
 from distcls import DistclsError, storage
 from distcls.checkpoint import checkpoint_id
 from distcls.config import LabelConfig
-from distcls.datasets import build_image_dataset, decode_sample
+from distcls.datasets import ROWS_PER_BLOCK, build_image_dataset, decode_sample
 from distcls.infer import predict_dataset, prepare_runtime, softmax_topk, verify_model
 from distcls.images import IMAGE_EXTENSIONS
 from distcls.runtime import init_ray
@@ -147,9 +147,16 @@ def run_labeling(cfg: LabelConfig, progress: bool = True) -> dict:
         summary.update(runtime=runtime, runtime_note=note)
         print(f"label: runtime {runtime} ({note})", flush=True)
         init_ray()
-        ds = build_image_dataset([{"path": p} for p in todo], spec)
+        fused = cfg.pipeline == "fused" or (cfg.pipeline == "auto" and not cfg.num_gpus)
+        if fused:
+            import ray.data
+
+            ds = ray.data.from_items([{"path": p} for p in todo],
+                                     override_num_blocks=max(1, -(-len(todo) // ROWS_PER_BLOCK)))
+        else:
+            ds = build_image_dataset([{"path": p} for p in todo], spec)
         ds = predict_dataset(ds, cfg.checkpoint, cfg.batch_size, cfg.concurrency, cfg.num_gpus, cfg.cpus_per_replica,
-                             runtime)
+                             runtime, decode=fused)
         ds = ds.map_batches(write_part, fn_kwargs={
             "output": cfg.output, "class_names": meta["class_names"], "model_id": checkpoint_id(meta),
             "top_k": cfg.top_k}, batch_size=cfg.rows_per_part, batch_format="numpy")

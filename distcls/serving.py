@@ -428,6 +428,15 @@ class Ingress:
 
 # --- building and running the application ---------------------------------------------------------------
 
+def autoscaling_delays(cfg: ServeConfig) -> dict:
+    """The classifier's autoscaling timing: how fast it follows load up, down and to zero."""
+    delays = {"upscale_delay_s": cfg.upscale_delay_s, "downscale_delay_s": cfg.downscale_delay_s,
+              "look_back_period_s": cfg.look_back_period_s}
+    if cfg.downscale_to_zero_delay_s is not None:
+        delays["downscale_to_zero_delay_s"] = cfg.downscale_to_zero_delay_s
+    return delays
+
+
 def application(cfg: ServeConfig, token_sha256: str | None = None):
     """The Serve application for `cfg` (a bound Ingress in front of an autoscaling classifier)."""
     classifier = ImageClassifier.options(
@@ -436,7 +445,7 @@ def application(cfg: ServeConfig, token_sha256: str | None = None):
         autoscaling_config={"min_replicas": cfg.min_replicas, "max_replicas": cfg.max_replicas,
                             "initial_replicas": max(1, cfg.min_replicas),
                             "target_ongoing_requests": cfg.target_ongoing_requests,
-                            "upscale_delay_s": cfg.upscale_delay_s, "downscale_delay_s": cfg.downscale_delay_s},
+                            **autoscaling_delays(cfg)},
         max_ongoing_requests=cfg.max_ongoing_requests,
         max_queued_requests=cfg.max_queued_requests,
         user_config={"checkpoint": cfg.checkpoint},
@@ -448,7 +457,9 @@ def application(cfg: ServeConfig, token_sha256: str | None = None):
         name="Ingress",
         ray_actor_options={"num_cpus": 0.5},
         autoscaling_config={"min_replicas": 1, "max_replicas": cfg.max_replicas,
-                            "target_ongoing_requests": 4 * cfg.target_ongoing_requests},
+                            "target_ongoing_requests": 4 * cfg.target_ongoing_requests,
+                            "upscale_delay_s": cfg.upscale_delay_s, "downscale_delay_s": cfg.downscale_delay_s,
+                            "look_back_period_s": cfg.look_back_period_s},
         # Admission is the Ingress's own (JSON 503s). Ray's limits sit above it, the proxy's queue included
         # (it also holds requests while their replica is being chosen): only a flood of more concurrent
         # requests than both together reaches them, and gets Ray's plain-text 503.

@@ -23,7 +23,8 @@ def settings(model: str, smoke: bool) -> dict:
     if smoke:  # the same stages, sized for a CPU test run
         return dict(model=model, label_model=model, use_gpu=False, image_size=32, batch_size=8, images_per_class=4,
                     epochs=2, warmup_steps=1, workers=(1,), train_data=("streamed",), label_images=8,
-                    label_batch_size=8, loader_workers=1, label_cpus_per_replica=1.0)
+                    label_batch_size=8, loader_workers=1, label_cpus_per_replica=1.0, ceiling_seconds=1.0,
+                    label_large_photos=2)
     cores = os.cpu_count() or 1
     return dict(model=model, label_model=model, use_gpu=True, image_size=224, batch_size=128, images_per_class=200,
                 epochs=3, warmup_steps=5, workers=(1,), train_data=("streamed",), label_images=2000,
@@ -45,7 +46,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     from distcls import storage
-    from distcls.bench import bench_label, bench_train, machine, table
+    from distcls.bench import bench_train, machine, table
+    from distcls.bench_label import bench_label
     from distcls.config import BenchConfig
     from distcls.runtime import init_ray
     from distcls.s3server import S3Server, restore_env, use_server_env

@@ -20,7 +20,9 @@ def test_bench_all_tiny(tmp_path):
          "--batch-size", "8", "--epochs", "1", "--workers", "1", "--label-images", "8", "--serve-images", "4",
          "--serve-clients", "1,16", "--serve-seconds", "1", "--transfer-per-class", "4", "--transfer-epochs", "1",
          "--transfer-lrs", "0.001", "--transfer-test-per-class", "2", "--recipe-settings", "faces",
-         "--recipe-seeds", "1", "--recipe-epochs", "1", "--out", str(out)],
+         "--recipe-seeds", "1", "--recipe-epochs", "1", "--label-large-photos", "2", "--ceiling-seconds", "1",
+         "--autoscale-clients", "2", "--autoscale-load-seconds", "3", "--autoscale-idle-seconds", "10",
+         "--out", str(out)],
         capture_output=True, text=True, timeout=1200, env=env)
     assert result.returncode == 0, (result.stdout[-3000:], result.stderr[-3000:])
     bench = json.loads(out.read_text())
@@ -31,17 +33,28 @@ def test_bench_all_tiny(tmp_path):
     for key in ("streamed_1w", "cached_1w"):
         assert train[key]["images_per_s_per_worker"] > 0 and train[key]["ratio"] > 0
     label = bench["label"]
-    for key in ("model_only_images_per_s", "decode_only_images_per_s", "dataloader_images_per_s",
-                "distcls_images_per_s", "ratio_vs_dataloader", "ratio_vs_ceiling"):
+    assert label["default_runtime"] == "onnx" and label["images"] == 8
+    for key in ("ratio_vs_plain_torch", "ratio_vs_plain_same_runtime", "ratio_vs_ceiling_same_runtime"):
         assert label[key] > 0, key
-    assert bench["serve"]["model_only_images_per_s"] > 0
-    rows = bench["serve"]["rows"]
-    assert [r["clients"] for r in rows] == [1, 16]
+    for runtime in ("torch", "onnx"):
+        row = label["rows"][runtime]
+        assert row["model_only_images_per_s"] > 0 and row["plain_images_per_s"] > 0 and row["distcls_images_per_s"] > 0
+    assert 0 <= label["top1_agreement_default_vs_torch"] <= 1
+    for photos in ("bench_photos", "photos_12mp"):
+        assert label["decode"][photos]["draft_images_per_s"] > 0 and label["decode"][photos]["full_decode_images_per_s"] > 0
+    serve = bench["serve"]
+    assert serve["default_runtime"] == "onnx" and serve["model_only_images_per_s"]["onnx"] > 0
+    for key in ("ratio_rps_vs_plain_torch", "ratio_p99_vs_plain_torch", "ratio_rps_vs_plain_same_runtime"):
+        assert serve[key] > 0, key
+    rows = serve["rows"]
+    assert [r["clients"] for r in rows] == [1, 16] and serve["ratio_clients"] == 16
     for row in rows:
-        for server in ("plain", "distcls"):
+        for server in ("plain_torch", "plain_onnx", "distcls", "distcls_torch"):
             assert row[server]["requests_per_s"] > 0 and row[server]["p99_ms"] >= row[server]["p50_ms"] > 0
             assert set(row[server]["status_codes"]) == {"200"}, row[server]["status_codes"]
-        assert row["ratio_requests_per_s"] > 0 and row["ratio_p99"] > 0
+    autoscale = bench["autoscale"]  # too short to scale: the fields are filled, the figure is written
+    assert autoscale["failed_requests"] == 0 and autoscale["timeline"] and autoscale["settings"]["max_replicas"] == 3
+    assert (tmp_path / "bench-autoscale.png").read_bytes()[:4] == b"\x89PNG"
     transfer = bench["transfer"]
     assert transfer["bundled"]["test_images"] == transfer["none"]["test_images"] == 20
     assert -1 <= transfer["pretrained_minus_scratch"] <= 1
@@ -52,8 +65,8 @@ def test_bench_all_tiny(tmp_path):
     assert recipe["min_ratio_default_vs_plain"] == faces["ratio"] > 0
     assert 0 <= faces["data_wait_fraction"] <= 1 and faces["recipe"]["steps"] >= 1
     # the table of ratios and targets is printed
-    assert "measure" in result.stdout and "label vs DataLoader baseline" in result.stdout
-    assert "serve req/s vs plain server, 16 clients" in result.stdout
+    assert "measure" in result.stdout and "label vs plain PyTorch DataLoader script" in result.stdout
+    assert "serve req/s vs plain PyTorch server, 16 clients" in result.stdout
 
 
 @pytest.mark.slow
@@ -68,8 +81,8 @@ def test_gpu_check_script_runs_on_cpu_in_smoke_mode(tmp_path):
                             cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     assert result.returncode == 0, (result.stdout[-3000:], result.stderr[-3000:])
     got = json.loads(out.read_text())["models"]["efficientnet_lite0"]
-    assert got["train"]["streamed_1w"]["ratio"] > 0 and got["label"]["ratio_vs_ceiling"] > 0
-    assert "label vs model-only ceiling" in result.stdout
+    assert got["train"]["streamed_1w"]["ratio"] > 0 and got["label"]["ratio_vs_ceiling_same_runtime"] > 0
+    assert "model-only ceiling" in result.stdout
 
 
 def test_gpu_check_script_refuses_cpu_without_smoke():
