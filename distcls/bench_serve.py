@@ -28,29 +28,31 @@ def start_plain(checkpoint: str, runtime: str) -> tuple[subprocess.Popen, str]:
     return proc, f"http://127.0.0.1:{port}"
 
 
-def start_distcls(cfg: BenchConfig, checkpoint: str, runtime: str) -> tuple[dict, str]:
+def start_distcls(cfg: BenchConfig, checkpoint: str, runtime: str, port: int) -> tuple[dict, str]:
+    """An application at /<runtime> (Serve has one HTTP proxy: every application shares its port)."""
     from distcls.serving import start
 
-    settings = ServeConfig(checkpoint=checkpoint, port=free_port(), min_replicas=cfg.serve_replicas,
+    settings = ServeConfig(checkpoint=checkpoint, port=port, min_replicas=cfg.serve_replicas,
                            max_replicas=cfg.serve_replicas, cpus_per_replica=cfg.serve_cpus_per_replica,
                            max_batch_size=cfg.serve_max_batch_size, runtime=runtime,
                            batch_wait_timeout_s=cfg.serve_batch_wait_timeout_s, name=f"bench-{runtime}")
     return to_dict(settings), start(settings, route_prefix=f"/{runtime}", token="")
 
 
-def measure_servers(urls: dict[str, str], photos: list[bytes], cfg: BenchConfig) -> list[dict]:
+def measure_servers(urls: dict[str, str], photos: list[bytes], cfg: BenchConfig) -> dict[int, dict]:
+    """{clients: {server: load_test record}}: at each client count the servers are measured in turn."""
     for url in urls.values():
         wait_healthy(f"{url}/healthz")
         load_test(f"{url}/v1/classify", photos, 4, 3)  # warm-up: first batches, thread pools, caches
-    rows = []
-    for clients in cfg.serve_clients:
-        row = {name: load_test(f"{url}/v1/classify", photos, clients, cfg.serve_seconds) for name, url in urls.items()}
-        row["clients"] = clients
-        rows.append(row)
-        print(f"{clients:>3} clients: " + " | ".join(
-            f"{name} {row[name]['requests_per_s']:.1f} req/s (p50 {row[name]['p50_ms']:.0f} ms, p99 "
-            f"{row[name]['p99_ms']:.0f} ms)" for name in urls), flush=True)
-    return rows
+    return {clients: {name: load_test(f"{url}/v1/classify", photos, clients, cfg.serve_seconds)
+                      for name, url in urls.items()} for clients in cfg.serve_clients}
+
+
+def print_row(row: dict) -> None:
+    names = [k for k in row if k != "clients"]
+    print(f"{row['clients']:>3} clients: " + " | ".join(
+        f"{name} {row[name]['requests_per_s']:.1f} req/s (p50 {row[name]['p50_ms']:.0f} ms, p99 "
+        f"{row[name]['p99_ms']:.0f} ms)" for name in names), flush=True)
 
 
 def bench_serve(cfg: BenchConfig, root: str) -> dict:
@@ -67,14 +69,22 @@ def bench_serve(cfg: BenchConfig, root: str) -> dict:
     plain = {r: start_plain(checkpoint, r) for r in PLAIN}
     urls = {f"plain_{r}": url for r, (_, url) in plain.items()}
     try:
-        settings, urls["distcls"] = start_distcls(cfg, checkpoint, "auto")
-        _, urls["distcls_torch"] = start_distcls(cfg, checkpoint, "torch")
-        rows = measure_servers(urls, photos, cfg)
+        # One distcls application at a time (two would not fit a 2-core Ray's CPUs): the default runtime
+        # side by side with both plain servers, then the torch runtime on its own.
+        port = free_port()
+        settings, urls["distcls"] = start_distcls(cfg, checkpoint, "auto", port)
+        measured = measure_servers(urls, photos, cfg)
+        serve.delete(settings["name"])
+        _, torch_url = start_distcls(cfg, checkpoint, "torch", port)
+        measured_torch = measure_servers({"distcls_torch": torch_url}, photos, cfg)
     finally:
         for proc, _ in plain.values():
             proc.terminate()
             proc.wait(timeout=30)
         serve.shutdown()
+    rows = [{"clients": n, **measured[n], **measured_torch[n]} for n in cfg.serve_clients]
+    for row in rows:
+        print_row(row)
     at16 = next((r for r in rows if r["clients"] == 16), rows[-1])
     ours, same = at16["distcls"], at16[f"plain_{default_runtime}"]
     result = {"photos": len(photos), "settings": settings, "default_runtime": default_runtime,

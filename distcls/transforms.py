@@ -185,8 +185,11 @@ def preprocess_bytes(data: bytes, spec: PreprocessSpec, train: bool = False) -> 
     `augment_batch` crops from. Raises images.ImageDecodeError for objects that are not usable images.
     """
     try:
-        # JPEG DCT-domain downscaling: never below the resize target, so quality is unchanged in practice.
-        img = decode_image(data, spec.max_pixels, draft_size=(spec.resize_size, spec.resize_size))
+        # JPEG DCT-domain downscaling to no less than twice the resize target (Pillow's reducing_gap=2 rule):
+        # a 12 MP photo decodes ~5x faster. Measured against a full decode on 96 photos of 12 MP, 224 px:
+        # pixels within 3 levels (at 1x the target: 9 levels).
+        draft = 2 * spec.resize_size
+        img = decode_image(data, spec.max_pixels, draft_size=(draft, draft))
         return base_transform(img, spec) if train else eval_transform(img, spec)
     except MemoryError:
         raise out_of_memory() from None

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from distcls import DistclsError
-from distcls.checkpoint import checkpoint_id, load_checkpoint, read_meta
+from distcls.checkpoint import checkpoint_id, load_checkpoint, read_meta, verify_checkpoint
 from distcls.infer import onnxrt
 from distcls.infer.modelfile import check_safe_to_load, is_export, read_export_file
 from distcls.models import for_inference, forward_chunk, forward_in_chunks, get_model_info
@@ -110,6 +110,7 @@ def compiled_onnx(uri: str, meta: dict, sample: np.ndarray | None) -> tuple[byte
     """(ONNX bytes, note) for a checkpoint: from the cache, else compiled (and cached) now."""
     key = onnxrt.cache_key(meta)
     if (hit := onnxrt.read_cached(key)) is not None:
+        verify_checkpoint(uri)  # the entry is these weights' graph only if the files still are these weights
         return hit[0], "compiled ONNX from the cache"
     with onnxrt.compile_lock(key):
         if (hit := onnxrt.read_cached(key)) is not None:  # another process compiled it while we waited
