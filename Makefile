@@ -25,6 +25,7 @@ cluster-demo: $(STAMP)
 
 # The CI suite (under 30 minutes on 2 cores, install included). Tests marked slow run only in `make test-all`.
 test: $(STAMP)
+	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -m "not slow" $(PYTEST_FLAGS)
 
 test-all: $(STAMP)

@@ -57,9 +57,9 @@ class Cluster:
         self.dashboard = f"http://127.0.0.1:{self.dashboard_port}"
 
     def _start(self, args: list[str], log: str) -> None:
-        out = open(self.work / log, "w")
-        self.procs.append(subprocess.Popen([str(BIN / "ray"), "start", "--block", *args], env=self.env,
-                                           stdout=out, stderr=subprocess.STDOUT, start_new_session=True))
+        with open(self.work / log, "w") as out:  # the child keeps its own descriptor
+            self.procs.append(subprocess.Popen([str(BIN / "ray"), "start", "--block", *args], env=self.env,
+                                               stdout=out, stderr=subprocess.STDOUT, start_new_session=True))
 
     def start(self) -> None:
         self._start(["--head", "--port", str(self.gcs_port), "--dashboard-host", "127.0.0.1",
@@ -109,10 +109,10 @@ class Cluster:
     def try_to_join(self, env: dict[str, str], timeout: float = 90) -> tuple[int | None, int]:
         """`ray start --address` for a third node with `env` (no token, or a wrong one): (its exit code, or
         None if still running at the timeout; nodes alive afterwards). Everything it started is stopped."""
-        out = open(self.work / "intruder.log", "w")
-        proc = subprocess.Popen([str(BIN / "ray"), "start", "--block", "--address", f"127.0.0.1:{self.gcs_port}",
-                                 "--node-ip-address", "127.0.0.1", "--num-cpus", "1", "--disable-usage-stats"],
-                                env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        with open(self.work / "intruder.log", "w") as out:
+            proc = subprocess.Popen([str(BIN / "ray"), "start", "--block", "--address", f"127.0.0.1:{self.gcs_port}",
+                                     "--node-ip-address", "127.0.0.1", "--num-cpus", "1", "--disable-usage-stats"],
+                                    env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
         try:
             code = proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
@@ -317,9 +317,9 @@ def main(argv: list[str] | None = None) -> int:
             for what, bad_env in (("no token", no_auth_env), ("a wrong token", {**env, "RAY_AUTH_TOKEN": "0" * 64})):
                 out = submit(cluster, f"refused-{secrets.token_hex(3)}", ["python", "-c", "print('hi')"], {},
                              env=bad_env, timeout=120)
+                said = (out.stderr or out.stdout).strip()
                 check(out.returncode != 0, f"`ray job submit` with {what} is refused "
-                      f"({(out.stderr or out.stdout).strip().splitlines()[-1][:120] if (out.stderr or out.stdout).strip() else 'no output'})",
-                      out.stdout + out.stderr)
+                      f"({said.splitlines()[-1][:120] if said else 'no output'})", out.stdout + out.stderr)
 
             # Only the endpoint travels in the jobs' runtime env (which Ray logs and its jobs API returns); the
             # bucket's credentials are in each node's own environment, as on a real cluster.

@@ -28,8 +28,7 @@ from distcls import __version__, storage
 from distcls.config import BenchConfig, EvaluateConfig, FashionMnistConfig, TrainConfig
 from distcls.datasets import load_labeled_index
 from distcls.fmnist import write_fashion_mnist
-from distcls.models import (create_model, default_spec, get_model_info,
-                            head_parameter_names)
+from distcls.models import create_model, default_spec, get_model_info, head_parameter_names
 from distcls.s3server import S3Server, restore_env, use_server_env
 from distcls.train.loop import build_optimizer, masked_loss
 from distcls.transforms import augment_batch, preprocess_bytes

@@ -36,7 +36,7 @@ def build_meta(model: Classifier, class_names: list[str], weights_sha256: str, m
     return {
         "format": FORMAT,
         "distcls_version": __version__,
-        "created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "created_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "architecture": model.architecture,
         "num_classes": len(class_names),
         "class_names": list(class_names),

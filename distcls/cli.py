@@ -7,12 +7,25 @@ import signal
 import sys
 import threading
 import time
-from typing import Callable
+from collections.abc import Callable
 
 from distcls import DistclsError, __version__
-from distcls.config import (BenchConfig, CompareConfig, DemoConfig, DistillConfig, EvaluateConfig, ExportConfig,
-                            FashionMnistConfig, FromPretrainedConfig, LabelConfig, S3ServerConfig, ServeConfig,
-                            TrainConfig, add_arguments, config_from_args)
+from distcls.config import (
+    BenchConfig,
+    CompareConfig,
+    DemoConfig,
+    DistillConfig,
+    EvaluateConfig,
+    ExportConfig,
+    FashionMnistConfig,
+    FromPretrainedConfig,
+    LabelConfig,
+    S3ServerConfig,
+    ServeConfig,
+    TrainConfig,
+    add_arguments,
+    config_from_args,
+)
 
 Handler = Callable[[argparse.Namespace], int]
 

@@ -48,7 +48,7 @@ class LabeledIndex:
         c = Counter(self.labels)
         return {name: c.get(i, 0) for i, name in enumerate(self.class_names)}
 
-    def subset(self, rows: np.ndarray) -> "LabeledIndex":
+    def subset(self, rows: np.ndarray) -> LabeledIndex:
         return LabeledIndex([self.paths[i] for i in rows], [self.labels[i] for i in rows],
                             self.class_names, self.source)
 
@@ -129,7 +129,7 @@ def _read_table(uri: str):
         if ext == ".parquet":
             return pq.read_table(io.BytesIO(data))
         return pajson.read_json(io.BytesIO(data))
-    except Exception as exc:  # noqa: BLE001 - pyarrow's parse errors
+    except Exception as exc:
         raise DistclsError(f"data: cannot parse manifest {uri} ({str(exc).splitlines()[0]}); "
                            "write CSV with a header, Parquet, or one JSON object per line") from None
 
@@ -259,7 +259,7 @@ class ErrorTally:
         good = np.flatnonzero(~bad)
         return {k: (v[good] if not isinstance(v, list) else [v[i] for i in good]) for k, v in batch.items()}
 
-    def merge(self, other: "ErrorTally") -> None:
+    def merge(self, other: ErrorTally) -> None:
         self.count += other.count
         self.by_kind.update(other.by_kind)
         self.examples = (self.examples + other.examples)[: self.keep]

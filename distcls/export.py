@@ -72,8 +72,13 @@ def export_torchscript(model, path: str, image_size: int) -> None:
 def quantize_int8(src: str, dst: str, calibration: np.ndarray, mode: str) -> None:
     """onnxruntime quantization: static QDQ (per-channel int8 weights, uint8 activations calibrated on
     real images) or dynamic (weights only ahead of time)."""
-    from onnxruntime.quantization import (CalibrationDataReader, QuantFormat, QuantType, quantize_dynamic,
-                                          quantize_static)
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        QuantFormat,
+        QuantType,
+        quantize_dynamic,
+        quantize_static,
+    )
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     prepared = src + ".pre.onnx"
@@ -106,7 +111,7 @@ def build_export_meta(source_meta: dict, cfg: ExportConfig, file: str, data: byt
     meta.update({
         "format": FORMAT,
         "distcls_version": __version__,
-        "created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "created_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "weights_sha256": hashlib.sha256(data).hexdigest(),
         "export": {
             "format": cfg.format, "runtime": "onnxruntime" if cfg.format == "onnx" else "torch",

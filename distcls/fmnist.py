@@ -7,9 +7,10 @@ import hashlib
 import io
 import json
 import os
+import pathlib
 import time
 import urllib.request
-from typing import Iterator
+from collections.abc import Iterator
 
 import numpy as np
 from PIL import Image
@@ -70,7 +71,7 @@ def download(folder: str) -> str:
     os.makedirs(folder, exist_ok=True)
     for name, md5 in GZ_MD5.items():
         path = os.path.join(folder, name + ".gz")
-        if os.path.isfile(path) and hashlib.md5(open(path, "rb").read()).hexdigest() == md5:
+        if os.path.isfile(path) and hashlib.md5(pathlib.Path(path).read_bytes()).hexdigest() == md5:
             continue
         url = DOWNLOAD_URL + name + ".gz"
         try:

@@ -70,7 +70,7 @@ def open_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image
             raise ImageDecodeError("corrupt", f"starts like a {fmt} but its header is invalid (zero width or "
                                    "height, or a damaged header); re-export the image") from None
         raise ImageDecodeError("not_image", "not a recognised image format") from None
-    except Exception as exc:  # noqa: BLE001 - PIL raises many types for garbage
+    except Exception as exc:
         raise ImageDecodeError("corrupt", f"{type(exc).__name__}: {exc}") from None
     width, height = img.size
     if width <= 0 or height <= 0:
@@ -154,7 +154,7 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS,
         raise ImageDecodeError(kind, text) from None
     except (SyntaxError, ValueError, IndexError, TypeError, EOFError) as exc:
         raise ImageDecodeError("corrupt", f"{type(exc).__name__}: {exc}") from None
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:
         raise ImageDecodeError("unsupported", f"{type(exc).__name__}: {exc}") from None
 
 

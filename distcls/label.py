@@ -24,8 +24,8 @@ from distcls import DistclsError, storage
 from distcls.checkpoint import checkpoint_id
 from distcls.config import LabelConfig
 from distcls.datasets import ROWS_PER_BLOCK, build_image_dataset, decode_sample
-from distcls.infer import predict_dataset, prepare_runtime, softmax_topk, verify_model
 from distcls.images import IMAGE_EXTENSIONS
+from distcls.infer import predict_dataset, prepare_runtime, softmax_topk, verify_model
 from distcls.runtime import init_ray
 from distcls.transforms import PreprocessSpec
 
@@ -107,7 +107,7 @@ def write_part(batch: dict[str, np.ndarray], output: str, class_names: list[str]
 def label_rows(batch: dict[str, np.ndarray], class_names: list[str], model_id: str, top_k: int) -> dict[str, list]:
     """Output columns for one batch: softmax top-k for good rows, `error` (and nulls) for bad ones."""
     probs, order = softmax_topk(batch["logits"], top_k)
-    now = dt.datetime.now(dt.timezone.utc)
+    now = dt.datetime.now(dt.UTC)
     out: dict[str, list] = {name: [] for name in output_schema().names}
     for i, path in enumerate(batch["path"]):
         err = batch["error"][i] or None

@@ -7,8 +7,8 @@ checkpoint's preprocessing spec on the model's device, so no consumer can forget
 from __future__ import annotations
 
 import io
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 from torch import nn
@@ -145,7 +145,7 @@ def read_state_dict(uri: str) -> dict[str, torch.Tensor]:
         return load(data)
     try:
         obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - includes UnpicklingError for unsafe payloads
+    except Exception as exc:
         raise DistclsError(f"models: {uri} is not a plain weights file ({type(exc).__name__}); "
                            "save it with torch.save(model.state_dict()) or as .safetensors") from None
     if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
@@ -197,7 +197,7 @@ def resolve_weights(info: ModelInfo, weights: str) -> tuple[dict[str, torch.Tens
         if entry is not None:
             try:
                 return entry.get_state_dict(progress=False), f"torchvision {info.torchvision_weights}.{entry.name}"
-            except Exception as exc:  # noqa: BLE001 - offline machines
+            except Exception as exc:
                 raise DistclsError(f"models: cannot download {entry.url} ({exc}); pass --weights FILE "
                                    "with a local copy") from None
     raise DistclsError(f"models: unknown weights {weights!r} for {info.name}; choose one of "

@@ -50,7 +50,7 @@ class S3Server:
         """The environment variables that point AWS clients (boto3, s3fs, the aws CLI) at this server."""
         return {"AWS_ENDPOINT_URL": self.endpoint_url, **LOCAL_CREDENTIALS}
 
-    def start(self) -> "S3Server":
+    def start(self) -> S3Server:
         import logging
 
         from moto.server import ThreadedMotoServer
@@ -94,7 +94,7 @@ class S3Server:
             self._server.stop()
         self._server = None
 
-    def __enter__(self) -> "S3Server":
+    def __enter__(self) -> S3Server:
         return self.start()
 
     def __exit__(self, *exc) -> None:

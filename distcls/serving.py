@@ -500,9 +500,8 @@ def serve_config(cfg: ServeConfig) -> dict:
 
 def start(cfg: ServeConfig, route_prefix: str = "/", token: str | None = None, access_log: bool = False) -> str:
     """Deploy on the Ray cluster (RAY_ADDRESS, else a local instance); returns the endpoint's base URL."""
-    from distcls.runtime import init_ray
-
     from distcls.infer import prepare_runtime
+    from distcls.runtime import init_ray
 
     token_sha256 = check_auth(cfg, token if token is not None else os.environ.get(TOKEN_ENV))
     # Compile once here (replicas on this machine read the cache); after a fallback replicas go straight to torch.

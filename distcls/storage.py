@@ -13,8 +13,8 @@ import posixpath
 import random
 import time
 import uuid
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from typing import Callable, Iterable, Iterator
 
 import fsspec
 
@@ -150,7 +150,7 @@ def storage_errors(uri: str) -> Iterator[None]:
         yield
     except DistclsError:
         raise
-    except Exception as exc:  # noqa: BLE001 - translated into one user-facing line
+    except Exception as exc:
         raise explain_error(uri, exc) from exc
 
 

@@ -57,7 +57,7 @@ class FaultProxy:
     def injected(self) -> int:
         return sum(self.counts[f] for f in (*FAULTS, "deny"))
 
-    def start(self) -> "FaultProxy":
+    def start(self) -> FaultProxy:
         rng, lock, proxy = random.Random(self.seed), threading.Lock(), self
 
         class Handler(ProxyHandler):
@@ -85,7 +85,7 @@ class FaultProxy:
             self._server.server_close()
             self._server = None
 
-    def __enter__(self) -> "FaultProxy":
+    def __enter__(self) -> FaultProxy:
         return self.start()
 
     def __exit__(self, *exc) -> None:

@@ -245,7 +245,7 @@ def test_interrupted_upload_is_never_chosen_as_best(root, capsys):
     good = f"{root}/good"
     make_checkpoint(good, accuracy=0.4)
     broken = interrupted_uploads(root)
-    for what, uri in broken.items():
+    for uri in broken.values():
         with pytest.raises(DistclsError, match="not a \\(complete\\) distcls checkpoint|refusing to load"):
             verify_checkpoint(uri)
     candidates = [(uri, {"val_accuracy": 0.99}) for uri in broken.values()] + [(good, {"val_accuracy": 0.4})]

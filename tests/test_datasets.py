@@ -10,8 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from distcls import DistclsError, storage
-from distcls.datasets import (ErrorTally, build_dataset, class_index, format_counts, load_labeled_index,
-                              stratified_split)
+from distcls.datasets import ErrorTally, build_dataset, class_index, format_counts, load_labeled_index, stratified_split
 from distcls.transforms import PreprocessSpec
 
 SPEC = PreprocessSpec(image_size=32)

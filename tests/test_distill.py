@@ -14,8 +14,7 @@ from torchvision.transforms import functional as TF
 from distcls import DistclsError, storage
 from distcls.checkpoint import load_checkpoint, read_meta, save_checkpoint
 from distcls.cli import main
-from distcls.config import (FASHION_MNIST_DEFAULT_DIR, ConfigError, DistillConfig, FashionMnistConfig,
-                            load_config)
+from distcls.config import FASHION_MNIST_DEFAULT_DIR, ConfigError, DistillConfig, FashionMnistConfig, load_config
 from distcls.distill import Teacher, distillation_loss, run_distillation, soft_target_loss
 from distcls.fmnist import CLASS_NAMES, write_fashion_mnist
 from distcls.models import create_model

@@ -113,9 +113,9 @@ def test_killed_driver_resumes_at_next_epoch(fm, s3_server, tmp_path, capfd):
     args = ["--data", fm["train"], "--val-data", fm["val"], "--image-size", "32", "--batch-size", "8",
             "--num-workers", "2", "--storage", f"{BUCKET}/runs", "--name", "drv", "--epochs", "3", "--seed", "7"]
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    log = open(tmp_path / "driver.log", "w")
-    driver = subprocess.Popen([sys.executable, "-m", "distcls.cli", "train", *args], env=env, stdout=log,
-                              stderr=subprocess.STDOUT, start_new_session=True)
+    with open(tmp_path / "driver.log", "w") as log:
+        driver = subprocess.Popen([sys.executable, "-m", "distcls.cli", "train", *args], env=env, stdout=log,
+                                  stderr=subprocess.STDOUT, start_new_session=True)
     started = time.monotonic()
     try:
         while not read_snapshot_epochs(run):
@@ -128,7 +128,6 @@ def test_killed_driver_resumes_at_next_epoch(fm, s3_server, tmp_path, capfd):
         driver.wait(timeout=30)
     finally:
         orphans = kill_group(driver.pid)
-        log.close()
     before = read_snapshot_epochs(run)
     assert registered == before and max(before) < 3, before
     k = max(before)

@@ -101,7 +101,7 @@ def save(img: Image.Image, fmt: str, options: dict, extra: dict) -> bytes:
         try:
             img.save(buf, format=fmt, **kwargs)
             return buf.getvalue()
-        except Exception:  # noqa: BLE001 - an option this mode or size does not take: try fewer
+        except Exception:
             continue
     raise AssertionError(f"Pillow could not write {img.mode} {img.size} as {fmt}")
 

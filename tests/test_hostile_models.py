@@ -9,6 +9,7 @@ import hashlib
 import io
 import json
 import os
+import pathlib
 import subprocess
 import sys
 
@@ -343,7 +344,7 @@ def test_export_file_outside_the_directory_is_refused(tmp_path, outside_model, f
     path, data = outside_model
     file = path if file == "ABSOLUTE" else file
     target = path if file in (path, "../other-bucket/model.onnx") else "/etc/passwd"
-    sha256 = hashlib.sha256(open(target, "rb").read()).hexdigest()  # the attacker writes the matching hash
+    sha256 = hashlib.sha256(pathlib.Path(target).read_bytes()).hexdigest()  # the attacker writes the matching hash
     directory = write_export(tmp_path / "export", "onnx", data, file=file, sha256=sha256)
     for load in (load_model, verify_model, model_file_uri):
         with pytest.raises(DistclsError) as exc_info:
@@ -355,8 +356,9 @@ def test_export_file_outside_the_directory_is_refused(tmp_path, outside_model, f
 
 def test_export_format_must_be_known(tmp_path):
     directory = write_export(tmp_path / "export", "onnx", classifier([], [inline("w")]))
-    meta = json.load(open(f"{directory}/distcls.json"))
+    meta_file = pathlib.Path(directory) / "distcls.json"
+    meta = json.loads(meta_file.read_text())
     meta["export"]["format"] = "pickle"
-    json.dump(meta, open(f"{directory}/distcls.json", "w"))
+    meta_file.write_text(json.dumps(meta))
     with pytest.raises(DistclsError, match="unknown export format 'pickle' in distcls.json; expected onnx or torch"):
         load_model(directory)

@@ -10,8 +10,8 @@ import pytest
 from PIL import Image
 
 from distcls import storage
-from distcls.cli import main
 from distcls.bench import imagenet_checkpoint
+from distcls.cli import main
 from distcls.config import LabelConfig
 from distcls.label import existing_parts, output_schema, run_labeling
 from tests.conftest import encode

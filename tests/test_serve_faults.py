@@ -49,7 +49,7 @@ class Load:
         self.lock = threading.Lock()
         self.threads = [threading.Thread(target=self.client, args=(i,), daemon=True) for i in range(clients)]
 
-    def start(self) -> "Load":
+    def start(self) -> Load:
         self.t0 = time.perf_counter()
         for t in self.threads:
             t.start()
@@ -216,7 +216,8 @@ def test_redeploy_with_new_checkpoint_under_load_fails_no_request(serve_port, ch
         for key, extra in (("b", {}), ("a", {"max_batch_size": 16})):
             time.sleep(5)
             deploy(application(two_replicas(checkpoints[key], serve_port, **extra)), "redeploy")
-            wait_for(lambda: load.shots and load.shots[-1].model == ids[key], 120, f"answers from checkpoint {key}")
+            wait_for(lambda: load.shots and load.shots[-1].model == ids[key], 120,  # noqa: B023 - called right here
+                     f"answers from checkpoint {key}")
             times.append(load.now())
             pids.append(wait_for(lambda: (p := set(alive_replicas("redeploy"))) and len(p) == 2 and p, 120,
                                  "2 replicas"))

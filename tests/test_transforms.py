@@ -7,8 +7,15 @@ from PIL import Image
 from torchvision import transforms as T
 
 from distcls import DistclsError
-from distcls.transforms import (PreprocessSpec, augment_batch, base_transform, eval_transform, normalize,
-                                preprocess_bytes, random_resized_crop_box)
+from distcls.transforms import (
+    PreprocessSpec,
+    augment_batch,
+    base_transform,
+    eval_transform,
+    normalize,
+    preprocess_bytes,
+    random_resized_crop_box,
+)
 from tests.conftest import encode
 
 
@@ -50,7 +57,7 @@ def test_crop_box_stays_inside_and_respects_scale():
     rng = np.random.default_rng(0)
     for _ in range(200):
         top, left, h, w = random_resized_crop_box(300, 200, spec, rng)
-        assert 0 <= top and top + h <= 200 and 0 <= left and left + w <= 300
+        assert top >= 0 and top + h <= 200 and left >= 0 and left + w <= 300
         assert 0.2 <= (h * w) / (300 * 200) <= 0.55
 
 

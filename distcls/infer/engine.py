@@ -14,8 +14,8 @@ ONNX_CHUNK (the same logits, less cache pressure); threads are the caller's CPU 
 from __future__ import annotations
 
 import io
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import numpy as np
 import torch

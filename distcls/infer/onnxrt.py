@@ -151,13 +151,15 @@ def compile_lock(key: str):
     """One compile per cache entry per machine at a time (actors starting together wait for the first)."""
     try:
         os.makedirs(os.path.join(cache_root(), "onnx"), exist_ok=True)
-        f = open(os.path.join(cache_root(), "onnx", f".{key}.lock"), "w")
+        fd = os.open(os.path.join(cache_root(), "onnx", f".{key}.lock"), os.O_WRONLY | os.O_CREAT, 0o644)
     except OSError:
         yield  # an unwritable cache: compile without it
         return
-    with f:
-        fcntl.flock(f, fcntl.LOCK_EX)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
         yield
+    finally:
+        os.close(fd)
 
 
 def compile_checkpoint(model: torch.nn.Module, meta: dict, sample: np.ndarray | None) -> tuple[bytes, dict]:
@@ -171,7 +173,7 @@ def compile_checkpoint(model: torch.nn.Module, meta: dict, sample: np.ndarray | 
             with open(os.path.join(tmp, "model.onnx"), "rb") as f:
                 data = f.read()
         session = OnnxSession(data, torch.device("cpu"))
-    except Exception as exc:  # noqa: BLE001 - the exporter and onnxruntime raise many types
+    except Exception as exc:
         raise CompileError(f"compiling {meta['architecture']} to ONNX failed ({type(exc).__name__}: "
                            f"{str(exc).splitlines()[0][:200] if str(exc) else ''})") from None
 

@@ -122,7 +122,7 @@ def spec_differences(recorded: dict, spec: PreprocessSpec) -> str:
     here = spec.to_dict()
     try:
         there = PreprocessSpec.from_dict(recorded).to_dict()
-    except Exception as exc:  # noqa: BLE001 - a damaged record is a difference, told in one phrase
+    except Exception as exc:
         return f"the recorded spec is not valid: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
     keys = [k for k in SPEC_FIELDS_COMPARED if normal(there.get(k)) != normal(here.get(k))]
     return "; ".join(f"{k}: {there.get(k)!r} there, {here.get(k)!r} here" for k in keys)

@@ -12,7 +12,7 @@ import io
 import json
 import os
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 
@@ -197,7 +197,7 @@ def run_training(cfg: TrainConfig, extra_meta: dict | None = None,
     started = time.perf_counter()
     try:
         result = build_trainer(cfg, train, val, {**(extra_meta or {}), "recipe": recipe.to_dict()}).fit()
-    except Exception as exc:  # noqa: BLE001 - Ray wraps worker errors; surface the root cause in one line
+    except Exception as exc:
         raise DistclsError(f"train: run {run_uri_of(cfg)} failed: {root_cause(exc)}") from exc
     best_uri, best_metrics = pick_best([(checkpoint_uri(cfg, c), dict(m)) for c, m in result.best_checkpoints])
     history = [dict(m) for m in read_history(cfg, result)]

@@ -178,7 +178,7 @@ def train_func(config: dict) -> None:
         # epoch): a run restored from a checkpoint repeats the epoch an uninterrupted run would have had.
         rng = np.random.default_rng([cfg.seed, rank, epoch])
         torch.manual_seed(int(rng.integers(2**31)))
-        augment = (lambda images: augment_batch(images, spec, rng)) if cfg.augment else None  # noqa: E731
+        augment = (lambda images: augment_batch(images, spec, rng)) if cfg.augment else None  # noqa: B023 - used in this epoch only
         ddp_model.train()
         if cfg.freeze == "backbone":
             model.net.eval()  # linear probe: the backbone's BatchNorm statistics stay as pretrained
