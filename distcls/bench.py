@@ -201,6 +201,21 @@ def imagenet_checkpoint(root: str, model: str = "efficientnet_lite0") -> str:
     return checkpoint
 
 
+def post_image(conn, path: str, body: bytes) -> str:
+    """POST one JPEG on `conn`: the HTTP status, or the exception's name when no answer came (the caller
+    then reconnects)."""
+    import http.client
+
+    try:
+        conn.request("POST", path, body=body, headers={"Content-Type": "image/jpeg"})
+        response = conn.getresponse()
+        response.read()
+        return str(response.status)
+    except (OSError, http.client.HTTPException) as exc:
+        conn.close()
+        return type(exc).__name__
+
+
 def load_test(url: str, photos: list[bytes], clients: int, seconds: float) -> dict:
     """`clients` threads, each with one keep-alive connection, POST the photos in turn for `seconds`.
     requests/s counts 200 answers only; latency percentiles are over every request."""
@@ -221,14 +236,8 @@ def load_test(url: str, photos: list[bytes], clients: int, seconds: float) -> di
             body = photos[k % len(photos)]
             k += clients
             started = time.perf_counter()
-            try:
-                conn.request("POST", parts.path, body=body, headers={"Content-Type": "image/jpeg"})
-                response = conn.getresponse()
-                response.read()
-                code = str(response.status)
-            except (OSError, http.client.HTTPException) as exc:
-                code = type(exc).__name__
-                conn.close()
+            code = post_image(conn, parts.path, body)
+            if not code.isdigit():
                 conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=120)
             with lock:
                 latencies.append(time.perf_counter() - started)

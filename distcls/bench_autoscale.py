@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import dataclasses
 import http.client
-import io
 import threading
 import time
 from urllib.parse import urlsplit
 
 from distcls import storage
+from distcls.bench import post_image
 from distcls.config import ServeConfig, to_dict
 
 APP = "autoscale"
@@ -110,14 +110,8 @@ class LoadGenerator:
         conn, k = self._connect(), i
         while not self.halt.is_set():
             body, k = self.photos[k % len(self.photos)], k + self.clients
-            try:
-                conn.request("POST", self.parts.path, body=body, headers={"Content-Type": "image/jpeg"})
-                response = conn.getresponse()
-                response.read()
-                code = str(response.status)
-            except (OSError, http.client.HTTPException) as exc:
-                code = type(exc).__name__
-                conn.close()
+            code = post_image(conn, self.parts.path, body)
+            if not code.isdigit():
                 conn = self._connect()
             with self.lock:
                 self.answers.append((self.clock.now(), code))
@@ -132,15 +126,8 @@ def timed_request(url: str, photo: bytes) -> tuple[str, float]:
     parts = urlsplit(url)
     conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=REQUEST_TIMEOUT_S)
     started = time.perf_counter()
-    try:
-        conn.request("POST", parts.path, body=photo, headers={"Content-Type": "image/jpeg"})
-        response = conn.getresponse()
-        response.read()
-        code = str(response.status)
-    except (OSError, http.client.HTTPException) as exc:
-        code = type(exc).__name__
-    finally:
-        conn.close()
+    code = post_image(conn, parts.path, photo)
+    conn.close()
     return code, time.perf_counter() - started
 
 
@@ -226,12 +213,9 @@ def scale_to_zero(cfg: ServeConfig, photo: bytes, idle_seconds: float, clock: Ti
 
 def plot(result: dict) -> bytes:
     """Replicas over time (load phase shaded, the cold request marked) and requests/s answered 200, one PNG."""
-    import matplotlib
+    from distcls.plots import png_bytes, subplots
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(10, 4.5))
+    fig, ax = subplots(figsize=(10, 4.5))
     for rows, style, label in ((result["live_timeline"], ":", "running or starting"),
                                (result["timeline"], "-", "running replicas")):
         ax.step([r[0] for r in rows], [r[1] for r in rows], style, where="post", color="tab:blue", label=label)
@@ -254,11 +238,7 @@ def plot(result: dict) -> bytes:
         twin.legend(loc="upper right", fontsize=8)
     ax.legend(loc="upper left", fontsize=8)
     ax.grid(True, alpha=0.3)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100)
-    plt.close(fig)
-    return buf.getvalue()
+    return png_bytes(fig)
 
 
 def bench_autoscale(root: str, *, checkpoint: str | None = None, clients_high: int = 16, load_seconds: float = 40,

@@ -9,7 +9,6 @@ batches of `batch_size` through the inference engine on `--runtime` (the path la
 
 from __future__ import annotations
 
-import io
 import json
 import time
 
@@ -123,12 +122,9 @@ def render_table(rows: list[dict], markdown: bool) -> str:
 
 
 def plot(rows: list[dict], title: str) -> bytes:
-    import matplotlib
+    from distcls.plots import png_bytes, subplots
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(10, 5.5))
+    fig, ax = subplots(figsize=(10, 5.5))
     markers = "osD^v<>ph*"
     for i, r in enumerate(rows):  # marker area grows with the size on disk
         ax.scatter(r["images_per_s"], r["accuracy"], s=30 + 15 * r["size_mb"], marker=markers[i % len(markers)],
@@ -137,11 +133,7 @@ def plot(rows: list[dict], title: str) -> bytes:
     ax.set(xlabel="images/s (this machine, same batch and threads for all)", ylabel="test accuracy", title=title)
     ax.set_xscale("log")
     ax.grid(True, alpha=0.3)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100)
-    plt.close(fig)
-    return buf.getvalue()
+    return png_bytes(fig)
 
 
 def run_compare(cfg: CompareConfig) -> dict:

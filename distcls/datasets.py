@@ -227,13 +227,17 @@ def build_dataset(index: LabeledIndex, spec: PreprocessSpec, train: bool = False
     return build_image_dataset([{"path": index.paths[i], "label": index.labels[i]} for i in order], spec, train)
 
 
-def build_image_dataset(items: list[dict], spec: PreprocessSpec, train: bool = False):
-    """Rows {"path"[, "label"]} -> a lazy Ray Dataset of preprocessed images (read + decode in tasks)."""
+def build_path_dataset(items: list[dict]):
+    """Rows {"path"[, "label"]} -> a Ray Dataset of those rows, ROWS_PER_BLOCK rows per block."""
     import ray.data
 
-    ds = ray.data.from_items(items, override_num_blocks=max(1, -(-len(items) // ROWS_PER_BLOCK)))
-    return ds.map_batches(load_images, fn_kwargs={"spec": spec, "train": train},
-                          batch_size=ROWS_PER_BLOCK, batch_format="numpy", num_cpus=DECODE_CPUS)
+    return ray.data.from_items(items, override_num_blocks=max(1, -(-len(items) // ROWS_PER_BLOCK)))
+
+
+def build_image_dataset(items: list[dict], spec: PreprocessSpec, train: bool = False):
+    """Rows {"path"[, "label"]} -> a lazy Ray Dataset of preprocessed images (read + decode in tasks)."""
+    return build_path_dataset(items).map_batches(load_images, fn_kwargs={"spec": spec, "train": train},
+                                                 batch_size=ROWS_PER_BLOCK, batch_format="numpy", num_cpus=DECODE_CPUS)
 
 
 @dataclass

@@ -91,14 +91,11 @@ def render_markdown(report: dict) -> str:
 
 
 def plot_confusion(cm: np.ndarray, class_names: list[str]) -> bytes:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from distcls.plots import png_bytes, subplots
 
     k = len(class_names)
     size = min(4 + 0.5 * k, 30)
-    fig, ax = plt.subplots(figsize=(size, size))
+    fig, ax = subplots(figsize=(size, size))
     ax.imshow(cm, cmap="Blues")
     ax.set(xlabel="predicted", ylabel="true", title="Confusion matrix (rows: true class)")
     if k <= 40:
@@ -109,11 +106,7 @@ def plot_confusion(cm: np.ndarray, class_names: list[str]) -> bytes:
             for j in range(k):
                 ax.text(j, i, str(cm[i, j]), ha="center", va="center", fontsize=8,
                         color="white" if cm[i, j] > threshold else "black")
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100)
-    plt.close(fig)
-    return buf.getvalue()
+    return png_bytes(fig)
 
 
 def imagenet_class_names() -> list[str]:

@@ -23,7 +23,7 @@ import numpy as np
 from distcls import DistclsError, storage
 from distcls.checkpoint import checkpoint_id
 from distcls.config import LabelConfig
-from distcls.datasets import ROWS_PER_BLOCK, build_image_dataset, decode_sample
+from distcls.datasets import build_image_dataset, build_path_dataset, decode_sample
 from distcls.images import IMAGE_EXTENSIONS
 from distcls.infer import predict_dataset, prepare_runtime, softmax_topk, verify_model
 from distcls.runtime import init_ray
@@ -148,13 +148,8 @@ def run_labeling(cfg: LabelConfig, progress: bool = True) -> dict:
         print(f"label: runtime {runtime} ({note})", flush=True)
         init_ray()
         fused = cfg.pipeline == "fused" or (cfg.pipeline == "auto" and not cfg.num_gpus)
-        if fused:
-            import ray.data
-
-            ds = ray.data.from_items([{"path": p} for p in todo],
-                                     override_num_blocks=max(1, -(-len(todo) // ROWS_PER_BLOCK)))
-        else:
-            ds = build_image_dataset([{"path": p} for p in todo], spec)
+        items = [{"path": p} for p in todo]
+        ds = build_path_dataset(items) if fused else build_image_dataset(items, spec)
         ds = predict_dataset(ds, cfg.checkpoint, cfg.batch_size, cfg.concurrency, cfg.num_gpus, cfg.cpus_per_replica,
                              runtime, decode=fused)
         ds = ds.map_batches(write_part, fn_kwargs={

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
-import io
 import json
 import os
 import time
@@ -286,13 +285,10 @@ PEER_LOST = ("Connection closed by peer", "remote worker crash", "Connection res
 
 
 def plot_curves(history: list[dict]) -> bytes:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from distcls.plots import png_bytes, subplots
 
     epochs = [h["epoch"] for h in history]
-    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
+    fig, (ax_loss, ax_acc) = subplots(1, 2, figsize=(10, 4))
     ax_loss.plot(epochs, [h["train_loss"] for h in history], "o-", label="train")
     ax_loss.plot(epochs, [h["val_loss"] for h in history], "o-", label="validation")
     ax_loss.set(xlabel="epoch", ylabel="loss", title="Loss")
@@ -301,8 +297,4 @@ def plot_curves(history: list[dict]) -> bytes:
     ax_acc.plot(epochs, [h["val_macro_f1"] for h in history], "o-", label="macro F1")
     ax_acc.set(xlabel="epoch", ylim=(0, 1), title="Validation")
     ax_acc.legend()
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100)
-    plt.close(fig)
-    return buf.getvalue()
+    return png_bytes(fig)
