@@ -307,6 +307,19 @@ def table(results: dict) -> list[str]:
                   results["recipe"]["min_ratio_default_vs_plain"], ">= 0.98"),
                  ("recipe: most points below the plain loop", results["recipe"]["max_points_below_plain"], "<= 2"),
                  ("recipe: largest data wait share", results["recipe"]["max_data_wait_fraction"], "< 0.15")]
+    if "scale" in results:
+        sc = results["scale"]
+        rows += [(f"scale: rows / objects ({sc['objects']} objects, {sc['store']})", sc["rows"] / sc["objects"], "1"),
+                 ("scale: distinct paths / objects", sc["distinct_paths"] / sc["objects"], "1"),
+                 ("scale: driver peak RSS, MB", sc["driver_peak_rss_mb"], "<= 1024"),
+                 ("scale: seconds to the first part", sc["time_to_first_part_s"], "<= 60"),
+                 ("scale: rerun with everything done, seconds", sc["rerun_done_s"], "<= 60"),
+                 ("scale: planning with half done, seconds", sc["resume_half_s"], None),
+                 ("scale: images/s end to end", sc["images_per_s"], None),
+                 ("scale: images/s first to last batch", sc["steady_images_per_s"], None),
+                 ("scale: rows after kill at ~50% and rerun / objects", sc["rows_after_kill_and_rerun"] / sc["objects"],
+                  "1"),
+                 ("scale: listing, keys/s", sc["list_keys_per_s"], None)]
     lines = [f"{'measure':<66} {'value':>7}  target"]
     for name, value, target in rows:
         lines.append(f"{name:<66} {value:7.2f}  {target or ''}")
@@ -320,8 +333,13 @@ def run_bench(cfg: BenchConfig) -> dict:
     with S3Server(port=0) as server:
         previous = use_server_env(server)
         try:
-            init_ray(num_cpus=max(os.cpu_count() or 1, 4))
             results["machine"] = machine()
+            if cfg.which == "scale":  # `distcls label` runs as its own process with its own Ray
+                from distcls.bench_scale import bench_scale
+
+                results["scale"] = bench_scale(cfg)
+            else:
+                init_ray(num_cpus=max(os.cpu_count() or 1, 4))
             if cfg.which in ("train", "all"):
                 results["train"] = bench_train(cfg, "s3://bench")
             if cfg.which in ("label", "all"):

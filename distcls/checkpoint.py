@@ -12,14 +12,15 @@ import datetime as dt
 import hashlib
 import json
 import os
-
-import torch
-from safetensors.torch import load as load_safetensors
-from safetensors.torch import save as save_safetensors
+from typing import TYPE_CHECKING
 
 from distcls import DistclsError, __version__, storage
-from distcls.models import Classifier, create_model, for_inference
 from distcls.transforms import PreprocessSpec
+
+if TYPE_CHECKING:  # reading and verifying a checkpoint needs no torch (a labeling driver never imports it)
+    import torch
+
+    from distcls.models import Classifier
 
 WEIGHTS = "model.safetensors"
 META = "distcls.json"
@@ -27,6 +28,8 @@ FORMAT = "distcls-checkpoint/1"
 
 
 def weights_bytes(model: Classifier) -> bytes:
+    from safetensors.torch import save as save_safetensors
+
     state = {k: v.detach().contiguous().cpu() for k, v in model.net.state_dict().items()}
     return save_safetensors(state, metadata={"format": "pt"})
 
@@ -152,6 +155,10 @@ def verify_checkpoint(uri: str, files: tuple[str, ...] = ()) -> dict:
 
 def load_checkpoint(uri: str, device: str | torch.device = "cpu") -> tuple[Classifier, dict]:
     """(model in eval mode on `device`, metadata). Refuses weights whose sha256 differs from the record."""
+    from safetensors.torch import load as load_safetensors
+
+    from distcls.models import create_model, for_inference
+
     data, meta = read_verified_weights(uri)
     spec = PreprocessSpec.from_dict(meta["preprocessing"])
     model = create_model(meta["architecture"], len(meta["class_names"]), weights="none", spec=spec)

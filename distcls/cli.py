@@ -122,12 +122,16 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def cmd_label(args: argparse.Namespace) -> int:
     from distcls.label import run_labeling
 
-    s = run_labeling(config_from_args(LabelConfig, args))
+    cfg = config_from_args(LabelConfig, args)
+    s = run_labeling(cfg)
+    if cfg.status:
+        return 0 if s["complete"] else 1
     kinds = ", ".join(f"{k} {n}" for k, n in sorted(s["errors_by_kind"].items())) or "none"
     print(f"total {s['total']} objects: labeled {s['labeled']} (errors {s['errors']}: {kinds}), "
           f"already done {s['skipped_done']}; {s['seconds']:.1f}s, {s['images_per_s']:.1f} images/s"
           + (f"; removed {s['duplicates_removed']} duplicate rows" if s.get("duplicates_removed") else ""))
-    print(f"output: {s['output']} (Parquet, one row per object; model {s['model'][:12]}...)")
+    done = "complete, _SUCCESS.json written" if s["complete"] else "not complete: run it again to finish"
+    print(f"output: {s['output']} ({s['distinct']} objects, one row each; model {s['model'][:12]}...; {done})")
     return 0
 
 

@@ -482,7 +482,7 @@ class BenchConfig:
     """`distcls bench`: measured ratios against plain PyTorch, side by side in one run."""
 
     which: str = opt("train", help="which benchmark",
-                     choices=("train", "label", "serve", "autoscale", "transfer", "recipe", "all"))
+                     choices=("train", "label", "serve", "autoscale", "transfer", "recipe", "scale", "all"))
     model: str = opt("efficientnet_lite0", help="architecture for the train benchmark")
     images_per_class: int = opt(20, help="Fashion-MNIST images per class for the train benchmark")
     image_size: int = opt(64, help="model input size")
@@ -520,6 +520,11 @@ class BenchConfig:
     label_cpus_per_replica: float = opt(1.0, help="CPUs (runtime threads) per distcls label replica (distcls label's "
                                         "default)")
     loader_workers: int = opt(2, help="DataLoader worker processes of the label baseline")
+    objects: int = opt(10_000, help="scale benchmark (not in `all`): 32x32 PNGs labeled by `distcls label`")
+    store: str = opt("local", help="scale benchmark: where the objects live, local (a folder) or s3 (the embedded "
+                     "S3 server)", choices=("local", "s3"))
+    scale_dir: str | None = opt(None, help="scale benchmark: folder for the objects, kept for the next run of the "
+                                "same --objects (default: a temporary folder, removed after)")
     serve_images: int = opt(32, help="distinct JPEGs (500x375, from real photos) the serve clients send")
     serve_clients: tuple[int, ...] = opt((1, 4, 16), help="concurrent HTTP clients to measure, comma-separated")
     serve_seconds: float = opt(15.0, help="measured seconds per client count and server")
@@ -536,6 +541,8 @@ class BenchConfig:
         p = Problems()
         check_choice(p, self, "which")
         check_choice(p, self, "label_storage")
+        check_choice(p, self, "store")
+        p.check(self.objects >= 1, "objects", self.objects, "must be at least 1")
         p.check(self.images_per_class >= 4, "images_per_class", self.images_per_class, "must be at least 4")
         p.check(self.epochs >= 1, "epochs", self.epochs, "must be at least 1")
         p.check(all(w >= 1 for w in self.workers), "workers", self.workers, "worker counts must be >= 1")
@@ -561,11 +568,18 @@ class BenchConfig:
 
 @dataclass
 class LabelConfig:
-    """`distcls label`: label every image object under a prefix into Parquet, one row per object."""
+    """`distcls label`: label every image object under a prefix (or in a manifest) into Parquet, one row each."""
 
-    checkpoint: str = opt(help="checkpoint directory URI")
-    input: str = opt(help="prefix to label, recursively (jpg, jpeg, png, webp, bmp, gif, tif, tiff)")
-    output: str = opt(help="folder/prefix for the Parquet parts; reruns add only what is missing")
+    output: str = opt(help="folder/prefix for the Parquet parts, the plan (_plan/) and _SUCCESS.json; reruns add "
+                      "only what is missing")
+    checkpoint: str = opt("", help="checkpoint directory URI (required unless --status)")
+    input: str = opt("", help="prefix to label, recursively (jpg, jpeg, png, webp, bmp, gif, tif, tiff); with "
+                     "--manifest, the prefix its `key` column is relative to")
+    manifest: str | None = opt(None, help="label the keys of this list instead of listing --input: CSV, Parquet or "
+                               "JSONL with a `path` (full URI) or `key` (below --input) column, or an S3 Inventory "
+                               "manifest.json")
+    status: bool = opt(False, help="print what --output holds (planned, written, errors, complete) and exit")
+    replan: bool = opt(False, help="list the input again instead of using the stored plan (new objects)")
     top_k: int = opt(5, help="labels and scores kept per image")
     batch_size: int = opt(64, help="images per forward pass")
     concurrency: tuple[int, ...] = opt((1,), help="model replicas: N, or MIN,MAX to autoscale")
@@ -573,7 +587,8 @@ class LabelConfig:
     cpus_per_replica: float = opt(1.0, help="CPUs (and torch threads) per model replica")
     include: str | None = opt(None, help="glob on the path below --input (or the file name) instead of "
                               "the extension filter, e.g. '*.jpg' or 'cams/*/*.png'")
-    rows_per_part: int = opt(512, help="rows per Parquet part: the unit of progress a restart keeps")
+    part_rows: int = opt(2000, help="rows per Parquet part: the unit of progress a restart keeps")
+    part_mb: float = opt(64.0, help="largest Parquet part in MB (a bigger batch is split)")
     runtime: str = opt("auto", help=RUNTIME_HELP, choices=RUNTIMES)
     pipeline: str = opt("auto", help="fused: the model actors also read and decode (no decode tasks; the CPU "
                         "default); split: decode in Ray Data tasks, predict in actors (the GPU default)",
@@ -583,15 +598,18 @@ class LabelConfig:
         p = Problems()
         check_choice(p, self, "runtime")
         check_choice(p, self, "pipeline")
-        for name in ("checkpoint", "input", "output"):
-            p.check(bool(getattr(self, name)), name, getattr(self, name), "is required")
+        p.check(bool(self.output), "output", self.output, "is required")
+        if not self.status:
+            p.check(bool(self.checkpoint), "checkpoint", self.checkpoint, "is required")
+            p.check(bool(self.input or self.manifest), "input", self.input, "is required (or give --manifest)")
         p.check(self.top_k >= 1, "top_k", self.top_k, "must be at least 1")
         p.check(self.batch_size >= 1, "batch_size", self.batch_size, "must be at least 1")
         c = self.concurrency
         p.check(len(c) in (1, 2) and min(c) >= 1 and c[0] <= c[-1], "concurrency", ",".join(map(str, c)),
                 "give N or MIN,MAX with 1 <= MIN <= MAX")
         p.check(self.num_gpus >= 0, "num_gpus", self.num_gpus, "must be >= 0")
-        p.check(self.rows_per_part >= 1, "rows_per_part", self.rows_per_part, "must be at least 1")
+        p.check(self.part_rows >= 1, "part_rows", self.part_rows, "must be at least 1")
+        p.check(self.part_mb > 0, "part_mb", self.part_mb, "must be positive")
         p.check(self.cpus_per_replica > 0, "cpus_per_replica", self.cpus_per_replica, "must be positive")
         p.raise_if_any("label")
 

@@ -187,8 +187,12 @@ def decode_sample(paths: list[str], spec: PreprocessSpec, n: int = 16) -> np.nda
 def load_images(batch: dict[str, np.ndarray], spec: PreprocessSpec, train: bool = False) -> dict[str, np.ndarray]:
     """Ray Data map_batches function: read + decode + preprocess each path; never raises for a bad object."""
     paths = batch["path"]
+    preset = batch.get("error")  # rows that arrive with an error (e.g. a file name that is not UTF-8) stay so
 
-    def one(path: str) -> tuple[np.ndarray | None, str]:
+    def one(i_path: tuple[int, str]) -> tuple[np.ndarray | None, str]:
+        i, path = i_path
+        if preset is not None and preset[i]:
+            return None, str(preset[i])
         try:
             data = storage.read_bytes(path)
         except DistclsError as exc:
@@ -201,7 +205,7 @@ def load_images(batch: dict[str, np.ndarray], spec: PreprocessSpec, train: bool 
             return None, str(exc)
 
     with ThreadPoolExecutor(max_workers=min(READ_THREADS, max(1, len(paths)))) as pool:
-        results = list(pool.map(one, paths))
+        results = list(pool.map(one, enumerate(paths)))
     size = spec.resize_size if train else spec.image_size
     images = np.zeros((len(paths), 3, size, size), dtype=np.uint8)
     errors = np.empty(len(paths), dtype=object)

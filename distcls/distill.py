@@ -25,7 +25,7 @@ from distcls.checkpoint import checkpoint_id, load_checkpoint, read_meta
 from distcls.config import DistillConfig
 from distcls.infer.modelfile import is_export
 from distcls.train.loop import autocast, masked_loss
-from distcls.transforms import INTERPOLATIONS, PreprocessSpec
+from distcls.transforms import PreprocessSpec, interpolation_mode
 
 
 def soft_target_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor,
@@ -66,7 +66,7 @@ class Teacher:
 
         if self.resize:  # the teacher's own input size, with its own interpolation
             size = [self.spec.image_size, self.spec.image_size]
-            images = TF.resize(images, size, interpolation=INTERPOLATIONS[self.spec.interpolation], antialias=True)
+            images = TF.resize(images, size, interpolation=interpolation_mode(self.spec.interpolation), antialias=True)
         with autocast(self.device, self.amp):
             return self.model(images).float()
 

@@ -12,23 +12,20 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 from PIL import Image
-from torchvision.transforms import InterpolationMode
-from torchvision.transforms import functional as TF
 
 from distcls import DistclsError
 from distcls.images import DEFAULT_MAX_PIXELS, decode_image, out_of_memory
 
+if TYPE_CHECKING:  # torch and torchvision load where images are transformed, not where this module is imported
+    import torch
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-INTERPOLATIONS = {
-    "nearest": InterpolationMode.NEAREST,
-    "bilinear": InterpolationMode.BILINEAR,
-    "bicubic": InterpolationMode.BICUBIC,
-}
+INTERPOLATIONS = ("nearest", "bilinear", "bicubic")
 PIL_RESAMPLE = {"nearest": Image.Resampling.NEAREST, "bilinear": Image.Resampling.BILINEAR,
                 "bicubic": Image.Resampling.BICUBIC}
 FILTER_SUPPORT = {"nearest": 0.5, "bilinear": 1.0, "bicubic": 2.0}  # source pixels each side, at scale 1
@@ -106,7 +103,9 @@ def resize_center_crop(img: Image.Image, resize_size: int, crop_size: int, inter
     width, height = img.size
     new_w, new_h = resized_size(width, height, resize_size)
     if new_w * new_h <= max(width * height, RESIZE_BUDGET_PIXELS):
-        img = TF.resize(img, resize_size, interpolation=INTERPOLATIONS[interpolation])
+        from torchvision.transforms import functional as TF
+
+        img = TF.resize(img, resize_size, interpolation=interpolation_mode(interpolation))
         return TF.center_crop(img, [crop_size, crop_size])
     sx, sy = width / new_w, height / new_h
     top, left = int(round((new_h - crop_size) / 2.0)), int(round((new_w - crop_size) / 2.0))
@@ -163,15 +162,25 @@ def augment_batch(images: torch.Tensor, spec: PreprocessSpec, rng: np.random.Gen
     uint8 [N,3,R,R] -> uint8 [N,3,S,S]. Antialiased bilinear (or the spec's mode) as torchvision's
     RandomResizedCrop on tensors.
     """
+    import torch
+    from torchvision.transforms import functional as TF
+
     n, _, height, width = images.shape
     size = [spec.image_size, spec.image_size]
-    interp = INTERPOLATIONS[spec.interpolation]
+    interp = interpolation_mode(spec.interpolation)
     out = torch.empty((n, 3, spec.image_size, spec.image_size), dtype=images.dtype, device=images.device)
     for i in range(n):
         top, left, h, w = random_resized_crop_box(width, height, spec, rng)
         crop = TF.resized_crop(images[i], top, left, h, w, size, interpolation=interp, antialias=True)
         out[i] = crop.flip(-1) if spec.hflip and rng.random() < 0.5 else crop
     return out
+
+
+def interpolation_mode(name: str):
+    from torchvision.transforms import InterpolationMode
+
+    return {"nearest": InterpolationMode.NEAREST, "bilinear": InterpolationMode.BILINEAR,
+            "bicubic": InterpolationMode.BICUBIC}[name]
 
 
 def to_chw(img: Image.Image) -> np.ndarray:
@@ -195,8 +204,12 @@ def preprocess_bytes(data: bytes, spec: PreprocessSpec, train: bool = False) -> 
         raise out_of_memory() from None
 
 
-def normalize(images: torch.Tensor, spec: PreprocessSpec, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """uint8 NCHW (any device) -> float NCHW normalised with the spec's mean/std. Runs on the model's device."""
+def normalize(images: torch.Tensor, spec: PreprocessSpec, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """uint8 NCHW (any device) -> float NCHW normalised with the spec's mean/std (float32 unless `dtype`).
+    Runs on the model's device."""
+    import torch
+
+    dtype = dtype or torch.float32
     mean = torch.tensor(spec.mean, device=images.device, dtype=dtype).view(1, 3, 1, 1) * 255.0
     inv_std = 1.0 / (torch.tensor(spec.std, device=images.device, dtype=dtype).view(1, 3, 1, 1) * 255.0)
     return (images.to(dtype) - mean) * inv_std

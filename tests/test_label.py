@@ -154,7 +154,7 @@ def test_killed_run_then_rerun_has_every_object_once(s3_server, imagenet_ckpt, p
     storage.write_many((f"{root}/{i:03d}.jpg", encode(Image.fromarray(
         np.roll(photo, int(rng.integers(0, 300)), axis=1)).resize((96, 64)), "JPEG")) for i in range(n))
     cmd = [sys.executable, "-m", "distcls.cli", "label", "--checkpoint", imagenet_ckpt, "--input", root,
-           "--output", out, "--rows-per-part", "4", "--batch-size", "4"]
+           "--output", out, "--part-rows", "4", "--batch-size", "4"]
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.monotonic() + 300
@@ -210,7 +210,7 @@ def test_two_runs_at_once_still_leave_every_object_once(s3_server, imagenet_ckpt
     storage.write_many((f"{root}/{i:02d}.jpg", encode(Image.fromarray(np.roll(photo, 7 * i, axis=1)).resize((96, 64)),
                                                       "JPEG")) for i in range(n))
     cmd = [sys.executable, "-m", "distcls.cli", "label", "--checkpoint", imagenet_ckpt, "--input", root,
-           "--output", out, "--rows-per-part", "4", "--batch-size", "4"]
+           "--output", out, "--part-rows", "4", "--batch-size", "4"]
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     procs = [subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
              for _ in range(2)]

@@ -91,7 +91,7 @@ JOBS_SCRIPT = textwrap.dedent("""
         main(["train", "--data", train, "--val-data", val, "--image-size", "32", "--batch-size", "8",
               "--num-workers", "2", "--epochs", "2", "--seed", "7", "--storage", runs, "--name", "flaky"]),
         main(["evaluate", "--checkpoint", ckpt, "--data", val, "--out", out + "/eval"]),
-        main(["label", "--checkpoint", ckpt, "--input", val, "--output", out + "/labels", "--rows-per-part", "8"]),
+        main(["label", "--checkpoint", ckpt, "--input", val, "--output", out + "/labels", "--part-rows", "8"]),
     ]
     print("CODES", json.dumps(codes))
 """)
@@ -125,7 +125,7 @@ def test_jobs_finish_with_same_results_on_flaky_s3(s3_server, ray_local, tmp_pat
     ckpt = clean["checkpoint"]
     assert main(["evaluate", "--checkpoint", ckpt, "--data", val, "--out", f"{BUCKET}/clean/eval"]) == 0
     assert main(["label", "--checkpoint", ckpt, "--input", val, "--output", f"{BUCKET}/clean/labels",
-                 "--rows-per-part", "8"]) == 0
+                 "--part-rows", "8"]) == 0
 
     # With faults: the same jobs in a subprocess whose AWS_ENDPOINT_URL (and so its Ray workers') is the proxy.
     with FaultProxy(s3_server.endpoint_url, rate=0.05, seed=11) as proxy:

@@ -8,8 +8,19 @@ runs models through here.
 """
 
 from distcls.infer.batch import BatchPredictor, predict_dataset, softmax_topk, top_prediction
-from distcls.infer.engine import RUNTIMES, Predictor, load_model, prepare_runtime
 from distcls.infer.modelfile import is_export, model_file_uri, verify_model
+
+ENGINE = ("RUNTIMES", "Predictor", "load_model", "prepare_runtime")
+
+
+def __getattr__(name: str):
+    """The engine's names load torch and onnxruntime on first use: a driver that only plans (label) or
+    verifies model files never imports them."""
+    if name in ENGINE:
+        from distcls.infer import engine
+
+        return getattr(engine, name)
+    raise AttributeError(f"module 'distcls.infer' has no attribute {name!r}")
 
 __all__ = ["BatchPredictor", "Predictor", "RUNTIMES", "is_export", "load_model", "model_file_uri",
            "predict_dataset", "prepare_runtime", "softmax_topk", "top_prediction", "verify_model"]
