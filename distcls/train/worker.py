@@ -11,9 +11,10 @@ import time
 
 import numpy as np
 import torch
+from safetensors.torch import load as load_safetensors
 
 from distcls import DistclsError, storage
-from distcls.checkpoint import load_safetensors, write_local_checkpoint
+from distcls.checkpoint import write_local_checkpoint
 from distcls.config import DistillConfig, TrainConfig
 from distcls.datasets import ErrorTally, LabeledIndex, build_dataset
 from distcls.metrics import summarize
