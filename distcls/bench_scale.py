@@ -115,9 +115,10 @@ def rows_written(output: str) -> int:
     return total
 
 
-def label_command(checkpoint: str, input_uri: str, output: str) -> list[str]:
+def label_command(checkpoint: str, input_uri: str, output: str, n: int) -> list[str]:
+    """`distcls label` with its defaults, except parts of at most n/20 rows (so a kill at half leaves some)."""
     return [sys.executable, "-m", "distcls.cli", "label", "--checkpoint", checkpoint, "--input", input_uri,
-            "--output", output]
+            "--output", output, "--part-rows", str(min(2000, max(10, n // 20)))]
 
 
 def run_label(cmd: list[str], log: str, output: str, kill_at_rows: int | None = None) -> dict:
@@ -198,15 +199,15 @@ def bench_scale(cfg: BenchConfig) -> dict:
         print(f"  listing: {listed} keys, {keys_per_s:,.0f} keys/s", flush=True)
         log = os.path.join(work, "label.log")
         out_full = storage.join_uri(root, f"out-{os.path.basename(work)}-full")
-        full = run_label(label_command(checkpoint, input_uri, out_full), log, out_full)
+        full = run_label(label_command(checkpoint, input_uri, out_full, n), log, out_full)
         record = success(out_full)
         print(f"  full run: {full['seconds']:.0f} s, first part after {full['first_part_s']:.1f} s, "
               f"{record['rows']} rows", flush=True)
-        rerun = run_label(label_command(checkpoint, input_uri, out_full), log, out_full)
+        rerun = run_label(label_command(checkpoint, input_uri, out_full, n), log, out_full)
         rerun_record = success(out_full)
         out_kill = storage.join_uri(root, f"out-{os.path.basename(work)}-killed")
-        killed = run_label(label_command(checkpoint, input_uri, out_kill), log, out_kill, kill_at_rows=n // 2)
-        resumed = run_label(label_command(checkpoint, input_uri, out_kill), log, out_kill)
+        killed = run_label(label_command(checkpoint, input_uri, out_kill, n), log, out_kill, kill_at_rows=n // 2)
+        resumed = run_label(label_command(checkpoint, input_uri, out_kill, n), log, out_kill)
         resumed_record = success(out_kill)
         result = {
             "objects": n, "store": cfg.store, "list_keys_per_s": keys_per_s,

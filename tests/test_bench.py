@@ -11,6 +11,7 @@ import pytest
 from distcls.config import FASHION_MNIST_DEFAULT_DIR
 
 
+@pytest.mark.slow  # ~4 min: every benchmark in miniature (train, label, serve, autoscale, transfer, recipe)
 @pytest.mark.skipif(not os.path.isdir(FASHION_MNIST_DEFAULT_DIR), reason="needs dataset-fashion-mnist")
 def test_bench_all_tiny(tmp_path):
     out = tmp_path / "bench.json"
@@ -91,3 +92,17 @@ def test_gpu_check_script_refuses_cpu_without_smoke():
     result = subprocess.run([sys.executable, "jobs/bench_gpu.py"], capture_output=True, text=True, timeout=120,
                             cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     assert result.returncode == 2 and "no CUDA GPU is visible" in result.stderr
+
+
+@pytest.mark.slow  # ~1 min: three `distcls label` processes, each with its own Ray
+def test_bench_scale_tiny(tmp_path):
+    """`bench scale` at 300 objects: every key, exactly one row per object after the kill and rerun."""
+    out = tmp_path / "bench.json"
+    result = subprocess.run([sys.executable, "-m", "distcls.cli", "bench", "scale", "--objects", "300", "--out", str(out)],
+                            capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    scale = json.loads(out.read_text())["scale"]
+    assert scale["rows"] == scale["distinct_paths"] == scale["rows_after_kill_and_rerun"] == 300
+    for key in ("list_keys_per_s", "time_to_first_part_s", "driver_peak_rss_mb", "images_per_s", "rerun_done_s",
+                "resume_half_s"):
+        assert scale[key] > 0, key

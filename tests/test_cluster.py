@@ -228,6 +228,7 @@ def test_job_configs_load_with_the_cli_loader(name, cls):
     assert isinstance(cfg, cls)
 
 
+@pytest.mark.slow  # ~160 s: two Ray nodes, a training and a labeling job submitted (`make cluster-demo` runs the same)
 def test_two_node_cluster_run():
     """cluster/two_nodes.py: head + second node with token auth, train (STRICT_SPREAD) and label jobs."""
     out = subprocess.run([sys.executable, str(ROOT / "cluster" / "two_nodes.py")], capture_output=True, text=True,

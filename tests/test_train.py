@@ -108,7 +108,7 @@ def test_jobs_entrypoint_help():
     assert result.returncode == 0 and "--max-failures" in result.stdout
 
 
-@pytest.mark.parametrize("dataset", ["fashion-mnist", "digits"])
+@pytest.mark.parametrize("dataset", ["fashion-mnist", pytest.param("digits", marks=pytest.mark.slow)])
 def test_default_recipe_learns_and_is_recorded(fm, tmp_path, dataset):
     """Nothing but data, budget and size given: the adaptive recipe trains on two different real datasets
     (photos of products; 8x8 handwritten digits read from local files), and says what it chose."""
