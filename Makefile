@@ -26,6 +26,7 @@ cluster-demo: $(STAMP)
 # The CI suite (under 30 minutes on 2 cores, install included). Tests marked slow run only in `make test-all`.
 test: $(STAMP)
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/lint-imports
 	$(PY) -m pytest -m "not slow" $(PYTEST_FLAGS)
 
 test-all: $(STAMP)

@@ -17,7 +17,7 @@ import time
 from urllib.parse import urlsplit
 
 from distcls import storage
-from distcls.bench import post_image
+from distcls.bench_harness import post_image
 from distcls.config import ServeConfig, to_dict
 
 APP = "autoscale"
@@ -249,7 +249,7 @@ def bench_autoscale(root: str, *, checkpoint: str | None = None, clients_high: i
     `checkpoint`: the model to serve (default: the ImageNet EfficientNet-Lite0 written under `root`);
     `overrides`: ServeConfig fields over SETTINGS; `idle_seconds`, `stop_at_max`: see Plan.
     """
-    from distcls.bench import imagenet_checkpoint, make_photos, wait_healthy
+    from distcls.bench_harness import imagenet_checkpoint, make_photos, wait_healthy
     from distcls.s3server import free_port
     from distcls.serving import start, stop_app
 

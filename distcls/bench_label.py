@@ -107,7 +107,7 @@ def large_photos(n: int, size: tuple[int, int] = (4000, 3000)) -> list[bytes]:
     """N 12-megapixel JPEGs (quality 90), upscaled from the bench photos: a phone camera's output size."""
     from PIL import Image
 
-    from distcls.bench import make_photos
+    from distcls.bench_harness import make_photos
 
     out = []
     for data in make_photos(n, seed=7):
@@ -161,7 +161,7 @@ def run_distcls_label(cfg: BenchConfig, checkpoint: str, prefix: str, output: st
 
 
 def bench_label(cfg: BenchConfig, root: str) -> dict:
-    from distcls.bench import imagenet_checkpoint, make_photos
+    from distcls.bench_harness import imagenet_checkpoint, make_photos
 
     checkpoint = imagenet_checkpoint(root, cfg.label_model)
     photos = make_photos(cfg.label_images)

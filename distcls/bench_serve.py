@@ -13,7 +13,7 @@ import dataclasses
 import subprocess
 import sys
 
-from distcls.bench import imagenet_checkpoint, load_test, make_photos, wait_healthy
+from distcls.bench_harness import imagenet_checkpoint, load_test, make_photos, wait_healthy
 from distcls.bench_label import model_ceiling
 from distcls.config import BenchConfig, ServeConfig, to_dict
 from distcls.infer import prepare_runtime

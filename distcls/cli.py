@@ -46,7 +46,7 @@ def cmd_s3_server(args: argparse.Namespace) -> int:
     from distcls.s3server import S3Server
 
     cfg = config_from_args(S3ServerConfig, args)
-    server = S3Server(host=cfg.host, port=cfg.port, in_process=True).start()
+    server = S3Server(host=cfg.host, port=cfg.port).start()
     print(f"S3-compatible server (moto) listening on {server.endpoint_url}; Ctrl-C stops it.")
     print("Point clients at it with:")
     for key, value in server.env().items():

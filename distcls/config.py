@@ -305,9 +305,6 @@ class TrainConfig:
     name: str | None = opt(None, help="run name: the run lives in <storage>/<name>/ (default: train-<timestamp>)")
     resume: bool = opt(False, help="continue the run <storage>/<name> from its latest checkpoint")
     keep: int = opt(2, help="checkpoints to keep, best by validation accuracy (the latest is also kept)")
-    fail_at_step: int | None = opt(None, help="fault injection for tests: rank 0 fails once at this global step")
-    fail_mode: str = opt("raise", help="how --fail-at-step fails: raise an exception, or kill the worker "
-                         "process with SIGKILL", choices=("raise", "kill"))
 
     def __post_init__(self) -> None:
         from distcls.models import REGISTRY
@@ -321,7 +318,7 @@ class TrainConfig:
         p.check(self.lr is None or self.lr > 0, "lr", self.lr, "must be positive")
         p.check(self.backbone_lr_scale is None or 0 <= self.backbone_lr_scale <= 1, "backbone_lr_scale",
                 self.backbone_lr_scale, "must be in [0, 1]")
-        for name in ("optimizer", "freeze", "class_weights", "placement_strategy", "fail_mode"):
+        for name in ("optimizer", "freeze", "class_weights", "placement_strategy"):
             check_choice(p, self, name)
         p.check(self.weight_decay >= 0, "weight_decay", self.weight_decay, "must be >= 0")
         p.check(self.warmup_epochs is None or self.warmup_epochs >= 0, "warmup_epochs", self.warmup_epochs,
@@ -558,11 +555,6 @@ class BenchConfig:
         p.check(self.recipe_epochs >= 1, "recipe_epochs", self.recipe_epochs, "must be at least 1")
         for name in ("model", "label_model", "recipe_model"):
             p.check(getattr(self, name) in REGISTRY, name, getattr(self, name), f"must be one of {', '.join(REGISTRY)}")
-        if self.use_gpu:
-            import torch
-
-            p.check(torch.cuda.is_available(), "use_gpu", self.use_gpu,
-                    "no CUDA GPU is visible to PyTorch on this machine; drop --use-gpu")
         p.raise_if_any("bench")
 
 

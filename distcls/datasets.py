@@ -266,11 +266,3 @@ class ErrorTally:
                 self.examples.append(f"{path} ({err})")
         good = np.flatnonzero(~bad)
         return {k: (v[good] if not isinstance(v, list) else [v[i] for i in good]) for k, v in batch.items()}
-
-    def merge(self, other: ErrorTally) -> None:
-        self.count += other.count
-        self.by_kind.update(other.by_kind)
-        self.examples = (self.examples + other.examples)[: self.keep]
-
-    def to_dict(self) -> dict:
-        return {"count": self.count, "by_kind": dict(self.by_kind), "examples": self.examples}

@@ -52,7 +52,7 @@ def run_evaluation(cfg: EvaluateConfig) -> dict:
         rows["label"] += [class_names[i] for i in labels]
         rows["prediction"] += [class_names[i] for i in logits.argmax(1)]
         rows["score"] += probs.max(1).tolist()
-    report = summarize(cm, class_names, topk=top5, loss=loss_sum / max(1, cm.sum()))
+    report = summarize(cm, class_names, top5_hits=top5, loss=loss_sum / max(1, cm.sum()))
     report.update({"skipped": tally.count, "skipped_by_kind": dict(tally.by_kind), "skipped_examples": tally.examples,
                    "checkpoint": cfg.checkpoint, "model_id": checkpoint_id(meta), "data": cfg.data,
                    "runtime": runtime, "runtime_note": note,

@@ -40,8 +40,9 @@ def per_class(cm: np.ndarray) -> dict[str, np.ndarray]:
             "predicted": predicted.astype(np.int64)}
 
 
-def summarize(cm: np.ndarray, class_names: list[str], topk: int | None = None, loss: float | None = None) -> dict:
-    """All headline metrics from a confusion matrix (plus top-5 count and mean loss when given)."""
+def summarize(cm: np.ndarray, class_names: list[str], top5_hits: int | None = None, loss: float | None = None) -> dict:
+    """All headline metrics from a confusion matrix (plus top-5 accuracy from the number of top-5 hits, and the
+    mean loss, when given)."""
     cm = np.asarray(cm)
     n = int(cm.sum())
     pc = per_class(cm)
@@ -61,8 +62,8 @@ def summarize(cm: np.ndarray, class_names: list[str], topk: int | None = None, l
         },
         "confusion_matrix": cm.astype(int).tolist(),
     }
-    if topk is not None:
-        out["top5_accuracy"] = float(topk / n) if n else 0.0
+    if top5_hits is not None:
+        out["top5_accuracy"] = float(top5_hits / n) if n else 0.0
     if loss is not None:
         out["loss"] = float(loss)
     return out

@@ -234,11 +234,12 @@ def freeze_backbone(model: Classifier) -> None:
         p.requires_grad = pname in head
 
 
-def count_parameters(name: str) -> int:
+def imagenet_parameter_count(name: str) -> int:
+    """Parameters of architecture `name` with its 1000-class ImageNet head (built on the meta device)."""
     with torch.device("meta"):
         return sum(p.numel() for p in get_model_info(name).build(1000).parameters())
 
 
 def list_models() -> list[dict]:
-    return [{"name": n, "parameters": count_parameters(n), "weights": info.weights_choices()}
+    return [{"name": n, "parameters": imagenet_parameter_count(n), "weights": info.weights_choices()}
             for n, info in REGISTRY.items()]

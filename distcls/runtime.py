@@ -41,6 +41,10 @@ def init_ray(num_cpus: int | None = None, address: str | None = None, quiet: boo
     if not os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR"):
         kwargs["runtime_env"] = {"env_vars": forwarded_env()}
     sigterm = signal.getsignal(signal.SIGTERM)
+    if quiet:  # notices that are not errors: the token-auth banner, Data's "progress bars disabled" and per-run INFO
+        os.environ.setdefault("RAY_DATA_LOG_LEVEL", "ERROR")  # Ray Data re-reads it whenever it sets up its logging
+        for name in ("ray._private.authentication.authentication_token_setup", "ray.data"):
+            logging.getLogger(name).setLevel(logging.ERROR)
     if address:
         ray.init(address=address, **kwargs)
     else:

@@ -20,7 +20,6 @@ import fsspec
 
 from distcls import DistclsError
 
-REMOTE_SCHEMES = ("s3", "gs")
 # botocore's standard mode: throttling (503 SlowDown), 500s and dropped connections are retried with
 # jittered exponential backoff; permanent errors (403 AccessDenied, 404) fail at once. 5 attempts: at a
 # 5% fault rate one request in 3*10^6 still fails; more would also make an unreachable endpoint take

@@ -46,7 +46,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     from distcls import storage
-    from distcls.bench import bench_train, machine, table
+    from distcls.bench import bench_train, table
+    from distcls.bench_harness import machine
     from distcls.bench_label import bench_label
     from distcls.config import BenchConfig
     from distcls.runtime import init_ray

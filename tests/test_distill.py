@@ -15,10 +15,11 @@ from distcls import DistclsError, storage
 from distcls.checkpoint import load_checkpoint, read_meta, save_checkpoint
 from distcls.cli import main
 from distcls.config import FASHION_MNIST_DEFAULT_DIR, ConfigError, DistillConfig, FashionMnistConfig, load_config
-from distcls.distill import Teacher, distillation_loss, run_distillation, soft_target_loss
+from distcls.distill import run_distillation
 from distcls.fmnist import CLASS_NAMES, write_fashion_mnist
 from distcls.models import create_model
 from distcls.train.loop import masked_loss, train_one_epoch
+from distcls.train.objectives import Teacher, distillation_loss, soft_target_loss
 from distcls.transforms import PreprocessSpec, preprocess_bytes
 
 BUCKET = "s3://distill-test"
@@ -142,11 +143,12 @@ def test_distill_end_to_end(fm, teacher_uri, capsys):
 
 @pytest.mark.slow
 @needs_fmnist
-def test_distill_recovers_from_a_worker_failure(fm, teacher_uri):
+def test_distill_recovers_from_a_worker_failure(fm, teacher_uri, monkeypatch):
     # 60 images / 2 workers / batch 16 = 2 steps per epoch; step 3 is in epoch 2.
+    monkeypatch.setenv("DISTCLS_TEST_FAULT", "3")
     cfg = DistillConfig(data=fm["train"], val_data=fm["val"], teacher=teacher_uri, weights="none", image_size=32,
                         batch_size=16, epochs=2, num_workers=2, storage=f"{BUCKET}/runs", name="dfail",
-                        max_failures=1, fail_at_step=3)
+                        max_failures=1)
     result = run_distillation(cfg)
     assert storage.exists(f"{BUCKET}/runs/dfail/fault-injected.txt")
     assert [h["epoch"] for h in result["epochs"]] == [1, 2]

@@ -42,10 +42,11 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
-def test_killed_worker_without_retries_is_one_clear_error(fm):
+def test_killed_worker_without_retries_is_one_clear_error(fm, monkeypatch):
     started = time.monotonic()
+    monkeypatch.setenv("DISTCLS_TEST_FAULT", "7:kill")  # rank 0 SIGKILLs itself at step 7 (test hook)
     with pytest.raises(DistclsError) as err:
-        run_training(train_cfg(fm, "kill0", max_failures=0, fail_at_step=7, fail_mode="kill", epochs=2))
+        run_training(train_cfg(fm, "kill0", max_failures=0, epochs=2))
     message = str(err.value)
     assert message.startswith("train: run s3://faults-train/runs/kill0 failed: ") and "\n" not in message
     assert "died" in message and "--max-failures" in message, message
@@ -57,13 +58,14 @@ def test_killed_worker_without_retries_is_one_clear_error(fm):
 
 
 @pytest.mark.slow
-def test_killed_worker_recovers_from_checkpoint_with_same_accuracy(fm):
+def test_killed_worker_recovers_from_checkpoint_with_same_accuracy(fm, monkeypatch):
     """80 images / 2 workers / batch 8 = 5 steps per epoch: step 7 is in epoch 2. At 64 px and lr 3e-3 the
     model learns (validation accuracy ~0.4 after 3 epochs, chance is 0.1), so the comparison means something."""
     learns = dict(epochs=3, image_size=64, lr=3e-3)
     base = run_training(train_cfg(fm, "kill-base", **learns))
     started = time.monotonic()
-    killed = run_training(train_cfg(fm, "kill2", max_failures=2, fail_at_step=7, fail_mode="kill", **learns))
+    monkeypatch.setenv("DISTCLS_TEST_FAULT", "7:kill")
+    killed = run_training(train_cfg(fm, "kill2", max_failures=2, **learns))
     marker = storage.read_text(f"{BUCKET}/runs/kill2/fault-injected.txt")
     pid = int(marker.split("pid ")[1])
     assert marker.startswith("injected (kill) at step 7") and not pid_alive(pid)

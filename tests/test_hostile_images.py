@@ -22,7 +22,7 @@ import requests
 from PIL import Image
 
 from distcls import storage
-from distcls.bench import imagenet_checkpoint
+from distcls.bench_harness import imagenet_checkpoint
 from distcls.config import LabelConfig, ServeConfig, TrainConfig
 from distcls.datasets import ErrorTally, build_dataset, load_labeled_index
 from distcls.images import ImageDecodeError

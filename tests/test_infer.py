@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from distcls import DistclsError
-from distcls.bench import make_photos
+from distcls.bench_harness import make_photos
 from distcls.checkpoint import read_meta
 from distcls.config import ExportConfig, FromPretrainedConfig
 from distcls.evaluate import checkpoint_from_pretrained

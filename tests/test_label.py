@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from distcls import storage
-from distcls.bench import imagenet_checkpoint
+from distcls.bench_harness import imagenet_checkpoint
 from distcls.cli import main
 from distcls.config import LabelConfig
 from distcls.label import existing_parts, output_schema, run_labeling

@@ -70,16 +70,18 @@ def test_train_then_evaluate_contracts(fm, tmp_path, capsys):
     assert report["accuracy"] == pytest.approx(m["val_accuracy"], abs=1e-9)
 
 
-def test_worker_failure_is_recovered_and_epochs_continue(fm):
+def test_worker_failure_is_recovered_and_epochs_continue(fm, monkeypatch):
     # 80 images / 2 workers / batch 8 = 5 steps per epoch; step 7 is in epoch 2.
-    result = run_training(train_cfg(fm, "fail1", max_failures=1, fail_at_step=7, epochs=2))
+    monkeypatch.setenv("DISTCLS_TEST_FAULT", "7")
+    result = run_training(train_cfg(fm, "fail1", max_failures=1, epochs=2))
     assert storage.exists(f"{BUCKET}/runs/fail1/fault-injected.txt")
     assert [h["epoch"] for h in result["epochs"]] == [1, 2]
 
 
-def test_failure_without_retries_is_one_clear_error(fm):
+def test_failure_without_retries_is_one_clear_error(fm, monkeypatch):
+    monkeypatch.setenv("DISTCLS_TEST_FAULT", "1")
     with pytest.raises(DistclsError, match=r"train: run s3://train-test/runs/fail0 failed: .*fault injection"):
-        run_training(train_cfg(fm, "fail0", max_failures=0, fail_at_step=1, epochs=1))
+        run_training(train_cfg(fm, "fail0", max_failures=0, epochs=1))
 
 
 def test_resume_continues_a_stopped_run(fm):

@@ -117,6 +117,18 @@ def balance(index: LabeledIndex, seed: int) -> LabeledIndex:
     return index.subset(np.sort(rows))
 
 
+FAULT_ENV = "DISTCLS_TEST_FAULT"  # test hook, not a user option: "STEP" or "STEP:kill" (see worker.maybe_inject_failure)
+
+
+def fault_from_env() -> dict | None:
+    """The test hook's fault, read in the driver (Ray workers started earlier do not see a new variable)."""
+    raw = os.environ.get(FAULT_ENV)
+    if not raw:
+        return None
+    step, _, mode = raw.partition(":")
+    return {"at_step": int(step), "mode": mode or "raise"}
+
+
 def build_trainer(cfg: TrainConfig, train: LabeledIndex, val: LabeledIndex, extra_meta: dict | None = None):
     import ray.train
     import ray.train.v2.api.config
@@ -140,6 +152,7 @@ def build_trainer(cfg: TrainConfig, train: LabeledIndex, val: LabeledIndex, extr
         "class_weights": balanced_class_weights(counts).tolist() if cfg.class_weights == "balanced" else None,
         "run_uri": run_uri_of(cfg),
         "extra_meta": extra_meta or {},  # more fields for every checkpoint's distcls.json (e.g. the teacher)
+        "fault": fault_from_env(),
     }
     storage_path, fs = storage_for_ray(cfg.storage)
     return TorchTrainer(

@@ -19,7 +19,8 @@ from distcls.config import DistillConfig, TrainConfig
 from distcls.datasets import ErrorTally, LabeledIndex, build_dataset
 from distcls.metrics import summarize
 from distcls.models import create_model, freeze_backbone, get_model_info, head_parameter_names
-from distcls.train.loop import build_optimizer, evaluate, masked_loss, train_one_epoch, warmup_cosine
+from distcls.train.loop import build_optimizer, evaluate, train_one_epoch, warmup_cosine
+from distcls.train.objectives import build_objective
 from distcls.train.resume import TRAIN_STATE, find_restorable
 from distcls.transforms import PreprocessSpec, augment_batch
 
@@ -78,20 +79,19 @@ def restore(model, optimizer, run_uri: str, latest: str | None = None,
     return int(state["epoch"]) + 1, int(state["step"]), list(state["history"])
 
 
-def maybe_inject_failure(cfg: TrainConfig, run_uri: str, step: int, rank: int) -> None:
-    """Test hook (--fail-at-step): rank 0 fails once; a marker in the run dir keeps restarts from failing.
-
-    --fail-mode raise throws an exception; kill sends SIGKILL to this worker process (as a preempted or
-    OOM-killed machine would: no exception, no cleanup)."""
-    if cfg.fail_at_step is None or step != cfg.fail_at_step or rank != 0:
+def maybe_inject_failure(fault: dict | None, run_uri: str, step: int, rank: int) -> None:
+    """Test hook (DISTCLS_TEST_FAULT=STEP[:kill], read by the driver): rank 0 fails once at that global step;
+    a marker in the run dir keeps restarts from failing. `raise` throws an exception; `kill` sends SIGKILL
+    to this worker process (as a preempted or OOM-killed machine would: no exception, no cleanup)."""
+    if not fault or step != fault["at_step"] or rank != 0:
         return
     marker = storage.join_uri(run_uri, "fault-injected.txt")
     if storage.exists(marker):
         return
-    storage.write_text(marker, f"injected ({cfg.fail_mode}) at step {step} in pid {os.getpid()}\n")
-    if cfg.fail_mode == "kill":
+    storage.write_text(marker, f"injected ({fault['mode']}) at step {step} in pid {os.getpid()}\n")
+    if fault["mode"] == "kill":
         os.kill(os.getpid(), signal.SIGKILL)
-    raise RuntimeError(f"fault injection: worker failed at step {step} (--fail-at-step)")
+    raise RuntimeError(f"fault injection: worker failed at step {step} (DISTCLS_TEST_FAULT)")
 
 
 def val_batches(index: LabeledIndex, spec: PreprocessSpec, batch_size: int, tally: ErrorTally):
@@ -161,12 +161,7 @@ def train_func(config: dict) -> None:
               flush=True)
 
     weights = torch.tensor(config["class_weights"], dtype=torch.float32, device=device) if config["class_weights"] else None
-    loss_fn = lambda logits, labels, mask: masked_loss(logits, labels, mask, weights, cfg.label_smoothing)  # noqa: E731
-    teacher = None
-    if isinstance(cfg, DistillConfig):  # the teacher is loaded once per worker, in eval mode
-        from distcls.distill import build_teacher_loss
-
-        teacher, loss_fn = build_teacher_loss(cfg, class_names, spec, device, weights)
+    teacher, loss_fn = build_objective(cfg, class_names, spec, device, weights)  # a teacher loads once per worker
     steps_per_epoch = max(1, math.ceil(config["num_train"] / world / cfg.batch_size))
     total_steps = steps_per_epoch * cfg.epochs
     warmup_steps = int(cfg.warmup_epochs * steps_per_epoch)
@@ -188,8 +183,8 @@ def train_func(config: dict) -> None:
             ddp_model, train_batches(shard, cfg.batch_size, train_tally, seed=int(rng.integers(2**31))),
             optimizer, loss_fn, device,
             schedule=lambda s: warmup_cosine(s, warmup_steps, total_steps), start_step=step, amp=gpu,
-            channels_last=gpu, augment=augment, on_step=lambda s: maybe_inject_failure(cfg, config["run_uri"], s, rank),
-            teacher=teacher)
+            channels_last=gpu, augment=augment, teacher=teacher,
+            on_step=lambda s: maybe_inject_failure(config.get("fault"), config["run_uri"], s, rank))
         step += stats.steps
         train_seconds = time.perf_counter() - started
         sync_buffers(model)
@@ -199,7 +194,7 @@ def train_func(config: dict) -> None:
         summed = allreduce([stats.loss_sum, stats.samples, val["loss_sum"], val["top5"], train_tally.count,
                             val_tally.count, *val["confusion_matrix"].ravel()])
         cm = summed[6:].reshape(k, k).astype(np.int64)
-        summary = summarize(cm, class_names, topk=int(summed[3]))
+        summary = summarize(cm, class_names, top5_hits=int(summed[3]))
         n_val = max(1, summary["num_samples"])
         metrics = {
             "epoch": epoch + 1,
