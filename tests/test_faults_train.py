@@ -86,7 +86,8 @@ def test_killed_worker_recovers_from_checkpoint_with_same_accuracy(fm, monkeypat
           f"{final_base:.4f}; val_loss {killed['epochs'][-1]['val_loss']:.6f} vs {base['epochs'][-1]['val_loss']:.6f}")
 
 
-TIMINGS = ("train_images_per_s_per_worker", "data_wait_fraction", "epoch_seconds", "worker_nodes")
+TIMINGS = ("train_images_per_s_per_worker", "data_wait_fraction", "data_wait_seconds", "train_seconds", "epoch_seconds",
+           "worker_nodes")
 
 
 def without_timings(epoch: dict) -> dict:

@@ -21,7 +21,7 @@ from distcls.metrics import summarize
 from distcls.models import create_model, freeze_backbone, get_model_info, head_parameter_names
 from distcls.train.loop import build_optimizer, evaluate, train_one_epoch, warmup_cosine
 from distcls.train.objectives import build_objective
-from distcls.train.resume import TRAIN_STATE, find_restorable
+from distcls.train.resume import TRAIN_STATE, find_restorable, latest_registered
 from distcls.transforms import PreprocessSpec, augment_batch
 
 
@@ -79,7 +79,7 @@ def restore(model, optimizer, run_uri: str, latest: str | None = None,
     return int(state["epoch"]) + 1, int(state["step"]), list(state["history"])
 
 
-def maybe_inject_failure(fault: dict | None, run_uri: str, step: int, rank: int) -> None:
+def maybe_inject_failure(fault: dict | None, run_uri: str, step: int, rank: int, reported: bool = False) -> None:
     """Test hook (DISTCLS_TEST_FAULT=STEP[:kill], read by the driver): rank 0 fails once at that global step;
     a marker in the run dir keeps restarts from failing. `raise` throws an exception; `kill` sends SIGKILL
     to this worker process (as a preempted or OOM-killed machine would: no exception, no cleanup)."""
@@ -88,6 +88,12 @@ def maybe_inject_failure(fault: dict | None, run_uri: str, step: int, rank: int)
     marker = storage.join_uri(run_uri, "fault-injected.txt")
     if storage.exists(marker):
         return
+    # After this worker reported a checkpoint (`reported`), fail only once Ray Train has registered one (its
+    # snapshot names it): the controller takes reports asynchronously, and a kill inside that window would
+    # test a race, not a restart.
+    deadline = time.monotonic() + 60
+    while reported and latest_registered(run_uri) is None and time.monotonic() < deadline:
+        time.sleep(0.1)
     storage.write_text(marker, f"injected ({fault['mode']}) at step {step} in pid {os.getpid()}\n")
     if fault["mode"] == "kill":
         os.kill(os.getpid(), signal.SIGKILL)
@@ -184,7 +190,8 @@ def train_func(config: dict) -> None:
             optimizer, loss_fn, device,
             schedule=lambda s: warmup_cosine(s, warmup_steps, total_steps), start_step=step, amp=gpu,
             channels_last=gpu, augment=augment, teacher=teacher,
-            on_step=lambda s: maybe_inject_failure(config.get("fault"), config["run_uri"], s, rank))
+            on_step=lambda s: maybe_inject_failure(config.get("fault"), config["run_uri"], s, rank,
+                                                   reported=epoch > start_epoch))  # noqa: B023 - this epoch's
         step += stats.steps
         train_seconds = time.perf_counter() - started
         sync_buffers(model)
