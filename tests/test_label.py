@@ -11,6 +11,7 @@ from PIL import Image
 
 from distcls import storage
 from distcls.bench_harness import imagenet_checkpoint
+from distcls.bench_scale import kill_session, session_members
 from distcls.cli import main
 from distcls.config import LabelConfig
 from distcls.label import existing_parts, output_schema, run_labeling
@@ -105,40 +106,6 @@ def test_missing_input_is_one_clear_error(ray_local, imagenet_ckpt, capsys):
     assert "does not exist" in capsys.readouterr().err
 
 
-def session_members(sid: int) -> list[int]:
-    """PIDs of the live (not zombie) processes of session `sid`. Ray's workers get process groups of
-    their own, but stay in the session of the command that started the local Ray instance."""
-    import os
-
-    pids = []
-    for entry in os.listdir("/proc"):
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):
-            continue
-        if fields[0] not in "ZX" and int(fields[3]) == sid:
-            pids.append(int(entry))
-    return pids
-
-
-def kill_session(sid: int, timeout: float = 60) -> None:
-    """SIGKILL every process of session `sid` (a machine lost at once) until none is left."""
-    import os
-    import signal
-    import time
-
-    deadline = time.monotonic() + timeout
-    while (pids := session_members(sid)) and time.monotonic() < deadline:
-        for pid in pids:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        time.sleep(0.1)
-    assert not session_members(sid), f"processes of session {sid} survived SIGKILL"
-
-
 def test_killed_run_then_rerun_has_every_object_once(s3_server, imagenet_ckpt, photo, tmp_path):
     """A real interruption: once some parts are committed (not all), SIGKILL the labeling process and the
     local Ray instance it started (its whole session, as when a machine dies); a rerun keeps those parts
@@ -161,6 +128,7 @@ def test_killed_run_then_rerun_has_every_object_once(s3_server, imagenet_ckpt, p
     while time.monotonic() < deadline and not existing_parts(out) and proc.poll() is None:
         time.sleep(0.05)
     kill_session(proc.pid)  # the CLI, its GCS and raylet, and every Ray worker, at once
+    assert not session_members(proc.pid), f"processes of session {proc.pid} survived SIGKILL"
     assert proc.wait(timeout=60) == -signal.SIGKILL, "the run ended before it could be killed"
     kept = {p: storage.read_bytes(p) for p in existing_parts(out)}
     partial = len(read_output(out)) if kept else 0
