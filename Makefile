@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 PYTEST_FLAGS ?=
 
-.PHONY: install demo cluster-demo test test-all clean
+.PHONY: install demo cluster-demo lint test test-all clean
 
 install: $(STAMP)
 
@@ -23,10 +23,14 @@ demo: $(STAMP)
 cluster-demo: $(STAMP)
 	$(PY) cluster/two_nodes.py
 
-# The CI suite (under 30 minutes on 2 cores, install included). Tests marked slow run only in `make test-all`.
-test: $(STAMP)
+# Lint, format and the architecture contracts (import-linter; tests/test_architecture.py covers jobs/ and cluster/).
+lint: $(STAMP)
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/lint-imports
+
+# The CI suite (under 30 minutes on 2 cores, install included). Tests marked slow run only in `make test-all`.
+test: lint
 	$(PY) -m pytest -m "not slow" $(PYTEST_FLAGS)
 
 test-all: $(STAMP)

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import io
 import json
 import os
 import secrets
@@ -36,7 +35,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from distcls.s3server import free_port  # noqa: E402
+from distcls.tools.s3server import free_port  # noqa: E402
 
 BIN = Path(sys.executable).parent
 BUCKET = "s3://two-nodes"
@@ -58,23 +57,57 @@ class Cluster:
 
     def _start(self, args: list[str], log: str) -> None:
         with open(self.work / log, "w") as out:  # the child keeps its own descriptor
-            self.procs.append(subprocess.Popen([str(BIN / "ray"), "start", "--block", *args], env=self.env,
-                                               stdout=out, stderr=subprocess.STDOUT, start_new_session=True))
+            self.procs.append(
+                subprocess.Popen(
+                    [str(BIN / "ray"), "start", "--block", *args],
+                    env=self.env,
+                    stdout=out,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                )
+            )
 
     def start(self) -> None:
-        self._start(["--head", "--port", str(self.gcs_port), "--dashboard-host", "127.0.0.1",
-                     "--dashboard-port", str(self.dashboard_port), "--include-dashboard", "true",
-                     "--temp-dir", str(self.work / "ray"), *self.common()], "head.log")
+        self._start(
+            [
+                "--head",
+                "--port",
+                str(self.gcs_port),
+                "--dashboard-host",
+                "127.0.0.1",
+                "--dashboard-port",
+                str(self.dashboard_port),
+                "--include-dashboard",
+                "true",
+                "--temp-dir",
+                str(self.work / "ray"),
+                *self.common(),
+            ],
+            "head.log",
+        )
         self.wait_nodes(1, "head")
         self.start_second()
 
     def common(self) -> list[str]:
         # Free ports for each node's agents: Ray's fixed defaults (dashboard agent 52365, ...) collide with any
         # other Ray instance on this machine, and a head without its dashboard agent accepts no job.
-        ports = {flag: free_port() for flag in ("--dashboard-agent-listen-port", "--dashboard-agent-grpc-port",
-                                                "--runtime-env-agent-port", "--metrics-export-port")}
-        return ["--node-ip-address", "127.0.0.1", "--num-cpus", str(self.cpus), "--disable-usage-stats",
-                *(str(x) for kv in ports.items() for x in kv)]
+        ports = {
+            flag: free_port()
+            for flag in (
+                "--dashboard-agent-listen-port",
+                "--dashboard-agent-grpc-port",
+                "--runtime-env-agent-port",
+                "--metrics-export-port",
+            )
+        }
+        return [
+            "--node-ip-address",
+            "127.0.0.1",
+            "--num-cpus",
+            str(self.cpus),
+            "--disable-usage-stats",
+            *(str(x) for kv in ports.items() for x in kv),
+        ]
 
     def start_second(self) -> None:
         """The second node (again, after it was lost: a replacement machine joining)."""
@@ -83,8 +116,13 @@ class Cluster:
         self.wait_nodes(2, "second node")
 
     def nodes(self) -> list[dict]:
-        out = subprocess.run([str(BIN / "ray"), "list", "nodes", "--address", self.dashboard, "--format", "json",
-                              "--filter", "state=ALIVE"], env=self.env, capture_output=True, text=True, timeout=60)
+        out = subprocess.run(
+            [str(BIN / "ray"), "list", "nodes", "--address", self.dashboard, "--format", "json", "--filter", "state=ALIVE"],
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         return json.loads(out.stdout) if out.returncode == 0 and out.stdout.strip().startswith("[") else []
 
     def wait_nodes(self, n: int, what: str, timeout: float = 180) -> None:
@@ -110,9 +148,24 @@ class Cluster:
         """`ray start --address` for a third node with `env` (no token, or a wrong one): (its exit code, or
         None if still running at the timeout; nodes alive afterwards). Everything it started is stopped."""
         with open(self.work / "intruder.log", "w") as out:
-            proc = subprocess.Popen([str(BIN / "ray"), "start", "--block", "--address", f"127.0.0.1:{self.gcs_port}",
-                                     "--node-ip-address", "127.0.0.1", "--num-cpus", "1", "--disable-usage-stats"],
-                                    env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+            proc = subprocess.Popen(
+                [
+                    str(BIN / "ray"),
+                    "start",
+                    "--block",
+                    "--address",
+                    f"127.0.0.1:{self.gcs_port}",
+                    "--node-ip-address",
+                    "127.0.0.1",
+                    "--num-cpus",
+                    "1",
+                    "--disable-usage-stats",
+                ],
+                env=env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
         try:
             code = proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
@@ -176,10 +229,24 @@ def leftover_pids(work: Path) -> list[int]:
     return [p for p in pids if p != os.getpid()]
 
 
-def submit(cluster: Cluster, job_id: str, entry: list[str], runtime_env: dict, env: dict | None = None,
-           timeout: float = 900) -> subprocess.CompletedProcess:
-    cmd = [str(BIN / "ray"), "job", "submit", "--address", cluster.dashboard, "--submission-id", job_id,
-           "--working-dir", str(ROOT), "--runtime-env-json", json.dumps(runtime_env), "--", *entry]
+def submit(
+    cluster: Cluster, job_id: str, entry: list[str], runtime_env: dict, env: dict | None = None, timeout: float = 900
+) -> subprocess.CompletedProcess:
+    cmd = [
+        str(BIN / "ray"),
+        "job",
+        "submit",
+        "--address",
+        cluster.dashboard,
+        "--submission-id",
+        job_id,
+        "--working-dir",
+        str(ROOT),
+        "--runtime-env-json",
+        json.dumps(runtime_env),
+        "--",
+        *entry,
+    ]
     for attempt in range(6):
         out = subprocess.run(cmd, env=env or cluster.env, capture_output=True, text=True, timeout=timeout)
         # The job server answers 500 "No available agent to submit job, please try again later" while the
@@ -204,8 +271,11 @@ def run_job(cluster: Cluster, job_id: str, entry: list[str], runtime_env: dict, 
     out = submit(cluster, job_id, entry, runtime_env)
     print(out.stdout[-3000:], out.stderr[-3000:], flush=True)
     status = job_status(cluster, job_id)
-    check(out.returncode == 0 and status == "SUCCEEDED",
-          f"{what} job SUCCEEDED (submit rc {out.returncode}, status {status})", out.stdout + out.stderr)
+    check(
+        out.returncode == 0 and status == "SUCCEEDED",
+        f"{what} job SUCCEEDED (submit rc {out.returncode}, status {status})",
+        out.stdout + out.stderr,
+    )
 
 
 def check(ok: bool, what: str, details: str = "") -> None:
@@ -223,16 +293,41 @@ def lose_a_node(cluster: Cluster, runtime_env: dict, args: argparse.Namespace) -
     from distcls import storage
 
     run = f"{BUCKET}/runs/lost-node"
-    train = ["python", "jobs/train.py", "--config", "jobs/configs/train.yaml",
-             "--data", f"{BUCKET}/fmnist/train", "--val-data", f"{BUCKET}/fmnist-test/test",
-             "--image-size", str(args.image_size), "--epochs", "3", "--batch-size", "16", "--num-workers", "2",
-             "--no-use-gpu", "--placement-strategy", "STRICT_SPREAD", "--max-failures", "2", "--keep", "3",
-             "--storage", f"{BUCKET}/runs", "--name", "lost-node"]
+    train = [
+        "python",
+        "jobs/train.py",
+        "--config",
+        "jobs/configs/train.yaml",
+        "--data",
+        f"{BUCKET}/fmnist/train",
+        "--val-data",
+        f"{BUCKET}/fmnist-test/test",
+        "--image-size",
+        str(args.image_size),
+        "--epochs",
+        "3",
+        "--batch-size",
+        "16",
+        "--num-workers",
+        "2",
+        "--no-use-gpu",
+        "--placement-strategy",
+        "STRICT_SPREAD",
+        "--max-failures",
+        "2",
+        "--keep",
+        "3",
+        "--storage",
+        f"{BUCKET}/runs",
+        "--name",
+        "lost-node",
+    ]
     client = JobSubmissionClient(cluster.dashboard)
     for attempt in range(6):
         try:
-            job = client.submit_job(entrypoint=" ".join(train), submission_id="train-lost-node",
-                                    runtime_env={**runtime_env, "working_dir": str(ROOT)})
+            job = client.submit_job(
+                entrypoint=" ".join(train), submission_id="train-lost-node", runtime_env={**runtime_env, "working_dir": str(ROOT)}
+            )
             break
         except RuntimeError as exc:  # 500 "No available agent ..., please try again later": retry, as above
             if "try again later" not in str(exc) or attempt == 5:
@@ -247,15 +342,16 @@ def lose_a_node(cluster: Cluster, runtime_env: dict, args: argparse.Namespace) -
     while time.time() < deadline and not client.get_job_status(job).is_terminal() and not checkpoints():
         time.sleep(0.5)
     status = str(client.get_job_status(job).value)
-    check(status == "RUNNING", f"training still running after its first checkpoint (status {status})",
-          client.get_job_logs(job))
+    check(status == "RUNNING", f"training still running after its first checkpoint (status {status})", client.get_job_logs(job))
     killed_at = time.perf_counter()
     pid = cluster.kill_second_raylet()
     deadline = time.time() + 120
     while time.time() < deadline and len(cluster.nodes()) != 1:
         time.sleep(1)
-    check(len(cluster.nodes()) == 1, f"second node lost (raylet pid {pid} SIGKILLed; 1 node alive after "
-          f"{time.perf_counter() - killed_at:.0f}s)")
+    check(
+        len(cluster.nodes()) == 1,
+        f"second node lost (raylet pid {pid} SIGKILLed; 1 node alive after {time.perf_counter() - killed_at:.0f}s)",
+    )
     cluster.start_second()
     check(len(cluster.nodes()) == 2, f"a replacement node joined {time.perf_counter() - killed_at:.0f}s after the loss")
     deadline = time.time() + 900
@@ -263,13 +359,19 @@ def lose_a_node(cluster: Cluster, runtime_env: dict, args: argparse.Namespace) -
         time.sleep(2)
     status, logs = str(client.get_job_status(job).value), client.get_job_logs(job)
     print(logs[-3000:], flush=True)
-    check(status == "SUCCEEDED", f"training job SUCCEEDED {time.perf_counter() - killed_at:.0f}s after the "
-          f"node was lost (status {status})", logs)
+    check(
+        status == "SUCCEEDED",
+        f"training job SUCCEEDED {time.perf_counter() - killed_at:.0f}s after the node was lost (status {status})",
+        logs,
+    )
     result = json.loads(storage.read_text(f"{run}/result.json"))
     epochs = [h["epoch"] for h in result["epochs"]]
     restored = [h.get("restored_from_epoch") for h in result["epochs"]]  # 0: fresh; N: restored from epoch N
-    check(epochs == [1, 2, 3] and restored[0] == 0 and restored[-1] >= 1,
-          f"epochs {epochs}; restarted from its checkpoint (restored_from_epoch per epoch: {restored})", logs)
+    check(
+        epochs == [1, 2, 3] and restored[0] == 0 and restored[-1] >= 1,
+        f"epochs {epochs}; restarted from its checkpoint (restored_from_epoch per epoch: {restored})",
+        logs,
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -278,15 +380,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--test-per-class", type=int, default=5, help="test images per class (labeled by the job)")
     parser.add_argument("--image-size", type=int, default=32)
     parser.add_argument("--cpus-per-node", type=int, default=2, help="logical CPUs each node advertises")
-    parser.add_argument("--lost-node", action="store_true",
-                        help="then kill the second node's raylet during a training job (--max-failures 2); "
-                             "the job must finish from its last checkpoint on the surviving node")
+    parser.add_argument(
+        "--lost-node",
+        action="store_true",
+        help="then kill the second node's raylet during a training job (--max-failures 2); "
+        "the job must finish from its last checkpoint on the surviving node",
+    )
     args = parser.parse_args(argv)
 
     from distcls import storage
     from distcls.config import FashionMnistConfig
-    from distcls.fmnist import write_fashion_mnist
-    from distcls.s3server import S3Server, restore_env, use_server_env
+    from distcls.tools.fmnist import write_fashion_mnist
+    from distcls.tools.s3server import S3Server, restore_env, use_server_env
 
     work = Path(tempfile.mkdtemp(prefix="distcls-2n-"))
     token = secrets.token_hex(32)
@@ -295,17 +400,27 @@ def main(argv: list[str] | None = None) -> int:
         previous = use_server_env(s3)
         env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
         os.environ.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token)  # this process queries job status
-        env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token, HOME=str(work / "home"),
-                   PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}")  # `python` in jobs = this venv's
+        env.update(
+            RAY_AUTH_MODE="token",
+            RAY_AUTH_TOKEN=token,
+            HOME=str(work / "home"),
+            PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+        )  # `python` in jobs = this venv's
         (work / "home").mkdir()
         cluster = Cluster(work, env, args.cpus_per_node)
         try:
-            say(f"S3 server on {s3.endpoint_url}; writing Fashion-MNIST ({args.train_per_class}/class train, "
-                f"{args.test_per_class}/class test)")
-            write_fashion_mnist(FashionMnistConfig(out=f"{BUCKET}/fmnist", limit_per_class=args.train_per_class,
-                                                   splits=("train",)), progress=False)
-            write_fashion_mnist(FashionMnistConfig(out=f"{BUCKET}/fmnist-test", limit_per_class=args.test_per_class,
-                                                   splits=("test",)), progress=False)
+            say(
+                f"S3 server on {s3.endpoint_url}; writing Fashion-MNIST ({args.train_per_class}/class train, "
+                f"{args.test_per_class}/class test)"
+            )
+            write_fashion_mnist(
+                FashionMnistConfig(out=f"{BUCKET}/fmnist", limit_per_class=args.train_per_class, splits=("train",)),
+                progress=False,
+            )
+            write_fashion_mnist(
+                FashionMnistConfig(out=f"{BUCKET}/fmnist-test", limit_per_class=args.test_per_class, splits=("test",)),
+                progress=False,
+            )
             say(f"starting a head and a second node (token auth, dashboard {cluster.dashboard}) in {work}")
             cluster.start()
             nodes = cluster.nodes()
@@ -315,20 +430,46 @@ def main(argv: list[str] | None = None) -> int:
             # token: either way the cluster itself (job server, GCS) must refuse them, not the client's own check.
             no_auth_env = {k: v for k, v in env.items() if k not in ("RAY_AUTH_TOKEN", "RAY_AUTH_MODE")}
             for what, bad_env in (("no token", no_auth_env), ("a wrong token", {**env, "RAY_AUTH_TOKEN": "0" * 64})):
-                out = submit(cluster, f"refused-{secrets.token_hex(3)}", ["python", "-c", "print('hi')"], {},
-                             env=bad_env, timeout=120)
+                out = submit(
+                    cluster, f"refused-{secrets.token_hex(3)}", ["python", "-c", "print('hi')"], {}, env=bad_env, timeout=120
+                )
                 said = (out.stderr or out.stdout).strip()
-                check(out.returncode != 0, f"`ray job submit` with {what} is refused "
-                      f"({said.splitlines()[-1][:120] if said else 'no output'})", out.stdout + out.stderr)
+                check(
+                    out.returncode != 0,
+                    f"`ray job submit` with {what} is refused ({said.splitlines()[-1][:120] if said else 'no output'})",
+                    out.stdout + out.stderr,
+                )
 
             # Only the endpoint travels in the jobs' runtime env (which Ray logs and its jobs API returns); the
             # bucket's credentials are in each node's own environment, as on a real cluster.
             runtime_env = {"env_vars": {"AWS_ENDPOINT_URL": s3.endpoint_url}}
-            train = ["python", "jobs/train.py", "--config", "jobs/configs/train.yaml",
-                     "--data", f"{BUCKET}/fmnist/train", "--val-data", f"{BUCKET}/fmnist-test/test",
-                     "--image-size", str(args.image_size), "--epochs", "1", "--batch-size", "16",
-                     "--num-workers", "2", "--no-use-gpu", "--placement-strategy", "STRICT_SPREAD",
-                     "--max-failures", "0", "--storage", f"{BUCKET}/runs", "--name", "two-nodes"]
+            train = [
+                "python",
+                "jobs/train.py",
+                "--config",
+                "jobs/configs/train.yaml",
+                "--data",
+                f"{BUCKET}/fmnist/train",
+                "--val-data",
+                f"{BUCKET}/fmnist-test/test",
+                "--image-size",
+                str(args.image_size),
+                "--epochs",
+                "1",
+                "--batch-size",
+                "16",
+                "--num-workers",
+                "2",
+                "--no-use-gpu",
+                "--placement-strategy",
+                "STRICT_SPREAD",
+                "--max-failures",
+                "0",
+                "--storage",
+                f"{BUCKET}/runs",
+                "--name",
+                "two-nodes",
+            ]
             say("ray job submit --working-dir . -- python jobs/train.py ... --placement-strategy STRICT_SPREAD")
             run_job(cluster, "train-two-nodes", train, runtime_env, "training")
             result = json.loads(storage.read_text(f"{BUCKET}/runs/two-nodes/result.json"))
@@ -336,20 +477,31 @@ def main(argv: list[str] | None = None) -> int:
             check(storage.exists(storage.join_uri(checkpoint, "model.safetensors")), f"checkpoint at {checkpoint}")
             workers = result["metrics"]["worker_nodes"].split(",")
             alive = {n["node_id"] for n in nodes}
-            check(len(set(workers)) == 2 and set(workers) <= alive,
-                  "the 2 training workers ran on 2 different nodes: "
-                  + ", ".join(f"rank {r} on {w[:8]}" for r, w in enumerate(workers)))
+            check(
+                len(set(workers)) == 2 and set(workers) <= alive,
+                "the 2 training workers ran on 2 different nodes: "
+                + ", ".join(f"rank {r} on {w[:8]}" for r, w in enumerate(workers)),
+            )
 
-            label = ["python", "jobs/label.py", "--checkpoint", checkpoint, "--input", f"{BUCKET}/fmnist-test/test",
-                     "--output", f"{BUCKET}/labels", "--concurrency", "1", "--batch-size", "16"]
+            label = [
+                "python",
+                "jobs/label.py",
+                "--checkpoint",
+                checkpoint,
+                "--input",
+                f"{BUCKET}/fmnist-test/test",
+                "--output",
+                f"{BUCKET}/labels",
+                "--concurrency",
+                "1",
+                "--batch-size",
+                "16",
+            ]
             say("ray job submit --working-dir . -- python jobs/label.py ...")
             run_job(cluster, "label-two-nodes", label, runtime_env, "labeling")
-            import pyarrow.parquet as pq
+            from distcls import read_labels
 
-            from distcls.label import existing_parts
-
-            rows = sum(pq.read_metadata(io.BytesIO(storage.read_bytes(p))).num_rows
-                       for p in existing_parts(f"{BUCKET}/labels"))
+            rows = read_labels(f"{BUCKET}/labels", columns=["path"]).num_rows
             check(rows == 10 * args.test_per_class, f"{rows} label rows, one per test image")
             if args.lost_node:
                 lose_a_node(cluster, runtime_env, args)
@@ -358,10 +510,15 @@ def main(argv: list[str] | None = None) -> int:
             for what, bad_env in (("no token", no_auth_env), ("a wrong token", {**env, "RAY_AUTH_TOKEN": "0" * 64})):
                 code, alive = cluster.try_to_join(bad_env)
                 log = (work / "intruder.log").read_text()
-                reason = next((line.strip() for line in reversed(log.splitlines())
-                               if "auth" in line.lower() or "token" in line.lower()), "no reason printed")
-                check(alive == 2 and code != 0, f"a node joining with {what} is refused (`ray start` exit {code}, "
-                      f"{alive} nodes alive: {reason[:110]})", log)
+                reason = next(
+                    (line.strip() for line in reversed(log.splitlines()) if "auth" in line.lower() or "token" in line.lower()),
+                    "no reason printed",
+                )
+                check(
+                    alive == 2 and code != 0,
+                    f"a node joining with {what} is refused (`ray start` exit {code}, {alive} nodes alive: {reason[:110]})",
+                    log,
+                )
 
         finally:
             say("stopping both nodes")

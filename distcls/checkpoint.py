@@ -34,8 +34,14 @@ def weights_bytes(model: Classifier) -> bytes:
     return save_safetensors(state, metadata={"format": "pt"})
 
 
-def build_meta(model: Classifier, class_names: list[str], weights_sha256: str, metrics: dict | None = None,
-               config: dict | None = None, extra: dict | None = None) -> dict:
+def build_meta(
+    model: Classifier,
+    class_names: list[str],
+    weights_sha256: str,
+    metrics: dict | None = None,
+    config: dict | None = None,
+    extra: dict | None = None,
+) -> dict:
     return {
         "format": FORMAT,
         "distcls_version": __version__,
@@ -51,9 +57,15 @@ def build_meta(model: Classifier, class_names: list[str], weights_sha256: str, m
     }
 
 
-def save_checkpoint(uri: str, model: Classifier, class_names: list[str], metrics: dict | None = None,
-                    config: dict | None = None, extra: dict | None = None,
-                    files: dict[str, bytes] | None = None) -> dict:
+def save_checkpoint(
+    uri: str,
+    model: Classifier,
+    class_names: list[str],
+    metrics: dict | None = None,
+    config: dict | None = None,
+    extra: dict | None = None,
+    files: dict[str, bytes] | None = None,
+) -> dict:
     """Write the checkpoint directory at `uri` (local or object storage); returns its metadata.
 
     `files`: more files of the checkpoint by name (e.g. train_state.pt), their sha256 recorded in
@@ -65,8 +77,7 @@ def save_checkpoint(uri: str, model: Classifier, class_names: list[str], metrics
         raise DistclsError(f"checkpoint: cannot add files {bad} to {uri}; name them plainly, not {WEIGHTS} or {META}")
     data = weights_bytes(model)
     hashes = {"files_sha256": {name: hashlib.sha256(b).hexdigest() for name, b in files.items()}} if files else {}
-    meta = build_meta(model, class_names, hashlib.sha256(data).hexdigest(), metrics, config,
-                      {**(extra or {}), **hashes})
+    meta = build_meta(model, class_names, hashlib.sha256(data).hexdigest(), metrics, config, {**(extra or {}), **hashes})
     storage.write_bytes(storage.join_uri(uri, WEIGHTS), data)
     for name, content in files.items():
         storage.write_bytes(storage.join_uri(uri, name), content)
@@ -123,8 +134,10 @@ def read_verified_file(uri: str, name: str, meta: dict | None = None) -> bytes:
     recorded = hashes.get(name) if isinstance(hashes, dict) else None
     file_uri = storage.join_uri(uri, name)
     if not isinstance(recorded, str):
-        raise DistclsError(f"checkpoint: {storage.join_uri(uri, META)} records no sha256 for {name}; refusing "
-                           f"to load it (an older distcls wrote it: start a new run with --weights {uri}/{WEIGHTS})")
+        raise DistclsError(
+            f"checkpoint: {storage.join_uri(uri, META)} records no sha256 for {name}; refusing "
+            f"to load it (an older distcls wrote it: start a new run with --weights {uri}/{WEIGHTS})"
+        )
     if not storage.exists(file_uri):
         raise DistclsError(f"checkpoint: {uri} has no {name}; it is not a (complete) distcls checkpoint")
     data = storage.read_bytes(file_uri)
@@ -157,15 +170,35 @@ def load_checkpoint(uri: str, device: str | torch.device = "cpu") -> tuple[Class
     """(model in eval mode on `device`, metadata). Refuses weights whose sha256 differs from the record."""
     from safetensors.torch import load as load_safetensors
 
-    from distcls.models import create_model, for_inference
+    from distcls.device import DevicePolicy
+    from distcls.models import create_model
 
     data, meta = read_verified_weights(uri)
     spec = PreprocessSpec.from_dict(meta["preprocessing"])
     model = create_model(meta["architecture"], len(meta["class_names"]), weights="none", spec=spec)
     model.net.load_state_dict(load_safetensors(data), strict=True)
-    return for_inference(model, device), meta
+    return DevicePolicy.of(device).place(model).eval(), meta
 
 
 def checkpoint_id(meta: dict) -> str:
     """A checkpoint's identity: the sha256 of its weights."""
     return meta["weights_sha256"]
+
+
+def imagenet_class_names() -> list[str]:
+    """The 1000 ImageNet-1k class names in index order (shipped with torchvision, no download)."""
+    from torchvision.models import ResNet18_Weights
+
+    return list(ResNet18_Weights.IMAGENET1K_V1.meta["categories"])
+
+
+def from_pretrained(out: str, model: str = "efficientnet_lite0", weights: str = "bundled", image_size: int | None = None) -> dict:
+    """The pretrained ImageNet classifier as a checkpoint at `out` (the one writer: `distcls checkpoint
+    from-pretrained`, the benchmarks and the tests); -> its distcls.json. `weights`: bundled, none, a
+    torchvision weights name or a .safetensors/.pt URI, as for `distcls train`."""
+    from distcls.models import create_model
+
+    net = create_model(model, 1000, weights, image_size=image_size)
+    return save_checkpoint(
+        out, net.eval(), imagenet_class_names(), config={"model": model, "weights": weights, "source": "pretrained"}
+    )

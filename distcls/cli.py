@@ -31,19 +31,21 @@ Handler = Callable[[argparse.Namespace], int]
 
 
 def cmd_data_fashion_mnist(args: argparse.Namespace) -> int:
-    from distcls.fmnist import write_fashion_mnist
+    from distcls.tools.fmnist import write_fashion_mnist
 
     cfg = config_from_args(FashionMnistConfig, args)
     summary = write_fashion_mnist(cfg)
     for split, counts in summary["counts"].items():
-        print(f"{split}: {sum(counts.values())} images in {len(counts)} classes -> "
-              f"{cfg.out.rstrip('/')}/{split}/<class>/<index>.png")
+        print(
+            f"{split}: {sum(counts.values())} images in {len(counts)} classes -> "
+            f"{cfg.out.rstrip('/')}/{split}/<class>/<index>.png"
+        )
     print(f"wrote {summary['total']} PNGs in {summary['seconds']:.1f}s from {summary['source']}")
     return 0
 
 
 def cmd_s3_server(args: argparse.Namespace) -> int:
-    from distcls.s3server import S3Server
+    from distcls.tools.s3server import S3Server
 
     cfg = config_from_args(S3ServerConfig, args)
     server = S3Server(host=cfg.host, port=cfg.port).start()
@@ -79,8 +81,10 @@ def cmd_distill(args: argparse.Namespace) -> int:
     result = run_distillation(config_from_args(DistillConfig, args))
     m, d = result["metrics"], result["distillation"]
     print(f"best checkpoint: {result['checkpoint']}")
-    print(f"  epoch {m['epoch']}: val_accuracy {m['val_accuracy']:.4f}  val_macro_f1 {m['val_macro_f1']:.4f}  "
-          f"(teacher {d['teacher_architecture']} {d['teacher_id'][:12]}..., T={d['temperature']}, alpha={d['alpha']})")
+    print(
+        f"  epoch {m['epoch']}: val_accuracy {m['val_accuracy']:.4f}  val_macro_f1 {m['val_macro_f1']:.4f}  "
+        f"(teacher {d['teacher_architecture']} {d['teacher_id'][:12]}..., T={d['temperature']}, alpha={d['alpha']})"
+    )
     print(f"run: {result['run']} (result.json, curves.png)")
     return 0
 
@@ -91,10 +95,14 @@ def cmd_export(args: argparse.Namespace) -> int:
     meta = run_export(config_from_args(ExportConfig, args))
     e = meta["export"]
     a = e["agreement"]
-    print(f"wrote {e['out']}: {e['format']}{' int8' if e['quantization'] else ''}, {e['file']} "
-          f"{e['file_bytes'] / 1e6:.1f} MB, model {meta['weights_sha256'][:12]}...")
-    print(f"  top-1 agrees with the checkpoint on {a['agree']}/{a['images']} real images ({a['rate']:.2%}); "
-          f"max |logit diff| {a['max_abs_logit_diff']:.4f}")
+    print(
+        f"wrote {e['out']}: {e['format']}{' int8' if e['quantization'] else ''}, {e['file']} "
+        f"{e['file_bytes'] / 1e6:.1f} MB, model {meta['weights_sha256'][:12]}..."
+    )
+    print(
+        f"  top-1 agrees with the checkpoint on {a['agree']}/{a['images']} real images ({a['rate']:.2%}); "
+        f"max |logit diff| {a['max_abs_logit_diff']:.4f}"
+    )
     return 0
 
 
@@ -113,8 +121,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     cfg = config_from_args(EvaluateConfig, args)
     report = run_evaluation(cfg)
-    print(f"accuracy {report['accuracy']:.4f}  macro_f1 {report['macro_f1']:.4f}  "
-          f"on {report['num_samples']} images (skipped {report['skipped']})")
+    print(
+        f"accuracy {report['accuracy']:.4f}  macro_f1 {report['macro_f1']:.4f}  "
+        f"on {report['num_samples']} images (skipped {report['skipped']})"
+    )
     print(f"wrote {cfg.out.rstrip('/')}/report.json, report.md, confusion_matrix.png")
     return 0
 
@@ -127,9 +137,11 @@ def cmd_label(args: argparse.Namespace) -> int:
     if cfg.status:
         return 0 if s["complete"] else 1
     kinds = ", ".join(f"{k} {n}" for k, n in sorted(s["errors_by_kind"].items())) or "none"
-    print(f"total {s['total']} objects: labeled {s['labeled']} (errors {s['errors']}: {kinds}), "
-          f"already done {s['skipped_done']}; {s['seconds']:.1f}s, {s['images_per_s']:.1f} images/s"
-          + (f"; removed {s['duplicates_removed']} duplicate rows" if s.get("duplicates_removed") else ""))
+    print(
+        f"total {s['total']} objects: labeled {s['labeled']} (errors {s['errors']}: {kinds}), "
+        f"already done {s['skipped_done']}; {s['seconds']:.1f}s, {s['images_per_s']:.1f} images/s"
+        + (f"; removed {s['duplicates_removed']} duplicate rows" if s.get("duplicates_removed") else "")
+    )
     done = "complete, _SUCCESS.json written" if s["complete"] else "not complete: run it again to finish"
     print(f"output: {s['output']} ({s['distinct']} objects, one row each; model {s['model'][:12]}...; {done})")
     return 0
@@ -170,17 +182,19 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 
 def cmd_from_pretrained(args: argparse.Namespace) -> int:
-    from distcls.evaluate import checkpoint_from_pretrained
+    from distcls.checkpoint import from_pretrained
 
     cfg = config_from_args(FromPretrainedConfig, args)
-    meta = checkpoint_from_pretrained(cfg)
-    print(f"wrote {cfg.out} ({meta['architecture']}, {meta['num_classes']} ImageNet classes, "
-          f"sha256 {meta['weights_sha256'][:12]}...)")
+    meta = from_pretrained(cfg.out, cfg.model, cfg.weights, cfg.image_size)
+    print(
+        f"wrote {cfg.out} ({meta['architecture']}, {meta['num_classes']} ImageNet classes, "
+        f"sha256 {meta['weights_sha256'][:12]}...)"
+    )
     return 0
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from distcls.bench import run_bench
+    from distcls.tools.bench import run_bench
 
     cfg = config_from_args(BenchConfig, args)
     run_bench(cfg)
@@ -189,7 +203,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from distcls.demo import run_demo
+    from distcls.tools.demo import run_demo
 
     run_demo(config_from_args(DemoConfig, args))
     return 0
@@ -197,53 +211,123 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 # (subcommand path, config class, handler, help, description); None config = no options.
 COMMANDS = (
-    (("data", "fashion-mnist"), FashionMnistConfig, cmd_data_fashion_mnist,
-     "Fashion-MNIST as PNGs in URI/{train,test}/<class>/",
-     "Write Fashion-MNIST as PNGs in URI/{train,test}/<class>/<index>.png."),
-    (("s3-server",), S3ServerConfig, cmd_s3_server, "run an S3-compatible server on loopback until interrupted",
-     "Run moto's S3-compatible server until Ctrl-C; prints AWS_ENDPOINT_URL."),
-    (("train",), TrainConfig, cmd_train, "fine-tune a pretrained model with Ray Train",
-     "Fine-tune a pretrained classifier on images in storage (Ray Train, DDP)."),
-    (("distill",), DistillConfig, cmd_distill, "train a small student on a teacher's soft targets (Ray Train)",
-     "Knowledge distillation: a student trained on a teacher checkpoint's soft targets plus the labels, "
-     "with everything `distcls train` has."),
-    (("export",), ExportConfig, cmd_export, "export a checkpoint to ONNX or TorchScript (optionally int8)",
-     "Export a checkpoint for label and serve (ONNX via onnxruntime, or TorchScript), checked on real images."),
-    (("compare",), CompareConfig, cmd_compare, "accuracy, F1, size and images/s of checkpoints and exports",
-     "Evaluate checkpoints and exports on one test split: a table and a plot of accuracy against images/s."),
-    (("evaluate",), EvaluateConfig, cmd_evaluate, "evaluate a checkpoint over a whole labeled split",
-     "Accuracy, top-5, precision/recall/F1, confusion matrix over every image."),
-    (("label",), LabelConfig, cmd_label, "label every image under a prefix into Parquet (batch inference)",
-     "Offline labeling: one Parquet row per object; reruns add only what is missing."),
-    (("serve",), ServeConfig, cmd_serve, "serve a checkpoint over HTTP with Ray Serve (until Ctrl-C)",
-     "Online classification endpoint: autoscaling replicas with request batching."),
-    (("serve-config",), ServeConfig, cmd_serve_config, "print a Ray Serve config file for `serve deploy`",
-     "Print a Ray Serve config (serve deploy, KubeRay RayService serveConfigV2) for these flags."),
+    (
+        ("data", "fashion-mnist"),
+        FashionMnistConfig,
+        cmd_data_fashion_mnist,
+        "Fashion-MNIST as PNGs in URI/{train,test}/<class>/",
+        "Write Fashion-MNIST as PNGs in URI/{train,test}/<class>/<index>.png.",
+    ),
+    (
+        ("s3-server",),
+        S3ServerConfig,
+        cmd_s3_server,
+        "run an S3-compatible server on loopback until interrupted",
+        "Run moto's S3-compatible server until Ctrl-C; prints AWS_ENDPOINT_URL.",
+    ),
+    (
+        ("train",),
+        TrainConfig,
+        cmd_train,
+        "fine-tune a pretrained model with Ray Train",
+        "Fine-tune a pretrained classifier on images in storage (Ray Train, DDP).",
+    ),
+    (
+        ("distill",),
+        DistillConfig,
+        cmd_distill,
+        "train a small student on a teacher's soft targets (Ray Train)",
+        "Knowledge distillation: a student trained on a teacher checkpoint's soft targets plus the labels, "
+        "with everything `distcls train` has.",
+    ),
+    (
+        ("export",),
+        ExportConfig,
+        cmd_export,
+        "export a checkpoint to ONNX or TorchScript (optionally int8)",
+        "Export a checkpoint for label and serve (ONNX via onnxruntime, or TorchScript), checked on real images.",
+    ),
+    (
+        ("compare",),
+        CompareConfig,
+        cmd_compare,
+        "accuracy, F1, size and images/s of checkpoints and exports",
+        "Evaluate checkpoints and exports on one test split: a table and a plot of accuracy against images/s.",
+    ),
+    (
+        ("evaluate",),
+        EvaluateConfig,
+        cmd_evaluate,
+        "evaluate a checkpoint over a whole labeled split",
+        "Accuracy, top-5, precision/recall/F1, confusion matrix over every image.",
+    ),
+    (
+        ("label",),
+        LabelConfig,
+        cmd_label,
+        "label every image under a prefix into Parquet (batch inference)",
+        "Offline labeling: one Parquet row per object; reruns add only what is missing.",
+    ),
+    (
+        ("serve",),
+        ServeConfig,
+        cmd_serve,
+        "serve a checkpoint over HTTP with Ray Serve (until Ctrl-C)",
+        "Online classification endpoint: autoscaling replicas with request batching.",
+    ),
+    (
+        ("serve-config",),
+        ServeConfig,
+        cmd_serve_config,
+        "print a Ray Serve config file for `serve deploy`",
+        "Print a Ray Serve config (serve deploy, KubeRay RayService serveConfigV2) for these flags.",
+    ),
     (("models",), None, cmd_models, "list model architectures and their weights", None),
-    (("checkpoint", "from-pretrained"), FromPretrainedConfig, cmd_from_pretrained,
-     "the pretrained ImageNet classifier as a checkpoint",
-     "Write a checkpoint of a pretrained ImageNet classifier, as it is."),
-    (("bench",), BenchConfig, cmd_bench, "benchmarks against plain PyTorch (train, label, serve, transfer, recipe, all)",
-     "Measured ratios against plain PyTorch baselines, side by side in one run."),
-    (("demo",), DemoConfig, cmd_demo, "run the whole product end to end on real data (local Ray + S3)",
-     "Fashion-MNIST into the embedded S3 server, through every job."),
+    (
+        ("checkpoint", "from-pretrained"),
+        FromPretrainedConfig,
+        cmd_from_pretrained,
+        "the pretrained ImageNet classifier as a checkpoint",
+        "Write a checkpoint of a pretrained ImageNet classifier, as it is.",
+    ),
+    (
+        ("bench",),
+        BenchConfig,
+        cmd_bench,
+        "benchmarks against plain PyTorch (train, label, serve, transfer, recipe, all)",
+        "Measured ratios against plain PyTorch baselines, side by side in one run.",
+    ),
+    (
+        ("demo",),
+        DemoConfig,
+        cmd_demo,
+        "run the whole product end to end on real data (local Ray + S3)",
+        "Fashion-MNIST into the embedded S3 server, through every job.",
+    ),
 )
-GROUPS = {"data": ("dataset", "put a real dataset into storage (fashion-mnist)"),
-          "checkpoint": ("action", "make checkpoints (from-pretrained)")}
+GROUPS = {
+    "data": ("dataset", "put a real dataset into storage (fashion-mnist)"),
+    "checkpoint": ("action", "make checkpoints (from-pretrained)"),
+}
 
 
-TRUST_HELP = ("run TorchScript exports, whose code runs as they load: only if you trust whoever can write the "
-              "model's bucket (sets DISTCLS_TRUST_TORCHSCRIPT=1 here and in every Ray worker; to trust single "
-              "models, list their sha256s in DISTCLS_TRUSTED_MODELS instead)")
+TRUST_HELP = (
+    "run TorchScript exports, whose code runs as they load: only if you trust whoever can write the "
+    "model's bucket (sets DISTCLS_TRUST_TORCHSCRIPT=1 here and in every Ray worker; to trust single "
+    "models, list their sha256s in DISTCLS_TRUSTED_MODELS instead)"
+)
 
 
 def with_trust(handler: Handler) -> Handler:
     """Apply --trust-torchscript before the command runs (and starts Ray, whose workers then inherit it)."""
+
     def run(args: argparse.Namespace) -> int:
         if args.trust_torchscript:
             from distcls.infer.modelfile import trust_torchscript
+
             trust_torchscript()
         return handler(args)
+
     return run
 
 
@@ -267,14 +351,12 @@ def build_parser() -> argparse.ArgumentParser:
         skip = ()
         if cfg_cls is BenchConfig:
             which = BenchConfig.__dataclass_fields__["which"].metadata["choices"]
-            cmd.add_argument("which", nargs="?", choices=which, default=None,
-                             help="which benchmark (default: train)")
+            cmd.add_argument("which", nargs="?", choices=which, default=None, help="which benchmark (default: train)")
             skip = ("which",)
         if cfg_cls is DistillConfig:
             skip = ("model",)  # --student names the architecture
         if cfg_cls is CompareConfig:
-            cmd.add_argument("models", nargs="+", metavar="CKPT_OR_EXPORT",
-                             help="checkpoint or export directory URIs to compare")
+            cmd.add_argument("models", nargs="+", metavar="CKPT_OR_EXPORT", help="checkpoint or export directory URIs to compare")
             skip = ("models",)
         if cfg_cls is not None:
             add_arguments(cmd, cfg_cls, skip=skip)
@@ -322,5 +404,14 @@ def main(argv: list[str] | None = None) -> int:
             signal.signal(signal.SIGTERM, previous)
 
 
-if __name__ == "__main__":
+def console() -> None:
+    """The `distcls` command (and `python -m distcls.cli`): main() in a process of its own, which may also
+    filter Ray's notices out of its own stderr (runtime.filter_driver_stderr)."""
+    from distcls import runtime
+
+    runtime.OWN_PROCESS = True
     sys.exit(main())
+
+
+if __name__ == "__main__":
+    console()

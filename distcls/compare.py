@@ -23,9 +23,16 @@ from distcls.infer import Predictor, is_export, load_model, model_file_uri
 from distcls.metrics import confusion_matrix, summarize
 from distcls.transforms import PreprocessSpec
 
-COLUMNS = (("name", "model", "{}"), ("accuracy", "accuracy", "{:.4f}"), ("macro_f1", "macro F1", "{:.4f}"),
-           ("size_mb", "size MB", "{:.2f}"), ("parameters_m", "params M", "{:.2f}"),
-           ("images_per_s", "images/s", "{:.1f}"), ("kind", "kind", "{}"), ("runtime", "runtime", "{}"))
+COLUMNS = (
+    ("name", "model", "{}"),
+    ("accuracy", "accuracy", "{:.4f}"),
+    ("macro_f1", "macro F1", "{:.4f}"),
+    ("size_mb", "size MB", "{:.2f}"),
+    ("parameters_m", "params M", "{:.2f}"),
+    ("images_per_s", "images/s", "{:.1f}"),
+    ("kind", "kind", "{}"),
+    ("runtime", "runtime", "{}"),
+)
 
 
 def limit_index(index: LabeledIndex, per_class: int | None) -> LabeledIndex:
@@ -45,22 +52,22 @@ def decode_split(index: LabeledIndex, spec: PreprocessSpec) -> tuple[np.ndarray,
     """(uint8 NCHW images, labels, skipped) for the whole split; undecodable images are skipped."""
     images, labels, skipped = [], [], 0
     for start in range(0, len(index), 256):
-        batch = load_images({"path": np.asarray(index.paths[start:start + 256], dtype=object)}, spec)
+        batch = load_images({"path": np.asarray(index.paths[start : start + 256], dtype=object)}, spec)
         ok = np.array([not e for e in batch["error"]], dtype=bool)
         images.append(batch["image"][ok])
-        labels.append(np.asarray(index.labels[start:start + 256])[ok])
+        labels.append(np.asarray(index.labels[start : start + 256])[ok])
         skipped += int((~ok).sum())
     return np.concatenate(images), np.concatenate(labels), skipped
 
 
 def predict(model: Predictor, images: np.ndarray, batch_size: int) -> np.ndarray:
-    return np.concatenate([model.predict(images[i:i + batch_size]) for i in range(0, len(images), batch_size)])
+    return np.concatenate([model.predict(images[i : i + batch_size]) for i in range(0, len(images), batch_size)])
 
 
 def images_per_second(model: Predictor, images: np.ndarray, cfg: CompareConfig) -> float:
     """Throughput of the label/serve forward path on batches of the split's own images."""
     reps = int(np.ceil(cfg.batch_size / len(images)))
-    batch = np.concatenate([images] * reps)[:cfg.batch_size] if reps > 1 else images[:cfg.batch_size]
+    batch = np.concatenate([images] * reps)[: cfg.batch_size] if reps > 1 else images[: cfg.batch_size]
     for _ in range(cfg.warmup_batches):
         model.predict(batch)
     started = time.perf_counter()
@@ -86,9 +93,11 @@ def evaluate_one(uri: str, name: str | None, index: LabeledIndex, cache: dict, c
     model = load_model(uri, cfg.runtime, "cpu", threads=cfg.threads)
     meta = model.meta
     if list(meta["class_names"]) != list(index.class_names):
-        raise DistclsError(f"compare: {uri} was trained on other classes ({len(meta['class_names'])}: "
-                           f"{meta['class_names'][:3]}...) than {cfg.data} has ({index.class_names[:3]}...); "
-                           "compare models of one task on its test split")
+        raise DistclsError(
+            f"compare: {uri} was trained on other classes ({len(meta['class_names'])}: "
+            f"{meta['class_names'][:3]}...) than {cfg.data} has ({index.class_names[:3]}...); "
+            "compare models of one task on its test split"
+        )
     key = json.dumps(meta["preprocessing"], sort_keys=True)
     if key not in cache:
         cache[key] = decode_split(index, PreprocessSpec.from_dict(meta["preprocessing"]))
@@ -96,13 +105,22 @@ def evaluate_one(uri: str, name: str | None, index: LabeledIndex, cache: dict, c
     logits = predict(model, images, cfg.batch_size)
     summary = summarize(confusion_matrix(labels, logits.argmax(1), len(index.class_names)), index.class_names)
     default_name, kind = describe(uri, meta)
-    row = {"name": name or default_name, "uri": uri, "kind": kind, "runtime": model.runtime,
-           "model_id": meta["weights_sha256"],
-           "architecture": meta["architecture"], "image_size": meta["preprocessing"]["image_size"],
-           "accuracy": summary["accuracy"], "macro_f1": summary["macro_f1"], "num_samples": summary["num_samples"],
-           "skipped": skipped, "size_mb": len(storage.read_bytes(model_file_uri(uri))) / 1e6,
-           "parameters_m": (model.parameters or 0) / 1e6,
-           "images_per_s": images_per_second(model, images, cfg)}
+    row = {
+        "name": name or default_name,
+        "uri": uri,
+        "kind": kind,
+        "runtime": model.runtime,
+        "model_id": meta["weights_sha256"],
+        "architecture": meta["architecture"],
+        "image_size": meta["preprocessing"]["image_size"],
+        "accuracy": summary["accuracy"],
+        "macro_f1": summary["macro_f1"],
+        "num_samples": summary["num_samples"],
+        "skipped": skipped,
+        "size_mb": len(storage.read_bytes(model_file_uri(uri))) / 1e6,
+        "parameters_m": (model.parameters or 0) / 1e6,
+        "images_per_s": images_per_second(model, images, cfg),
+    }
     if "distillation" in meta:
         row["distillation"] = meta["distillation"]
     return row
@@ -112,12 +130,16 @@ def render_table(rows: list[dict], markdown: bool) -> str:
     cells = [[fmt.format(r[key]) for key, _, fmt in COLUMNS] for r in rows]
     heads = [title for _, title, _ in COLUMNS]
     if markdown:
-        lines = ["| " + " | ".join(heads) + " |", "|" + "|".join("---" if i in (0, 6, 7) else "---:"
-                                                                  for i in range(len(heads))) + "|"]
+        lines = [
+            "| " + " | ".join(heads) + " |",
+            "|" + "|".join("---" if i in (0, 6, 7) else "---:" for i in range(len(heads))) + "|",
+        ]
         return "\n".join(lines + ["| " + " | ".join(c) + " |" for c in cells]) + "\n"
     widths = [max(len(h), *(len(c[i]) for c in cells)) for i, h in enumerate(heads)]
-    line = lambda items: "  ".join(s.ljust(w) if i in (0, 6, 7) else s.rjust(w)  # noqa: E731
-                                   for i, (s, w) in enumerate(zip(items, widths)))
+
+    def line(items):
+        return "  ".join(s.ljust(w) if i in (0, 6, 7) else s.rjust(w) for i, (s, w) in enumerate(zip(items, widths)))
+
     return "\n".join([line(heads), line(["-" * w for w in widths]), *map(line, cells)])
 
 
@@ -127,8 +149,14 @@ def plot(rows: list[dict], title: str) -> bytes:
     fig, ax = subplots(figsize=(10, 5.5))
     markers = "osD^v<>ph*"
     for i, r in enumerate(rows):  # marker area grows with the size on disk
-        ax.scatter(r["images_per_s"], r["accuracy"], s=30 + 15 * r["size_mb"], marker=markers[i % len(markers)],
-                   label=f"{r['name']} ({r['size_mb']:.1f} MB)", alpha=0.8)
+        ax.scatter(
+            r["images_per_s"],
+            r["accuracy"],
+            s=30 + 15 * r["size_mb"],
+            marker=markers[i % len(markers)],
+            label=f"{r['name']} ({r['size_mb']:.1f} MB)",
+            alpha=0.8,
+        )
     ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
     ax.set(xlabel="images/s (this machine, same batch and threads for all)", ylabel="test accuracy", title=title)
     ax.set_xscale("log")
@@ -149,13 +177,21 @@ def run_compare(cfg: CompareConfig) -> dict:
         rows.append(evaluate_one(uri, name, index, cache, cfg))
         r = rows[-1]
         print(f"  {r['name']}: accuracy {r['accuracy']:.4f}, {r['images_per_s']:.1f} images/s", flush=True)
-    setup = {"data": cfg.data, "images": rows[0]["num_samples"], "batch_size": cfg.batch_size,
-             "threads": cfg.threads, "speed_batches": cfg.speed_batches, "warmup_batches": cfg.warmup_batches}
+    setup = {
+        "data": cfg.data,
+        "images": rows[0]["num_samples"],
+        "batch_size": cfg.batch_size,
+        "threads": cfg.threads,
+        "speed_batches": cfg.speed_batches,
+        "warmup_batches": cfg.warmup_batches,
+    }
     record = {"setup": setup, "models": rows, "text": render_table(rows, markdown=False)}
     title = f"{cfg.data} ({setup['images']} images), batch {cfg.batch_size}, {cfg.threads} thread(s)"
-    md = (f"# Model comparison\n\n- data: `{cfg.data}` ({setup['images']} images)\n- speed: batch "
-          f"{cfg.batch_size}, {cfg.threads} thread(s), {cfg.warmup_batches} warm-up + {cfg.speed_batches} "
-          f"timed batches per model, on this machine\n\n" + render_table(rows, markdown=True))
+    md = (
+        f"# Model comparison\n\n- data: `{cfg.data}` ({setup['images']} images)\n- speed: batch "
+        f"{cfg.batch_size}, {cfg.threads} thread(s), {cfg.warmup_batches} warm-up + {cfg.speed_batches} "
+        f"timed batches per model, on this machine\n\n" + render_table(rows, markdown=True)
+    )
     storage.write_text(storage.join_uri(cfg.out, "compare.json"), json.dumps(record, indent=2))
     storage.write_text(storage.join_uri(cfg.out, "compare.md"), md)
     storage.write_bytes(storage.join_uri(cfg.out, "compare.png"), plot(rows, title))

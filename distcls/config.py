@@ -21,8 +21,10 @@ from distcls import DistclsError
 C = TypeVar("C")
 
 RUNTIMES = ("auto", "torch", "onnx")
-RUNTIME_HELP = ("inference runtime: auto (onnxruntime on CPU, torch bf16 on CUDA; an export runs on its own), "
-                "torch or onnx (a checkpoint is compiled to ONNX once and cached)")
+RUNTIME_HELP = (
+    "inference runtime: auto (onnxruntime on CPU, torch bf16 on CUDA; an export runs on its own), "
+    "torch or onnx (a checkpoint is compiled to ONNX once and cached)"
+)
 
 
 class ConfigError(DistclsError):
@@ -156,9 +158,7 @@ def load_config(cls: type[C], config_path: str | None = None, overrides: dict | 
     names = {f.name for f in dataclasses.fields(cls) if f.init}
     unknown = sorted(set(values) - names)
     if unknown:
-        raise ConfigError(
-            f"config: unknown option(s) {', '.join(unknown)} in {source}; valid ones: {', '.join(sorted(names))}"
-        )
+        raise ConfigError(f"config: unknown option(s) {', '.join(unknown)} in {source}; valid ones: {', '.join(sorted(names))}")
     missing = [n for n in names if n not in values and _is_required(cls, n)]
     if missing:
         raise ConfigError(f"config: missing required option(s) {', '.join(flag(m) for m in sorted(missing))}")
@@ -202,8 +202,12 @@ class FashionMnistConfig:
     def __post_init__(self) -> None:
         p = Problems()
         p.check(bool(self.out), "out", self.out, "give an output URI, e.g. s3://bucket/fashion-mnist")
-        p.check(self.limit_per_class is None or self.limit_per_class > 0, "limit_per_class",
-                self.limit_per_class, "must be a positive number of images")
+        p.check(
+            self.limit_per_class is None or self.limit_per_class > 0,
+            "limit_per_class",
+            self.limit_per_class,
+            "must be a positive number of images",
+        )
         bad = [s for s in self.splits if s not in ("train", "test")]
         p.check(not bad and bool(self.splits), "splits", ",".join(self.splits), "use train, test or train,test")
         p.check(1 <= self.workers <= 256, "workers", self.workers, "must be between 1 and 256")
@@ -245,8 +249,7 @@ class DemoConfig:
     def __post_init__(self) -> None:
         p = Problems()
         p.check(self.train_per_class >= 2, "train_per_class", self.train_per_class, "must be at least 2")
-        p.check(self.test_per_class is None or self.test_per_class > 0, "test_per_class", self.test_per_class,
-                "must be positive")
+        p.check(self.test_per_class is None or self.test_per_class > 0, "test_per_class", self.test_per_class, "must be positive")
         p.check(16 <= self.image_size <= 512, "image_size", self.image_size, "must be between 16 and 512")
         p.check(self.epochs >= 1, "epochs", self.epochs, "must be at least 1")
         p.check(self.label_images >= 1, "label_images", self.label_images, "must be at least 1")
@@ -272,30 +275,43 @@ class TrainConfig:
     epochs: int = opt(3, help="passes over the training data")
     batch_size: int = opt(32, help="images per step per worker")
     lr: float | None = opt(None, help="peak learning rate of the head (default: 0.05 for sgd, 1e-3 for adamw)")
-    backbone_lr_scale: float | None = opt(None, help="backbone learning rate = lr * this (pretrained weights "
-                                          "only; default: auto, 1.0)")
+    backbone_lr_scale: float | None = opt(
+        None, help="backbone learning rate = lr * this (pretrained weights only; default: auto, 1.0)"
+    )
     optimizer: str = opt("adamw", help="optimizer", choices=OPTIMIZERS)
     momentum: float = opt(0.9, help="SGD momentum")
     weight_decay: float = opt(0.01, help="weight decay (never on norm layers or biases)")
-    warmup_epochs: float | None = opt(None, help="linear warmup length in epochs, then cosine decay to 0 "
-                                      "(default: auto, a tenth of the run)")
+    warmup_epochs: float | None = opt(
+        None, help="linear warmup length in epochs, then cosine decay to 0 (default: auto, a tenth of the run)"
+    )
     label_smoothing: float | None = opt(None, help="label smoothing of the cross-entropy loss (default: auto, 0.1)")
     freeze: str = opt("none", help="none, or backbone for a linear probe", choices=FREEZE)
     image_size: int | None = opt(None, help="model input size (default: the model's own, 224)")
-    augment: bool | None = opt(None, help="random resized crops of training images (default: auto, by the "
-                               "run's number of steps; printed at start as the recipe)")
-    crop_scale_min: float | None = opt(None, help="smallest random crop as a share of the image area (default: "
-                                       "auto: 0.35, or 0.08 for long runs)")
-    hflip: bool = opt(False, help="random horizontal flips (off by default: a flip changes the class of digits, "
-                      "text and other handed images)")
-    cache_data: bool | None = opt(None, help="decode the training images once into Ray's object store instead of "
-                                  "streaming them every epoch (default: auto, when they fit in 2 GB)")
+    augment: bool | None = opt(
+        None,
+        help="random resized crops of training images (default: auto, by the "
+        "run's number of steps; printed at start as the recipe)",
+    )
+    crop_scale_min: float | None = opt(
+        None, help="smallest random crop as a share of the image area (default: auto: 0.35, or 0.08 for long runs)"
+    )
+    hflip: bool = opt(
+        False, help="random horizontal flips (off by default: a flip changes the class of digits, text and other handed images)"
+    )
+    cache_data: bool | None = opt(
+        None,
+        help="decode the training images once into Ray's object store instead of "
+        "streaming them every epoch (default: auto, when they fit in 2 GB)",
+    )
     class_weights: str = opt("none", help="loss weights per class for imbalanced data", choices=CLASS_WEIGHTS)
     balanced_sampling: bool = opt(False, help="oversample rare classes so each class is drawn equally often")
     seed: int = opt(0, help="random seed (split, init, shuffling)")
-    ordered_ingest: bool = opt(True, help="training batches in a fixed order, so that a run restored from a "
-                               "checkpoint replays its lost epochs exactly (--no-ordered-ingest: Ray Data's "
-                               "unordered, sometimes faster, streaming)")
+    ordered_ingest: bool = opt(
+        True,
+        help="training batches in a fixed order, so that a run restored from a "
+        "checkpoint replays its lost epochs exactly (--no-ordered-ingest: Ray Data's "
+        "unordered, sometimes faster, streaming)",
+    )
     num_workers: int = opt(2, help="Ray Train workers (DDP processes)")
     use_gpu: bool = opt(False, help="one GPU per worker, bf16 autocast and channels_last")
     cpus_per_worker: float = opt(1.0, help="CPUs reserved per training worker")
@@ -316,26 +332,43 @@ class TrainConfig:
         p.check(self.epochs >= 1, "epochs", self.epochs, "must be at least 1")
         p.check(self.batch_size >= 1, "batch_size", self.batch_size, "must be at least 1")
         p.check(self.lr is None or self.lr > 0, "lr", self.lr, "must be positive")
-        p.check(self.backbone_lr_scale is None or 0 <= self.backbone_lr_scale <= 1, "backbone_lr_scale",
-                self.backbone_lr_scale, "must be in [0, 1]")
+        p.check(
+            self.backbone_lr_scale is None or 0 <= self.backbone_lr_scale <= 1,
+            "backbone_lr_scale",
+            self.backbone_lr_scale,
+            "must be in [0, 1]",
+        )
         for name in ("optimizer", "freeze", "class_weights", "placement_strategy"):
             check_choice(p, self, name)
         p.check(self.weight_decay >= 0, "weight_decay", self.weight_decay, "must be >= 0")
-        p.check(self.warmup_epochs is None or self.warmup_epochs >= 0, "warmup_epochs", self.warmup_epochs,
-                "must be >= 0")
-        p.check(self.label_smoothing is None or 0 <= self.label_smoothing < 1, "label_smoothing",
-                self.label_smoothing, "must be in [0, 1)")
-        p.check(self.crop_scale_min is None or 0 < self.crop_scale_min <= 1, "crop_scale_min", self.crop_scale_min,
-                "must be in (0, 1]")
-        p.check(self.image_size is None or 16 <= self.image_size <= 1024, "image_size", self.image_size,
-                "must be between 16 and 1024")
+        p.check(self.warmup_epochs is None or self.warmup_epochs >= 0, "warmup_epochs", self.warmup_epochs, "must be >= 0")
+        p.check(
+            self.label_smoothing is None or 0 <= self.label_smoothing < 1,
+            "label_smoothing",
+            self.label_smoothing,
+            "must be in [0, 1)",
+        )
+        p.check(
+            self.crop_scale_min is None or 0 < self.crop_scale_min <= 1,
+            "crop_scale_min",
+            self.crop_scale_min,
+            "must be in (0, 1]",
+        )
+        p.check(
+            self.image_size is None or 16 <= self.image_size <= 1024, "image_size", self.image_size, "must be between 16 and 1024"
+        )
         p.check(self.num_workers >= 1, "num_workers", self.num_workers, "must be at least 1")
         p.check(self.max_failures >= -1, "max_failures", self.max_failures, "must be -1 (unlimited) or >= 0")
         p.check(self.keep >= 1, "keep", self.keep, "must be at least 1")
-        p.check(not (self.freeze == "backbone" and self.weights == "none"), "freeze", self.freeze,
-                "a linear probe needs pretrained --weights, not none")
-        p.check(self.name is None or (self.name and "/" not in self.name), "name", self.name,
-                "must be a non-empty name without '/'")
+        p.check(
+            not (self.freeze == "backbone" and self.weights == "none"),
+            "freeze",
+            self.freeze,
+            "a linear probe needs pretrained --weights, not none",
+        )
+        p.check(
+            self.name is None or (self.name and "/" not in self.name), "name", self.name, "must be a non-empty name without '/'"
+        )
         p.check(not (self.resume and self.name is None), "resume", self.resume, "needs --name of the run to resume")
         p.raise_if_any("train")
         if self.lr is None:
@@ -353,8 +386,7 @@ class DistillConfig(TrainConfig):
     teacher: str = opt(help="teacher checkpoint URI (verified; its own preprocessing is used)", kw_only=True)
     student: str = opt("mobilenet_v3_small", help="student architecture (see `distcls models`)", kw_only=True)
     temperature: float = opt(4.0, help="softening temperature T of both distributions", kw_only=True)
-    alpha: float = opt(0.7, help="weight of the distillation term (1 - alpha goes to the labels' loss)",
-                       kw_only=True)
+    alpha: float = opt(0.7, help="weight of the distillation term (1 - alpha goes to the labels' loss)", kw_only=True)
 
     def __post_init__(self) -> None:
         from distcls.models import REGISTRY
@@ -362,13 +394,21 @@ class DistillConfig(TrainConfig):
         p = Problems()
         p.check(bool(self.teacher), "teacher", self.teacher, "give the teacher's checkpoint URI")
         p.check(self.student in REGISTRY, "student", self.student, f"must be one of {', '.join(REGISTRY)}")
-        p.check(self.model in (self.student, TrainConfig.model), "model", self.model,
-                "distill takes the architecture from --student; drop --model")
+        p.check(
+            self.model in (self.student, TrainConfig.model),
+            "model",
+            self.model,
+            "distill takes the architecture from --student; drop --model",
+        )
         p.check(0 < self.temperature <= 100, "temperature", self.temperature, "must be in (0, 100]")
         p.check(0 <= self.alpha <= 1, "alpha", self.alpha, "must be in [0, 1]")
-        p.check(self.weights != "bundled" or self.student not in REGISTRY or REGISTRY[self.student].bundled,
-                "weights", self.weights, f"{self.student} has no bundled weights; pass --weights none (random "
-                "init), a torchvision weights name or a weights file")
+        p.check(
+            self.weights != "bundled" or self.student not in REGISTRY or REGISTRY[self.student].bundled,
+            "weights",
+            self.weights,
+            f"{self.student} has no bundled weights; pass --weights none (random "
+            "init), a torchvision weights name or a weights file",
+        )
         p.raise_if_any("distill")
         self.model = self.student
         super().__post_init__()
@@ -383,16 +423,22 @@ class ExportConfig:
 
     checkpoint: str = opt(help="checkpoint directory URI to export")
     out: str = opt(help="export directory URI to write (distcls.json + model.onnx or model.ts)")
-    sample: str = opt(help="real images to check the export against the checkpoint (and calibrate int8): an "
-                      "ImageFolder prefix, a manifest, or any prefix of images")
+    sample: str = opt(
+        help="real images to check the export against the checkpoint (and calibrate int8): an "
+        "ImageFolder prefix, a manifest, or any prefix of images"
+    )
     format: str = opt("onnx", help="onnx (run by onnxruntime) or torchscript (run by torch)", choices=EXPORT_FORMATS)
     quantize: str = opt("none", help="none, or int8 weights and activations (ONNX only)", choices=("none", "int8"))
-    calibration: str = opt("static", help="int8: static (activation ranges calibrated on --sample images) or "
-                           "dynamic (weights only ahead of time)", choices=("static", "dynamic"))
+    calibration: str = opt(
+        "static",
+        help="int8: static (activation ranges calibrated on --sample images) or dynamic (weights only ahead of time)",
+        choices=("static", "dynamic"),
+    )
     sample_size: int = opt(200, help="images of --sample the top-1 agreement is checked on")
     calibration_size: int = opt(64, help="images of --sample used for int8 static calibration")
-    min_agreement: float = opt(0.95, help="refuse the export when its top-1 agrees with the checkpoint's on "
-                               "fewer than this share of the sample images")
+    min_agreement: float = opt(
+        0.95, help="refuse the export when its top-1 agrees with the checkpoint's on fewer than this share of the sample images"
+    )
     opset: int = opt(18, help="ONNX opset version (the torch.export-based exporter needs 18 or later)")
 
     def __post_init__(self) -> None:
@@ -401,8 +447,12 @@ class ExportConfig:
             p.check(bool(getattr(self, name)), name, getattr(self, name), "is required")
         for name in ("format", "quantize", "calibration"):
             check_choice(p, self, name)
-        p.check(not (self.quantize == "int8" and self.format == "torchscript"), "quantize", self.quantize,
-                "int8 is supported for --format onnx only (torch.ao quantization is deprecated in torch 2.14)")
+        p.check(
+            not (self.quantize == "int8" and self.format == "torchscript"),
+            "quantize",
+            self.quantize,
+            "int8 is supported for --format onnx only (torch.ao quantization is deprecated in torch 2.14)",
+        )
         p.check(self.sample_size >= 1, "sample_size", self.sample_size, "must be at least 1")
         p.check(self.calibration_size >= 1, "calibration_size", self.calibration_size, "must be at least 1")
         p.check(0 <= self.min_agreement <= 1, "min_agreement", self.min_agreement, "must be in [0, 1]")
@@ -430,10 +480,18 @@ class CompareConfig:
         check_choice(p, self, "runtime")
         p.check(len(self.models) >= 1, "models", ",".join(self.models), "give at least one checkpoint or export")
         p.check(bool(self.data), "data", self.data, "give a labeled test split")
-        p.check(not self.names or len(self.names) == len(self.models), "names", ",".join(self.names),
-                f"give one name per model ({len(self.models)})")
-        p.check(self.limit_per_class is None or self.limit_per_class >= 1, "limit_per_class", self.limit_per_class,
-                "must be at least 1")
+        p.check(
+            not self.names or len(self.names) == len(self.models),
+            "names",
+            ",".join(self.names),
+            f"give one name per model ({len(self.models)})",
+        )
+        p.check(
+            self.limit_per_class is None or self.limit_per_class >= 1,
+            "limit_per_class",
+            self.limit_per_class,
+            "must be at least 1",
+        )
         p.check(self.batch_size >= 1, "batch_size", self.batch_size, "must be at least 1")
         p.check(self.threads >= 1, "threads", self.threads, "must be at least 1")
         p.check(self.speed_batches >= 1, "speed_batches", self.speed_batches, "must be at least 1")
@@ -478,8 +536,9 @@ class FromPretrainedConfig:
 class BenchConfig:
     """`distcls bench`: measured ratios against plain PyTorch, side by side in one run."""
 
-    which: str = opt("train", help="which benchmark",
-                     choices=("train", "label", "serve", "autoscale", "transfer", "recipe", "scale", "all"))
+    which: str = opt(
+        "train", help="which benchmark", choices=("train", "label", "serve", "autoscale", "transfer", "recipe", "scale", "all")
+    )
     model: str = opt("efficientnet_lite0", help="architecture for the train benchmark")
     images_per_class: int = opt(20, help="Fashion-MNIST images per class for the train benchmark")
     image_size: int = opt(64, help="model input size")
@@ -487,41 +546,58 @@ class BenchConfig:
     epochs: int = opt(3, help="epochs of the train benchmark (the first is warm-up)")
     warmup_steps: int = opt(3, help="untimed steps of the plain loop")
     workers: tuple[int, ...] = opt((1, 2), help="distcls worker counts to measure, comma-separated")
-    train_data: tuple[str, ...] = opt(("streamed", "cached"), help="distcls train data modes to measure: streamed "
-                                      "(Ray Data from S3 every epoch) and/or cached (decoded once, in memory)")
+    train_data: tuple[str, ...] = opt(
+        ("streamed", "cached"),
+        help="distcls train data modes to measure: streamed "
+        "(Ray Data from S3 every epoch) and/or cached (decoded once, in memory)",
+    )
     transfer_per_class: int = opt(100, help="training images per class for the transfer benchmark")
     transfer_epochs: int = opt(8, help="epochs for each transfer run (same budget for both)")
-    transfer_test_per_class: int | None = opt(None, help="test images per class the transfer runs are scored on "
-                                              "(default: all 10,000 of the test split)")
+    transfer_test_per_class: int | None = opt(
+        None, help="test images per class the transfer runs are scored on (default: all 10,000 of the test split)"
+    )
     transfer_lrs: tuple[float, ...] = opt((1e-3, 3e-3), help="learning rates each transfer run picks from")
     backbone_lr_scale: float = opt(1.0, help="backbone lr scale of the pretrained transfer run")
-    recipe_settings: tuple[str, ...] = opt(("fmnist20", "fmnist100", "fmnist1000", "digits", "faces"),
-                                           help="recipe benchmark datasets: fmnistN (N images per class), digits, "
-                                           "faces; comma-separated")
+    recipe_settings: tuple[str, ...] = opt(
+        ("fmnist20", "fmnist100", "fmnist1000", "digits", "faces"),
+        help="recipe benchmark datasets: fmnistN (N images per class), digits, faces; comma-separated",
+    )
     recipe_epochs: int = opt(3, help="epochs of every recipe benchmark run (the fixed budget)")
     recipe_model: str = opt("efficientnet_lite0", help="pretrained architecture of the recipe benchmark")
-    recipe_test_per_class: int | None = opt(None, help="Fashion-MNIST test images per class the recipe runs are "
-                                            "scored on (default: the whole test split)")
+    recipe_test_per_class: int | None = opt(
+        None, help="Fashion-MNIST test images per class the recipe runs are scored on (default: the whole test split)"
+    )
     recipe_seeds: int = opt(3, help="seeds averaged for recipe settings of up to 2,000 training images")
     use_gpu: bool = opt(False, help="train and label on the GPU (bf16, channels_last), baselines too")
-    label_model: str = opt("efficientnet_lite0", help="ImageNet classifier for the label benchmark (others than "
-                           "the bundled efficientnet_lite0 get random weights: throughput only)")
+    label_model: str = opt(
+        "efficientnet_lite0",
+        help="ImageNet classifier for the label benchmark (others than "
+        "the bundled efficientnet_lite0 get random weights: throughput only)",
+    )
     label_images: int = opt(5000, help="JPEGs (500x375, from real photos) for the label benchmark")
     label_batch_size: int = opt(64, help="images per forward pass in the label benchmark (distcls label's default)")
-    label_storage: str = opt("local", help="where the label benchmark's JPEGs live: local (a folder) or s3 (the "
-                             "embedded S3 server, which serves ~50 objects/s on 2 cores and then caps every labeler)",
-                             choices=("local", "s3"))
+    label_storage: str = opt(
+        "local",
+        help="where the label benchmark's JPEGs live: local (a folder) or s3 (the "
+        "embedded S3 server, which serves ~50 objects/s on 2 cores and then caps every labeler)",
+        choices=("local", "s3"),
+    )
     label_large_photos: int = opt(24, help="12-megapixel JPEGs the decode measurement of the label benchmark uses")
     ceiling_seconds: float = opt(10.0, help="seconds each model-only ceiling is timed for")
     label_concurrency: tuple[int, ...] = opt((1,), help="distcls label model replicas (N or MIN,MAX)")
-    label_cpus_per_replica: float = opt(1.0, help="CPUs (runtime threads) per distcls label replica (distcls label's "
-                                        "default)")
+    label_cpus_per_replica: float = opt(1.0, help="CPUs (runtime threads) per distcls label replica (distcls label's default)")
     loader_workers: int = opt(2, help="DataLoader worker processes of the label baseline")
     objects: int = opt(10_000, help="scale benchmark (not in `all`): 32x32 PNGs labeled by `distcls label`")
-    store: str = opt("local", help="scale benchmark: where the objects live, local (a folder) or s3 (the embedded "
-                     "S3 server)", choices=("local", "s3"))
-    scale_dir: str | None = opt(None, help="scale benchmark: folder for the objects, kept for the next run of the "
-                                "same --objects (default: a temporary folder, removed after)")
+    store: str = opt(
+        "local",
+        help="scale benchmark: where the objects live, local (a folder) or s3 (the embedded S3 server)",
+        choices=("local", "s3"),
+    )
+    scale_dir: str | None = opt(
+        None,
+        help="scale benchmark: folder for the objects, kept for the next run of the "
+        "same --objects (default: a temporary folder, removed after)",
+    )
     serve_images: int = opt(32, help="distinct JPEGs (500x375, from real photos) the serve clients send")
     serve_clients: tuple[int, ...] = opt((1, 4, 16), help="concurrent HTTP clients to measure, comma-separated")
     serve_seconds: float = opt(15.0, help="measured seconds per client count and server")
@@ -545,12 +621,24 @@ class BenchConfig:
         p.check(all(w >= 1 for w in self.workers), "workers", self.workers, "worker counts must be >= 1")
         from distcls.models import REGISTRY
 
-        p.check(bool(self.train_data) and set(self.train_data) <= {"streamed", "cached"}, "train_data",
-                self.train_data, "must be streamed, cached or streamed,cached")
-        bad = [s for s in self.recipe_settings if s not in ("digits", "faces") and not
-               (s.startswith("fmnist") and s.removeprefix("fmnist").isdigit() and int(s.removeprefix("fmnist")) >= 2)]
-        p.check(bool(self.recipe_settings) and not bad, "recipe_settings", ",".join(self.recipe_settings),
-                "use fmnistN (N >= 2 images per class), digits or faces")
+        p.check(
+            bool(self.train_data) and set(self.train_data) <= {"streamed", "cached"},
+            "train_data",
+            self.train_data,
+            "must be streamed, cached or streamed,cached",
+        )
+        bad = [
+            s
+            for s in self.recipe_settings
+            if s not in ("digits", "faces")
+            and not (s.startswith("fmnist") and s.removeprefix("fmnist").isdigit() and int(s.removeprefix("fmnist")) >= 2)
+        ]
+        p.check(
+            bool(self.recipe_settings) and not bad,
+            "recipe_settings",
+            ",".join(self.recipe_settings),
+            "use fmnistN (N >= 2 images per class), digits or faces",
+        )
         p.check(self.recipe_seeds >= 1, "recipe_seeds", self.recipe_seeds, "must be at least 1")
         p.check(self.recipe_epochs >= 1, "recipe_epochs", self.recipe_epochs, "must be at least 1")
         for name in ("model", "label_model", "recipe_model"):
@@ -562,14 +650,21 @@ class BenchConfig:
 class LabelConfig:
     """`distcls label`: label every image object under a prefix (or in a manifest) into Parquet, one row each."""
 
-    output: str = opt(help="folder/prefix for the Parquet parts, the plan (_plan/) and _SUCCESS.json; reruns add "
-                      "only what is missing")
+    output: str = opt(
+        help="folder/prefix for the Parquet parts, the plan (_plan/) and _SUCCESS.json; reruns add only what is missing"
+    )
     checkpoint: str = opt("", help="checkpoint directory URI (required unless --status)")
-    input: str = opt("", help="prefix to label, recursively (jpg, jpeg, png, webp, bmp, gif, tif, tiff); with "
-                     "--manifest, the prefix its `key` column is relative to")
-    manifest: str | None = opt(None, help="label the keys of this list instead of listing --input: CSV, Parquet or "
-                               "JSONL with a `path` (full URI) or `key` (below --input) column, or an S3 Inventory "
-                               "manifest.json")
+    input: str = opt(
+        "",
+        help="prefix to label, recursively (jpg, jpeg, png, webp, bmp, gif, tif, tiff); with "
+        "--manifest, the prefix its `key` column is relative to",
+    )
+    manifest: str | None = opt(
+        None,
+        help="label the keys of this list instead of listing --input: CSV, Parquet or "
+        "JSONL with a `path` (full URI) or `key` (below --input) column, or an S3 Inventory "
+        "manifest.json",
+    )
     status: bool = opt(False, help="print what --output holds (planned, written, errors, complete) and exit")
     replan: bool = opt(False, help="list the input again instead of using the stored plan (new objects)")
     top_k: int = opt(5, help="labels and scores kept per image")
@@ -577,14 +672,19 @@ class LabelConfig:
     concurrency: tuple[int, ...] = opt((1,), help="model replicas: N, or MIN,MAX to autoscale")
     num_gpus: float = opt(0, help="GPUs per model replica")
     cpus_per_replica: float = opt(1.0, help="CPUs (and torch threads) per model replica")
-    include: str | None = opt(None, help="glob on the path below --input (or the file name) instead of "
-                              "the extension filter, e.g. '*.jpg' or 'cams/*/*.png'")
+    include: str | None = opt(
+        None,
+        help="glob on the path below --input (or the file name) instead of the extension filter, e.g. '*.jpg' or 'cams/*/*.png'",
+    )
     part_rows: int = opt(2000, help="rows per Parquet part: the unit of progress a restart keeps")
     part_mb: float = opt(64.0, help="largest Parquet part in MB (a bigger batch is split)")
     runtime: str = opt("auto", help=RUNTIME_HELP, choices=RUNTIMES)
-    pipeline: str = opt("auto", help="fused: the model actors also read and decode (no decode tasks; the CPU "
-                        "default); split: decode in Ray Data tasks, predict in actors (the GPU default)",
-                        choices=("auto", "fused", "split"))
+    pipeline: str = opt(
+        "auto",
+        help="fused: the model actors also read and decode (no decode tasks; the CPU "
+        "default); split: decode in Ray Data tasks, predict in actors (the GPU default)",
+        choices=("auto", "fused", "split"),
+    )
 
     def __post_init__(self) -> None:
         p = Problems()
@@ -597,8 +697,12 @@ class LabelConfig:
         p.check(self.top_k >= 1, "top_k", self.top_k, "must be at least 1")
         p.check(self.batch_size >= 1, "batch_size", self.batch_size, "must be at least 1")
         c = self.concurrency
-        p.check(len(c) in (1, 2) and min(c) >= 1 and c[0] <= c[-1], "concurrency", ",".join(map(str, c)),
-                "give N or MIN,MAX with 1 <= MIN <= MAX")
+        p.check(
+            len(c) in (1, 2) and min(c) >= 1 and c[0] <= c[-1],
+            "concurrency",
+            ",".join(map(str, c)),
+            "give N or MIN,MAX with 1 <= MIN <= MAX",
+        )
         p.check(self.num_gpus >= 0, "num_gpus", self.num_gpus, "must be >= 0")
         p.check(self.part_rows >= 1, "part_rows", self.part_rows, "must be at least 1")
         p.check(self.part_mb > 0, "part_mb", self.part_mb, "must be positive")
@@ -617,12 +721,19 @@ class ServeConfig:
     max_replicas: int = opt(4, help="most classifier replicas (autoscaling upper bound)")
     target_ongoing_requests: float = opt(8.0, help="autoscaling target: in-flight requests per replica")
     upscale_delay_s: float = opt(30.0, help="autoscaling: seconds of load above target before adding replicas")
-    downscale_delay_s: float = opt(600.0, help="autoscaling: seconds of load below target before removing replicas "
-                                   "(also the idle time before scaling to zero with --min-replicas 0)")
-    look_back_period_s: float = opt(30.0, help="autoscaling: seconds of request metrics each decision averages "
-                                    "(more than Ray Serve's 10 s metrics interval)")
-    downscale_to_zero_delay_s: float | None = opt(None, help="autoscaling: seconds at 1 replica without requests "
-                                                  "before going to 0 with --min-replicas 0 (default: --downscale-delay-s)")
+    downscale_delay_s: float = opt(
+        600.0,
+        help="autoscaling: seconds of load below target before removing replicas "
+        "(also the idle time before scaling to zero with --min-replicas 0)",
+    )
+    look_back_period_s: float = opt(
+        30.0, help="autoscaling: seconds of request metrics each decision averages (more than Ray Serve's 10 s metrics interval)"
+    )
+    downscale_to_zero_delay_s: float | None = opt(
+        None,
+        help="autoscaling: seconds at 1 replica without requests "
+        "before going to 0 with --min-replicas 0 (default: --downscale-delay-s)",
+    )
     max_batch_size: int = opt(32, help="most images per forward pass (@serve.batch)")
     runtime: str = opt("auto", help=RUNTIME_HELP, choices=RUNTIMES)
     batch_wait_timeout_s: float = opt(0.01, help="longest wait for a batch to fill")
@@ -634,38 +745,57 @@ class ServeConfig:
     max_ongoing_requests: int = opt(64, help="requests one classifier replica works on at once")
     max_queued_requests: int = opt(256, help="requests queued per caller before answering 503")
     name: str = opt("distcls", help="Serve application name")
-    detach: bool = opt(False, help="deploy on the cluster (RAY_ADDRESS) and return instead of serving until "
-                       "Ctrl-C; the application keeps running (for `ray job submit` and scripts)")
-    no_auth: bool = opt(False, help="serve without a token on a --host other than loopback (warned on stderr); "
-                        "without this flag such a host needs DISTCLS_API_TOKEN")
+    detach: bool = opt(
+        False,
+        help="deploy on the cluster (RAY_ADDRESS) and return instead of serving until "
+        "Ctrl-C; the application keeps running (for `ray job submit` and scripts)",
+    )
+    no_auth: bool = opt(
+        False,
+        help="serve without a token on a --host other than loopback (warned on stderr); "
+        "without this flag such a host needs DISTCLS_API_TOKEN",
+    )
 
     def __post_init__(self) -> None:
         p = Problems()
         p.check(bool(self.checkpoint), "checkpoint", self.checkpoint, "is required")
         p.check(0 < self.port < 65536, "port", self.port, "must be 1..65535")
         p.check(self.min_replicas >= 0, "min_replicas", self.min_replicas, "must be >= 0")
-        p.check(self.max_replicas >= max(1, self.min_replicas), "max_replicas", self.max_replicas,
-                "must be at least 1 and at least --min-replicas")
-        p.check(self.target_ongoing_requests > 0, "target_ongoing_requests", self.target_ongoing_requests,
-                "must be positive")
+        p.check(
+            self.max_replicas >= max(1, self.min_replicas),
+            "max_replicas",
+            self.max_replicas,
+            "must be at least 1 and at least --min-replicas",
+        )
+        p.check(self.target_ongoing_requests > 0, "target_ongoing_requests", self.target_ongoing_requests, "must be positive")
         p.check(self.upscale_delay_s >= 0, "upscale_delay_s", self.upscale_delay_s, "must be >= 0")
         p.check(self.downscale_delay_s >= 0, "downscale_delay_s", self.downscale_delay_s, "must be >= 0")
-        p.check(self.look_back_period_s > 10, "look_back_period_s", self.look_back_period_s,
-                "must be more than 10 (Ray Serve's metrics interval)")
-        p.check(self.downscale_to_zero_delay_s is None or self.downscale_to_zero_delay_s >= 0,
-                "downscale_to_zero_delay_s", self.downscale_to_zero_delay_s, "must be >= 0")
+        p.check(
+            self.look_back_period_s > 10,
+            "look_back_period_s",
+            self.look_back_period_s,
+            "must be more than 10 (Ray Serve's metrics interval)",
+        )
+        p.check(
+            self.downscale_to_zero_delay_s is None or self.downscale_to_zero_delay_s >= 0,
+            "downscale_to_zero_delay_s",
+            self.downscale_to_zero_delay_s,
+            "must be >= 0",
+        )
         check_choice(p, self, "runtime")
         p.check(self.max_batch_size >= 1, "max_batch_size", self.max_batch_size, "must be at least 1")
         p.check(self.batch_wait_timeout_s >= 0, "batch_wait_timeout_s", self.batch_wait_timeout_s, "must be >= 0")
         p.check(self.num_gpus >= 0, "num_gpus", self.num_gpus, "must be >= 0")
         p.check(self.cpus_per_replica > 0, "cpus_per_replica", self.cpus_per_replica, "must be positive")
         p.check(self.max_request_mb > 0, "max_request_mb", self.max_request_mb, "must be positive")
-        p.check(self.max_images_per_request >= 1, "max_images_per_request", self.max_images_per_request,
-                "must be at least 1")
+        p.check(self.max_images_per_request >= 1, "max_images_per_request", self.max_images_per_request, "must be at least 1")
         p.check(self.top_k >= 1, "top_k", self.top_k, "must be at least 1")
-        p.check(self.max_ongoing_requests >= 1, "max_ongoing_requests", self.max_ongoing_requests,
-                "must be at least 1")
-        p.check(self.max_queued_requests >= 1, "max_queued_requests", self.max_queued_requests,
-                "must be at least 1 (overload answers 503 instead of queueing without bound)")
+        p.check(self.max_ongoing_requests >= 1, "max_ongoing_requests", self.max_ongoing_requests, "must be at least 1")
+        p.check(
+            self.max_queued_requests >= 1,
+            "max_queued_requests",
+            self.max_queued_requests,
+            "must be at least 1 (overload answers 503 instead of queueing without bound)",
+        )
         p.check(bool(self.name), "name", self.name, "must not be empty")
         p.raise_if_any("serve")

@@ -49,8 +49,7 @@ class LabeledIndex:
         return {name: c.get(i, 0) for i, name in enumerate(self.class_names)}
 
     def subset(self, rows: np.ndarray) -> LabeledIndex:
-        return LabeledIndex([self.paths[i] for i in rows], [self.labels[i] for i in rows],
-                            self.class_names, self.source)
+        return LabeledIndex([self.paths[i] for i in rows], [self.labels[i] for i in rows], self.class_names, self.source)
 
 
 def class_index(names: list[str]) -> dict[str, int]:
@@ -64,7 +63,7 @@ def list_image_folder(uri: str, class_names: list[str] | None = None) -> Labeled
     root = uri.rstrip("/")
     paths, names, ignored = [], [], []
     for path in storage.list_files(root):
-        rel = path[len(root):].lstrip("/")
+        rel = path[len(root) :].lstrip("/")
         if "/" not in rel or not path.lower().endswith(IMAGE_EXTENSIONS):
             ignored.append(path)
             continue
@@ -78,8 +77,9 @@ def list_image_folder(uri: str, class_names: list[str] | None = None) -> Labeled
     return _index(paths, names, class_names, uri, ignored)
 
 
-def _index(paths: list[str], names: list[str], class_names: list[str] | None, source: str,
-           ignored: list[str] | None = None) -> LabeledIndex:
+def _index(
+    paths: list[str], names: list[str], class_names: list[str] | None, source: str, ignored: list[str] | None = None
+) -> LabeledIndex:
     if class_names is None:
         mapping = class_index(names)
         class_names = list(mapping)
@@ -88,8 +88,7 @@ def _index(paths: list[str], names: list[str], class_names: list[str] | None, so
         unknown = sorted(set(names) - set(mapping))
         if unknown:
             raise DistclsError(
-                f"data: {source} has classes {unknown} that the training data does not; "
-                f"known classes: {', '.join(class_names)}"
+                f"data: {source} has classes {unknown} that the training data does not; known classes: {', '.join(class_names)}"
             )
     return LabeledIndex(paths, [mapping[n] for n in names], list(class_names), source, ignored or [])
 
@@ -124,14 +123,17 @@ def _read_table(uri: str):
     ext = posixpath.splitext(uri.lower())[1]
     try:
         if ext == ".csv":
-            return pacsv.read_csv(io.BytesIO(data), convert_options=pacsv.ConvertOptions(
-                column_types={"path": "string", "label": "string"}))
+            return pacsv.read_csv(
+                io.BytesIO(data), convert_options=pacsv.ConvertOptions(column_types={"path": "string", "label": "string"})
+            )
         if ext == ".parquet":
             return pq.read_table(io.BytesIO(data))
         return pajson.read_json(io.BytesIO(data))
     except Exception as exc:
-        raise DistclsError(f"data: cannot parse manifest {uri} ({str(exc).splitlines()[0]}); "
-                           "write CSV with a header, Parquet, or one JSON object per line") from None
+        raise DistclsError(
+            f"data: cannot parse manifest {uri} ({str(exc).splitlines()[0]}); "
+            "write CSV with a header, Parquet, or one JSON object per line"
+        ) from None
 
 
 def load_labeled_index(uri: str, class_names: list[str] | None = None) -> LabeledIndex:
@@ -173,6 +175,7 @@ def format_counts(index: LabeledIndex, title: str = "") -> str:
 
 
 # --- Ray Data --------------------------------------------------------------------------------------------
+
 
 def decode_sample(paths: list[str], spec: PreprocessSpec, n: int = 16) -> np.ndarray | None:
     """Up to `n` decoded images spread evenly over `paths` (e.g. the real inputs of a compile check), or None."""
@@ -219,8 +222,7 @@ def load_images(batch: dict[str, np.ndarray], spec: PreprocessSpec, train: bool 
     return out
 
 
-def build_dataset(index: LabeledIndex, spec: PreprocessSpec, train: bool = False,
-                  shuffle_seed: int | None = None):
+def build_dataset(index: LabeledIndex, spec: PreprocessSpec, train: bool = False, shuffle_seed: int | None = None):
     """A lazy Ray Dataset over `index`: one row per object, images preprocessed in Ray Data tasks.
 
     With `shuffle_seed`, file order is shuffled once on the driver (cheap: paths only) before streaming.
@@ -240,8 +242,13 @@ def build_path_dataset(items: list[dict]):
 
 def build_image_dataset(items: list[dict], spec: PreprocessSpec, train: bool = False):
     """Rows {"path"[, "label"]} -> a lazy Ray Dataset of preprocessed images (read + decode in tasks)."""
-    return build_path_dataset(items).map_batches(load_images, fn_kwargs={"spec": spec, "train": train},
-                                                 batch_size=ROWS_PER_BLOCK, batch_format="numpy", num_cpus=DECODE_CPUS)
+    return build_path_dataset(items).map_batches(
+        load_images,
+        fn_kwargs={"spec": spec, "train": train},
+        batch_size=ROWS_PER_BLOCK,
+        batch_format="numpy",
+        num_cpus=DECODE_CPUS,
+    )
 
 
 @dataclass

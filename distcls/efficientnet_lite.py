@@ -15,8 +15,15 @@ import torch.nn.functional as F
 from torch import nn
 
 # (expand_ratio, kernel, stride, out_channels, repeats) for width 1.0 / depth 1.0 (Lite0)
-LITE0_STAGES = ((1, 3, 1, 16, 1), (6, 3, 2, 24, 2), (6, 5, 2, 40, 2), (6, 3, 2, 80, 3),
-                (6, 5, 1, 112, 3), (6, 5, 2, 192, 4), (6, 3, 1, 320, 1))
+LITE0_STAGES = (
+    (1, 3, 1, 16, 1),
+    (6, 3, 2, 24, 2),
+    (6, 5, 2, 40, 2),
+    (6, 3, 2, 80, 3),
+    (6, 5, 1, 112, 3),
+    (6, 5, 2, 192, 4),
+    (6, 3, 1, 320, 1),
+)
 BN_MOMENTUM = 0.1  # PyTorch default (TF trained with 0.01): short fine-tuning and scratch runs need BN stats to adapt
 BN_EPS = 1e-3
 
@@ -68,8 +75,7 @@ class MBConvBlock(nn.Module):
 
 
 class EfficientNetLite(nn.Module):
-    def __init__(self, num_classes: int = 1000, stages=LITE0_STAGES, dropout: float = 0.2,
-                 drop_connect: float = 0.2):
+    def __init__(self, num_classes: int = 1000, stages=LITE0_STAGES, dropout: float = 0.2, drop_connect: float = 0.2):
         super().__init__()
         self._conv_stem = SameConv2d(3, 32, 3, stride=2, bias=False)
         self._bn0 = nn.BatchNorm2d(32, momentum=BN_MOMENTUM, eps=BN_EPS)

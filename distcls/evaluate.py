@@ -13,12 +13,11 @@ import numpy as np
 import torch
 
 from distcls import storage
-from distcls.checkpoint import checkpoint_id, save_checkpoint
-from distcls.config import EvaluateConfig, FromPretrainedConfig
+from distcls.checkpoint import checkpoint_id
+from distcls.config import EvaluateConfig
 from distcls.datasets import ErrorTally, build_dataset, decode_sample, load_labeled_index
 from distcls.infer import predict_dataset, prepare_runtime, verify_model
 from distcls.metrics import confusion_matrix, summarize, topk_correct
-from distcls.models import create_model
 from distcls.runtime import init_ray
 from distcls.transforms import PreprocessSpec
 
@@ -32,8 +31,9 @@ def run_evaluation(cfg: EvaluateConfig) -> dict:
     runtime, note = prepare_runtime(cfg.checkpoint, cfg.runtime, cfg.num_gpus > 0, decode_sample(index.paths, spec))
     print(f"evaluate: runtime {runtime} ({note})", flush=True)
     init_ray()
-    ds = predict_dataset(build_dataset(index, spec), cfg.checkpoint, cfg.batch_size, cfg.concurrency, cfg.num_gpus,
-                         runtime=runtime)
+    ds = predict_dataset(
+        build_dataset(index, spec), cfg.checkpoint, cfg.batch_size, cfg.concurrency, cfg.num_gpus, runtime=runtime
+    )
     k = len(class_names)
     cm = np.zeros((k, k), dtype=np.int64)
     top5, loss_sum, tally = 0, 0.0, ErrorTally()
@@ -45,18 +45,26 @@ def run_evaluation(cfg: EvaluateConfig) -> dict:
         logits, labels = np.array(batch["logits"]), np.array(batch["label"])
         cm += confusion_matrix(labels, logits.argmax(1), k)
         top5 += topk_correct(logits, labels, 5)
-        loss_sum += float(torch.nn.functional.cross_entropy(torch.from_numpy(logits), torch.from_numpy(labels),
-                                                            reduction="sum"))
+        loss_sum += float(torch.nn.functional.cross_entropy(torch.from_numpy(logits), torch.from_numpy(labels), reduction="sum"))
         probs = torch.from_numpy(logits).softmax(1).numpy()
         rows["path"] += list(batch["path"])
         rows["label"] += [class_names[i] for i in labels]
         rows["prediction"] += [class_names[i] for i in logits.argmax(1)]
         rows["score"] += probs.max(1).tolist()
     report = summarize(cm, class_names, top5_hits=top5, loss=loss_sum / max(1, cm.sum()))
-    report.update({"skipped": tally.count, "skipped_by_kind": dict(tally.by_kind), "skipped_examples": tally.examples,
-                   "checkpoint": cfg.checkpoint, "model_id": checkpoint_id(meta), "data": cfg.data,
-                   "runtime": runtime, "runtime_note": note,
-                   "class_names": class_names})
+    report.update(
+        {
+            "skipped": tally.count,
+            "skipped_by_kind": dict(tally.by_kind),
+            "skipped_examples": tally.examples,
+            "checkpoint": cfg.checkpoint,
+            "model_id": checkpoint_id(meta),
+            "data": cfg.data,
+            "runtime": runtime,
+            "runtime_note": note,
+            "class_names": class_names,
+        }
+    )
     write_reports(cfg.out, report, rows)
     return report
 
@@ -67,8 +75,10 @@ def write_reports(out: str, report: dict, rows: dict) -> None:
 
     storage.write_text(storage.join_uri(out, "report.json"), json.dumps(report, indent=2))
     storage.write_text(storage.join_uri(out, "report.md"), render_markdown(report))
-    storage.write_bytes(storage.join_uri(out, "confusion_matrix.png"),
-                        plot_confusion(np.asarray(report["confusion_matrix"]), report["class_names"]))
+    storage.write_bytes(
+        storage.join_uri(out, "confusion_matrix.png"),
+        plot_confusion(np.asarray(report["confusion_matrix"]), report["class_names"]),
+    )
     buf = io.BytesIO()
     pq.write_table(pa.table(rows), buf)
     storage.write_bytes(storage.join_uri(out, "predictions.parquet"), buf.getvalue())
@@ -76,10 +86,14 @@ def write_reports(out: str, report: dict, rows: dict) -> None:
 
 def render_markdown(report: dict) -> str:
     lines = [
-        "# Evaluation report", "",
-        f"- checkpoint: `{report['checkpoint']}`", f"- data: `{report['data']}`",
-        f"- images: {report['num_samples']} evaluated, {report['skipped']} skipped (could not be decoded)", "",
-        "| metric | value |", "|---|---|",
+        "# Evaluation report",
+        "",
+        f"- checkpoint: `{report['checkpoint']}`",
+        f"- data: `{report['data']}`",
+        f"- images: {report['num_samples']} evaluated, {report['skipped']} skipped (could not be decoded)",
+        "",
+        "| metric | value |",
+        "|---|---|",
     ]
     for key in ("accuracy", "top5_accuracy", "macro_precision", "macro_recall", "macro_f1", "weighted_f1"):
         if key in report:
@@ -104,19 +118,7 @@ def plot_confusion(cm: np.ndarray, class_names: list[str]) -> bytes:
         threshold = cm.max() / 2 if cm.size else 0
         for i in range(k):
             for j in range(k):
-                ax.text(j, i, str(cm[i, j]), ha="center", va="center", fontsize=8,
-                        color="white" if cm[i, j] > threshold else "black")
+                ax.text(
+                    j, i, str(cm[i, j]), ha="center", va="center", fontsize=8, color="white" if cm[i, j] > threshold else "black"
+                )
     return png_bytes(fig)
-
-
-def imagenet_class_names() -> list[str]:
-    """The 1000 ImageNet-1k class names in index order (shipped with torchvision, no download)."""
-    from torchvision.models import ResNet18_Weights
-
-    return list(ResNet18_Weights.IMAGENET1K_V1.meta["categories"])
-
-
-def checkpoint_from_pretrained(cfg: FromPretrainedConfig) -> dict:
-    model = create_model(cfg.model, 1000, cfg.weights, image_size=cfg.image_size)
-    return save_checkpoint(cfg.out, model.eval(), imagenet_class_names(),
-                           config={"model": cfg.model, "weights": cfg.weights, "source": "pretrained"})

@@ -32,6 +32,7 @@ from distcls.transforms import PreprocessSpec
 
 # --- writing an export ----------------------------------------------------------------------------------
 
+
 def sample_paths(uri: str, n: int, seed: int = 0) -> list[str]:
     """Up to `n` image paths from a labeled split, a manifest or any prefix, spread over the listing."""
     from distcls.datasets import MANIFEST_EXTENSIONS, read_manifest
@@ -53,8 +54,7 @@ def read_sample(paths: list[str], spec: PreprocessSpec) -> np.ndarray:
     batch = load_images({"path": np.asarray(paths, dtype=object)}, spec)
     ok = np.array([not e for e in batch["error"]], dtype=bool)
     if not ok.any():
-        raise DistclsError(f"export: none of the {len(paths)} sample images could be decoded "
-                           f"(e.g. {batch['error'][0]})")
+        raise DistclsError(f"export: none of the {len(paths)} sample images could be decoded (e.g. {batch['error'][0]})")
     return batch["image"][ok]
 
 
@@ -89,39 +89,55 @@ def quantize_int8(src: str, dst: str, calibration: np.ndarray, mode: str) -> Non
 
     class Reader(CalibrationDataReader):
         def __init__(self) -> None:
-            self.batches = iter([{"image": calibration[i:i + 16]} for i in range(0, len(calibration), 16)])
+            self.batches = iter([{"image": calibration[i : i + 16]} for i in range(0, len(calibration), 16)])
 
         def get_next(self):
             return next(self.batches, None)
 
-    quantize_static(prepared, dst, Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+    quantize_static(
+        prepared,
+        dst,
+        Reader(),
+        quant_format=QuantFormat.QDQ,
+        per_channel=True,
+        activation_type=QuantType.QUInt8,
+        weight_type=QuantType.QInt8,
+    )
 
 
 def numpy_runner(model):
     def run(images: np.ndarray) -> np.ndarray:
         with torch.inference_mode():
             return model(torch.from_numpy(images)).float().numpy()
+
     return run
 
 
-def build_export_meta(source_meta: dict, cfg: ExportConfig, file: str, data: bytes, parameters: int,
-                      check: dict) -> dict:
+def build_export_meta(source_meta: dict, cfg: ExportConfig, file: str, data: bytes, parameters: int, check: dict) -> dict:
     meta = {k: v for k, v in source_meta.items() if k not in ("history",)}
-    meta.update({
-        "format": FORMAT,
-        "distcls_version": __version__,
-        "created_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-        "weights_sha256": hashlib.sha256(data).hexdigest(),
-        "export": {
-            "format": cfg.format, "runtime": "onnxruntime" if cfg.format == "onnx" else "torch",
-            "quantization": None if cfg.quantize == "none" else f"int8-{cfg.calibration}",
-            "file": file, "file_bytes": len(data), "parameters": parameters,
-            "opset": cfg.opset if cfg.format == "onnx" else None,
-            "source_checkpoint": cfg.checkpoint, "source_id": checkpoint_id(source_meta),
-            "sample": cfg.sample, "agreement": check, "torch_version": torch.__version__, "out": cfg.out,
-        },
-    })
+    meta.update(
+        {
+            "format": FORMAT,
+            "distcls_version": __version__,
+            "created_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+            "weights_sha256": hashlib.sha256(data).hexdigest(),
+            "export": {
+                "format": cfg.format,
+                "runtime": "onnxruntime" if cfg.format == "onnx" else "torch",
+                "quantization": None if cfg.quantize == "none" else f"int8-{cfg.calibration}",
+                "file": file,
+                "file_bytes": len(data),
+                "parameters": parameters,
+                "opset": cfg.opset if cfg.format == "onnx" else None,
+                "source_checkpoint": cfg.checkpoint,
+                "source_id": checkpoint_id(source_meta),
+                "sample": cfg.sample,
+                "agreement": check,
+                "torch_version": torch.__version__,
+                "out": cfg.out,
+            },
+        }
+    )
     return meta
 
 
@@ -134,9 +150,9 @@ def run_export(cfg: ExportConfig) -> dict:
     calibrate = cfg.quantize == "int8" and cfg.calibration == "static"
     paths = sample_paths(cfg.sample, cfg.sample_size + (cfg.calibration_size if calibrate else 0))
     images = read_sample(paths, spec)
-    check_images = images[:cfg.sample_size]
+    check_images = images[: cfg.sample_size]
     # Calibrate on images the check does not use, when the sample has enough of them.
-    calibration = images[cfg.sample_size:] if len(images) > cfg.sample_size else images[:cfg.calibration_size]
+    calibration = images[cfg.sample_size :] if len(images) > cfg.sample_size else images[: cfg.calibration_size]
     file = FILES[cfg.format]
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, file)
@@ -150,18 +166,25 @@ def run_export(cfg: ExportConfig) -> dict:
             data = f.read()
     # Bytes this process has just traced from a verified safetensors checkpoint: loading them runs no one
     # else's code, so no trust is needed here.
-    check = agreement(numpy_runner(model), OnnxSession(data, torch.device("cpu")).run if cfg.format == "onnx"
-                      else numpy_runner(torch.jit.load(io.BytesIO(data), map_location="cpu").eval()), check_images)
+    check = agreement(
+        numpy_runner(model),
+        OnnxSession(data, torch.device("cpu")).run
+        if cfg.format == "onnx"
+        else numpy_runner(torch.jit.load(io.BytesIO(data), map_location="cpu").eval()),
+        check_images,
+    )
     if check["rate"] < cfg.min_agreement:
-        hint = {"none": "this is a bug in the exporter: please report it",
-                "static": "calibrate on more representative images (--sample, --calibration-size), export without "
-                          "--quantize, or accept it knowingly with a lower --min-agreement",
-                "dynamic": "try --calibration static (much better for CNNs), or export without --quantize"}
+        hint = {
+            "none": "this is a bug in the exporter: please report it",
+            "static": "calibrate on more representative images (--sample, --calibration-size), export without "
+            "--quantize, or accept it knowingly with a lower --min-agreement",
+            "dynamic": "try --calibration static (much better for CNNs), or export without --quantize",
+        }
         raise DistclsError(
             f"export: the {cfg.format}{' int8' if cfg.quantize == 'int8' else ''} model agrees with the checkpoint's "
             f"top-1 on only {check['agree']}/{check['images']} sample images ({check['rate']:.1%} < --min-agreement "
-            f"{cfg.min_agreement:.0%}); nothing written. "
-            + hint["none" if cfg.quantize == "none" else cfg.calibration])
+            f"{cfg.min_agreement:.0%}); nothing written. " + hint["none" if cfg.quantize == "none" else cfg.calibration]
+        )
     parameters = sum(p.numel() for p in model.parameters())
     meta = build_export_meta(source_meta, cfg, file, data, parameters, check)
     storage.write_bytes(storage.join_uri(cfg.out, file), data)

@@ -34,13 +34,21 @@ class ImageDecodeError(ValueError):
 
 def out_of_memory() -> ImageDecodeError:
     """The error for an image whose decoding hit MemoryError: the object is refused, the process lives on."""
-    return ImageDecodeError("too_large", "decoding it needs more memory than this process could get "
-                            "(a decompression bomb, or too little memory per worker)")
+    return ImageDecodeError(
+        "too_large",
+        "decoding it needs more memory than this process could get (a decompression bomb, or too little memory per worker)",
+    )
 
 
 # Leading bytes of the formats IMAGE_EXTENSIONS name: tells "a broken image" from "not an image at all".
-SIGNATURES = ((b"\x89PNG\r\n\x1a\n", "PNG"), (b"\xff\xd8\xff", "JPEG"), (b"GIF87a", "GIF"), (b"GIF89a", "GIF"),
-              (b"II*\x00", "TIFF"), (b"MM\x00*", "TIFF"))
+SIGNATURES = (
+    (b"\x89PNG\r\n\x1a\n", "PNG"),
+    (b"\xff\xd8\xff", "JPEG"),
+    (b"GIF87a", "GIF"),
+    (b"GIF89a", "GIF"),
+    (b"II*\x00", "TIFF"),
+    (b"MM\x00*", "TIFF"),
+)
 
 
 def sniff_format(data: bytes) -> str | None:
@@ -63,12 +71,17 @@ def open_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         # PIL's own (higher) limit fired first; report the size against ours.
         declared = re.search(r"\((\d+) pixels\)", str(exc))
-        raise ImageDecodeError("too_large", f"the header declares {declared.group(1) if declared else 'too many'} "
-                               f"pixels, which exceeds the limit of {max_pixels} (a decompression bomb?)") from None
+        raise ImageDecodeError(
+            "too_large",
+            f"the header declares {declared.group(1) if declared else 'too many'} "
+            f"pixels, which exceeds the limit of {max_pixels} (a decompression bomb?)",
+        ) from None
     except Image.UnidentifiedImageError:
         if (fmt := sniff_format(data)) is not None:  # e.g. a PNG header declaring zero width
-            raise ImageDecodeError("corrupt", f"starts like a {fmt} but its header is invalid (zero width or "
-                                   "height, or a damaged header); re-export the image") from None
+            raise ImageDecodeError(
+                "corrupt",
+                f"starts like a {fmt} but its header is invalid (zero width or height, or a damaged header); re-export the image",
+            ) from None
         raise ImageDecodeError("not_image", "not a recognised image format") from None
     except Exception as exc:
         raise ImageDecodeError("corrupt", f"{type(exc).__name__}: {exc}") from None
@@ -76,15 +89,12 @@ def open_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image
     if width <= 0 or height <= 0:
         raise ImageDecodeError("corrupt", f"image has size {width}x{height}")
     if width * height > max_pixels:
-        raise ImageDecodeError(
-            "too_large", f"{width}x{height} = {width * height} pixels exceeds the limit of {max_pixels}"
-        )
+        raise ImageDecodeError("too_large", f"{width}x{height} = {width * height} pixels exceeds the limit of {max_pixels}")
     return img
 
 
 # 16-bit grey modes -> the raw mode that unpacks each sample's high byte into L (sample >> 8).
-HIGH_BYTE_RAWMODES = {"I;16": "L;16", "I;16L": "L;16", "I;16B": "L;16B",
-                      "I;16N": "L;16B" if sys.byteorder == "big" else "L;16"}
+HIGH_BYTE_RAWMODES = {"I;16": "L;16", "I;16L": "L;16", "I;16B": "L;16B", "I;16N": "L;16B" if sys.byteorder == "big" else "L;16"}
 
 
 def _grey_to_l(img: Image.Image) -> Image.Image:
@@ -129,8 +139,7 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img
 
 
-def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS,
-                 draft_size: tuple[int, int] | None = None) -> Image.Image:
+def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, draft_size: tuple[int, int] | None = None) -> Image.Image:
     """Decode bytes into an RGB PIL image with EXIF orientation applied.
 
     `draft_size` lets JPEGs decode at a reduced scale (DCT scaling) when the caller will resize down to
@@ -161,4 +170,3 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS,
 def decode_to_array(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
     """Bytes -> uint8 HWC RGB array."""
     return np.asarray(decode_image(data, max_pixels), dtype=np.uint8)
-

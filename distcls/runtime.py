@@ -3,26 +3,135 @@ credentials never do (see FORWARDED_ENV)."""
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
+import re
 import signal
+import sys
 import threading
+import warnings
+
+# Defaults for the driver and every worker (a value the user set wins). Ray Train's print patch sends a
+# worker's print() through its logger to the console as well as to stdout: each line of a training worker
+# showed twice. Ray reports a task error that it is about to retry as "failed" unless told not to (Serve's
+# shutdown printed one on every run).
+WORKER_DEFAULTS = {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0", "RAY_enable_output_error_log_if_still_retry": "0"}
 
 # The settings (never credentials) that make storage URIs resolve the same on every node as on the driver.
 # Ray logs a runtime env at INFO and its jobs API returns it, so keys, secrets and tokens stay out of it:
 # each node takes them from its own environment, instance role or pod secret (cluster/README.md). A local
 # instance's workers inherit the driver's environment, credentials included.
 FORWARDED_ENV = (
-    "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_DEFAULT_REGION", "AWS_REGION", "AWS_PROFILE",
+    "AWS_ENDPOINT_URL",
+    "AWS_ENDPOINT_URL_S3",
+    "AWS_DEFAULT_REGION",
+    "AWS_REGION",
+    "AWS_PROFILE",
     "GOOGLE_APPLICATION_CREDENTIALS",  # the path of a key file on each node, not the key
     "DISTCLS_DATA_DIR",
     "DISTCLS_CACHE_DIR",  # where checkpoints compiled to ONNX are cached (infer/onnxrt.py)
-    "DISTCLS_TRUST_TORCHSCRIPT", "DISTCLS_TRUSTED_MODELS",  # which TorchScript exports may run (export.py)
+    "DISTCLS_TRUST_TORCHSCRIPT",
+    "DISTCLS_TRUSTED_MODELS",  # which TorchScript exports may run (export.py)
+    *WORKER_DEFAULTS,
 )
+
+
+# Lines Ray's workers print that are not errors of the user's job (matched against each streamed line):
+# Ray Train 2.60's controller creates its PreemptionWatcher actor in a way Ray's core worker warns about,
+# in red, on every run (ray-project/ray#53727).
+# The same notice comes for Ray Data's actor pools (label, evaluate) from this driver's own core worker, in
+# C++ straight to file descriptor 2 (it is in the driver's log file too). And Ray Serve's shutdown makes the
+# raylet report a retried controller task as "failed" although nothing failed.
+RAY_NOISE = (
+    re.compile(
+        r"core_worker\.cc:\d+: Actor with class name: '.+' and ID: '\w+' has constructor arguments in the "
+        r"object store and max_restarts > 0"
+    ),
+    re.compile(r"Task ServeController\.graceful_shutdown failed\. There are infinite retries remaining"),
+)
+
+
+# Set by the `distcls` console command: this process is ours, so its stderr may be filtered.
+OWN_PROCESS = False
+
+
+# Ray Train's housekeeping actor that removes a run's placement group if its controller dies. Under load its
+# liveness poll of the State API times out and it prints a traceback; the run is unaffected (its result and
+# errors reach the driver through Ray Train), so what it prints is not shown.
+QUIET_ACTORS = ("PlacementGroupCleaner",)
 
 
 def forwarded_env() -> dict[str, str]:
     return {k: os.environ[k] for k in FORWARDED_ENV if os.environ.get(k)}
+
+
+def is_noise(line: str) -> bool:
+    return any(p.search(line) for p in RAY_NOISE)
+
+
+def filter_driver_stderr() -> None:
+    """Drop RAY_NOISE lines that this process's C++ code writes to file descriptor 2; everything else passes
+    through unchanged, line by line. Installed once, after the local Ray node has started (its processes keep
+    the real stderr); at exit, stderr is put back and what is still in the pipe is written out."""
+    if getattr(filter_driver_stderr, "installed", False):
+        return
+    try:
+        sys.stderr.flush()
+        real = os.dup(2)
+        read_end, write_end = os.pipe()
+        os.dup2(write_end, 2)
+        os.close(write_end)
+    except OSError:
+        return
+    filter_driver_stderr.installed = True
+
+    def pump() -> None:
+        with os.fdopen(read_end, "rb", buffering=0) as pipe:
+            pending = b""
+            while chunk := pipe.read(65536):
+                pending += chunk
+                *lines, pending = pending.split(b"\n")
+                kept = [line + b"\n" for line in lines if not is_noise(line.decode("utf-8", "replace"))]
+                if kept:
+                    os.write(real, b"".join(kept))
+            if pending:
+                os.write(real, pending)
+
+    thread = threading.Thread(target=pump, name="distcls-stderr", daemon=True)
+    thread.start()
+
+    def restore() -> None:
+        try:
+            sys.stderr.flush()
+        except (OSError, ValueError):
+            pass
+        os.dup2(real, 2)  # closes the pipe's write end: the pump drains it and stops
+        thread.join(timeout=2)
+
+    atexit.register(restore)
+
+
+def drop_ray_noise() -> None:
+    """Filter RAY_NOISE out of the worker lines Ray streams to this driver (its handler is private API: when
+    a Ray release changes it, the lines simply show again)."""
+    try:
+        from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
+    except ImportError:
+        return
+    for i, (name, handler) in enumerate(list(dispatcher.handlers)):
+        if name != "ray_print_logs" or getattr(handler, "drops_noise", False):
+            continue
+
+        def filtered(data, handler=handler):
+            if data.get("actor_name") in QUIET_ACTORS:
+                return
+            lines = [line for line in data.get("lines", []) if not is_noise(line)]
+            if lines:
+                handler({**data, "lines": lines})
+
+        filtered.drops_noise = True
+        dispatcher.handlers[i] = (name, filtered)
 
 
 def init_ray(num_cpus: int | None = None, address: str | None = None, quiet: bool = True) -> None:
@@ -32,6 +141,8 @@ def init_ray(num_cpus: int | None = None, address: str | None = None, quiet: boo
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS") or None
+    for key, value in WORKER_DEFAULTS.items():  # forwarded to the workers below; local ones inherit them too
+        os.environ.setdefault(key, value)
     kwargs: dict = {
         "logging_level": logging.WARNING if quiet else logging.INFO,
         "log_to_driver": True,
@@ -43,7 +154,9 @@ def init_ray(num_cpus: int | None = None, address: str | None = None, quiet: boo
     sigterm = signal.getsignal(signal.SIGTERM)
     if quiet:  # notices that are not errors: the token-auth banner, Data's "progress bars disabled" and per-run INFO
         os.environ.setdefault("RAY_DATA_LOG_LEVEL", "ERROR")  # Ray Data re-reads it whenever it sets up its logging
-        for name in ("ray._private.authentication.authentication_token_setup", "ray.data"):
+        # Ray Data's note that an actor pool is larger than a small dataset's blocks is advice, not a problem.
+        warnings.filterwarnings("ignore", message="The minimum number of concurrent actors")
+        for name in ("ray._private.authentication.authentication_token_setup", "ray.data", "ray.serve"):
             logging.getLogger(name).setLevel(logging.ERROR)
     if address:
         ray.init(address=address, **kwargs)
@@ -53,6 +166,10 @@ def init_ray(num_cpus: int | None = None, address: str | None = None, quiet: boo
         # serves the State API that Ray Train's controller polls, so it stays on.
         ray.init(num_cpus=num_cpus or max(os.cpu_count() or 1, 4), **kwargs)
     keep_sigterm_handler(sigterm)
+    if quiet:
+        drop_ray_noise()
+        if OWN_PROCESS:  # not inside a test runner or someone's program: their stderr stays theirs
+            filter_driver_stderr()
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = not quiet
     ctx.print_on_execution_start = not quiet

@@ -7,7 +7,6 @@ checkpoint reloads the model in place, without failed requests. `build_app` is t
 `serve deploy` and a KubeRay RayService use; `distcls serve-config` prints that config.
 """
 
-
 import asyncio
 import base64
 import binascii
@@ -66,35 +65,42 @@ def check_auth(cfg: ServeConfig, token: str | None) -> str | None:
     """The sha256 of the API token the endpoint will require, or None for an open endpoint, which only a
     loopback host or an explicit --no-auth gets. Refuses (before anything starts) what would be open by accident."""
     if token and cfg.no_auth:
-        raise DistclsError(f"serve: --no-auth is given but {TOKEN_ENV} is set; unset {TOKEN_ENV} to serve "
-                           "without authentication, or drop --no-auth to require the token")
+        raise DistclsError(
+            f"serve: --no-auth is given but {TOKEN_ENV} is set; unset {TOKEN_ENV} to serve "
+            "without authentication, or drop --no-auth to require the token"
+        )
     if token:
         return token_digest(token)
     if is_loopback(cfg.host):
         return None
     if not cfg.no_auth:
-        raise DistclsError(f"serve: --host {cfg.host} is reachable from other machines and {TOKEN_ENV} is not "
-                           f"set; set {TOKEN_ENV} (e.g. from a Kubernetes Secret) to require 'Authorization: "
-                           "Bearer <token>', or pass --no-auth (no_auth: true) to serve without authentication")
+        raise DistclsError(
+            f"serve: --host {cfg.host} is reachable from other machines and {TOKEN_ENV} is not "
+            f"set; set {TOKEN_ENV} (e.g. from a Kubernetes Secret) to require 'Authorization: "
+            "Bearer <token>', or pass --no-auth (no_auth: true) to serve without authentication"
+        )
     warn_no_auth(cfg)
     return None
 
 
 def warn_no_auth(cfg: ServeConfig) -> None:
-    print(f"distcls: WARNING: NO AUTHENTICATION (--no-auth): anyone who can reach {cfg.host}:{cfg.port} can use "
-          f"the model; set {TOKEN_ENV} instead unless an authenticating proxy is the only way in",
-          file=sys.stderr, flush=True)
+    print(
+        f"distcls: WARNING: NO AUTHENTICATION (--no-auth): anyone who can reach {cfg.host}:{cfg.port} can use "
+        f"the model; set {TOKEN_ENV} instead unless an authenticating proxy is the only way in",
+        file=sys.stderr,
+        flush=True,
+    )
 
 
 # --- the classifier -----------------------------------------------------------------------------------
+
 
 @serve.deployment
 class ImageClassifier:
     """Decodes each request's image in a thread, then batches forward passes (one model per replica, on the
     inference engine's runtime: onnxruntime on CPU, torch bf16 on CUDA, unless --runtime says otherwise)."""
 
-    def __init__(self, max_batch_size: int = 32, batch_wait_timeout_s: float = 0.01, threads: int = 1,
-                 runtime: str = "auto"):
+    def __init__(self, max_batch_size: int = 32, batch_wait_timeout_s: float = 0.01, threads: int = 1, runtime: str = "auto"):
         import torch
 
         torch.set_num_threads(max(1, threads))
@@ -119,9 +125,15 @@ class ImageClassifier:
 
     def info(self) -> dict:
         m = self.loaded
-        return {"id": m.id, "architecture": m.meta["architecture"], "class_names": m.class_names,
-                "num_classes": len(m.class_names), "preprocessing": m.meta["preprocessing"],
-                "created": m.meta.get("created_at"), **m.describe()}
+        return {
+            "id": m.id,
+            "architecture": m.meta["architecture"],
+            "class_names": m.class_names,
+            "num_classes": len(m.class_names),
+            "preprocessing": m.meta["preprocessing"],
+            "created": m.meta.get("created_at"),
+            **m.describe(),
+        }
 
     async def classify(self, data: bytes, top_k: int) -> dict:
         """One image -> {"label", "score", "topk", "model"}, or {"error": {"kind", "message"}}."""
@@ -158,35 +170,48 @@ class ImageClassifier:
 
 # --- the HTTP ingress ---------------------------------------------------------------------------------
 
-api = FastAPI(title="distcls", summary="Image classification with a fine-tuned checkpoint",
-              docs_url=None, redoc_url=None, openapi_url=None)
+api = FastAPI(
+    title="distcls", summary="Image classification with a fine-tuned checkpoint", docs_url=None, redoc_url=None, openapi_url=None
+)
 
 
 def error_response(err: RequestError) -> JSONResponse:
-    return JSONResponse({"error": {"kind": err.kind, "message": err.message}}, status_code=err.status,
-                        headers=err.headers)
+    return JSONResponse({"error": {"kind": err.kind, "message": err.message}}, status_code=err.status, headers=err.headers)
 
 
 @api.exception_handler(HTTPException)
 async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
     """A path or method the API does not have: the JSON error shape instead of FastAPI's {"detail": ...}."""
     kind = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "bad_request")
-    return error_response(RequestError(exc.status_code, kind, f"{request.method} {request.url.path}: {exc.detail}; "
-                                       "the API is POST /v1/classify, GET /v1/model, GET /healthz, GET /",
-                                       headers=getattr(exc, "headers", None)))
+    return error_response(
+        RequestError(
+            exc.status_code,
+            kind,
+            f"{request.method} {request.url.path}: {exc.detail}; "
+            "the API is POST /v1/classify, GET /v1/model, GET /healthz, GET /",
+            headers=getattr(exc, "headers", None),
+        )
+    )
 
 
 @api.exception_handler(Exception)
 async def internal_error(request: Request, exc: Exception) -> JSONResponse:
     """A failure no other handler names (a bug, a classifier that raised): JSON, without internals."""
-    return error_response(RequestError(500, "internal", f"the server failed on this request ({type(exc).__name__}); "
-                                       "retry, and report it if it persists"))
+    return error_response(
+        RequestError(
+            500, "internal", f"the server failed on this request ({type(exc).__name__}); retry, and report it if it persists"
+        )
+    )
 
 
 async def read_body(request: Request, limit: int) -> bytes:
     """The request body, refusing (413) anything over `limit` bytes without reading all of it."""
-    too_big = RequestError(413, "too_large_body", f"request body exceeds the limit of {limit} bytes "
-                           f"({limit / 1e6:g} MB); send smaller or fewer images (server flag --max-request-mb)")
+    too_big = RequestError(
+        413,
+        "too_large_body",
+        f"request body exceeds the limit of {limit} bytes "
+        f"({limit / 1e6:g} MB); send smaller or fewer images (server flag --max-request-mb)",
+    )
     length = request.headers.get("content-length", "")
     if length.isdigit() and int(length) > limit:
         raise too_big
@@ -212,8 +237,9 @@ def parse_top_k(raw, default: int) -> int:
 
 
 def too_many_images(count: int, max_images: int) -> RequestError:
-    return RequestError(413, "too_many_images", f"{count} images in one request; the limit is {max_images} "
-                        "(server flag --max-images-per-request)")
+    return RequestError(
+        413, "too_many_images", f"{count} images in one request; the limit is {max_images} (server flag --max-images-per-request)"
+    )
 
 
 def count_json_values(body: bytes, max_images: int) -> None:
@@ -226,9 +252,13 @@ def count_json_values(body: bytes, max_images: int) -> None:
     if (images := body.count(b'"b64"')) > max_images:
         raise too_many_images(images, max_images)
     if (values := body.count(b",") + body.count(b"{") + body.count(b"[")) > 4 * max_images + 64:
-        raise RequestError(413, "too_many_images", f"the JSON body holds {values} values, more than {max_images} "
-                           'images need; send {"images": [{"b64": "..."}, ...]} with at most '
-                           f"{max_images} images (server flag --max-images-per-request)")
+        raise RequestError(
+            413,
+            "too_many_images",
+            f"the JSON body holds {values} values, more than {max_images} "
+            'images need; send {"images": [{"b64": "..."}, ...]} with at most '
+            f"{max_images} images (server flag --max-images-per-request)",
+        )
 
 
 async def read_json_images(body: bytes, max_images: int) -> tuple[list[bytes], object]:
@@ -236,8 +266,9 @@ async def read_json_images(body: bytes, max_images: int) -> tuple[list[bytes], o
     try:
         return await asyncio.to_thread(parse_json_images, body, max_images)
     except MemoryError:
-        raise RequestError(422, "too_large", "decoding the request needs more memory than the server could "
-                           "get; send fewer or smaller images") from None
+        raise RequestError(
+            422, "too_large", "decoding the request needs more memory than the server could get; send fewer or smaller images"
+        ) from None
 
 
 def parse_json_images(body: bytes, max_images: int) -> tuple[list[bytes], object]:
@@ -247,8 +278,9 @@ def parse_json_images(body: bytes, max_images: int) -> tuple[list[bytes], object
         doc = json.loads(body)
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
         reason = "nested too deeply" if isinstance(exc, RecursionError) else exc
-        raise RequestError(400, "bad_request", f"body is not valid JSON ({reason}); send "
-                           '{"images": [{"b64": "..."}], "top_k": 5}') from None
+        raise RequestError(
+            400, "bad_request", f'body is not valid JSON ({reason}); send {{"images": [{{"b64": "..."}}], "top_k": 5}}'
+        ) from None
     if not isinstance(doc, dict) or not isinstance(doc.get("images"), list):
         raise RequestError(400, "bad_request", 'JSON body must be an object with "images": [{"b64": "..."}, ...]')
     if len(doc["images"]) > max_images:
@@ -272,8 +304,9 @@ async def parse_multipart(request: Request, body: bytes, max_images: int) -> tup
         yield body
 
     try:
-        form = await MultiPartParser(request.headers, stream(), max_files=max_images, max_fields=16,
-                                     max_part_size=len(body) + 1).parse()
+        form = await MultiPartParser(
+            request.headers, stream(), max_files=max_images, max_fields=16, max_part_size=len(body) + 1
+        ).parse()
     except MultiPartException as exc:
         raise RequestError(400, "bad_request", f"multipart body: {exc.message}") from None
     images, top_k = [], None
@@ -295,8 +328,12 @@ class Admission:
     @contextlib.asynccontextmanager
     async def slot(self):
         if self.slots.locked() and self.waiting >= self.queued:
-            raise RequestError(503, "overloaded", "the server is at its limit of requests in progress and waiting; "
-                               "retry after a moment", headers={"Retry-After": "1"})
+            raise RequestError(
+                503,
+                "overloaded",
+                "the server is at its limit of requests in progress and waiting; retry after a moment",
+                headers={"Retry-After": "1"},
+            )
         self.waiting += 1
         try:
             await self.slots.acquire()
@@ -314,8 +351,16 @@ class Ingress:
     """HTTP front: auth, limits, the three input forms, errors as JSON, metrics; forwards images one by
     one to the classifier so that they batch with other requests' images."""
 
-    def __init__(self, classifier, max_request_bytes: int, max_images: int, default_top_k: int,
-                 token_sha256: str | None = None, max_running: int = 256, max_waiting: int = 256):
+    def __init__(
+        self,
+        classifier,
+        max_request_bytes: int,
+        max_images: int,
+        default_top_k: int,
+        token_sha256: str | None = None,
+        max_running: int = 256,
+        max_waiting: int = 256,
+    ):
         from ray.serve.metrics import Counter, Histogram
 
         self.classifier = classifier
@@ -328,16 +373,21 @@ class Ingress:
         self.page = PAGE.read_text()
         self.predictions = Counter("distcls_predictions", "images classified", tag_keys=("model",))
         self.errors = Counter("distcls_errors", "refused requests and images, by kind", tag_keys=("kind",))
-        self.latency = Histogram("distcls_request_latency_ms", "POST /v1/classify latency (ms)",
-                                 boundaries=LATENCY_BOUNDARIES_MS, tag_keys=("status",))
+        self.latency = Histogram(
+            "distcls_request_latency_ms", "POST /v1/classify latency (ms)", boundaries=LATENCY_BOUNDARIES_MS, tag_keys=("status",)
+        )
 
     def authorize(self, request: Request) -> None:
         if self.token_sha256 is None:
             return
         scheme, _, given = request.headers.get("authorization", "").partition(" ")
         if scheme.lower() != "bearer" or not hmac.compare_digest(token_digest(given.strip()), self.token_sha256):
-            raise RequestError(401, "unauthorized", "missing or wrong token; send 'Authorization: Bearer <token>' "
-                               f"(the server's {TOKEN_ENV})", headers={"WWW-Authenticate": "Bearer"})
+            raise RequestError(
+                401,
+                "unauthorized",
+                f"missing or wrong token; send 'Authorization: Bearer <token>' (the server's {TOKEN_ENV})",
+                headers={"WWW-Authenticate": "Bearer"},
+            )
 
     def refuse(self, err: RequestError) -> JSONResponse:
         self.errors.inc(tags={"kind": err.kind})
@@ -352,15 +402,21 @@ class Ingress:
             try:
                 return await getattr(self.classifier, method).remote(*args)
             except BackPressureError:
-                raise RequestError(503, "overloaded", "the classifier's queue is full; retry after a moment",
-                                   headers={"Retry-After": "1"}) from None
+                raise RequestError(
+                    503, "overloaded", "the classifier's queue is full; retry after a moment", headers={"Retry-After": "1"}
+                ) from None
             except DeploymentUnavailableError:
-                raise RequestError(503, "unavailable", "the classifier is not deployed or not healthy; retry "
-                                   "shortly", headers={"Retry-After": "1"}) from None
+                raise RequestError(
+                    503,
+                    "unavailable",
+                    "the classifier is not deployed or not healthy; retry shortly",
+                    headers={"Retry-After": "1"},
+                ) from None
             except (ActorDiedError, ActorUnavailableError, RayActorError):
                 if attempt == RETRIES:
-                    raise RequestError(503, "unavailable", "no classifier replica could answer; retry shortly",
-                                       headers={"Retry-After": "1"}) from None
+                    raise RequestError(
+                        503, "unavailable", "no classifier replica could answer; retry shortly", headers={"Retry-After": "1"}
+                    ) from None
                 await asyncio.sleep(0.1 * (attempt + 1))
 
     @api.get("/healthz")
@@ -402,8 +458,12 @@ class Ingress:
         elif ctype == "application/json":
             images, top_k = await read_json_images(body, self.max_images)
         else:
-            raise RequestError(415, "unsupported_media_type", f"Content-Type {ctype or '(none)'!r} is not accepted; "
-                               "send image/* bytes, multipart/form-data files or application/json with base64")
+            raise RequestError(
+                415,
+                "unsupported_media_type",
+                f"Content-Type {ctype or '(none)'!r} is not accepted; "
+                "send image/* bytes, multipart/form-data files or application/json with base64",
+            )
         if not images:
             raise RequestError(400, "bad_request", "no image in the request")
         if len(images) > self.max_images:
@@ -416,8 +476,17 @@ class Ingress:
                 self.errors.inc(tags={"kind": e["kind"]})
             i, e = bad[0]
             where = f"image {i}" if len(images) > 1 else "the image"
-            return JSONResponse({"error": {"kind": e["kind"], "message": f"{where}: {e['message']}", "image": i,
-                                           "bad_images": [j for j, _ in bad]}}, status_code=422)
+            return JSONResponse(
+                {
+                    "error": {
+                        "kind": e["kind"],
+                        "message": f"{where}: {e['message']}",
+                        "image": i,
+                        "bad_images": [j for j, _ in bad],
+                    }
+                },
+                status_code=422,
+            )
         models = [r.pop("model") for r in results]
         if any(m["id"] != models[0]["id"] for m in models):  # answered across a model switch: say so
             for r, m in zip(results, models):
@@ -428,10 +497,14 @@ class Ingress:
 
 # --- building and running the application ---------------------------------------------------------------
 
+
 def autoscaling_delays(cfg: ServeConfig) -> dict:
     """The classifier's autoscaling timing: how fast it follows load up, down and to zero."""
-    delays = {"upscale_delay_s": cfg.upscale_delay_s, "downscale_delay_s": cfg.downscale_delay_s,
-              "look_back_period_s": cfg.look_back_period_s}
+    delays = {
+        "upscale_delay_s": cfg.upscale_delay_s,
+        "downscale_delay_s": cfg.downscale_delay_s,
+        "look_back_period_s": cfg.look_back_period_s,
+    }
     if cfg.downscale_to_zero_delay_s is not None:
         delays["downscale_to_zero_delay_s"] = cfg.downscale_to_zero_delay_s
     return delays
@@ -442,32 +515,49 @@ def application(cfg: ServeConfig, token_sha256: str | None = None):
     classifier = ImageClassifier.options(
         name="ImageClassifier",
         ray_actor_options={"num_cpus": cfg.cpus_per_replica, "num_gpus": cfg.num_gpus},
-        autoscaling_config={"min_replicas": cfg.min_replicas, "max_replicas": cfg.max_replicas,
-                            "initial_replicas": max(1, cfg.min_replicas),
-                            "target_ongoing_requests": cfg.target_ongoing_requests,
-                            **autoscaling_delays(cfg)},
+        autoscaling_config={
+            "min_replicas": cfg.min_replicas,
+            "max_replicas": cfg.max_replicas,
+            "initial_replicas": max(1, cfg.min_replicas),
+            "target_ongoing_requests": cfg.target_ongoing_requests,
+            **autoscaling_delays(cfg),
+        },
         max_ongoing_requests=cfg.max_ongoing_requests,
         max_queued_requests=cfg.max_queued_requests,
         user_config={"checkpoint": cfg.checkpoint},
         health_check_period_s=10,
-    ).bind(max_batch_size=cfg.max_batch_size, batch_wait_timeout_s=cfg.batch_wait_timeout_s,
-           threads=max(1, int(cfg.cpus_per_replica)), runtime=cfg.runtime)
+    ).bind(
+        max_batch_size=cfg.max_batch_size,
+        batch_wait_timeout_s=cfg.batch_wait_timeout_s,
+        threads=max(1, int(cfg.cpus_per_replica)),
+        runtime=cfg.runtime,
+    )
     running = cfg.max_ongoing_requests * cfg.max_replicas
     return Ingress.options(
         name="Ingress",
         ray_actor_options={"num_cpus": 0.5},
-        autoscaling_config={"min_replicas": 1, "max_replicas": cfg.max_replicas,
-                            "target_ongoing_requests": 4 * cfg.target_ongoing_requests,
-                            "upscale_delay_s": cfg.upscale_delay_s, "downscale_delay_s": cfg.downscale_delay_s,
-                            "look_back_period_s": cfg.look_back_period_s},
+        autoscaling_config={
+            "min_replicas": 1,
+            "max_replicas": cfg.max_replicas,
+            "target_ongoing_requests": 4 * cfg.target_ongoing_requests,
+            "upscale_delay_s": cfg.upscale_delay_s,
+            "downscale_delay_s": cfg.downscale_delay_s,
+            "look_back_period_s": cfg.look_back_period_s,
+        },
         # Admission is the Ingress's own (JSON 503s). Ray's limits sit above it, the proxy's queue included
         # (it also holds requests while their replica is being chosen): only a flood of more concurrent
         # requests than both together reaches them, and gets Ray's plain-text 503.
         max_ongoing_requests=running + cfg.max_queued_requests + INGRESS_HEADROOM,
         max_queued_requests=running + cfg.max_queued_requests + INGRESS_HEADROOM,
-    ).bind(classifier, max_request_bytes=int(cfg.max_request_mb * 1e6), max_images=cfg.max_images_per_request,
-           default_top_k=cfg.top_k, token_sha256=token_sha256, max_running=running,
-           max_waiting=cfg.max_queued_requests)
+    ).bind(
+        classifier,
+        max_request_bytes=int(cfg.max_request_mb * 1e6),
+        max_images=cfg.max_images_per_request,
+        default_top_k=cfg.top_k,
+        token_sha256=token_sha256,
+        max_running=running,
+        max_waiting=cfg.max_queued_requests,
+    )
 
 
 def build_app(args: dict):
@@ -492,9 +582,15 @@ def serve_config(cfg: ServeConfig) -> dict:
     return {
         "proxy_location": "EveryNode",
         "http_options": {"host": cfg.host, "port": cfg.port},
-        "applications": [{"name": cfg.name, "route_prefix": "/", "import_path": "distcls.serving:build_app",
-                          "args": args, "deployments": [{"name": "ImageClassifier",
-                                                         "user_config": {"checkpoint": cfg.checkpoint}}]}],
+        "applications": [
+            {
+                "name": cfg.name,
+                "route_prefix": "/",
+                "import_path": "distcls.serving:build_app",
+                "args": args,
+                "deployments": [{"name": "ImageClassifier", "user_config": {"checkpoint": cfg.checkpoint}}],
+            }
+        ],
     }
 
 
@@ -511,6 +607,9 @@ def start(cfg: ServeConfig, route_prefix: str = "/", token: str | None = None, a
         cfg = dataclasses.replace(cfg, runtime="torch")
     init_ray()
     logging_config = {"log_level": "INFO" if access_log else "WARNING", "enable_access_log": access_log}
+    # This process's Serve logger (set to INFO when ray.serve is imported) said "Started Serve", "Connecting
+    # to existing Serve app" and "Application ready" on every start; `distcls serve` prints its own lines.
+    logging.getLogger("ray.serve").setLevel(logging.INFO if access_log else logging.WARNING)
     serve.start(http_options={"host": cfg.host, "port": cfg.port}, logging_config=logging_config)
     serve.run(application(cfg, token_sha256), name=cfg.name, route_prefix=route_prefix, logging_config=logging_config)
     host = "127.0.0.1" if cfg.host in ("0.0.0.0", "::") else cfg.host
@@ -524,17 +623,28 @@ def run_serve(cfg: ServeConfig) -> None:
 
     meta = verify_model(cfg.checkpoint)  # a bad or tampered checkpoint fails here, in one line, before Ray
     if cfg.detach and not os.environ.get("RAY_ADDRESS"):
-        raise DistclsError("serve: --detach needs a running cluster (RAY_ADDRESS, or run it with "
-                           "`ray job submit`); a local Ray instance would stop when this command ends")
+        raise DistclsError(
+            "serve: --detach needs a running cluster (RAY_ADDRESS, or run it with "
+            "`ray job submit`); a local Ray instance would stop when this command ends"
+        )
     url = start(cfg)
-    auth = (f"on ({TOKEN_ENV})" if os.environ.get(TOKEN_ENV) else "OFF (--no-auth)" if cfg.no_auth
-            else f"off: loopback only (set {TOKEN_ENV} to require a token)")
-    print(f"serving {meta['architecture']} ({len(meta['class_names'])} classes, "
-          f"model {meta['weights_sha256'][:12]}...) at {url}/", flush=True)
+    auth = (
+        f"on ({TOKEN_ENV})"
+        if os.environ.get(TOKEN_ENV)
+        else "OFF (--no-auth)"
+        if cfg.no_auth
+        else f"off: loopback only (set {TOKEN_ENV} to require a token)"
+    )
+    print(
+        f"serving {meta['architecture']} ({len(meta['class_names'])} classes, model {meta['weights_sha256'][:12]}...) at {url}/",
+        flush=True,
+    )
     print(f"  POST {url}/v1/classify   GET {url}/v1/model   GET {url}/healthz   page: {url}/", flush=True)
-    print(f"  replicas {cfg.min_replicas}..{cfg.max_replicas}, batch <= {cfg.max_batch_size}, auth {auth}; "
-          + ("deployed; `serve status` shows it, `serve shutdown` removes it" if cfg.detach else "Ctrl-C stops it"),
-          flush=True)
+    print(
+        f"  replicas {cfg.min_replicas}..{cfg.max_replicas}, batch <= {cfg.max_batch_size}, auth {auth}; "
+        + ("deployed; `serve status` shows it, `serve shutdown` removes it" if cfg.detach else "Ctrl-C stops it"),
+        flush=True,
+    )
     if cfg.detach:
         return
     try:

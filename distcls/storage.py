@@ -43,9 +43,7 @@ def split_uri(uri: str) -> tuple[str, str]:
         if not rest:
             raise DistclsError(f"storage: {uri!r} names no bucket; write it as {scheme}://BUCKET/PREFIX")
         return scheme, rest
-    raise DistclsError(
-        f"storage: unsupported URI scheme {scheme!r} in {uri!r}; use a local path, file://, s3:// or gs://"
-    )
+    raise DistclsError(f"storage: unsupported URI scheme {scheme!r} in {uri!r}; use a local path, file://, s3:// or gs://")
 
 
 def join_uri(uri: str, *parts: str) -> str:
@@ -176,15 +174,20 @@ def get_object(path: str) -> bytes:
     import urllib3.exceptions
 
     bucket, _, key = path.partition("/")
-    broken = (botocore.exceptions.IncompleteReadError, botocore.exceptions.ResponseStreamingError,
-              botocore.exceptions.ReadTimeoutError, urllib3.exceptions.ProtocolError, ConnectionError)
+    broken = (
+        botocore.exceptions.IncompleteReadError,
+        botocore.exceptions.ResponseStreamingError,
+        botocore.exceptions.ReadTimeoutError,
+        urllib3.exceptions.ProtocolError,
+        ConnectionError,
+    )
     for attempt in range(RETRIES["max_attempts"]):
         try:
             return s3_client().get_object(Bucket=bucket, Key=key)["Body"].read()
         except broken:
             if attempt + 1 == RETRIES["max_attempts"]:
                 raise
-            time.sleep(random.random() * min(20.0, 2.0 ** attempt))
+            time.sleep(random.random() * min(20.0, 2.0**attempt))
     raise AssertionError("unreachable")
 
 
@@ -271,8 +274,7 @@ def write_text(uri: str, text: str) -> None:
     write_bytes(uri, text.encode("utf-8"))
 
 
-def write_many(items: Iterable[tuple[str, bytes]], workers: int = 16,
-               on_done: Callable[[int], None] | None = None) -> int:
+def write_many(items: Iterable[tuple[str, bytes]], workers: int = 16, on_done: Callable[[int], None] | None = None) -> int:
     """Write many small objects concurrently (threads hide per-request latency); returns the count."""
     count = 0
     pending: list = []

@@ -26,8 +26,7 @@ if TYPE_CHECKING:  # torch and torchvision load where images are transformed, no
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 INTERPOLATIONS = ("nearest", "bilinear", "bicubic")
-PIL_RESAMPLE = {"nearest": Image.Resampling.NEAREST, "bilinear": Image.Resampling.BILINEAR,
-                "bicubic": Image.Resampling.BICUBIC}
+PIL_RESAMPLE = {"nearest": Image.Resampling.NEAREST, "bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC}
 FILTER_SUPPORT = {"nearest": 0.5, "bilinear": 1.0, "bicubic": 2.0}  # source pixels each side, at scale 1
 # Resize-then-crop never builds a resized image over this many pixels (16 MB as Pillow's RGBX): past it
 # (an extreme aspect ratio: 100000x1 would become 25600000x256, ~26 GB) only the crop's region is resampled.
@@ -112,8 +111,7 @@ def resize_center_crop(img: Image.Image, resize_size: int, crop_size: int, inter
     x0, x1 = source_span(left, crop_size, sx, width, FILTER_SUPPORT[interpolation])
     y0, y1 = source_span(top, crop_size, sy, height, FILTER_SUPPORT[interpolation])
     # Pillow takes the box in single precision: relative to the small region it stays exact enough.
-    box = (left * sx - x0, top * sy - y0, min(x1 - x0, (left + crop_size) * sx - x0),
-           min(y1 - y0, (top + crop_size) * sy - y0))
+    box = (left * sx - x0, top * sy - y0, min(x1 - x0, (left + crop_size) * sx - x0), min(y1 - y0, (top + crop_size) * sy - y0))
     region = img.crop((x0, y0, x1, y1))
     return region.resize((crop_size, crop_size), PIL_RESAMPLE[interpolation], box=box)
 
@@ -124,8 +122,7 @@ def source_span(start: int, size: int, scale: float, limit: int, support: float)
     return max(0, math.floor(start * scale - reach)), min(limit, math.ceil((start + size) * scale + reach))
 
 
-def random_resized_crop_box(width: int, height: int, spec: PreprocessSpec,
-                            rng: np.random.Generator) -> tuple[int, int, int, int]:
+def random_resized_crop_box(width: int, height: int, spec: PreprocessSpec, rng: np.random.Generator) -> tuple[int, int, int, int]:
     """(top, left, h, w) as torchvision's RandomResizedCrop.get_params, but from a numpy Generator."""
     area = width * height
     log_ratio = (math.log(spec.crop_ratio[0]), math.log(spec.crop_ratio[1]))
@@ -179,8 +176,9 @@ def augment_batch(images: torch.Tensor, spec: PreprocessSpec, rng: np.random.Gen
 def interpolation_mode(name: str):
     from torchvision.transforms import InterpolationMode
 
-    return {"nearest": InterpolationMode.NEAREST, "bilinear": InterpolationMode.BILINEAR,
-            "bicubic": InterpolationMode.BICUBIC}[name]
+    return {"nearest": InterpolationMode.NEAREST, "bilinear": InterpolationMode.BILINEAR, "bicubic": InterpolationMode.BICUBIC}[
+        name
+    ]
 
 
 def to_chw(img: Image.Image) -> np.ndarray:

@@ -21,14 +21,41 @@ MODELS = ("resnet50", "efficientnet_lite0")
 
 def settings(model: str, smoke: bool) -> dict:
     if smoke:  # the same stages, sized for a CPU test run
-        return dict(model=model, label_model=model, use_gpu=False, image_size=32, batch_size=8, images_per_class=4,
-                    epochs=2, warmup_steps=1, workers=(1,), train_data=("streamed",), label_images=8,
-                    label_batch_size=8, loader_workers=1, label_cpus_per_replica=1.0, ceiling_seconds=1.0,
-                    label_large_photos=2)
+        return dict(
+            model=model,
+            label_model=model,
+            use_gpu=False,
+            image_size=32,
+            batch_size=8,
+            images_per_class=4,
+            epochs=2,
+            warmup_steps=1,
+            workers=(1,),
+            train_data=("streamed",),
+            label_images=8,
+            label_batch_size=8,
+            loader_workers=1,
+            label_cpus_per_replica=1.0,
+            ceiling_seconds=1.0,
+            label_large_photos=2,
+        )
     cores = os.cpu_count() or 1
-    return dict(model=model, label_model=model, use_gpu=True, image_size=224, batch_size=128, images_per_class=200,
-                epochs=3, warmup_steps=5, workers=(1,), train_data=("streamed",), label_images=2000,
-                label_batch_size=128, loader_workers=max(2, min(8, cores - 2)), label_cpus_per_replica=1.0)
+    return dict(
+        model=model,
+        label_model=model,
+        use_gpu=True,
+        image_size=224,
+        batch_size=128,
+        images_per_class=200,
+        epochs=3,
+        warmup_steps=5,
+        workers=(1,),
+        train_data=("streamed",),
+        label_images=2000,
+        label_batch_size=128,
+        loader_workers=max(2, min(8, cores - 2)),
+        label_cpus_per_replica=1.0,
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -41,17 +68,20 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     if not args.cpu_smoke and not torch.cuda.is_available():
-        print("bench_gpu: no CUDA GPU is visible to PyTorch here; run it on a GPU machine "
-              "(or pass --cpu-smoke to check the script on CPU)", file=sys.stderr)
+        print(
+            "bench_gpu: no CUDA GPU is visible to PyTorch here; run it on a GPU machine "
+            "(or pass --cpu-smoke to check the script on CPU)",
+            file=sys.stderr,
+        )
         return 2
 
-    from distcls import storage
-    from distcls.bench import bench_train, table
-    from distcls.bench_harness import machine
-    from distcls.bench_label import bench_label
+    from distcls import init_ray, storage
     from distcls.config import BenchConfig
-    from distcls.runtime import init_ray
-    from distcls.s3server import S3Server, restore_env, use_server_env
+    from distcls.tools.bench import table
+    from distcls.tools.bench.harness import machine
+    from distcls.tools.bench.label import bench_label
+    from distcls.tools.bench.train import bench_train
+    from distcls.tools.s3server import S3Server, restore_env, use_server_env
 
     started = time.perf_counter()
     results: dict = {"kind": "gpu-check" if not args.cpu_smoke else "cpu-smoke", "models": {}}

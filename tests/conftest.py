@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from distcls.s3server import S3Server, restore_env, use_server_env
+from distcls import storage
+from distcls.tools.s3server import S3Server, restore_env, use_server_env
 
 RAY_TEST_CPUS = 4  # logical CPUs for the shared local Ray: training workers + data tasks on a 2-core box
 # One ONNX compile cache for the session (not the user's ~/.cache), set before Ray starts so every worker,
@@ -58,8 +59,10 @@ def encode(img: Image.Image, fmt: str, **kw) -> bytes:
 
 def png_bomb(width: int = 100_000, height: int = 100_000) -> bytes:
     """A tiny valid-looking PNG whose header declares width x height pixels (a decompression bomb)."""
+
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
     idat = zlib.compress(b"\x00" * 1024)
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
@@ -69,7 +72,7 @@ def jpeg_bomb(photo: np.ndarray, width: int = 60000, height: int = 60000) -> byt
     """A real JPEG whose SOF0 header is rewritten to declare a huge size."""
     data = bytearray(encode(Image.fromarray(photo), "JPEG", quality=80))
     i = data.index(b"\xff\xc0")
-    data[i + 5:i + 9] = struct.pack(">HH", height, width)
+    data[i + 5 : i + 9] = struct.pack(">HH", height, width)
     return bytes(data)
 
 
@@ -79,7 +82,7 @@ def good_images(photo) -> dict[str, bytes]:
     rgb = Image.fromarray(photo)
     grey = rgb.convert("L")
     rgba = rgb.convert("RGBA")
-    arr16 = (np.asarray(grey, dtype=np.uint16) * 257)
+    arr16 = np.asarray(grey, dtype=np.uint16) * 257
     exif = Image.Exif()
     exif[0x0112] = 6  # orientation: rotate 90 CW to display
     frames = [rgb.resize((64, 48)), grey.resize((64, 48)).convert("RGB")]
@@ -119,17 +122,48 @@ def alive_replicas(app: str, deployment: str = "ImageClassifier") -> dict[int, o
     import ray
     from ray.util.state import list_actors
 
-    actors = list_actors(address=ray.get_runtime_context().gcs_address, filters=[("state", "=", "ALIVE")],
-                         limit=10_000, raise_on_missing_output=False)
+    actors = list_actors(
+        address=ray.get_runtime_context().gcs_address,
+        filters=[("state", "=", "ALIVE")],
+        limit=10_000,
+        raise_on_missing_output=False,
+    )
     return {a.pid: a for a in actors if a.class_name == f"ServeReplica:{app}:{deployment}"}
 
 
-def tiny_fashion_mnist(bucket: str) -> dict[str, str]:
-    """Real Fashion-MNIST under `bucket`: 8 images per class for training, 4 per class for validation."""
+def tiny_fashion_mnist(bucket: str, train_per_class: int = 8, val_per_class: int = 4) -> dict[str, str]:
+    """The tests' Fashion-MNIST (real images) under `bucket`: a few training images per class from the train
+    split, a few validation images per class from the test split. -> {"train": URI, "val": URI}."""
     from distcls.config import FashionMnistConfig
-    from distcls.fmnist import write_fashion_mnist
+    from distcls.tools.fmnist import write_fashion_mnist
 
-    write_fashion_mnist(FashionMnistConfig(out=f"{bucket}/fm", limit_per_class=8, splits=("train",)), progress=False)
-    write_fashion_mnist(FashionMnistConfig(out=f"{bucket}/fmval", limit_per_class=4, splits=("test",)),
-                        progress=False)
+    write_fashion_mnist(
+        FashionMnistConfig(out=f"{bucket}/fm", limit_per_class=train_per_class, splits=("train",)), progress=False
+    )
+    write_fashion_mnist(
+        FashionMnistConfig(out=f"{bucket}/fmval", limit_per_class=val_per_class, splits=("test",)), progress=False
+    )
     return {"train": f"{bucket}/fm/train", "val": f"{bucket}/fmval/test"}
+
+
+def make_checkpoint(
+    uri: str,
+    classes: int | list[str] = 10,
+    model: str = "efficientnet_lite0",
+    weights: str = "bundled",
+    image_size: int = 32,
+    seed: int | None = None,
+) -> str:
+    """The tests' one way to write a fine-tuned-style checkpoint: `model` with a head for `classes` (a count,
+    named class0.., or the names). ImageNet checkpoints come from distcls.checkpoint.from_pretrained."""
+    import torch
+
+    from distcls.checkpoint import save_checkpoint
+    from distcls.models import create_model
+
+    names = [f"class{i}" for i in range(classes)] if isinstance(classes, int) else list(classes)
+    if seed is not None:
+        torch.manual_seed(seed)
+    storage.ensure_bucket(uri)
+    save_checkpoint(uri, create_model(model, len(names), weights, image_size=image_size).eval(), names)
+    return uri

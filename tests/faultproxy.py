@@ -28,8 +28,10 @@ from urllib.parse import urlsplit
 
 FAULTS = ("slowdown", "internal", "reset", "truncate")
 HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "proxy-connection", "te", "trailer", "upgrade"}
-ERROR_XML = ('<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>{code}</Code><Message>{message}</Message>'
-             '<RequestId>faultproxy</RequestId><HostId>faultproxy</HostId></Error>')
+ERROR_XML = (
+    '<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>{code}</Code><Message>{message}</Message>'
+    "<RequestId>faultproxy</RequestId><HostId>faultproxy</HostId></Error>"
+)
 ERRORS = {
     "slowdown": (503, "SlowDown", "Please reduce your request rate."),
     "internal": (500, "InternalError", "We encountered an internal error. Please try again."),
@@ -123,22 +125,21 @@ class ProxyHandler(BaseHTTPRequestHandler):
             return
         if fault in ERRORS:
             status, code, message = ERRORS[fault]
-            self.reply(status, [("Content-Type", "application/xml")],
-                       ERROR_XML.format(code=code, message=message).encode())
+            self.reply(status, [("Content-Type", "application/xml")], ERROR_XML.format(code=code, message=message).encode())
             return
         conn = http.client.HTTPConnection(self.upstream.hostname, self.upstream.port, timeout=60)
         try:
             headers = {k: v for k, v in self.headers.items() if k.lower() not in HOP_BY_HOP | {"expect"}}
             headers["Content-Length"] = str(len(body))
-            conn.request(self.command, self.path, body=body if body or self.command in ("PUT", "POST") else None,
-                         headers=headers)
+            conn.request(self.command, self.path, body=body if body or self.command in ("PUT", "POST") else None, headers=headers)
             response = conn.getresponse()
             data = response.read()
             headers = [(k, v) for k, v in response.getheaders() if k.lower() not in HOP_BY_HOP]
             if fault == "truncate" and len(data) > 1:
                 headers = [(k, v) for k, v in headers if k.lower() != "content-length"]
-                self.reply(response.status, headers + [("Content-Length", str(len(data)))], data[: len(data) // 2],
-                           keep_length=True)
+                self.reply(
+                    response.status, headers + [("Content-Length", str(len(data)))], data[: len(data) // 2], keep_length=True
+                )
                 self.reset()
                 return
             self.reply(response.status, headers, data)

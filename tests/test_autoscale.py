@@ -1,6 +1,6 @@
 """`distcls serve` autoscales, on the session's local Ray: replicas rise under load and fall back after it,
 a min_replicas 0 application reaches 0 replicas and its first request after that is answered, and no
-request fails throughout. One run of `distcls.bench_autoscale` (the real endpoint, real HTTP) for both tests.
+request fails throughout. One run of `distcls.tools.bench.autoscale` (the real endpoint, real HTTP) for both tests.
 
 Requests wait 0.2 s at the classifier's batcher (4 clients never fill a batch), so the queue that Serve's
 autoscaler reads builds up without saturating 2 cores: on a saturated machine a new replica takes half a
@@ -9,9 +9,8 @@ minute to start. torch instead of ONNX: the test's fresh checkpoint would be com
 
 import pytest
 
-from distcls.bench_autoscale import bench_autoscale
-from distcls.checkpoint import save_checkpoint
-from distcls.models import create_model
+from distcls.tools.bench.autoscale import bench_autoscale
+from tests.conftest import make_checkpoint
 
 OVERRIDES = {"batch_wait_timeout_s": 0.2, "runtime": "torch"}
 
@@ -23,12 +22,19 @@ def autoscaled(ray_local, tmp_path_factory):
 
     root = tmp_path_factory.mktemp("autoscale")
     checkpoint = str(root / "ck")
-    model = create_model("mobilenet_v3_small", 10, "none", image_size=64).eval()
-    save_checkpoint(checkpoint, model, [f"class{i}" for i in range(10)])
+    make_checkpoint(checkpoint, 10, model="mobilenet_v3_small", weights="none", image_size=64)
     png = root / "autoscale.png"
     try:
-        result = bench_autoscale(str(root), checkpoint=checkpoint, clients_high=4, load_seconds=90, idle_seconds=90,
-                                 out_png=str(png), overrides=OVERRIDES, stop_at_max=True)
+        result = bench_autoscale(
+            str(root),
+            checkpoint=checkpoint,
+            clients_high=4,
+            load_seconds=90,
+            idle_seconds=90,
+            out_png=str(png),
+            overrides=OVERRIDES,
+            stop_at_max=True,
+        )
     finally:
         serve.shutdown()
     return result, png

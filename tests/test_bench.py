@@ -17,14 +17,62 @@ def test_bench_all_tiny(tmp_path):
     out = tmp_path / "bench.json"
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "RAY_ADDRESS"))}
     result = subprocess.run(
-        [sys.executable, "-m", "distcls.cli", "bench", "all", "--images-per-class", "4", "--image-size", "32",
-         "--batch-size", "8", "--epochs", "1", "--workers", "1", "--label-images", "8", "--serve-images", "4",
-         "--serve-clients", "1,16", "--serve-seconds", "1", "--transfer-per-class", "4", "--transfer-epochs", "1",
-         "--transfer-lrs", "0.001", "--transfer-test-per-class", "2", "--recipe-settings", "faces",
-         "--recipe-seeds", "1", "--recipe-epochs", "1", "--label-large-photos", "2", "--ceiling-seconds", "1",
-         "--autoscale-clients", "2", "--autoscale-load-seconds", "3", "--autoscale-idle-seconds", "10",
-         "--out", str(out)],
-        capture_output=True, text=True, timeout=1200, env=env)
+        [
+            sys.executable,
+            "-m",
+            "distcls.cli",
+            "bench",
+            "all",
+            "--images-per-class",
+            "4",
+            "--image-size",
+            "32",
+            "--batch-size",
+            "8",
+            "--epochs",
+            "1",
+            "--workers",
+            "1",
+            "--label-images",
+            "8",
+            "--serve-images",
+            "4",
+            "--serve-clients",
+            "1,16",
+            "--serve-seconds",
+            "1",
+            "--transfer-per-class",
+            "4",
+            "--transfer-epochs",
+            "1",
+            "--transfer-lrs",
+            "0.001",
+            "--transfer-test-per-class",
+            "2",
+            "--recipe-settings",
+            "faces",
+            "--recipe-seeds",
+            "1",
+            "--recipe-epochs",
+            "1",
+            "--label-large-photos",
+            "2",
+            "--ceiling-seconds",
+            "1",
+            "--autoscale-clients",
+            "2",
+            "--autoscale-load-seconds",
+            "3",
+            "--autoscale-idle-seconds",
+            "10",
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=1200,
+        env=env,
+    )
     assert result.returncode == 0, (result.stdout[-3000:], result.stderr[-3000:])
     bench = json.loads(out.read_text())
     assert set(bench) >= {"settings", "machine", "train", "label", "serve", "transfer"}
@@ -77,9 +125,14 @@ def test_gpu_check_script_runs_on_cpu_in_smoke_mode(tmp_path):
     """jobs/bench_gpu.py is meant for a GPU machine; --cpu-smoke runs the same stages, tiny, on CPU."""
     out = tmp_path / "gpu.json"
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "RAY_ADDRESS"))}
-    result = subprocess.run([sys.executable, "jobs/bench_gpu.py", "--cpu-smoke", "--models", "efficientnet_lite0",
-                             "--out", str(out)], capture_output=True, text=True, timeout=1200, env=env,
-                            cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    result = subprocess.run(
+        [sys.executable, "jobs/bench_gpu.py", "--cpu-smoke", "--models", "efficientnet_lite0", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=1200,
+        env=env,
+        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+    )
     assert result.returncode == 0, (result.stdout[-3000:], result.stderr[-3000:])
     got = json.loads(out.read_text())["models"]["efficientnet_lite0"]
     assert got["train"]["streamed_1w"]["ratio"] > 0 and got["label"]["ratio_vs_ceiling_same_runtime"] > 0
@@ -89,8 +142,13 @@ def test_gpu_check_script_runs_on_cpu_in_smoke_mode(tmp_path):
 def test_gpu_check_script_refuses_cpu_without_smoke():
     if __import__("torch").cuda.is_available():
         pytest.skip("a GPU is visible")
-    result = subprocess.run([sys.executable, "jobs/bench_gpu.py"], capture_output=True, text=True, timeout=120,
-                            cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    result = subprocess.run(
+        [sys.executable, "jobs/bench_gpu.py"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+    )
     assert result.returncode == 2 and "no CUDA GPU is visible" in result.stderr
 
 
@@ -98,11 +156,14 @@ def test_gpu_check_script_refuses_cpu_without_smoke():
 def test_bench_scale_tiny(tmp_path):
     """`bench scale` at 300 objects: every key, exactly one row per object after the kill and rerun."""
     out = tmp_path / "bench.json"
-    result = subprocess.run([sys.executable, "-m", "distcls.cli", "bench", "scale", "--objects", "300", "--out", str(out)],
-                            capture_output=True, text=True, timeout=900)
+    result = subprocess.run(
+        [sys.executable, "-m", "distcls.cli", "bench", "scale", "--objects", "300", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     scale = json.loads(out.read_text())["scale"]
     assert scale["rows"] == scale["distinct_paths"] == scale["rows_after_kill_and_rerun"] == 300
-    for key in ("list_keys_per_s", "time_to_first_part_s", "driver_peak_rss_mb", "images_per_s", "rerun_done_s",
-                "resume_half_s"):
+    for key in ("list_keys_per_s", "time_to_first_part_s", "driver_peak_rss_mb", "images_per_s", "rerun_done_s", "resume_half_s"):
         assert scale[key] > 0, key

@@ -122,8 +122,15 @@ def checkpoint_with_state(run: Path, epoch: int, state: bytes | None = None) -> 
     if state is None:
         buf = io.BytesIO()
         optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-        torch.save({"optimizer": optimizer.state_dict(), "epoch": epoch - 1, "step": 5 * epoch,
-                    "history": [{"epoch": e} for e in range(1, epoch + 1)]}, buf)
+        torch.save(
+            {
+                "optimizer": optimizer.state_dict(),
+                "epoch": epoch - 1,
+                "step": 5 * epoch,
+                "history": [{"epoch": e} for e in range(1, epoch + 1)],
+            },
+            buf,
+        )
         state = buf.getvalue()
     ckpt = run / f"checkpoint_2026-01-0{epoch}_00-00-00.000000"
     save_checkpoint(str(ckpt), model.eval(), CLASSES, metrics={"epoch": epoch}, files={TRAIN_STATE: state})
@@ -169,16 +176,23 @@ def test_train_state_sha256_is_recorded_and_checked(root):
     from distcls.checkpoint import read_verified_file
 
     ckpt = f"{root}/with-state"
-    meta = save_checkpoint(ckpt, create_model("efficientnet_lite0", len(CLASSES), "none", image_size=32).eval(),
-                           CLASSES, files={"train_state.pt": b"optimizer state"})
+    meta = save_checkpoint(
+        ckpt,
+        create_model("efficientnet_lite0", len(CLASSES), "none", image_size=32).eval(),
+        CLASSES,
+        files={"train_state.pt": b"optimizer state"},
+    )
     assert meta["files_sha256"] == {"train_state.pt": hashlib.sha256(b"optimizer state").hexdigest()}
     assert json.loads(storage.read_text(f"{ckpt}/{META}"))["files_sha256"] == meta["files_sha256"]
     assert read_verified_file(ckpt, "train_state.pt") == b"optimizer state"
     assert verify_checkpoint(ckpt, files=("train_state.pt",)) == meta
 
     storage.write_bytes(f"{ckpt}/train_state.pt", b"optimizer statf")  # one bit flipped
-    with pytest.raises(DistclsError, match=r"^checkpoint: .*/train_state.pt has sha256 [0-9a-f]{12}\.\.\., but "
-                                           r"distcls.json records [0-9a-f]{12}\.\.\.; train_state.pt was changed"):
+    with pytest.raises(
+        DistclsError,
+        match=r"^checkpoint: .*/train_state.pt has sha256 [0-9a-f]{12}\.\.\., but "
+        r"distcls.json records [0-9a-f]{12}\.\.\.; train_state.pt was changed",
+    ):
         read_verified_file(ckpt, "train_state.pt")
     storage.remove(f"{ckpt}/train_state.pt")
     with pytest.raises(DistclsError, match="has no train_state.pt; it is not a \\(complete\\)"):
@@ -210,8 +224,9 @@ def test_restore_falls_back_to_newest_checkpoint_that_verifies(tmp_path, capsys)
     assert restore(model, optimizer, str(run), announce=True) == (1, 5, [{"epoch": 1}])
     out = capsys.readouterr().out
     assert len(out.splitlines()) == 1, out
-    assert out.startswith(f"resuming from {ckpts[0]} at epoch 2; skipped 2 newer that do not verify: "
-                          f"checkpoint: {ckpts[2]}/{WEIGHTS} has sha256 "), out
+    assert out.startswith(
+        f"resuming from {ckpts[0]} at epoch 2; skipped 2 newer that do not verify: checkpoint: {ckpts[2]}/{WEIGHTS} has sha256 "
+    ), out
     assert f"checkpoint: {ckpts[1]}/{TRAIN_STATE} has sha256 " in out
     # Ray Train's latest (registered) checkpoint bounds the search: a newer folder is an unregistered upload.
     restore(*fresh_model_and_optimizer(), str(run), latest=str(ckpts[1]))
@@ -255,8 +270,7 @@ def test_interrupted_upload_is_never_chosen_as_best(root, capsys):
         pick_best(candidates[:3])
     for job in ("evaluate", "label"):
         argv = [job, "--checkpoint", broken["no distcls.json"]]
-        argv += ["--data", good, "--out", f"{root}/x"] if job == "evaluate" else ["--input", good, "--output",
-                                                                                  f"{root}/x"]
+        argv += ["--data", good, "--out", f"{root}/x"] if job == "evaluate" else ["--input", good, "--output", f"{root}/x"]
         assert main(argv) == 2
         assert "is not a (complete) distcls checkpoint" in capsys.readouterr().err
     assert json.loads(storage.read_text(f"{good}/{META}"))["metrics"]["val_accuracy"] == 0.4

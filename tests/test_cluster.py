@@ -14,8 +14,10 @@ from distcls.config import EvaluateConfig, LabelConfig, ServeConfig, TrainConfig
 from distcls.serving import serve_config
 
 ROOT = Path(__file__).resolve().parent.parent
-YAML_FILES = sorted(glob.glob(str(ROOT / "cluster" / "**" / "*.yaml"), recursive=True)
-                    + glob.glob(str(ROOT / "jobs" / "**" / "*.yaml"), recursive=True))
+YAML_FILES = sorted(
+    glob.glob(str(ROOT / "cluster" / "**" / "*.yaml"), recursive=True)
+    + glob.glob(str(ROOT / "jobs" / "**" / "*.yaml"), recursive=True)
+)
 KUBERAY = sorted((ROOT / "cluster" / "kuberay").glob("*.yaml"))
 
 
@@ -46,8 +48,17 @@ def walk(node):
 
 def test_there_are_manifests_and_job_configs():
     names = {Path(f).name for f in YAML_FILES}
-    assert {"ray-cluster.aws.yaml", "raycluster.yaml", "rayjob-train.yaml", "rayjob-label.yaml", "rayservice.yaml",
-            "train.yaml", "evaluate.yaml", "label.yaml", "serve.yaml"} <= names, names
+    assert {
+        "ray-cluster.aws.yaml",
+        "raycluster.yaml",
+        "rayjob-train.yaml",
+        "rayjob-label.yaml",
+        "rayservice.yaml",
+        "train.yaml",
+        "evaluate.yaml",
+        "label.yaml",
+        "serve.yaml",
+    } <= names, names
 
 
 @pytest.mark.parametrize("path", YAML_FILES, ids=lambda p: str(Path(p).relative_to(ROOT)))
@@ -63,8 +74,7 @@ def test_launcher_config_validates_against_ray_schema():
     validate_config(prepare_config(config))
     assert config["available_node_types"][config["head_node_type"]]["resources"] == {"CPU": 0}
     assert config["docker"]["image"].startswith(f"rayproject/ray:{pinned_ray()}-")
-    assert all("RAY_AUTH_MODE=token" in " ".join(config[k]) for k in ("head_start_ray_commands",
-                                                                     "worker_start_ray_commands"))
+    assert all("RAY_AUTH_MODE=token" in " ".join(config[k]) for k in ("head_start_ray_commands", "worker_start_ray_commands"))
 
 
 def test_rayservice_serve_config_is_what_serve_config_prints():
@@ -88,8 +98,10 @@ def test_kuberay_versions_tokens_and_head():
         doc = ray_resource(path)
         nodes = list(walk(doc))
         images = [n["image"] for n in nodes if "image" in n]
-        assert images and all(img.endswith(f"ray{ray_version}") or f":{ray_version}" in img for img in images), \
-            (path.name, images)
+        assert images and all(img.endswith(f"ray{ray_version}") or f":{ray_version}" in img for img in images), (
+            path.name,
+            images,
+        )
         for n in nodes:
             if "rayVersion" in n:
                 assert n["rayVersion"] == ray_version, path.name
@@ -172,8 +184,11 @@ def test_network_policy_admits_only_the_cluster_and_the_operator(name):
     own = labels[0]
     peers = [own]
     if name == "raycluster.yaml":  # the RayJobs' submitter pods talk to this cluster's dashboard
-        peers += [t["metadata"]["labels"] for job in ("rayjob-train.yaml", "rayjob-label.yaml")
-                  for t in pod_templates(ray_resource(ROOT / "cluster" / "kuberay" / job))]
+        peers += [
+            t["metadata"]["labels"]
+            for job in ("rayjob-train.yaml", "rayjob-label.yaml")
+            for t in pod_templates(ray_resource(ROOT / "cluster" / "kuberay" / job))
+        ]
     for peer in peers:
         assert all(admitted(policy, peer, port) for port in (6379, 8265, 10001, 8000, 8076, 23456)), peer
     assert admitted(policy, OPERATOR, 6379) and admitted(policy, OPERATOR, 8265)
@@ -217,12 +232,12 @@ def test_rayjob_entrypoints_exist_and_answer_help(name):
 def test_job_entrypoints_help(script):
     out = subprocess.run([sys.executable, str(script), "--help"], capture_output=True, text=True, timeout=120)
     # Every job takes a --config YAML, except the fixed-size GPU check (its sizes are the check).
-    assert out.returncode == 0 and ("--cpu-smoke" if script.name == "bench_gpu.py" else "--config") in out.stdout, \
-        out.stderr
+    assert out.returncode == 0 and ("--cpu-smoke" if script.name == "bench_gpu.py" else "--config") in out.stdout, out.stderr
 
 
-@pytest.mark.parametrize("name,cls", [("train", TrainConfig), ("evaluate", EvaluateConfig), ("label", LabelConfig),
-                                      ("serve", ServeConfig)])
+@pytest.mark.parametrize(
+    "name,cls", [("train", TrainConfig), ("evaluate", EvaluateConfig), ("label", LabelConfig), ("serve", ServeConfig)]
+)
 def test_job_configs_load_with_the_cli_loader(name, cls):
     cfg = load_config(cls, str(ROOT / "jobs" / "configs" / f"{name}.yaml"))
     assert isinstance(cfg, cls)
@@ -231,14 +246,23 @@ def test_job_configs_load_with_the_cli_loader(name, cls):
 @pytest.mark.slow  # ~160 s: two Ray nodes, a training and a labeling job submitted (`make cluster-demo` runs the same)
 def test_two_node_cluster_run():
     """cluster/two_nodes.py: head + second node with token auth, train (STRICT_SPREAD) and label jobs."""
-    out = subprocess.run([sys.executable, str(ROOT / "cluster" / "two_nodes.py")], capture_output=True, text=True,
-                         timeout=1200, cwd=ROOT)
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "cluster" / "two_nodes.py")], capture_output=True, text=True, timeout=1200, cwd=ROOT
+    )
     assert out.returncode == 0, (out.stdout[-4000:], out.stderr[-4000:])
-    for line in ("2 nodes alive", "`ray job submit` with no token is refused",
-                 "`ray job submit` with a wrong token is refused", "a node joining with no token is refused",
-                 "a node joining with a wrong token is refused",
-                 "training job SUCCEEDED", "on 2 different nodes", "labeling job SUCCEEDED", "label rows",
-                 "no process of this cluster is left", "all checks passed"):
+    for line in (
+        "2 nodes alive",
+        "`ray job submit` with no token is refused",
+        "`ray job submit` with a wrong token is refused",
+        "a node joining with no token is refused",
+        "a node joining with a wrong token is refused",
+        "training job SUCCEEDED",
+        "on 2 different nodes",
+        "labeling job SUCCEEDED",
+        "label rows",
+        "no process of this cluster is left",
+        "all checks passed",
+    ):
         assert line in out.stdout, line
 
 
@@ -247,9 +271,19 @@ def test_two_node_cluster_run():
 def test_two_node_cluster_survives_a_lost_node():
     """cluster/two_nodes.py --lost-node: the second node's raylet is killed during training; a replacement
     node joins and the job finishes from its last checkpoint."""
-    out = subprocess.run([sys.executable, str(ROOT / "cluster" / "two_nodes.py"), "--lost-node"], capture_output=True,
-                         text=True, timeout=1800, cwd=ROOT)
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "cluster" / "two_nodes.py"), "--lost-node"],
+        capture_output=True,
+        text=True,
+        timeout=1800,
+        cwd=ROOT,
+    )
     assert out.returncode == 0, (out.stdout[-4000:], out.stderr[-4000:])
-    for line in ("second node lost (raylet pid", "a replacement node joined", "after the node was lost",
-                 "epochs [1, 2, 3]; restarted from its checkpoint", "all checks passed"):
+    for line in (
+        "second node lost (raylet pid",
+        "a replacement node joined",
+        "after the node was lost",
+        "epochs [1, 2, 3]; restarted from its checkpoint",
+        "all checks passed",
+    ):
         assert line in out.stdout, line

@@ -5,29 +5,45 @@ import os
 
 import pytest
 
-from distcls.checkpoint import save_checkpoint
 from distcls.cli import main
-from distcls.config import FASHION_MNIST_DEFAULT_DIR, CompareConfig, ConfigError, FashionMnistConfig
-from distcls.fmnist import CLASS_NAMES, write_fashion_mnist
-from distcls.models import create_model
+from distcls.config import FASHION_MNIST_DEFAULT_DIR, CompareConfig, ConfigError
+from distcls.tools.fmnist import CLASS_NAMES
+from tests.conftest import make_checkpoint, tiny_fashion_mnist
 
-pytestmark = pytest.mark.skipif(not os.path.isdir(FASHION_MNIST_DEFAULT_DIR),
-                                reason="needs Debian's dataset-fashion-mnist (.ci/run installs it)")
+pytestmark = pytest.mark.skipif(
+    not os.path.isdir(FASHION_MNIST_DEFAULT_DIR), reason="needs Debian's dataset-fashion-mnist (.ci/run installs it)"
+)
 
 
 def test_compare_writes_table_json_and_plot(tmp_path, capsys):
     pytest.importorskip("onnxruntime")
-    data = tmp_path / "fm"
-    write_fashion_mnist(FashionMnistConfig(out=str(data), limit_per_class=4, splits=("test",)), progress=False)
-    lite = str(tmp_path / "lite0")
-    save_checkpoint(lite, create_model("efficientnet_lite0", 10, "bundled", image_size=32).eval(), list(CLASS_NAMES))
-    small = str(tmp_path / "small")
-    save_checkpoint(small, create_model("mobilenet_v3_small", 10, "none", image_size=32).eval(), list(CLASS_NAMES))
+    test_data = tiny_fashion_mnist(str(tmp_path), train_per_class=1)["val"]
+    lite = make_checkpoint(str(tmp_path / "lite0"), list(CLASS_NAMES))
+    small = make_checkpoint(str(tmp_path / "small"), list(CLASS_NAMES), model="mobilenet_v3_small", weights="none")
     onnx = str(tmp_path / "lite0-onnx")
-    assert main(["export", "--checkpoint", lite, "--sample", str(data / "test"), "--out", onnx]) == 0
+    assert main(["export", "--checkpoint", lite, "--sample", test_data, "--out", onnx]) == 0
     out = tmp_path / "cmp"
-    assert main(["compare", lite, onnx, small, "--data", str(data / "test"), "--out", str(out),
-                 "--speed-batches", "2", "--warmup-batches", "1", "--batch-size", "8"]) == 0
+    assert (
+        main(
+            [
+                "compare",
+                lite,
+                onnx,
+                small,
+                "--data",
+                test_data,
+                "--out",
+                str(out),
+                "--speed-batches",
+                "2",
+                "--warmup-batches",
+                "1",
+                "--batch-size",
+                "8",
+            ]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     assert "efficientnet_lite0@32 onnx float32" in printed and "mobilenet_v3_small@32 pytorch float32" in printed
     record = json.loads((out / "compare.json").read_text())

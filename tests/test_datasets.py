@@ -25,8 +25,11 @@ def image_folder(s3_server, good_images, bad_images):
     for cls in ("cat", "dog"):
         items += [(f"{root}/{cls}/{name}", data) for name, data in good_images.items()]
     items += [(f"{root}/fish/{name}", data) for name, (data, _) in bad_images.items()]
-    items += [(f"{root}/fish/good.jpg", good_images["rgb.jpg"]), (f"{root}/README.txt", b"not data"),
-              (f"{root}/fish/notes.txt", b"ignored by extension")]
+    items += [
+        (f"{root}/fish/good.jpg", good_images["rgb.jpg"]),
+        (f"{root}/README.txt", b"not data"),
+        (f"{root}/fish/notes.txt", b"ignored by extension"),
+    ]
     storage.write_many(items)
     return root
 
@@ -74,8 +77,12 @@ def test_train_dataset_yields_shuffled_base_squares(ray_local, image_folder):
 
 @pytest.mark.parametrize("fmt", ["csv", "parquet", "jsonl"])
 def test_manifest_with_relative_and_absolute_paths(ray_local, image_folder, fmt):
-    rows = [{"path": "cat/rgb.jpg", "label": "kitten"}, {"path": "dog/grey.png", "label": "puppy"},
-            {"path": f"{image_folder}/dog/tiny.bmp", "label": "puppy"}, {"path": "fish/empty.png", "label": "kitten"}]
+    rows = [
+        {"path": "cat/rgb.jpg", "label": "kitten"},
+        {"path": "dog/grey.png", "label": "puppy"},
+        {"path": f"{image_folder}/dog/tiny.bmp", "label": "puppy"},
+        {"path": "fish/empty.png", "label": "kitten"},
+    ]
     uri = f"{image_folder}/manifest.{fmt}"
     if fmt == "csv":
         data = ("path,label\n" + "".join(f"{r['path']},{r['label']}\n" for r in rows)).encode()

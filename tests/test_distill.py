@@ -12,19 +12,21 @@ from PIL import Image
 from torchvision.transforms import functional as TF
 
 from distcls import DistclsError, storage
-from distcls.checkpoint import load_checkpoint, read_meta, save_checkpoint
+from distcls.checkpoint import load_checkpoint, read_meta
 from distcls.cli import main
-from distcls.config import FASHION_MNIST_DEFAULT_DIR, ConfigError, DistillConfig, FashionMnistConfig, load_config
+from distcls.config import FASHION_MNIST_DEFAULT_DIR, ConfigError, DistillConfig, load_config
 from distcls.distill import run_distillation
-from distcls.fmnist import CLASS_NAMES, write_fashion_mnist
 from distcls.models import create_model
+from distcls.tools.fmnist import CLASS_NAMES
 from distcls.train.loop import masked_loss, train_one_epoch
 from distcls.train.objectives import Teacher, distillation_loss, soft_target_loss
 from distcls.transforms import PreprocessSpec, preprocess_bytes
+from tests.conftest import make_checkpoint, tiny_fashion_mnist
 
 BUCKET = "s3://distill-test"
-needs_fmnist = pytest.mark.skipif(not os.path.isdir(FASHION_MNIST_DEFAULT_DIR),
-                                  reason="needs Debian's dataset-fashion-mnist (.ci/run installs it)")
+needs_fmnist = pytest.mark.skipif(
+    not os.path.isdir(FASHION_MNIST_DEFAULT_DIR), reason="needs Debian's dataset-fashion-mnist (.ci/run installs it)"
+)
 
 
 def test_loss_mixes_soft_targets_and_labels():
@@ -33,9 +35,13 @@ def test_loss_mixes_soft_targets_and_labels():
     labels, mask = torch.randint(0, 10, (6,)), torch.tensor([1, 1, 1, 1, 1, 0.0])
     t = 4.0
     # T^2 * KL(teacher/T || student/T) over the unmasked rows, as torch's kl_div computes it.
-    expected_soft = t * t * torch.nn.functional.kl_div(
-        torch.log_softmax(student[:5] / t, 1), torch.log_softmax(teacher[:5] / t, 1), log_target=True,
-        reduction="batchmean")
+    expected_soft = (
+        t
+        * t
+        * torch.nn.functional.kl_div(
+            torch.log_softmax(student[:5] / t, 1), torch.log_softmax(teacher[:5] / t, 1), log_target=True, reduction="batchmean"
+        )
+    )
     assert soft_target_loss(student, teacher, mask, t) == pytest.approx(float(expected_soft), rel=1e-5)
     hard = masked_loss(student, labels, mask, None, 0.0)
     mixed = distillation_loss(student, labels, mask, teacher, temperature=t, alpha=0.3)
@@ -54,8 +60,7 @@ def test_config_checks_and_help():
         DistillConfig(data="d", teacher="t")
     cfg = DistillConfig(data="d", teacher="t", student="efficientnet_lite0")
     assert cfg.model == "efficientnet_lite0" and cfg.weights == "bundled"
-    result = subprocess.run([sys.executable, "jobs/distill.py", "--help"], capture_output=True, text=True,
-                            timeout=120)
+    result = subprocess.run([sys.executable, "jobs/distill.py", "--help"], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0 and "--teacher" in result.stdout and "--student" in result.stdout
     assert "--model" not in result.stdout
     example = load_config(DistillConfig, "jobs/configs/distill.yaml")  # the loader the CLI uses
@@ -65,11 +70,7 @@ def test_config_checks_and_help():
 @pytest.fixture(scope="module")
 def teacher_uri(tmp_path_factory):
     """A real teacher: the bundled ImageNet EfficientNet-Lite0 with a 10-class head, at 48 px."""
-    torch.manual_seed(0)
-    model = create_model("efficientnet_lite0", 10, "bundled", image_size=48)
-    uri = str(tmp_path_factory.mktemp("teacher") / "ckpt")
-    save_checkpoint(uri, model.eval(), sorted(CLASS_NAMES))
-    return uri
+    return make_checkpoint(str(tmp_path_factory.mktemp("teacher") / "ckpt"), sorted(CLASS_NAMES), image_size=48, seed=0)
 
 
 def test_teacher_sees_its_own_size_and_loop_feeds_it(teacher_uri, photo):
@@ -94,8 +95,9 @@ def test_teacher_sees_its_own_size_and_loop_feeds_it(teacher_uri, photo):
 
     batch = {"image": images.numpy(), "label": torch.tensor([1, 2]).numpy(), "mask": torch.ones(2).numpy()}
     opt = torch.optim.SGD([{"params": list(student.parameters()), "lr": 0.01, "initial_lr": 0.01}], lr=0.01)
-    stats = train_one_epoch(student, [batch], opt, loss_fn, torch.device("cpu"), schedule=lambda s: 1.0,
-                            start_step=0, teacher=teacher)
+    stats = train_one_epoch(
+        student, [batch], opt, loss_fn, torch.device("cpu"), schedule=lambda s: 1.0, start_step=0, teacher=teacher
+    )
     assert stats.steps == 1 and torch.allclose(seen[0], logits, atol=1e-5)
     with pytest.raises(DistclsError, match="distill: teacher .* has classes"):
         Teacher(teacher_uri, sorted(CLASS_NAMES)[:9] + ["other"], student_spec, torch.device("cpu"))
@@ -103,18 +105,42 @@ def test_teacher_sees_its_own_size_and_loop_feeds_it(teacher_uri, photo):
 
 @pytest.fixture(scope="module")
 def fm(s3_server, ray_local):
-    """Real Fashion-MNIST: 6 images per class for training, 6 per class for validation."""
-    write_fashion_mnist(FashionMnistConfig(out=f"{BUCKET}/fm", limit_per_class=6, splits=("train", "test")),
-                        progress=False)
-    return {"train": f"{BUCKET}/fm/train", "val": f"{BUCKET}/fm/test"}
+    return tiny_fashion_mnist(BUCKET, train_per_class=6, val_per_class=6)
 
 
 @needs_fmnist
 def test_distill_end_to_end(fm, teacher_uri, capsys):
-    args = ["distill", "--teacher", teacher_uri, "--student", "mobilenet_v3_small", "--weights", "none",
-            "--data", fm["train"], "--val-data", fm["val"], "--image-size", "32",
-            "--batch-size", "16", "--epochs", "1", "--num-workers", "1", "--storage", f"{BUCKET}/runs",
-            "--name", "d1", "--temperature", "3", "--alpha", "0.6", "--keep", "1"]
+    args = [
+        "distill",
+        "--teacher",
+        teacher_uri,
+        "--student",
+        "mobilenet_v3_small",
+        "--weights",
+        "none",
+        "--data",
+        fm["train"],
+        "--val-data",
+        fm["val"],
+        "--image-size",
+        "32",
+        "--batch-size",
+        "16",
+        "--epochs",
+        "1",
+        "--num-workers",
+        "1",
+        "--storage",
+        f"{BUCKET}/runs",
+        "--name",
+        "d1",
+        "--temperature",
+        "3",
+        "--alpha",
+        "0.6",
+        "--keep",
+        "1",
+    ]
     assert main(args) == 0, capsys.readouterr().err
     out = capsys.readouterr().out
     assert "teacher efficientnet_lite0" in out and "T=3.0, alpha=0.6" in out
@@ -123,17 +149,20 @@ def test_distill_end_to_end(fm, teacher_uri, capsys):
     teacher_meta = read_meta(teacher_uri)
     assert meta["architecture"] == "mobilenet_v3_small" and meta["class_names"] == sorted(CLASS_NAMES)
     assert meta["preprocessing"]["image_size"] == 32
-    assert meta["distillation"] == {"teacher": teacher_uri, "teacher_id": teacher_meta["weights_sha256"],
-                                    "teacher_architecture": "efficientnet_lite0", "teacher_image_size": 48,
-                                    "temperature": 3.0, "alpha": 0.6}
+    assert meta["distillation"] == {
+        "teacher": teacher_uri,
+        "teacher_id": teacher_meta["weights_sha256"],
+        "teacher_architecture": "efficientnet_lite0",
+        "teacher_image_size": 48,
+        "temperature": 3.0,
+        "alpha": 0.6,
+    }
     assert meta["config"]["teacher"] == teacher_uri and meta["config"]["student"] == "mobilenet_v3_small"
     assert meta["metrics"]["val_samples"] == 60 and result["metrics"]["train_loss"] > 0
     assert model(torch.zeros(2, 3, 32, 32, dtype=torch.uint8)).shape == (2, 10)
 
     # A teacher for other classes is refused before Ray Train starts, in one line.
-    wrong = create_model("efficientnet_lite0", 3, "bundled", image_size=32)
-    wrong_uri = f"{BUCKET}/wrong-teacher"
-    save_checkpoint(wrong_uri, wrong.eval(), ["a", "b", "c"])
+    wrong_uri = make_checkpoint(f"{BUCKET}/wrong-teacher", ["a", "b", "c"])
     args[args.index("d1")] = "d2"
     args[args.index(teacher_uri)] = wrong_uri
     assert main(args) == 2
@@ -146,9 +175,19 @@ def test_distill_end_to_end(fm, teacher_uri, capsys):
 def test_distill_recovers_from_a_worker_failure(fm, teacher_uri, monkeypatch):
     # 60 images / 2 workers / batch 16 = 2 steps per epoch; step 3 is in epoch 2.
     monkeypatch.setenv("DISTCLS_TEST_FAULT", "3")
-    cfg = DistillConfig(data=fm["train"], val_data=fm["val"], teacher=teacher_uri, weights="none", image_size=32,
-                        batch_size=16, epochs=2, num_workers=2, storage=f"{BUCKET}/runs", name="dfail",
-                        max_failures=1)
+    cfg = DistillConfig(
+        data=fm["train"],
+        val_data=fm["val"],
+        teacher=teacher_uri,
+        weights="none",
+        image_size=32,
+        batch_size=16,
+        epochs=2,
+        num_workers=2,
+        storage=f"{BUCKET}/runs",
+        name="dfail",
+        max_failures=1,
+    )
     result = run_distillation(cfg)
     assert storage.exists(f"{BUCKET}/runs/dfail/fault-injected.txt")
     assert [h["epoch"] for h in result["epochs"]] == [1, 2]

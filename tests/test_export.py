@@ -12,10 +12,9 @@ import torch
 from PIL import Image
 
 from distcls import DistclsError, storage
-from distcls.checkpoint import load_checkpoint, read_meta
+from distcls.checkpoint import from_pretrained, load_checkpoint, read_meta
 from distcls.cli import main
-from distcls.config import ConfigError, ExportConfig, FromPretrainedConfig, LabelConfig, ServeConfig
-from distcls.evaluate import checkpoint_from_pretrained
+from distcls.config import ConfigError, ExportConfig, LabelConfig, ServeConfig
 from distcls.export import read_sample, sample_paths
 from distcls.infer import load_model, verify_model
 from distcls.label import existing_parts, run_labeling
@@ -46,7 +45,7 @@ def imagenet_ckpt(s3_server) -> str:
     """The bundled ImageNet EfficientNet-Lite0 as it is, at 128 px (confident top-1 on real photos)."""
     uri = f"{BUCKET}/ck/imagenet"
     storage.ensure_bucket(uri)
-    checkpoint_from_pretrained(FromPretrainedConfig(out=uri, image_size=128))
+    from_pretrained(out=uri, image_size=128)
     return uri
 
 
@@ -88,8 +87,19 @@ def test_export_round_trip_same_top1_on_real_photos(imagenet_ckpt, photos, onnx_
 
 def test_int8_onnx_is_smaller_and_agrees(imagenet_ckpt, photos, onnx_export, capsys):
     fp32 = read_meta(onnx_export)
-    int8 = export(imagenet_ckpt, photos, f"{BUCKET}/exports/int8", "--format", "onnx", "--quantize", "int8",
-                  "--calibration-size", "8", "--min-agreement", "0.6")
+    int8 = export(
+        imagenet_ckpt,
+        photos,
+        f"{BUCKET}/exports/int8",
+        "--format",
+        "onnx",
+        "--quantize",
+        "int8",
+        "--calibration-size",
+        "8",
+        "--min-agreement",
+        "0.6",
+    )
     assert int8["export"]["quantization"] == "int8-static"
     assert int8["export"]["file_bytes"] < 0.45 * fp32["export"]["file_bytes"]
     assert int8["export"]["agreement"]["rate"] >= 0.6  # measured on the 8 photos; recorded, not assumed
@@ -109,16 +119,18 @@ def test_tampered_export_and_bad_flags_are_refused(imagenet_ckpt, photos, onnx_e
     assert "refusing to load" in capsys.readouterr().err
     with pytest.raises(ConfigError, match="int8 is supported for --format onnx only"):
         ExportConfig(checkpoint="c", out="o", sample="s", format="torchscript", quantize="int8")
-    assert main(["export", "--checkpoint", imagenet_ckpt, "--sample", f"{BUCKET}/nothing-here",
-                 "--out", f"{BUCKET}/exports/none"]) == 2
+    assert (
+        main(["export", "--checkpoint", imagenet_ckpt, "--sample", f"{BUCKET}/nothing-here", "--out", f"{BUCKET}/exports/none"])
+        == 2
+    )
     assert "nothing-here does not exist" in capsys.readouterr().err
 
 
 def test_label_and_serve_run_an_export(ray_local, imagenet_ckpt, photos, onnx_export):
     from ray import serve
 
-    from distcls.s3server import free_port
     from distcls.serving import application
+    from distcls.tools.s3server import free_port
 
     out = onnx_export
     meta = read_meta(out)
@@ -133,18 +145,22 @@ def test_label_and_serve_run_an_export(ray_local, imagenet_ckpt, photos, onnx_ex
     assert {p: r["label"] for p, r in rows["onnx"].items()} == {p: r["label"] for p, r in rows["torch"].items()}
 
     port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port},
-                logging_config={"log_level": "WARNING", "enable_access_log": False})
+    serve.start(
+        http_options={"host": "127.0.0.1", "port": port}, logging_config={"log_level": "WARNING", "enable_access_log": False}
+    )
     try:
-        serve.run(application(ServeConfig(checkpoint=out, min_replicas=1, max_replicas=1, cpus_per_replica=0.5,
-                                          port=port)), name="export", route_prefix="/export")
+        serve.run(
+            application(ServeConfig(checkpoint=out, min_replicas=1, max_replicas=1, cpus_per_replica=0.5, port=port)),
+            name="export",
+            route_prefix="/export",
+        )
         jpeg = storage.read_bytes(f"{photos}/chelsea.jpg")
-        r = requests.post(f"http://127.0.0.1:{port}/export/v1/classify", data=jpeg,
-                          headers={"Content-Type": "image/jpeg"}, timeout=60)
+        r = requests.post(
+            f"http://127.0.0.1:{port}/export/v1/classify", data=jpeg, headers={"Content-Type": "image/jpeg"}, timeout=60
+        )
         assert r.status_code == 200, r.text
         body = r.json()
         assert body["model"]["id"] == meta["weights_sha256"]
         assert body["predictions"][0]["label"] == rows["torch"][f"{photos}/chelsea.jpg"]["label"]
     finally:
         serve.shutdown()
-

@@ -17,8 +17,9 @@ from distcls.config import FASHION_MNIST_DEFAULT_DIR, TrainConfig
 from distcls.train.trainer import run_training
 from tests.conftest import tiny_fashion_mnist
 
-pytestmark = pytest.mark.skipif(not os.path.isdir(FASHION_MNIST_DEFAULT_DIR),
-                                reason="needs Debian's dataset-fashion-mnist (.ci/run installs it)")
+pytestmark = pytest.mark.skipif(
+    not os.path.isdir(FASHION_MNIST_DEFAULT_DIR), reason="needs Debian's dataset-fashion-mnist (.ci/run installs it)"
+)
 BUCKET = "s3://faults-train"
 SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train's record of registered checkpoints
 
@@ -29,8 +30,17 @@ def fm(s3_server, ray_local):
 
 
 def train_cfg(fm, name: str, **kw) -> TrainConfig:
-    base = dict(data=fm["train"], val_data=fm["val"], image_size=32, batch_size=8, num_workers=2,
-                storage=f"{BUCKET}/runs", name=name, epochs=2, seed=7)
+    base = dict(
+        data=fm["train"],
+        val_data=fm["val"],
+        image_size=32,
+        batch_size=8,
+        num_workers=2,
+        storage=f"{BUCKET}/runs",
+        name=name,
+        epochs=2,
+        seed=7,
+    )
     return TrainConfig(**{**base, **kw})
 
 
@@ -81,13 +91,21 @@ def test_killed_worker_recovers_from_checkpoint_with_same_accuracy(fm, monkeypat
         assert k["val_loss"] == pytest.approx(b["val_loss"], abs=1e-3)
     final_base, final_killed = base["epochs"][-1]["val_accuracy"], killed["epochs"][-1]["val_accuracy"]
     assert abs(final_killed - final_base) <= 0.01 and final_base >= 0.2  # within 1 point; above chance
-    print(f"\nkill2: worker pid {pid} SIGKILLed at step 7 (epoch 2); run finished in "
-          f"{time.monotonic() - started:.1f}s; final val_accuracy {final_killed:.4f} vs uninterrupted "
-          f"{final_base:.4f}; val_loss {killed['epochs'][-1]['val_loss']:.6f} vs {base['epochs'][-1]['val_loss']:.6f}")
+    print(
+        f"\nkill2: worker pid {pid} SIGKILLed at step 7 (epoch 2); run finished in "
+        f"{time.monotonic() - started:.1f}s; final val_accuracy {final_killed:.4f} vs uninterrupted "
+        f"{final_base:.4f}; val_loss {killed['epochs'][-1]['val_loss']:.6f} vs {base['epochs'][-1]['val_loss']:.6f}"
+    )
 
 
-TIMINGS = ("train_images_per_s_per_worker", "data_wait_fraction", "data_wait_seconds", "train_seconds", "epoch_seconds",
-           "worker_nodes")
+TIMINGS = (
+    "train_images_per_s_per_worker",
+    "data_wait_fraction",
+    "data_wait_seconds",
+    "train_seconds",
+    "epoch_seconds",
+    "worker_nodes",
+)
 
 
 def without_timings(epoch: dict) -> dict:
@@ -100,8 +118,10 @@ def read_snapshot_epochs(run: str) -> list[int]:
     if not storage.exists(uri):
         return []
     state = json.loads(storage.read_text(uri))
-    return sorted(json.loads(r["metrics"])["epoch"] if isinstance(r["metrics"], str) else r["metrics"]["epoch"]
-                  for r in state["checkpoint_results"])
+    return sorted(
+        json.loads(r["metrics"])["epoch"] if isinstance(r["metrics"], str) else r["metrics"]["epoch"]
+        for r in state["checkpoint_results"]
+    )
 
 
 @pytest.mark.slow
@@ -113,12 +133,35 @@ def test_killed_driver_resumes_at_next_epoch(fm, s3_server, tmp_path, capfd):
     left of it, as a supervisor restarting a crashed driver would; the rerun uses the test's Ray.
     """
     run = f"{BUCKET}/runs/drv"
-    args = ["--data", fm["train"], "--val-data", fm["val"], "--image-size", "32", "--batch-size", "8",
-            "--num-workers", "2", "--storage", f"{BUCKET}/runs", "--name", "drv", "--epochs", "3", "--seed", "7"]
+    args = [
+        "--data",
+        fm["train"],
+        "--val-data",
+        fm["val"],
+        "--image-size",
+        "32",
+        "--batch-size",
+        "8",
+        "--num-workers",
+        "2",
+        "--storage",
+        f"{BUCKET}/runs",
+        "--name",
+        "drv",
+        "--epochs",
+        "3",
+        "--seed",
+        "7",
+    ]
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     with open(tmp_path / "driver.log", "w") as log:
-        driver = subprocess.Popen([sys.executable, "-m", "distcls.cli", "train", *args], env=env, stdout=log,
-                                  stderr=subprocess.STDOUT, start_new_session=True)
+        driver = subprocess.Popen(
+            [sys.executable, "-m", "distcls.cli", "train", *args],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     started = time.monotonic()
     try:
         while not read_snapshot_epochs(run):
@@ -149,9 +192,11 @@ def test_killed_driver_resumes_at_next_epoch(fm, s3_server, tmp_path, capfd):
     fresh = run_training(train_cfg(fm, "drv-new", epochs=1))
     assert "resuming from" not in capfd.readouterr().out
     assert [h["epoch"] for h in fresh["epochs"]] == [1] and fresh["epochs"][0]["step"] == 5
-    print(f"\ndriver pid {driver.pid} SIGKILLed {killed_at:.1f}s after start with checkpoint(s) of epoch(s) "
-          f"{before} registered; {orphans} orphaned Ray process(es) of its group removed; the rerun resumed at "
-          f"epoch {k + 1} and finished epochs {[h['epoch'] for h in resumed['epochs']]}")
+    print(
+        f"\ndriver pid {driver.pid} SIGKILLed {killed_at:.1f}s after start with checkpoint(s) of epoch(s) "
+        f"{before} registered; {orphans} orphaned Ray process(es) of its group removed; the rerun resumed at "
+        f"epoch {k + 1} and finished epochs {[h['epoch'] for h in resumed['epochs']]}"
+    )
 
 
 def plant_interrupted_uploads(run: str) -> list[str]:

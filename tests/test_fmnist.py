@@ -12,10 +12,11 @@ from PIL import Image
 
 from distcls import DistclsError, storage
 from distcls.config import FASHION_MNIST_DEFAULT_DIR, FashionMnistConfig
-from distcls.fmnist import CLASS_NAMES, existing_copy, load_split, parse_idx, write_fashion_mnist
+from distcls.tools.fmnist import CLASS_NAMES, existing_copy, load_split, parse_idx, write_fashion_mnist
 
-pytestmark = pytest.mark.skipif(not os.path.isdir(FASHION_MNIST_DEFAULT_DIR),
-                                reason="needs Debian's dataset-fashion-mnist (.ci/run installs it)")
+pytestmark = pytest.mark.skipif(
+    not os.path.isdir(FASHION_MNIST_DEFAULT_DIR), reason="needs Debian's dataset-fashion-mnist (.ci/run installs it)"
+)
 
 
 def test_official_files_load_with_expected_shapes():
@@ -29,13 +30,16 @@ def test_cli_writes_limit_per_class_into_a_new_bucket(s3_server):
     out = "s3://fmnist-check/data"
     result = subprocess.run(
         [sys.executable, "-m", "distcls.cli", "data", "fashion-mnist", "--out", out, "--limit-per-class", "20"],
-        capture_output=True, text=True, timeout=300, env=os.environ.copy(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=os.environ.copy(),
     )
     assert result.returncode == 0, result.stderr
     for split in ("train", "test"):
         files = storage.list_files(f"{out}/{split}")
         assert len(files) == 200 and all(f.endswith(".png") for f in files)
-        classes = {f[len(out) + len(split) + 2:].split("/")[0] for f in files}
+        classes = {f[len(out) + len(split) + 2 :].split("/")[0] for f in files}
         assert classes == set(CLASS_NAMES)
     marker = existing_copy(out)
     assert marker["counts"]["train"] == {name: 20 for name in CLASS_NAMES}
@@ -56,8 +60,7 @@ def test_source_flag_accepts_raw_idx_files(tmp_path):
     for name in os.listdir(FASHION_MNIST_DEFAULT_DIR):
         with gzip.open(os.path.join(FASHION_MNIST_DEFAULT_DIR, name)) as f, open(src / name[:-3], "wb") as g:
             shutil.copyfileobj(f, g)
-    summary = write_fashion_mnist(FashionMnistConfig(out=str(tmp_path / "o"), limit_per_class=1,
-                                                     source=str(src)), progress=False)
+    summary = write_fashion_mnist(FashionMnistConfig(out=str(tmp_path / "o"), limit_per_class=1, source=str(src)), progress=False)
     assert summary["total"] == 20
 
 

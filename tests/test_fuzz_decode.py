@@ -34,22 +34,44 @@ from distcls.transforms import PreprocessSpec, preprocess_bytes
 
 # Largest side each format can write; the product accepts all of them (see test_formats_are_the_accepted_ones).
 FORMATS = {"JPEG": 65_500, "PNG": 100_000, "WEBP": 16_383, "BMP": 100_000, "GIF": 65_535, "TIFF": 100_000}
-CANDIDATE_MODES = ("1", "L", "P", "PA", "LA", "RGB", "RGBA", "RGBX", "I", "I;16", "I;16L", "I;16B", "I;16N", "F",
-                   "CMYK", "YCbCr", "LAB", "HSV")
+CANDIDATE_MODES = (
+    "1",
+    "L",
+    "P",
+    "PA",
+    "LA",
+    "RGB",
+    "RGBA",
+    "RGBX",
+    "I",
+    "I;16",
+    "I;16L",
+    "I;16B",
+    "I;16N",
+    "F",
+    "CMYK",
+    "YCbCr",
+    "LAB",
+    "HSV",
+)
 SAVE_OPTIONS = {
     "JPEG": [{}, {"quality": 5}, {"progressive": True}, {"quality": 95, "subsampling": 0}],
     "PNG": [{}, {"compress_level": 0}, {"bits": 2}],
     "WEBP": [{}, {"lossless": True}, {"quality": 5}],
     "BMP": [{}],
     "GIF": [{}, {"interlace": False}],
-    "TIFF": [{}, {"compression": "tiff_deflate"}, {"compression": "tiff_lzw"}, {"compression": "packbits"},
-             {"compression": "jpeg"}],
+    "TIFF": [
+        {},
+        {"compression": "tiff_deflate"},
+        {"compression": "tiff_lzw"},
+        {"compression": "packbits"},
+        {"compression": "jpeg"},
+    ],
 }
 ANIMATED = ("GIF", "PNG", "WEBP", "TIFF")
 FUZZ_MAX_PIXELS = 4_000_000  # the spec's pixel limit here: memory is bounded in proportion to it
 MEMORY_BOUND = 256e6  # peak RSS growth of one call: ~16 bytes a pixel at the limit, plus the resize budget
-SIDES = st.one_of(st.integers(1, 100_000),
-                  st.sampled_from([1, 2, 3, 8, 255, 256, 257, 16_383, 16_384, 65_500, 65_535, 100_000]))
+SIDES = st.one_of(st.integers(1, 100_000), st.sampled_from([1, 2, 3, 8, 255, 256, 257, 16_383, 16_384, 65_500, 65_535, 100_000]))
 
 
 def writable_pairs() -> list[tuple[str, str]]:
@@ -154,7 +176,7 @@ def lie_about_size(data: bytes, width: int, height: int) -> bytes:
     elif data.startswith(b"BM") and len(data) >= 26:
         out[18:26] = struct.pack("<ii", width % 2**31, height % 2**32 - 2**31)  # negative height: top-down
     elif data.startswith(b"\xff\xd8") and (i := data.find(b"\xff\xc0")) > 0 and len(data) >= i + 9:
-        out[i + 5:i + 9] = struct.pack(">HH", height % 2**16, width % 2**16)
+        out[i + 5 : i + 9] = struct.pack(">HH", height % 2**16, width % 2**16)
     return bytes(out)
 
 
@@ -179,7 +201,7 @@ def damaged(draw, data: bytes) -> tuple[bytes, str]:
         return lie_about_size(data, width, height), f"header says {width}x{height}"
     if how == "overwrite":
         pos, patch = draw(header), draw(st.binary(min_size=1, max_size=8))
-        return data[:pos] + patch + data[pos + 8:], f"{patch!r} over bytes {pos}..{pos + 8}"
+        return data[:pos] + patch + data[pos + 8 :], f"{patch!r} over bytes {pos}..{pos + 8}"
     if how == "append":
         tail = draw(st.binary(min_size=1, max_size=64))
         return data + tail, f"{len(tail)} bytes appended"
@@ -193,12 +215,19 @@ def inputs(draw, max_pixels: int) -> Sample:
     return Sample(data, how == "untouched", f"{made}, {how}")
 
 
-random_bytes = st.one_of(st.binary(max_size=4096),
-                         st.tuples(st.sampled_from([magic for magic, _ in SIGNATURES] + [b"RIFF\0\0\0\0WEBPVP8 ",
-                                                                                          b"BM\0\0\0\0\0\0\0\0"]),
-                                   st.binary(max_size=2048)).map(b"".join))
-specs = st.builds(PreprocessSpec, image_size=st.sampled_from([32, 224]), max_pixels=st.just(FUZZ_MAX_PIXELS),
-                  interpolation=st.sampled_from(["bilinear", "bicubic", "nearest"]))
+random_bytes = st.one_of(
+    st.binary(max_size=4096),
+    st.tuples(
+        st.sampled_from([magic for magic, _ in SIGNATURES] + [b"RIFF\0\0\0\0WEBPVP8 ", b"BM\0\0\0\0\0\0\0\0"]),
+        st.binary(max_size=2048),
+    ).map(b"".join),
+)
+specs = st.builds(
+    PreprocessSpec,
+    image_size=st.sampled_from([32, 224]),
+    max_pixels=st.just(FUZZ_MAX_PIXELS),
+    interpolation=st.sampled_from(["bilinear", "bicubic", "nearest"]),
+)
 
 
 def status(key: str) -> int:
@@ -268,8 +297,14 @@ def test_formats_are_the_accepted_ones():
     assert {"1", "L", "P", "RGB", "RGBA", "LA", "I", "I;16", "F", "CMYK", "YCbCr"} <= {m for m, _ in WRITABLE}
 
 
-CI = settings(max_examples=400, derandomize=True, database=None, deadline=None, print_blob=True,
-              suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.large_base_example])
+CI = settings(
+    max_examples=400,
+    derandomize=True,
+    database=None,
+    deadline=None,
+    print_blob=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.large_base_example],
+)
 LONG = settings(CI, max_examples=5_000, derandomize=False)
 
 

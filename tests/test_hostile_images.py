@@ -22,7 +22,7 @@ import requests
 from PIL import Image
 
 from distcls import storage
-from distcls.bench_harness import imagenet_checkpoint
+from distcls.checkpoint import from_pretrained
 from distcls.config import LabelConfig, ServeConfig, TrainConfig
 from distcls.datasets import ErrorTally, build_dataset, load_labeled_index
 from distcls.images import ImageDecodeError
@@ -57,7 +57,7 @@ def with_size(data: bytes, width: int, height: int) -> bytes:
         out[6:10] = struct.pack("<HH", width, height)
     else:
         i = out.index(b"\xff\xc0")
-        out[i + 5:i + 9] = struct.pack(">HH", height, width)
+        out[i + 5 : i + 9] = struct.pack(">HH", height, width)
     return bytes(out)
 
 
@@ -158,9 +158,13 @@ def probe_memory(tmp_path, files: dict[str, bytes], warmup: bytes) -> dict[str, 
     (tmp_path / "warmup.jpg").write_bytes(warmup)
     for name, data in files.items():
         (tmp_path / name).write_bytes(data)
-    proc = subprocess.run([sys.executable, "-c", MEMORY_PROBE, str(tmp_path / "warmup.jpg"),
-                           *(str(tmp_path / name) for name in files)],
-                          capture_output=True, text=True, timeout=180, cwd=os.getcwd())
+    proc = subprocess.run(
+        [sys.executable, "-c", MEMORY_PROBE, str(tmp_path / "warmup.jpg"), *(str(tmp_path / name) for name in files)],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        cwd=os.getcwd(),
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     return {name: out[str(tmp_path / name)] for name in files}
@@ -186,14 +190,17 @@ def test_extreme_aspect_ratios_and_sixteen_bit_stay_in_bounded_memory(hostile, t
     file); 100000x1 asked for ~20 GB. Both now decode, train and eval, in a few MB. A 4000x4000 16-bit PNG
     (tens of KB) took 320 MB through int64 copies; the 16-bit path now stays near the source plus its RGB."""
     red = (200, 30, 30)
-    gradient16 = (np.arange(4_000, dtype=np.uint16)[None, :] * 16 + np.arange(4_000, dtype=np.uint16)[:, None])
-    files = {"wide_2000x1.png": encode(Image.new("RGB", (2_000, 1), red), "PNG"),
-             "wide_100000x1.png": encode(Image.new("RGB", (100_000, 1), red), "PNG"),
-             "tall_1x100000.png": encode(Image.new("RGB", (1, 100_000), red), "PNG"),
-             "wide_65500x1.jpg": encode(Image.new("RGB", (65_500, 1), red), "JPEG"),
-             "sixteen_4000x4000.png": encode(Image.fromarray(gradient16), "PNG"),
-             "sixteen_be_4000x4000.tif": encode(Image.frombytes("I;16B", (4_000, 4_000), b"\x9c\x40" * 16_000_000),
-                                                "TIFF", compression="tiff_deflate")}
+    gradient16 = np.arange(4_000, dtype=np.uint16)[None, :] * 16 + np.arange(4_000, dtype=np.uint16)[:, None]
+    files = {
+        "wide_2000x1.png": encode(Image.new("RGB", (2_000, 1), red), "PNG"),
+        "wide_100000x1.png": encode(Image.new("RGB", (100_000, 1), red), "PNG"),
+        "tall_1x100000.png": encode(Image.new("RGB", (1, 100_000), red), "PNG"),
+        "wide_65500x1.jpg": encode(Image.new("RGB", (65_500, 1), red), "JPEG"),
+        "sixteen_4000x4000.png": encode(Image.fromarray(gradient16), "PNG"),
+        "sixteen_be_4000x4000.tif": encode(
+            Image.frombytes("I;16B", (4_000, 4_000), b"\x9c\x40" * 16_000_000), "TIFF", compression="tiff_deflate"
+        ),
+    }
     out = probe_memory(tmp_path, files, warmup=hostile["rgb.jpg"][0])
     for name, result in out.items():
         print(f"{name}: {len(files[name])} bytes, peak RSS +{result['grown'] / 1e6:.1f} MB")
@@ -233,8 +240,13 @@ def test_out_of_memory_is_an_error_row_not_a_crash(hostile, tmp_path):
     next image in the batch still decodes."""
     (tmp_path / "good.jpg").write_bytes(hostile["rgb.jpg"][0])
     (tmp_path / "big.png").write_bytes(encode(Image.new("L", (8_000, 8_000), 90), "PNG"))  # 64 M pixels: allowed
-    proc = subprocess.run([sys.executable, "-c", OUT_OF_MEMORY_PROBE, str(tmp_path / "good.jpg"),
-                           str(tmp_path / "big.png")], capture_output=True, text=True, timeout=180, cwd=os.getcwd())
+    proc = subprocess.run(
+        [sys.executable, "-c", OUT_OF_MEMORY_PROBE, str(tmp_path / "good.jpg"), str(tmp_path / "big.png")],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        cwd=os.getcwd(),
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     print(f"\nunder an address-space limit: {out}")
@@ -269,8 +281,7 @@ def test_training_ingest_skips_and_counts_each_kind(ray_local, hostile, hostile_
     assert len(index) == len(hostile) + 8
     tally = ErrorTally()
     good = 0
-    for batch in build_dataset(index, PreprocessSpec(image_size=32), train=True).iter_batches(
-            batch_size=8, batch_format="numpy"):
+    for batch in build_dataset(index, PreprocessSpec(image_size=32), train=True).iter_batches(batch_size=8, batch_format="numpy"):
         good += len(tally.drop_errors(batch)["path"])
     print(f"\ntraining ingest: {good} good rows, skipped {tally.count} by kind {dict(tally.by_kind)}")
     assert tally.by_kind == expected_kinds(hostile)
@@ -284,11 +295,23 @@ def test_training_run_skips_and_reports_hostile_images(ray_local, hostile, hosti
     from distcls.train.trainer import run_training
 
     root = hostile_prefix["root"]
-    result = run_training(TrainConfig(data=f"{root}/train", val_data=f"{root}/val", image_size=32, batch_size=8,
-                                      num_workers=1, epochs=1, storage=f"{root}/runs", name="hostile"))
+    result = run_training(
+        TrainConfig(
+            data=f"{root}/train",
+            val_data=f"{root}/val",
+            image_size=32,
+            batch_size=8,
+            num_workers=1,
+            epochs=1,
+            storage=f"{root}/runs",
+            name="hostile",
+        )
+    )
     (epoch,) = result["epochs"]
-    print(f"\ntraining: skipped {epoch['skipped_train']} train + {epoch['skipped_val']} val objects, "
-          f"val_samples {epoch['val_samples']}, train_loss {epoch['train_loss']:.3f}")
+    print(
+        f"\ntraining: skipped {epoch['skipped_train']} train + {epoch['skipped_val']} val objects, "
+        f"val_samples {epoch['val_samples']}, train_loss {epoch['train_loss']:.3f}"
+    )
     assert epoch["skipped_train"] == sum(expected_kinds(hostile).values())
     assert epoch["skipped_val"] == len(hostile_prefix["val_bad"])
     assert epoch["val_samples"] == 4
@@ -297,7 +320,9 @@ def test_training_run_skips_and_reports_hostile_images(ray_local, hostile, hosti
 
 @pytest.fixture(scope="module")
 def imagenet_ckpt(s3_server):
-    return imagenet_checkpoint(BUCKET)  # <BUCKET>/ck/imagenet, written once
+    storage.ensure_bucket(BUCKET)
+    from_pretrained(f"{BUCKET}/ck/imagenet")
+    return f"{BUCKET}/ck/imagenet"
 
 
 def test_labeling_writes_an_error_row_per_hostile_object(ray_local, hostile, hostile_prefix, imagenet_ckpt):
@@ -309,8 +334,9 @@ def test_labeling_writes_an_error_row_per_hostile_object(ray_local, hostile, hos
 
     root = hostile_prefix["root"]
     out = f"{root}/labels"
-    summary = run_labeling(LabelConfig(checkpoint=imagenet_ckpt, input=f"{root}/label", output=out,
-                                       cpus_per_replica=0.5), progress=False)
+    summary = run_labeling(
+        LabelConfig(checkpoint=imagenet_ckpt, input=f"{root}/label", output=out, cpus_per_replica=0.5), progress=False
+    )
     print(f"\nlabeling: {summary['labeled']} rows, errors by kind {summary['errors_by_kind']}")
     assert summary["total"] == summary["labeled"] == len(hostile)
     assert summary["errors_by_kind"] == dict(expected_kinds(hostile))
@@ -331,8 +357,8 @@ def test_labeling_writes_an_error_row_per_hostile_object(ray_local, hostile, hos
 def serve_url(ray_local, imagenet_ckpt):
     from ray import serve
 
-    from distcls.s3server import free_port
     from distcls.serving import application
+    from distcls.tools.s3server import free_port
 
     port = free_port()
     quiet = {"log_level": "WARNING", "enable_access_log": False}
@@ -384,8 +410,12 @@ def test_json_image_count_is_checked_before_parsing():
     from distcls.serving import RequestError, parse_json_images
 
     flood, count = empty_b64_flood()
-    floods = {"b64 items": flood, "empty lists": b'{"images":[' + b",".join([b"[]"] * 2_000_000) + b"]}",
-              "numbers": b'{"images":[' + b",".join([b"0"] * 3_000_000) + b"]}", "nesting": b"[" * 5_000_000}
+    floods = {
+        "b64 items": flood,
+        "empty lists": b'{"images":[' + b",".join([b"[]"] * 2_000_000) + b"]}",
+        "numbers": b'{"images":[' + b",".join([b"0"] * 3_000_000) + b"]}",
+        "nesting": b"[" * 5_000_000,
+    }
     for name, body in floods.items():
         tracemalloc.start()
         with pytest.raises(RequestError) as info:
@@ -403,8 +433,7 @@ def test_json_image_count_is_checked_before_parsing():
         parse_json_images(b'{"images": ' + b"[" * 3_000 + b"]" * 3_000 + b"}", max_images=1_000)
     assert info.value.status == 400
     # At the limit, extra keys per image and all: accepted, decoded in order.
-    doc = {"images": [{"b64": base64.b64encode(bytes([i])).decode(), "name": f"{i}.jpg"} for i in range(64)],
-           "top_k": 3}
+    doc = {"images": [{"b64": base64.b64encode(bytes([i])).decode(), "name": f"{i}.jpg"} for i in range(64)], "top_k": 3}
     assert parse_json_images(json.dumps(doc).encode(), max_images=64) == ([bytes([i]) for i in range(64)], 3)
 
 
@@ -416,8 +445,12 @@ def test_serving_refuses_a_json_flood_with_the_documented_error(serve_url, hosti
     flood, count = empty_b64_flood()
     r = requests.post(url, data=flood, headers={"Content-Type": "application/json"}, timeout=120)
     assert r.status_code == 413, r.text
-    assert r.json() == {"error": {"kind": "too_many_images", "message": f"{count} images in one request; the limit "
-                                  "is 64 (server flag --max-images-per-request)"}}
+    assert r.json() == {
+        "error": {
+            "kind": "too_many_images",
+            "message": f"{count} images in one request; the limit is 64 (server flag --max-images-per-request)",
+        }
+    }
     doc = {"images": [{"b64": base64.b64encode(hostile["rgb.jpg"][0]).decode()}] * 2, "top_k": 2}
     r = requests.post(url, json=doc, timeout=120)
     assert r.status_code == 200 and [p["label"] in IMAGENET_CATS for p in r.json()["predictions"]] == [True, True]
@@ -434,12 +467,12 @@ def test_bounded_resize_matches_torchvision(photo, interpolation):
 
     spec = PreprocessSpec(image_size=224, interpolation=interpolation)
     mode = T.InterpolationMode(interpolation)
-    for size, bounded in [((451, 300), False), ((37, 500), False), ((3_000, 40), True), ((9, 2_000), True),
-                          ((2_000, 3), True)]:
+    for size, bounded in [((451, 300), False), ((37, 500), False), ((3_000, 40), True), ((9, 2_000), True), ((2_000, 3), True)]:
         img = Image.fromarray(photo).resize(size, Image.Resampling.BILINEAR)
         assert (np.prod(resized_size(*size, spec.resize_size)) > RESIZE_BUDGET_PIXELS) == bounded, size
         for crop, ours in ((spec.image_size, eval_transform(img, spec)), (spec.resize_size, base_transform(img, spec))):
-            reference = T.Compose([T.Resize(spec.resize_size, interpolation=mode), T.CenterCrop(crop),
-                                   T.PILToTensor()])(img).numpy()
+            reference = T.Compose([T.Resize(spec.resize_size, interpolation=mode), T.CenterCrop(crop), T.PILToTensor()])(
+                img
+            ).numpy()
             diff = np.abs(ours.astype(int) - reference).max()
             assert diff <= (1 if bounded else 0), (size, crop, diff)

@@ -49,11 +49,20 @@ def write_export(directory, fmt: str, data: bytes, file: str | None = None, sha2
     name = {"onnx": "model.onnx", "torchscript": "model.ts"}[fmt]
     with open(os.path.join(directory, name), "wb") as f:
         f.write(data)
-    meta = {"format": "distcls-export/1", "architecture": "hostile", "num_classes": 2, "class_names": ["a", "b"],
-            "preprocessing": PreprocessSpec(image_size=SIZE).to_dict(),
-            "weights_sha256": sha256 or hashlib.sha256(data).hexdigest(),
-            "export": {"format": fmt, "runtime": "torch" if fmt == "torchscript" else "onnxruntime",
-                       "file": name if file is None else file, "source_checkpoint": "s3://models/original"}}
+    meta = {
+        "format": "distcls-export/1",
+        "architecture": "hostile",
+        "num_classes": 2,
+        "class_names": ["a", "b"],
+        "preprocessing": PreprocessSpec(image_size=SIZE).to_dict(),
+        "weights_sha256": sha256 or hashlib.sha256(data).hexdigest(),
+        "export": {
+            "format": fmt,
+            "runtime": "torch" if fmt == "torchscript" else "onnxruntime",
+            "file": name if file is None else file,
+            "source_checkpoint": "s3://models/original",
+        },
+    }
     with open(os.path.join(directory, "distcls.json"), "w") as f:
         json.dump(meta, f)
     return str(directory)
@@ -66,6 +75,7 @@ def one_line_error(exc_info) -> str:
 
 
 # --- 1. TorchScript runs code ----------------------------------------------------------------------------
+
 
 class Hostile(torch.nn.Module):
     """Overwrites `canary` as it is loaded (TorchScript calls __setstate__) and returns bytes of `secret` as
@@ -99,8 +109,12 @@ def hostile_ts(tmp_path) -> dict:
     buf = io.BytesIO()
     torch.jit.save(torch.jit.script(Hostile(str(canary), str(secret))), buf)
     data = buf.getvalue()
-    return {"data": data, "dir": write_export(tmp_path / "ts-export", "torchscript", data), "canary": canary,
-            "sha256": hashlib.sha256(data).hexdigest()}
+    return {
+        "data": data,
+        "dir": write_export(tmp_path / "ts-export", "torchscript", data),
+        "canary": canary,
+        "sha256": hashlib.sha256(data).hexdigest(),
+    }
 
 
 def test_torchscript_runs_code_when_loaded(hostile_ts):
@@ -117,8 +131,7 @@ def test_torchscript_is_refused_by_default(hostile_ts, tmp_path, capsys):
         message = one_line_error(exc_info)
         assert "is TorchScript, which runs code from the model file" in message
         assert "--trust-torchscript" in message and f"{hostile_ts['sha256']} to {TRUSTED_MODELS_ENV}" in message
-    assert main(["label", "--checkpoint", hostile_ts["dir"], "--input", str(tmp_path),
-                 "--output", str(tmp_path / "labels")]) == 2
+    assert main(["label", "--checkpoint", hostile_ts["dir"], "--input", str(tmp_path), "--output", str(tmp_path / "labels")]) == 2
     (line,) = capsys.readouterr().err.splitlines()
     assert line.startswith("distcls: error: export: ") and "is TorchScript" in line
     assert hostile_ts["canary"].read_bytes() == CANARY  # nothing of the model ran
@@ -150,8 +163,21 @@ def test_trust_flag_reaches_ray_workers_and_serve_configs(hostile_ts, tmp_path, 
     from ray.serve.schema import ServeDeploySchema
 
     # label: the flag passes the driver's check (the next problem is the empty input), before Ray starts.
-    assert main(["label", "--trust-torchscript", "--checkpoint", hostile_ts["dir"],
-                 "--input", str(tmp_path / "ts-export"), "--output", str(tmp_path / "labels")]) == 2
+    assert (
+        main(
+            [
+                "label",
+                "--trust-torchscript",
+                "--checkpoint",
+                hostile_ts["dir"],
+                "--input",
+                str(tmp_path / "ts-export"),
+                "--output",
+                str(tmp_path / "labels"),
+            ]
+        )
+        == 2
+    )
     assert "label: no image objects under" in capsys.readouterr().err
     assert os.environ[TRUST_ENV] == "1" and forwarded_env()[TRUST_ENV] == "1"  # what init_ray gives workers
     assert hostile_ts["canary"].read_bytes() == CANARY  # verifying loads nothing
@@ -174,8 +200,22 @@ def test_trust_flag_inside_ray_job_needs_the_runtime_env(hostile_ts, monkeypatch
 def test_distill_never_runs_a_torchscript_teacher(hostile_ts, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv(TRUST_ENV, "1")
     monkeypatch.setenv(TRUSTED_MODELS_ENV, hostile_ts["sha256"])
-    assert main(["distill", "--teacher", hostile_ts["dir"], "--data", str(tmp_path), "--storage",
-                 str(tmp_path / "runs"), "--weights", "none"]) == 2
+    assert (
+        main(
+            [
+                "distill",
+                "--teacher",
+                hostile_ts["dir"],
+                "--data",
+                str(tmp_path),
+                "--storage",
+                str(tmp_path / "runs"),
+                "--weights",
+                "none",
+            ]
+        )
+        == 2
+    )
     (line,) = capsys.readouterr().err.splitlines()
     assert f"distill: teacher {hostile_ts['dir']} is a torchscript export" in line
     assert "(s3://models/original)" in line
@@ -193,9 +233,27 @@ def test_trusted_torchscript_runs_in_label_actors(hostile_ts, tmp_path):
         Image.fromarray(np.full((20, 20, 3), 40 * i, np.uint8)).save(images / f"{i}.png")
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", TRUST_ENV, TRUSTED_MODELS_ENV)}
     out = tmp_path / "labels"
-    proc = subprocess.run([sys.executable, "-m", "distcls.cli", "label", "--trust-torchscript", "--checkpoint",
-                           hostile_ts["dir"], "--input", str(images), "--output", str(out), "--concurrency", "1"],
-                          env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "distcls.cli",
+            "label",
+            "--trust-torchscript",
+            "--checkpoint",
+            hostile_ts["dir"],
+            "--input",
+            str(images),
+            "--output",
+            str(out),
+            "--concurrency",
+            "1",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     rows = pq.read_table(out).to_pylist()
     assert len(rows) == 2 and {r["label"] for r in rows} == {"b"}  # logits [1, 7] from the secret's bytes
@@ -225,22 +283,30 @@ def classifier(weight_nodes: list, initializers: list, **model_fields) -> bytes:
     """uint8 NCHW image -> float -> Conv with weight `w` -> logits, the interface of a distcls export."""
     image = helper.make_tensor_value_info("image", TensorProto.UINT8, ["n", 3, SIZE, SIZE])
     logits = helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["n", 2])
-    nodes = [*weight_nodes, helper.make_node("Cast", ["image"], ["x"], to=TensorProto.FLOAT),
-             helper.make_node("Conv", ["x", "w"], ["c"]), helper.make_node("Flatten", ["c"], ["logits"])]
+    nodes = [
+        *weight_nodes,
+        helper.make_node("Cast", ["image"], ["x"], to=TensorProto.FLOAT),
+        helper.make_node("Conv", ["x", "w"], ["c"]),
+        helper.make_node("Flatten", ["c"], ["logits"]),
+    ]
     graph = helper.make_graph(nodes, "classifier", [image], [logits], initializer=initializers)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("x", 1)],
-                              **model_fields)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("x", 1)], **model_fields)
     return model.SerializeToString()
 
 
 def if_subgraph(location: str) -> bytes:
     """The weight comes out of an If whose then-branch holds the external tensor."""
     out = helper.make_tensor_value_info("w_then", TensorProto.FLOAT, WEIGHT_SHAPE)
-    then = helper.make_graph([helper.make_node("Identity", ["ext"], ["w_then"])], "then", [], [out],
-                             initializer=[external("ext", location)])
-    other = helper.make_graph([helper.make_node("Identity", ["ones"], ["w_else"])], "else", [],
-                              [helper.make_tensor_value_info("w_else", TensorProto.FLOAT, WEIGHT_SHAPE)],
-                              initializer=[inline("ones")])
+    then = helper.make_graph(
+        [helper.make_node("Identity", ["ext"], ["w_then"])], "then", [], [out], initializer=[external("ext", location)]
+    )
+    other = helper.make_graph(
+        [helper.make_node("Identity", ["ones"], ["w_else"])],
+        "else",
+        [],
+        [helper.make_tensor_value_info("w_else", TensorProto.FLOAT, WEIGHT_SHAPE)],
+        initializer=[inline("ones")],
+    )
     cond = helper.make_tensor("cond", TensorProto.BOOL, [], [True])
     return classifier([helper.make_node("If", ["cond"], ["w"], then_branch=then, else_branch=other)], [cond])
 
@@ -256,9 +322,14 @@ def sparse_initializer(location: str) -> bytes:
 
 
 def function_body(location: str) -> bytes:
-    weights = helper.make_function("x", "Weights", [], ["w"], [helper.make_node("Constant", [], ["w"],
-                                                               value=external("f", location))],
-                                   [helper.make_opsetid("", 17)])
+    weights = helper.make_function(
+        "x",
+        "Weights",
+        [],
+        ["w"],
+        [helper.make_node("Constant", [], ["w"], value=external("f", location))],
+        [helper.make_opsetid("", 17)],
+    )
     return classifier([helper.make_node("Weights", [], ["w"], domain="x")], [], functions=[weights])
 
 
@@ -328,6 +399,7 @@ def test_not_an_onnx_model_is_one_line(tmp_path):
 
 # --- 3. export.file escapes the export directory ---------------------------------------------------------
 
+
 @pytest.fixture
 def outside_model(tmp_path) -> tuple[str, bytes]:
     """A valid model file outside the export directory, which the attacker's distcls.json points at."""
@@ -338,8 +410,20 @@ def outside_model(tmp_path) -> tuple[str, bytes]:
     return str(path), data
 
 
-@pytest.mark.parametrize("file", ["ABSOLUTE", "../other-bucket/model.onnx", "/other-bucket/x", "/etc/passwd",
-                                  "../..", "sub/model.onnx", "./model.onnx", "model.ts", ""])
+@pytest.mark.parametrize(
+    "file",
+    [
+        "ABSOLUTE",
+        "../other-bucket/model.onnx",
+        "/other-bucket/x",
+        "/etc/passwd",
+        "../..",
+        "sub/model.onnx",
+        "./model.onnx",
+        "model.ts",
+        "",
+    ],
+)
 def test_export_file_outside_the_directory_is_refused(tmp_path, outside_model, file):
     path, data = outside_model
     file = path if file == "ABSOLUTE" else file
@@ -350,8 +434,10 @@ def test_export_file_outside_the_directory_is_refused(tmp_path, outside_model, f
         with pytest.raises(DistclsError) as exc_info:
             load(directory)
         message = one_line_error(exc_info)
-        assert f"names export.file {file!r}; the model of this onnx export can only be 'model.onnx' in its " \
-               "directory, refusing to read any other path" in message
+        assert (
+            f"names export.file {file!r}; the model of this onnx export can only be 'model.onnx' in its "
+            "directory, refusing to read any other path" in message
+        )
 
 
 def test_export_format_must_be_known(tmp_path):

@@ -8,19 +8,18 @@ import numpy as np
 import pytest
 
 from distcls import DistclsError
-from distcls.bench_harness import make_photos
-from distcls.checkpoint import read_meta
-from distcls.config import ExportConfig, FromPretrainedConfig
-from distcls.evaluate import checkpoint_from_pretrained
+from distcls.checkpoint import from_pretrained, read_meta
+from distcls.config import ExportConfig
 from distcls.export import run_export
 from distcls.infer import load_model, onnxrt, prepare_runtime
+from distcls.tools.bench.harness import make_photos
 from distcls.transforms import preprocess_bytes
 
 
 @pytest.fixture(scope="module")
 def imagenet_ckpt(tmp_path_factory) -> str:
     out = str(tmp_path_factory.mktemp("infer") / "lite0")
-    checkpoint_from_pretrained(FromPretrainedConfig(out=out, model="efficientnet_lite0", weights="bundled"))
+    from_pretrained(out=out, model="efficientnet_lite0", weights="bundled")
     return out
 
 
@@ -41,7 +40,7 @@ def cache_dir(tmp_path, monkeypatch) -> str:
 @pytest.fixture
 def tiny_ckpt(tmp_path) -> str:
     out = str(tmp_path / "tiny")
-    checkpoint_from_pretrained(FromPretrainedConfig(out=out, model="mobilenet_v3_small", weights="none", image_size=32))
+    from_pretrained(out=out, model="mobilenet_v3_small", weights="none", image_size=32)
     return out
 
 
@@ -83,8 +82,11 @@ def test_compile_cache_is_reused_and_keyed_by_the_checkpoint(tiny_ckpt, cache_di
     # Other weights, another architecture or other preprocessing: another entry.
     meta = read_meta(tiny_ckpt)
     assert onnxrt.cache_key(meta) == entry
-    for change in ({"weights_sha256": "0" * 64}, {"architecture": "resnet18"},
-                   {"preprocessing": {**meta["preprocessing"], "image_size": 64}}):
+    for change in (
+        {"weights_sha256": "0" * 64},
+        {"architecture": "resnet18"},
+        {"preprocessing": {**meta["preprocessing"], "image_size": 64}},
+    ):
         assert onnxrt.cache_key({**meta, **change}) != entry
     # A damaged entry is never used: it is compiled again.
     with open(model_file, "r+b") as f:

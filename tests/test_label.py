@@ -10,11 +10,11 @@ import pytest
 from PIL import Image
 
 from distcls import storage
-from distcls.bench_harness import imagenet_checkpoint
-from distcls.bench_scale import kill_session, session_members
+from distcls.checkpoint import from_pretrained
 from distcls.cli import main
 from distcls.config import LabelConfig
 from distcls.label import existing_parts, output_schema, run_labeling
+from distcls.tools.bench.scale import kill_session, session_members
 from tests.conftest import encode
 
 BUCKET = "s3://label-test"
@@ -23,7 +23,9 @@ IMAGENET_CATS = {"tabby", "tiger cat", "Persian cat", "Siamese cat", "Egyptian c
 
 @pytest.fixture(scope="module")
 def imagenet_ckpt(s3_server):
-    return imagenet_checkpoint(BUCKET)  # <BUCKET>/ck/imagenet, written once
+    storage.ensure_bucket(BUCKET)
+    from_pretrained(f"{BUCKET}/ck/imagenet")
+    return f"{BUCKET}/ck/imagenet"
 
 
 @pytest.fixture(scope="module")
@@ -31,8 +33,10 @@ def inputs(s3_server, good_images, bad_images, photo):
     root = f"{BUCKET}/in"
     items = [(f"{root}/good/{name}", data) for name, data in good_images.items()]
     items += [(f"{root}/bad/{name}", data) for name, (data, _) in bad_images.items()]
-    items += [(f"{root}/cat.JPG", encode(Image.fromarray(photo), "JPEG", quality=92)),
-              (f"{root}/notes.txt", b"not listed: no image extension")]
+    items += [
+        (f"{root}/cat.JPG", encode(Image.fromarray(photo), "JPEG", quality=92)),
+        (f"{root}/notes.txt", b"not listed: no image extension"),
+    ]
     storage.write_many(items)
     return root, len(good_images) + 1, {name: kind for name, (_, kind) in bad_images.items()}
 
@@ -44,8 +48,9 @@ def read_output(uri: str) -> pa.Table:
 def test_one_row_per_object_errors_and_rerun(ray_local, imagenet_ckpt, inputs, capsys):
     root, n_good, bad_kinds = inputs
     out = f"{BUCKET}/out1"
-    code = main(["label", "--checkpoint", imagenet_ckpt, "--input", root, "--output", out, "--top-k", "3",
-                 "--concurrency", "1,2"])
+    code = main(
+        ["label", "--checkpoint", imagenet_ckpt, "--input", root, "--output", out, "--top-k", "3", "--concurrency", "1,2"]
+    )
     assert code == 0, capsys.readouterr().err
     table = read_output(out)
     assert table.schema == output_schema()
@@ -101,8 +106,7 @@ def test_label_agrees_with_the_single_preprocessing_path(ray_local, imagenet_ckp
 
 
 def test_missing_input_is_one_clear_error(ray_local, imagenet_ckpt, capsys):
-    assert main(["label", "--checkpoint", imagenet_ckpt, "--input", f"{BUCKET}/nothing-here",
-                 "--output", f"{BUCKET}/o"]) == 2
+    assert main(["label", "--checkpoint", imagenet_ckpt, "--input", f"{BUCKET}/nothing-here", "--output", f"{BUCKET}/o"]) == 2
     assert "does not exist" in capsys.readouterr().err
 
 
@@ -118,10 +122,29 @@ def test_killed_run_then_rerun_has_every_object_once(s3_server, imagenet_ckpt, p
 
     root, out, n = f"{BUCKET}/many", f"{BUCKET}/killed", 150
     rng = np.random.default_rng(0)
-    storage.write_many((f"{root}/{i:03d}.jpg", encode(Image.fromarray(
-        np.roll(photo, int(rng.integers(0, 300)), axis=1)).resize((96, 64)), "JPEG")) for i in range(n))
-    cmd = [sys.executable, "-m", "distcls.cli", "label", "--checkpoint", imagenet_ckpt, "--input", root,
-           "--output", out, "--part-rows", "4", "--batch-size", "4"]
+    storage.write_many(
+        (
+            f"{root}/{i:03d}.jpg",
+            encode(Image.fromarray(np.roll(photo, int(rng.integers(0, 300)), axis=1)).resize((96, 64)), "JPEG"),
+        )
+        for i in range(n)
+    )
+    cmd = [
+        sys.executable,
+        "-m",
+        "distcls.cli",
+        "label",
+        "--checkpoint",
+        imagenet_ckpt,
+        "--input",
+        root,
+        "--output",
+        out,
+        "--part-rows",
+        "4",
+        "--batch-size",
+        "4",
+    ]
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.monotonic() + 300
@@ -175,13 +198,27 @@ def test_two_runs_at_once_still_leave_every_object_once(s3_server, imagenet_ckpt
     from distcls.label import done_paths
 
     root, out, n = f"{BUCKET}/twice", f"{BUCKET}/twice-out", 40
-    storage.write_many((f"{root}/{i:02d}.jpg", encode(Image.fromarray(np.roll(photo, 7 * i, axis=1)).resize((96, 64)),
-                                                      "JPEG")) for i in range(n))
-    cmd = [sys.executable, "-m", "distcls.cli", "label", "--checkpoint", imagenet_ckpt, "--input", root,
-           "--output", out, "--part-rows", "4", "--batch-size", "4"]
+    storage.write_many(
+        (f"{root}/{i:02d}.jpg", encode(Image.fromarray(np.roll(photo, 7 * i, axis=1)).resize((96, 64)), "JPEG")) for i in range(n)
+    )
+    cmd = [
+        sys.executable,
+        "-m",
+        "distcls.cli",
+        "label",
+        "--checkpoint",
+        imagenet_ckpt,
+        "--input",
+        root,
+        "--output",
+        out,
+        "--part-rows",
+        "4",
+        "--batch-size",
+        "4",
+    ]
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    procs = [subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-             for _ in range(2)]
+    procs = [subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True) for _ in range(2)]
     outputs = [p.communicate(timeout=900)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outputs
     labeled = [int(re.search(r"objects: labeled (\d+)", o).group(1)) for o in outputs]

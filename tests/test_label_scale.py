@@ -25,11 +25,10 @@ from distcls.label.plan import LIST_HOLD_ENV, Source, iter_keys, manifest_lister
 @pytest.fixture(scope="module")
 def ckpt32(tmp_path_factory):
     """The bundled EfficientNet-Lite0 at 32 px: real weights, cheap to run."""
-    from distcls.config import FromPretrainedConfig
-    from distcls.evaluate import checkpoint_from_pretrained
+    from distcls.checkpoint import from_pretrained
 
     out = str(tmp_path_factory.mktemp("ck") / "lite0-32")
-    checkpoint_from_pretrained(FromPretrainedConfig(out=out, image_size=32))
+    from_pretrained(out=out, image_size=32)
     return out
 
 
@@ -40,7 +39,7 @@ def crops(photo: np.ndarray, n: int, seed: int = 0) -> list[bytes]:
     for _ in range(n):
         y, x = int(rng.integers(0, photo.shape[0] - 32)), int(rng.integers(0, photo.shape[1] - 32))
         buf = io.BytesIO()
-        Image.fromarray(photo[y:y + 32, x:x + 32]).save(buf, format="PNG")
+        Image.fromarray(photo[y : y + 32, x : x + 32]).save(buf, format="PNG")
         out.append(buf.getvalue())
     return out
 
@@ -125,20 +124,26 @@ def test_manifest_formats_give_the_same_keys(tmp_path):
     rows = io.StringIO()
     csv.writer(rows).writerows([["bkt", "in/" + k.replace(" ", "+"), "1"] for k in keys[:3]])
     (data / "one.csv.gz").write_bytes(gzip.compress(rows.getvalue().encode()))
-    pq.write_table(pa.table({"bucket": ["bkt"] * 2, "key": ["in/" + k for k in keys[3:]], "size": [1, 1]}),
-                   data / "two.parquet")
+    pq.write_table(pa.table({"bucket": ["bkt"] * 2, "key": ["in/" + k for k in keys[3:]], "size": [1, 1]}), data / "two.parquet")
     for fmt, files in (("CSV", ["one.csv.gz"]), ("Parquet", ["two.parquet"])):
-        manifest = {"sourceBucket": "bkt", "destinationBucket": "arn:aws:s3:::inventory", "fileFormat": fmt,
-                    "fileSchema": "Bucket, Key, Size", "files": [{"key": f"data/{f}", "size": 1} for f in files]}
+        manifest = {
+            "sourceBucket": "bkt",
+            "destinationBucket": "arn:aws:s3:::inventory",
+            "fileFormat": fmt,
+            "fileSchema": "Bucket, Key, Size",
+            "files": [{"key": f"data/{f}", "size": 1} for f in files],
+        }
         (tmp_path / "inv" / "manifest.json").write_text(json.dumps(manifest))
         listers = manifest_listers(str(tmp_path / "inv" / "manifest.json"))
         assert [lst.uris[0] for lst in listers] == [f"s3://inventory/data/{f}" for f in files]
     # Inventory data files are read from the destination bucket: check the readers on the local copies.
     from distcls.label.plan import iter_inventory
+
     schema = json.dumps({"schema": ["Bucket", "Key", "Size"], "bucket": "bkt"})
     assert list(iter_inventory(str(data / "one.csv.gz"), "inventory-csv:" + schema)) == [f"s3://bkt/in/{k}" for k in keys[:3]]
-    assert list(iter_inventory(str(data / "two.parquet"), "inventory-parquet:" + schema)) == \
-        [f"s3://bkt/in/{k}" for k in keys[3:]]
+    assert list(iter_inventory(str(data / "two.parquet"), "inventory-parquet:" + schema)) == [
+        f"s3://bkt/in/{k}" for k in keys[3:]
+    ]
 
     (tmp_path / "bad.csv").write_text("name\nx.jpg\n")
     source = Source(input=None, manifest=str(tmp_path / "bad.csv"))
@@ -158,12 +163,16 @@ def test_label_from_an_inventory_manifest_on_s3(ray_local, ckpt32, photo, s3_ser
     rows = io.StringIO()
     csv.writer(rows).writerows([["scale-inv", "photos/" + k, "100"] for k in keys[:12]])
     storage.write_bytes("s3://scale-inv-reports/inv/data/a.csv.gz", gzip.compress(rows.getvalue().encode()))
-    manifest = {"sourceBucket": "scale-inv", "destinationBucket": "arn:aws:s3:::scale-inv-reports",
-                "fileFormat": "CSV", "fileSchema": "Bucket, Key, Size", "files": [{"key": "inv/data/a.csv.gz"}]}
+    manifest = {
+        "sourceBucket": "scale-inv",
+        "destinationBucket": "arn:aws:s3:::scale-inv-reports",
+        "fileFormat": "CSV",
+        "fileSchema": "Bucket, Key, Size",
+        "files": [{"key": "inv/data/a.csv.gz"}],
+    }
     storage.write_text("s3://scale-inv-reports/inv/manifest.json", json.dumps(manifest))
     out = "s3://scale-inv/labels"
-    assert main(["label", "--checkpoint", ckpt32, "--manifest", "s3://scale-inv-reports/inv/manifest.json",
-                 "--output", out]) == 0
+    assert main(["label", "--checkpoint", ckpt32, "--manifest", "s3://scale-inv-reports/inv/manifest.json", "--output", out]) == 0
     paths = read_rows(out).column("path").to_pylist()
     assert sorted(paths) == [f"{root}/{k}" for k in keys[:12]]
     assert json.loads(storage.read_text(f"{out}/_SUCCESS.json"))["objects"] == 12
@@ -171,10 +180,19 @@ def test_label_from_an_inventory_manifest_on_s3(ray_local, ckpt32, photo, s3_ser
 
 def write_part(output, name: str, paths: list[str]) -> str:
     n = len(paths)
-    table = pa.table({"path": paths, "label": ["x"] * n, "score": pa.array([1.0] * n, pa.float32()),
-                      "topk_labels": [["x"]] * n, "topk_scores": pa.array([[1.0]] * n, pa.list_(pa.float32())),
-                      "error": pa.array([None] * n, pa.string()), "model": ["m"] * n,
-                      "labeled_at": pa.array([0] * n, pa.timestamp("us", tz="UTC"))}, schema=output_schema())
+    table = pa.table(
+        {
+            "path": paths,
+            "label": ["x"] * n,
+            "score": pa.array([1.0] * n, pa.float32()),
+            "topk_labels": [["x"]] * n,
+            "topk_scores": pa.array([[1.0]] * n, pa.list_(pa.float32())),
+            "error": pa.array([None] * n, pa.string()),
+            "model": ["m"] * n,
+            "labeled_at": pa.array([0] * n, pa.timestamp("us", tz="UTC")),
+        },
+        schema=output_schema(),
+    )
     uri = f"{output}/{name}"
     pq.write_table(table, uri)
     return uri

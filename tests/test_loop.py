@@ -24,8 +24,7 @@ class Explodes(nn.Module):
 
 def batches(n):
     for _ in range(n):
-        yield {"image": np.zeros((4, 3, 4, 4), np.uint8), "label": np.array([0, 1, 0, 1]),
-               "mask": np.ones(4, np.float32)}
+        yield {"image": np.zeros((4, 3, 4, 4), np.uint8), "label": np.array([0, 1, 0, 1]), "mask": np.ones(4, np.float32)}
 
 
 def test_non_finite_loss_names_the_step():

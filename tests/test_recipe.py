@@ -17,9 +17,17 @@ from distcls.recipe import (
 
 
 def recipe(num_train=1300, epochs=3, batch_size=32, num_workers=2, image_size=64, native_size=None, **given):
-    return choose_recipe(num_train=num_train, epochs=epochs, batch_size=batch_size, num_workers=num_workers,
-                         image_size=image_size, resize_size=int(image_size / 0.875), native_size=native_size,
-                         pretrained=True, given=given)
+    return choose_recipe(
+        num_train=num_train,
+        epochs=epochs,
+        batch_size=batch_size,
+        num_workers=num_workers,
+        image_size=image_size,
+        resize_size=int(image_size / 0.875),
+        native_size=native_size,
+        pretrained=True,
+        given=given,
+    )
 
 
 def test_total_steps_counts_per_worker_batches():
@@ -61,15 +69,27 @@ def test_cache_when_the_decoded_set_fits_the_budget():
 
 
 def test_given_values_win_over_the_adaptive_choice():
-    r = recipe(backbone_lr_scale=0.1, augment=True, crop_scale_min=0.08, warmup_epochs=0.5, label_smoothing=0.0,
-               cache_data=False)
-    assert (r.backbone_lr_scale, r.augment, r.crop_scale_min, r.warmup_epochs, r.label_smoothing, r.cache_data) == \
-        (0.1, True, 0.08, 0.5, 0.0, False)
+    r = recipe(backbone_lr_scale=0.1, augment=True, crop_scale_min=0.08, warmup_epochs=0.5, label_smoothing=0.0, cache_data=False)
+    assert (r.backbone_lr_scale, r.augment, r.crop_scale_min, r.warmup_epochs, r.label_smoothing, r.cache_data) == (
+        0.1,
+        True,
+        0.08,
+        0.5,
+        0.0,
+        False,
+    )
 
 
 def test_recipe_flags_default_to_auto_and_validate():
     cfg = TrainConfig(data="x")
-    assert (cfg.backbone_lr_scale, cfg.warmup_epochs, cfg.label_smoothing, cfg.augment, cfg.crop_scale_min,
-            cfg.cache_data, cfg.hflip) == (None, None, None, None, None, None, False)
+    assert (
+        cfg.backbone_lr_scale,
+        cfg.warmup_epochs,
+        cfg.label_smoothing,
+        cfg.augment,
+        cfg.crop_scale_min,
+        cfg.cache_data,
+        cfg.hflip,
+    ) == (None, None, None, None, None, None, False)
     with pytest.raises(ConfigError, match="--crop-scale-min 0.0"):
         TrainConfig(data="x", crop_scale_min=0.0)

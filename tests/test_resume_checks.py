@@ -17,8 +17,9 @@ from distcls.train.resume import TRAIN_STATE, compare_with_checkpoint, list_chec
 from distcls.train.trainer import run_training
 from tests.conftest import tiny_fashion_mnist
 
-needs_fm = pytest.mark.skipif(not os.path.isdir(FASHION_MNIST_DEFAULT_DIR),
-                              reason="needs Debian's dataset-fashion-mnist (.ci/run installs it)")
+needs_fm = pytest.mark.skipif(
+    not os.path.isdir(FASHION_MNIST_DEFAULT_DIR), reason="needs Debian's dataset-fashion-mnist (.ci/run installs it)"
+)
 
 
 @pytest.fixture(scope="module")
@@ -32,8 +33,17 @@ def run(ray_local, tmp_path_factory):
 
 
 def train_cfg(fm: dict, runs: str, **kw) -> TrainConfig:
-    base = dict(data=fm["train"], val_data=fm["val"], image_size=32, batch_size=8, num_workers=1, storage=runs,
-                name="first", epochs=2, seed=7)
+    base = dict(
+        data=fm["train"],
+        val_data=fm["val"],
+        image_size=32,
+        batch_size=8,
+        num_workers=1,
+        storage=runs,
+        name="first",
+        epochs=2,
+        seed=7,
+    )
     return TrainConfig(**{**base, **kw})
 
 
@@ -49,9 +59,28 @@ def rename_class(fm: dict, root, old: str, new: str) -> dict:
 
 
 def argv(cfg: TrainConfig, data: dict) -> list[str]:
-    return ["train", "--data", data["train"], "--val-data", data["val"], "--image-size", str(cfg.image_size),
-            "--batch-size", "8", "--num-workers", "1", "--storage", cfg.storage, "--name", cfg.name,
-            "--epochs", "2", "--seed", "7", "--resume"]
+    return [
+        "train",
+        "--data",
+        data["train"],
+        "--val-data",
+        data["val"],
+        "--image-size",
+        str(cfg.image_size),
+        "--batch-size",
+        "8",
+        "--num-workers",
+        "1",
+        "--storage",
+        cfg.storage,
+        "--name",
+        cfg.name,
+        "--epochs",
+        "2",
+        "--seed",
+        "7",
+        "--resume",
+    ]
 
 
 @needs_fm
@@ -64,17 +93,18 @@ def test_resume_with_renamed_class_folder_is_refused(run, capsys):
     assert main(argv(run["cfg"], renamed)) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1, err
-    assert err.startswith(f"distcls: error: train: cannot resume run {run['run']}: class names differ from its "
-                          "checkpoint (index 2: 'coat' there, 'dress' here); resume with the data, --model and "
-                          "--image-size it was started with, or start a new run with another --name"), err
+    assert err.startswith(
+        f"distcls: error: train: cannot resume run {run['run']}: class names differ from its "
+        "checkpoint (index 2: 'coat' there, 'dress' here); resume with the data, --model and "
+        "--image-size it was started with, or start a new run with another --name"
+    ), err
     assert list_checkpoints(run["run"]) == before  # refused before any worker started
 
     with pytest.raises(DistclsError) as refused:
         run_training(train_cfg(run["fm"], run["cfg"].storage, image_size=40, model="mobilenet_v3_small", resume=True))
     message = str(refused.value)
     assert "architecture differs from its checkpoint ('efficientnet_lite0' there, 'mobilenet_v3_small' here)" in message
-    assert ("preprocessing differs from its checkpoint (image_size: 32 there, 40 here; resize_size: 36 there, "
-            in message)
+    assert "preprocessing differs from its checkpoint (image_size: 32 there, 40 here; resize_size: 36 there, " in message
     assert "class names" not in message and list_checkpoints(run["run"]) == before
 
 
@@ -101,9 +131,18 @@ def test_resume_with_damaged_latest_checkpoint_falls_back(run, capfd):
     resumed = run_training(train_cfg(run["fm"], run["cfg"].storage, resume=True))
     out = capfd.readouterr().out
     lines = [line for line in out.splitlines() if line.startswith("train: resuming run")]
-    assert lines == [line for line in lines if line.startswith(
-        f"train: resuming run {run['run']} from {previous}, the newest checkpoint that verifies; skipped 1 newer: "
-        f"checkpoint: {latest}/{WEIGHTS} has sha256 ")] and len(lines) == 1, out
+    assert (
+        lines
+        == [
+            line
+            for line in lines
+            if line.startswith(
+                f"train: resuming run {run['run']} from {previous}, the newest checkpoint that verifies; skipped 1 newer: "
+                f"checkpoint: {latest}/{WEIGHTS} has sha256 "
+            )
+        ]
+        and len(lines) == 1
+    ), out
     assert "the weights were changed or damaged, refusing to load" in lines[0]
     assert [h["epoch"] for h in resumed["epochs"]] == [1, 2]
     assert [h["restored_from_epoch"] for h in resumed["epochs"]] == [0, 1]
@@ -118,20 +157,23 @@ def test_comparison_names_each_difference():
     import dataclasses
 
     spec = default_spec("efficientnet_lite0", 32)
-    meta = {"class_names": ["bag", "coat", "dress"], "architecture": "efficientnet_lite0",
-            "preprocessing": spec.to_dict()}
+    meta = {"class_names": ["bag", "coat", "dress"], "architecture": "efficientnet_lite0", "preprocessing": spec.to_dict()}
     assert compare_with_checkpoint(meta, ["bag", "coat", "dress"], "efficientnet_lite0", spec) == []
     augment = dataclasses.replace(spec, crop_scale=(0.5, 1.0), hflip=False, max_pixels=spec.max_pixels // 2)
     assert compare_with_checkpoint(meta, ["bag", "coat", "dress"], "efficientnet_lite0", augment) == []
     assert compare_with_checkpoint(meta, ["bag", "dress", "coat"], "efficientnet_lite0", spec) == [
-        "class names differ from its checkpoint (index 1: 'coat' there, 'dress' here)"]
+        "class names differ from its checkpoint (index 1: 'coat' there, 'dress' here)"
+    ]
     assert compare_with_checkpoint(meta, ["bag", "coat"], "efficientnet_lite0", spec) == [
-        "class names differ from its checkpoint (3 classes there, 2 here; index 2: 'dress' there, none here)"]
+        "class names differ from its checkpoint (3 classes there, 2 here; index 2: 'dress' there, none here)"
+    ]
     other = dataclasses.replace(spec, interpolation="nearest", mean=(0.5, 0.5, 0.5))
     assert compare_with_checkpoint(meta, ["bag", "coat", "dress"], "resnet18", other) == [
         "architecture differs from its checkpoint ('efficientnet_lite0' there, 'resnet18' here)",
         f"preprocessing differs from its checkpoint (mean: {list(spec.mean)!r} there, [0.5, 0.5, 0.5] here; "
-        f"interpolation: {spec.interpolation!r} there, 'nearest' here)"]
+        f"interpolation: {spec.interpolation!r} there, 'nearest' here)",
+    ]
     broken = {**meta, "preprocessing": {"image_size": -1}}
     assert compare_with_checkpoint(broken, ["bag", "coat", "dress"], "efficientnet_lite0", spec)[0].startswith(
-        "preprocessing differs from its checkpoint (the recorded spec is not valid: ")
+        "preprocessing differs from its checkpoint (the recorded spec is not valid: "
+    )

@@ -16,8 +16,8 @@ import pytest
 
 from distcls import storage
 from distcls.cli import main
-from distcls.config import FASHION_MNIST_DEFAULT_DIR, FashionMnistConfig
-from distcls.fmnist import write_fashion_mnist
+from distcls.config import FASHION_MNIST_DEFAULT_DIR
+from tests.conftest import tiny_fashion_mnist
 from tests.faultproxy import FAULTS, FaultProxy
 
 BUCKET = "s3://faults-s3"
@@ -114,26 +114,52 @@ def read_labels(output: str) -> list[tuple]:
 @pytest.mark.slow
 @pytest.mark.skipif(not os.path.isdir(FASHION_MNIST_DEFAULT_DIR), reason="needs Debian's dataset-fashion-mnist")
 def test_jobs_finish_with_same_results_on_flaky_s3(s3_server, ray_local, tmp_path):
-    write_fashion_mnist(FashionMnistConfig(out=f"{BUCKET}/fm", limit_per_class=8, splits=("train",)), progress=False)
-    write_fashion_mnist(FashionMnistConfig(out=f"{BUCKET}/fmval", limit_per_class=4, splits=("test",)),
-                        progress=False)
-    train, val, runs = f"{BUCKET}/fm/train", f"{BUCKET}/fmval/test", f"{BUCKET}/runs"
+    fm = tiny_fashion_mnist(BUCKET)
+    train, val, runs = fm["train"], fm["val"], f"{BUCKET}/runs"
     # Without faults, in this process (the session's Ray reads S3 directly).
-    assert main(["train", "--data", train, "--val-data", val, "--image-size", "32", "--batch-size", "8",
-                 "--num-workers", "2", "--epochs", "2", "--seed", "7", "--storage", runs, "--name", "clean"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--data",
+                train,
+                "--val-data",
+                val,
+                "--image-size",
+                "32",
+                "--batch-size",
+                "8",
+                "--num-workers",
+                "2",
+                "--epochs",
+                "2",
+                "--seed",
+                "7",
+                "--storage",
+                runs,
+                "--name",
+                "clean",
+            ]
+        )
+        == 0
+    )
     clean = json.loads(storage.read_text(f"{runs}/clean/result.json"))
     ckpt = clean["checkpoint"]
     assert main(["evaluate", "--checkpoint", ckpt, "--data", val, "--out", f"{BUCKET}/clean/eval"]) == 0
-    assert main(["label", "--checkpoint", ckpt, "--input", val, "--output", f"{BUCKET}/clean/labels",
-                 "--part-rows", "8"]) == 0
+    assert main(["label", "--checkpoint", ckpt, "--input", val, "--output", f"{BUCKET}/clean/labels", "--part-rows", "8"]) == 0
 
     # With faults: the same jobs in a subprocess whose AWS_ENDPOINT_URL (and so its Ray workers') is the proxy.
     with FaultProxy(s3_server.endpoint_url, rate=0.05, seed=11) as proxy:
         env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
         env["AWS_ENDPOINT_URL"] = proxy.endpoint_url
         started = time.monotonic()
-        result = subprocess.run([sys.executable, "-c", JOBS_SCRIPT, train, val, runs, ckpt, f"{BUCKET}/flaky"],
-                                env=env, capture_output=True, text=True, timeout=1500)
+        result = subprocess.run(
+            [sys.executable, "-c", JOBS_SCRIPT, train, val, runs, ckpt, f"{BUCKET}/flaky"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=1500,
+        )
         seconds = time.monotonic() - started
     assert "CODES [0, 0, 0]" in result.stdout, result.stdout[-3000:] + result.stderr[-3000:]
     assert all(proxy.counts[f] > 0 for f in FAULTS), proxy.counts
@@ -150,7 +176,9 @@ def test_jobs_finish_with_same_results_on_flaky_s3(s3_server, ray_local, tmp_pat
     assert [r[:2] + r[3:] for r in labels] == [r[:2] + r[3:] for r in expected_labels]
     assert [r[2] for r in labels] == pytest.approx([r[2] for r in expected_labels], abs=1e-5)
     assert len(labels) == 40 and not any(r[3] for r in labels)
-    print(f"\nflaky S3 jobs: {dict(proxy.counts)}; train+evaluate+label took {seconds:.0f}s; "
-          f"final val_accuracy {flaky['epochs'][-1]['val_accuracy']:.4f} (clean "
-          f"{clean['epochs'][-1]['val_accuracy']:.4f}); evaluate accuracy {report['accuracy']:.4f}; "
-          f"{len(labels)} labels identical")
+    print(
+        f"\nflaky S3 jobs: {dict(proxy.counts)}; train+evaluate+label took {seconds:.0f}s; "
+        f"final val_accuracy {flaky['epochs'][-1]['val_accuracy']:.4f} (clean "
+        f"{clean['epochs'][-1]['val_accuracy']:.4f}); evaluate accuracy {report['accuracy']:.4f}; "
+        f"{len(labels)} labels identical"
+    )

@@ -16,15 +16,13 @@ import yaml
 from PIL import Image
 
 from distcls import storage
-from distcls.checkpoint import read_meta, save_checkpoint
+from distcls.checkpoint import from_pretrained, read_meta
 from distcls.cli import main
-from distcls.config import FromPretrainedConfig, LabelConfig, ServeConfig
-from distcls.evaluate import checkpoint_from_pretrained
+from distcls.config import LabelConfig, ServeConfig
 from distcls.label import existing_parts, run_labeling
-from distcls.models import create_model
-from distcls.s3server import free_port
 from distcls.serving import application, build_app, serve_config, token_digest
-from tests.conftest import encode
+from distcls.tools.s3server import free_port
+from tests.conftest import encode, make_checkpoint
 
 BUCKET = "s3://serve-test"
 IMAGENET_CATS = {"tabby", "tiger cat", "Persian cat", "Siamese cat", "Egyptian cat"}
@@ -36,9 +34,8 @@ def checkpoints(s3_server):
     """The ImageNet EfficientNet-Lite0 as it is, and a 10-class Lite0 at 64 px (different weights)."""
     imagenet, small = f"{BUCKET}/ck/imagenet", f"{BUCKET}/ck/small"
     storage.ensure_bucket(imagenet)
-    checkpoint_from_pretrained(FromPretrainedConfig(out=imagenet))
-    model = create_model("efficientnet_lite0", 10, "bundled", image_size=64)
-    save_checkpoint(small, model.eval(), [f"class{i}" for i in range(10)])
+    from_pretrained(out=imagenet)
+    make_checkpoint(small, 10, image_size=64)
     return imagenet, small
 
 
@@ -49,17 +46,29 @@ def serve_url(ray_local, checkpoints):
 
     imagenet, small = checkpoints
     port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port},
-                logging_config={"log_level": "WARNING", "enable_access_log": False})
+    serve.start(
+        http_options={"host": "127.0.0.1", "port": port}, logging_config={"log_level": "WARNING", "enable_access_log": False}
+    )
     common = dict(min_replicas=1, max_replicas=1, cpus_per_replica=0.5, port=port)
     quiet = {"log_level": "WARNING", "enable_access_log": False}
-    serve.run(application(ServeConfig(checkpoint=imagenet, max_request_mb=1, **common)), name="open",
-              route_prefix="/open", logging_config=quiet)
-    serve.run(application(ServeConfig(checkpoint=small, **common), token_sha256=token_digest(TOKEN)),
-              name="secure", route_prefix="/secure", logging_config=quiet)
-    serve.run(application(ServeConfig(checkpoint=imagenet, max_batch_size=1, max_ongoing_requests=1,
-                                      max_queued_requests=1, **common)), name="tiny", route_prefix="/tiny",
-              logging_config=quiet)
+    serve.run(
+        application(ServeConfig(checkpoint=imagenet, max_request_mb=1, **common)),
+        name="open",
+        route_prefix="/open",
+        logging_config=quiet,
+    )
+    serve.run(
+        application(ServeConfig(checkpoint=small, **common), token_sha256=token_digest(TOKEN)),
+        name="secure",
+        route_prefix="/secure",
+        logging_config=quiet,
+    )
+    serve.run(
+        application(ServeConfig(checkpoint=imagenet, max_batch_size=1, max_ongoing_requests=1, max_queued_requests=1, **common)),
+        name="tiny",
+        route_prefix="/tiny",
+        logging_config=quiet,
+    )
     yield f"http://127.0.0.1:{port}"
     serve.shutdown()
 
@@ -103,8 +112,11 @@ def test_multipart_and_json_keep_order(serve_url, cat_jpeg, astronaut_jpeg):
     for name, data in (("cat", cat_jpeg), ("astronaut", astronaut_jpeg)):
         single[name] = post_image(f"{serve_url}/open/v1/classify", data).json()["predictions"][0]
     assert single["cat"]["label"] != single["astronaut"]["label"]
-    files = [("images", ("a.jpg", astronaut_jpeg, "image/jpeg")), ("images", ("c.jpg", cat_jpeg, "image/jpeg")),
-             ("images", ("a2.jpg", astronaut_jpeg, "image/jpeg"))]
+    files = [
+        ("images", ("a.jpg", astronaut_jpeg, "image/jpeg")),
+        ("images", ("c.jpg", cat_jpeg, "image/jpeg")),
+        ("images", ("a2.jpg", astronaut_jpeg, "image/jpeg")),
+    ]
     r = requests.post(f"{serve_url}/open/v1/classify", files=files, data={"top_k": "2"}, timeout=60)
     assert r.status_code == 200, r.text
     labels = [p["label"] for p in r.json()["predictions"]]
@@ -119,14 +131,17 @@ def test_multipart_and_json_keep_order(serve_url, cat_jpeg, astronaut_jpeg):
     assert abs(preds[0]["score"] - single["cat"]["score"]) < 1e-5
 
 
-@pytest.mark.parametrize("body,ctype,status,kind", [
-    (b"", "image/jpeg", 422, "empty"),
-    (b"hello", "text/plain", 415, "unsupported_media_type"),
-    (b"{not json", "application/json", 400, "bad_request"),
-    (b'{"images": [{"url": "http://169.254.169.254/"}]}', "application/json", 400, "bad_request"),
-    (b'{"images": [{"b64": "@@@"}]}', "application/json", 400, "bad_request"),
-    (b'{"images": []}', "application/json", 400, "bad_request"),
-])
+@pytest.mark.parametrize(
+    "body,ctype,status,kind",
+    [
+        (b"", "image/jpeg", 422, "empty"),
+        (b"hello", "text/plain", 415, "unsupported_media_type"),
+        (b"{not json", "application/json", 400, "bad_request"),
+        (b'{"images": [{"url": "http://169.254.169.254/"}]}', "application/json", 400, "bad_request"),
+        (b'{"images": [{"b64": "@@@"}]}', "application/json", 400, "bad_request"),
+        (b'{"images": []}', "application/json", 400, "bad_request"),
+    ],
+)
 def test_bad_requests_are_4xx_json(serve_url, body, ctype, status, kind):
     r = post_image(f"{serve_url}/open/v1/classify", body, ctype)
     assert r.status_code == status, r.text
@@ -153,16 +168,15 @@ def test_body_over_limit_is_413(serve_url, cat_jpeg):
     def chunks():  # no Content-Length: the limit holds while streaming
         yield big[:500_000]
         yield big[500_000:]
-    r = requests.post(f"{serve_url}/open/v1/classify", data=chunks(), headers={"Content-Type": "image/jpeg"},
-                      timeout=60)
+
+    r = requests.post(f"{serve_url}/open/v1/classify", data=chunks(), headers={"Content-Type": "image/jpeg"}, timeout=60)
     assert r.status_code == 413
     assert post_image(f"{serve_url}/open/v1/classify", cat_jpeg).status_code == 200
 
 
 def test_token_auth(serve_url, cat_jpeg):
     url = f"{serve_url}/secure/v1/classify"
-    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": TOKEN},
-                    {"Authorization": f"Basic {TOKEN}"}):
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": TOKEN}, {"Authorization": f"Basic {TOKEN}"}):
         r = post_image(url, cat_jpeg, headers=headers)
         assert r.status_code == 401, headers
         assert r.json()["error"]["kind"] == "unauthorized" and TOKEN not in r.text
@@ -175,8 +189,12 @@ def test_token_auth(serve_url, cat_jpeg):
             inner = getattr(route, "original_router", None)
             yield from routes(inner) if inner is not None else [route]
 
-    v1 = [(method, route.path) for route in routes(api) if getattr(route, "path", "").startswith("/v1")
-          for method in sorted(getattr(route, "methods", ()) or ())]
+    v1 = [
+        (method, route.path)
+        for route in routes(api)
+        if getattr(route, "path", "").startswith("/v1")
+        for method in sorted(getattr(route, "methods", ()) or ())
+    ]
     assert {("GET", "/v1/model"), ("POST", "/v1/classify")} <= set(v1)
     for method, path in v1:
         for headers in ({}, {"Authorization": "Bearer " + "x" * len(TOKEN)}):
@@ -204,6 +222,7 @@ def test_overload_answers_503_then_recovers(serve_url, cat_jpeg):
             codes.append(r.status_code)
             if r.status_code == 503:
                 refusals.append((r.headers.get("content-type"), r.headers.get("retry-after"), r.text))
+
     threads = [threading.Thread(target=client) for _ in range(24)]
     for t in threads:
         t.start()
@@ -218,12 +237,15 @@ def test_overload_answers_503_then_recovers(serve_url, cat_jpeg):
     assert post_image(url, cat_jpeg).status_code == 200
 
 
-@pytest.mark.parametrize("method,path,status,kind", [
-    ("GET", "/nope", 404, "not_found"),
-    ("POST", "/v1/nope", 404, "not_found"),
-    ("GET", "/v1/classify", 405, "method_not_allowed"),
-    ("DELETE", "/v1/model", 405, "method_not_allowed"),
-])
+@pytest.mark.parametrize(
+    "method,path,status,kind",
+    [
+        ("GET", "/nope", 404, "not_found"),
+        ("POST", "/v1/nope", 404, "not_found"),
+        ("GET", "/v1/classify", 405, "method_not_allowed"),
+        ("DELETE", "/v1/model", 405, "method_not_allowed"),
+    ],
+)
 def test_unknown_paths_and_methods_are_json(serve_url, method, path, status, kind):
     for app in ("open", "secure"):
         r = requests.request(method, f"{serve_url}/{app}{path}", timeout=30)
@@ -235,8 +257,12 @@ def test_unknown_paths_and_methods_are_json(serve_url, method, path, status, kin
 def test_same_top_k_as_label(serve_url, cat_jpeg, checkpoints):
     imagenet = checkpoints[0]
     storage.write_bytes(f"{BUCKET}/label-in/cat.jpg", cat_jpeg)
-    run_labeling(LabelConfig(checkpoint=imagenet, input=f"{BUCKET}/label-in", output=f"{BUCKET}/label-out",
-                             top_k=5, cpus_per_replica=0.25), progress=False)
+    run_labeling(
+        LabelConfig(
+            checkpoint=imagenet, input=f"{BUCKET}/label-in", output=f"{BUCKET}/label-out", top_k=5, cpus_per_replica=0.25
+        ),
+        progress=False,
+    )
     import pyarrow.parquet as pq
 
     (part,) = existing_parts(f"{BUCKET}/label-out")
@@ -276,12 +302,17 @@ def test_switch_checkpoint_without_failed_requests(serve_url, checkpoints, cat_j
         while not stop.is_set():
             r = post_image(url, cat_jpeg, headers=auth)
             seen.append((r.status_code, r.json().get("model", {}).get("id")))
+
     t = threading.Thread(target=client)
     t.start()
     time.sleep(2)
     cfg = ServeConfig(checkpoint=imagenet, min_replicas=1, max_replicas=1, cpus_per_replica=0.5, port=port)
-    serve.run(application(cfg, token_sha256=token_digest(TOKEN)), name="secure", route_prefix="/secure",
-              logging_config={"log_level": "WARNING", "enable_access_log": False})
+    serve.run(
+        application(cfg, token_sha256=token_digest(TOKEN)),
+        name="secure",
+        route_prefix="/secure",
+        logging_config={"log_level": "WARNING", "enable_access_log": False},
+    )
     new_id = read_meta(imagenet)["weights_sha256"]
     deadline = time.time() + 60
     while time.time() < deadline and not (seen and seen[-1][1] == new_id):
@@ -299,8 +330,11 @@ def test_serve_config_is_valid_for_serve_deploy(capsys):
 
     assert main(["serve-config", "--checkpoint", "s3://models/ck", "--max-replicas", "8", "--num-gpus", "1"]) == 0
     doc = yaml.safe_load(capsys.readouterr().out)
-    schema = ServeDeploySchema.model_validate(doc) if hasattr(ServeDeploySchema, "model_validate") \
+    schema = (
+        ServeDeploySchema.model_validate(doc)
+        if hasattr(ServeDeploySchema, "model_validate")
         else ServeDeploySchema.parse_obj(doc)
+    )
     (app,) = schema.applications
     assert app.import_path == "distcls.serving:build_app" and app.args["max_replicas"] == 8
     assert doc["http_options"]["host"] == "127.0.0.1"

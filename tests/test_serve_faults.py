@@ -18,11 +18,9 @@ import pytest
 import requests
 from PIL import Image
 
-from distcls import storage
-from distcls.checkpoint import read_meta, save_checkpoint
-from distcls.config import FromPretrainedConfig, ServeConfig
-from distcls.models import create_model
-from tests.conftest import alive_replicas, encode
+from distcls.checkpoint import from_pretrained, read_meta
+from distcls.config import ServeConfig
+from tests.conftest import alive_replicas, encode, make_checkpoint
 
 BUCKET = "s3://serve-faults"
 QUIET = {"log_level": "WARNING", "enable_access_log": False}
@@ -69,8 +67,7 @@ class Load:
             started = self.now()
             model = kind = None
             try:
-                r = session.post(self.url, data=self.body, headers={"Content-Type": "image/jpeg"},
-                                 timeout=CLIENT_TIMEOUT)
+                r = session.post(self.url, data=self.body, headers={"Content-Type": "image/jpeg"}, timeout=CLIENT_TIMEOUT)
                 status = str(r.status_code)
                 if r.status_code == 200:
                     model = r.json()["model"]["id"]
@@ -98,8 +95,10 @@ def summary(shots: list[Shot]) -> str:
     for s in shots:
         codes[s.status] = codes.get(s.status, 0) + 1
     ms = np.array([s.seconds for s in shots]) * 1000
-    return (f"{len(shots)} requests, {codes}, latency p50 {np.percentile(ms, 50):.0f} ms, "
-            f"p99 {np.percentile(ms, 99):.0f} ms, max {ms.max():.0f} ms")
+    return (
+        f"{len(shots)} requests, {codes}, latency p50 {np.percentile(ms, 50):.0f} ms, "
+        f"p99 {np.percentile(ms, 99):.0f} ms, max {ms.max():.0f} ms"
+    )
 
 
 @pytest.fixture(scope="module")
@@ -107,29 +106,30 @@ def checkpoints(s3_server) -> dict[str, str]:
     """Two small 10-class EfficientNet-Lite0 checkpoints at 64 px (different heads: different ids), and
     the ImageNet one at 224 px for the overload test (slow enough per image to fill the queues)."""
     uris = {"a": f"{BUCKET}/ck/a", "b": f"{BUCKET}/ck/b", "imagenet": f"{BUCKET}/ck/imagenet"}
-    storage.ensure_bucket(uris["a"])
     for seed, key in ((0, "a"), (1, "b")):
-        import torch
-
-        torch.manual_seed(seed)
-        model = create_model("efficientnet_lite0", 10, "bundled", image_size=64)
-        save_checkpoint(uris[key], model.eval(), [f"class{i}" for i in range(10)])
-    from distcls.evaluate import checkpoint_from_pretrained
-
-    checkpoint_from_pretrained(FromPretrainedConfig(out=uris["imagenet"]))
+        make_checkpoint(uris[key], 10, image_size=64, seed=seed)
+    from_pretrained(out=uris["imagenet"])
     return uris
 
 
 def two_replicas(checkpoint: str, port: int, **kw) -> ServeConfig:
-    return ServeConfig(checkpoint=checkpoint, min_replicas=2, max_replicas=2, cpus_per_replica=0.5, port=port,
-                       max_ongoing_requests=8, max_queued_requests=32, **kw)
+    return ServeConfig(
+        checkpoint=checkpoint,
+        min_replicas=2,
+        max_replicas=2,
+        cpus_per_replica=0.5,
+        port=port,
+        max_ongoing_requests=8,
+        max_queued_requests=32,
+        **kw,
+    )
 
 
 @pytest.fixture(scope="module")
 def serve_port(ray_local, checkpoints):
     from ray import serve
 
-    from distcls.s3server import free_port
+    from distcls.tools.s3server import free_port
 
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port}, logging_config=QUIET)
@@ -185,14 +185,19 @@ def test_killing_one_of_two_replicas_keeps_99_percent(serve_port, checkpoints, p
     victim = sorted(before)[0]
     os.kill(victim, signal.SIGKILL)
     killed_at = load.now()
-    replaced = wait_for(lambda: (pids := set(alive_replicas("kill"))) and len(pids) == 2 and victim not in pids
-                        and pids, 120, "Serve to replace the killed replica")
+    replaced = wait_for(
+        lambda: (pids := set(alive_replicas("kill"))) and len(pids) == 2 and victim not in pids and pids,
+        120,
+        "Serve to replace the killed replica",
+    )
     back_at = load.now()
     shots = load.join()
     ok = sum(s.status == "200" for s in shots)
     after_kill = [s for s in shots if s.at >= killed_at]
-    print(f"\nkill: replica pid {victim} SIGKILLed at {killed_at:.1f}s, replacement {sorted(replaced - set(before))} "
-          f"alive by {back_at:.1f}s; all: {summary(shots)}; after the kill: {summary(after_kill)}")
+    print(
+        f"\nkill: replica pid {victim} SIGKILLed at {killed_at:.1f}s, replacement {sorted(replaced - set(before))} "
+        f"alive by {back_at:.1f}s; all: {summary(shots)}; after the kill: {summary(after_kill)}"
+    )
     assert len(shots) >= 150  # the rate was held: 4/s for 45 s is 180
     assert ok >= 0.99 * len(shots), summary(shots)
     assert len(after_kill) >= 100 and sum(s.status == "200" for s in after_kill) >= 0.99 * len(after_kill)
@@ -216,19 +221,23 @@ def test_redeploy_with_new_checkpoint_under_load_fails_no_request(serve_port, ch
         for key, extra in (("b", {}), ("a", {"max_batch_size": 16})):
             time.sleep(5)
             deploy(application(two_replicas(checkpoints[key], serve_port, **extra)), "redeploy")
-            wait_for(lambda: load.shots and load.shots[-1].model == ids[key], 120,  # noqa: B023 - called right here
-                     f"answers from checkpoint {key}")
+            wait_for(
+                lambda: load.shots and load.shots[-1].model == ids[key],  # noqa: B023 - called in this iteration
+                120,
+                f"answers from checkpoint {key}",
+            )
             times.append(load.now())
-            pids.append(wait_for(lambda: (p := set(alive_replicas("redeploy"))) and len(p) == 2 and p, 120,
-                                 "2 replicas"))
+            pids.append(wait_for(lambda: (p := set(alive_replicas("redeploy"))) and len(p) == 2 and p, 120, "2 replicas"))
         time.sleep(5)
     finally:
         load.seconds = 0  # every client stops after its current request
         shots = load.join()
     models = [s.model for s in shots]
-    print(f"\nredeploy: answers from b by {times[0]:.1f}s, from a again by {times[1]:.1f}s; replica pids "
-          f"{[sorted(p) for p in pids]}; {summary(shots)}; answers by model: a {models.count(ids['a'])}, "
-          f"b {models.count(ids['b'])}")
+    print(
+        f"\nredeploy: answers from b by {times[0]:.1f}s, from a again by {times[1]:.1f}s; replica pids "
+        f"{[sorted(p) for p in pids]}; {summary(shots)}; answers by model: a {models.count(ids['a'])}, "
+        f"b {models.count(ids['b'])}"
+    )
     assert [s for s in shots if s.status != "200"] == []
     assert models[0] == ids["a"] and ids["b"] in models and models[-1] == ids["a"]
 
@@ -268,9 +277,11 @@ def test_serve_deploy_config_switches_checkpoint_in_place(serve_port, checkpoint
         load.seconds = 0
         shots = load.join()
     models = [s.model for s in shots]
-    print(f"\ndeclarative switch a->b by {switched_at:.1f}s, replicas {sorted(first)} -> "
-          f"{sorted(alive_replicas('declarative'))}; {summary(shots)}; answers: a {models.count(ids['a'])}, "
-          f"b {models.count(ids['b'])}")
+    print(
+        f"\ndeclarative switch a->b by {switched_at:.1f}s, replicas {sorted(first)} -> "
+        f"{sorted(alive_replicas('declarative'))}; {summary(shots)}; answers: a {models.count(ids['a'])}, "
+        f"b {models.count(ids['b'])}"
+    )
     assert [s for s in shots if s.status != "200"] == []
     assert models[0] == ids["a"] and models[-1] == ids["b"]
     assert set(alive_replicas("declarative")) == first  # reloaded in place: the same processes
@@ -281,14 +292,24 @@ def test_over_limit_load_gets_quick_503s(serve_port, checkpoints, photo_jpeg):
     can for 10 s: the excess is refused with 503 (never a hang), then a single request succeeds."""
     from distcls.serving import application
 
-    cfg = ServeConfig(checkpoint=checkpoints["imagenet"], min_replicas=1, max_replicas=1, cpus_per_replica=0.5,
-                      port=serve_port, max_batch_size=2, max_ongoing_requests=2, max_queued_requests=2)
+    cfg = ServeConfig(
+        checkpoint=checkpoints["imagenet"],
+        min_replicas=1,
+        max_replicas=1,
+        cpus_per_replica=0.5,
+        port=serve_port,
+        max_batch_size=2,
+        max_ongoing_requests=2,
+        max_queued_requests=2,
+    )
     deploy(application(cfg), "tight")
     url = f"http://127.0.0.1:{serve_port}/tight/v1/classify"
     assert requests.post(url, data=photo_jpeg, headers={"Content-Type": "image/jpeg"}, timeout=60).status_code == 200
     shots = Load(url, photo_jpeg, clients=32, seconds=10).start().join()
-    print(f"\noverload: all {summary(shots)}; 503s: {summary([s for s in shots if s.status == '503'])}; "
-          f"200s: {summary([s for s in shots if s.status == '200'])}")
+    print(
+        f"\noverload: all {summary(shots)}; 503s: {summary([s for s in shots if s.status == '503'])}; "
+        f"200s: {summary([s for s in shots if s.status == '200'])}"
+    )
     assert {s.status for s in shots} <= {"200", "503"}, summary(shots)
     kinds = {k: sum(s.kind == k for s in shots if s.status == "503") for k in {s.kind for s in shots}}
     print(f"503 bodies by kind: {kinds}")
@@ -316,12 +337,18 @@ def test_a_failing_classifier_is_a_json_500(serve_port):
         def info(self) -> dict:
             raise ValueError("secret internal detail")
 
-    deploy(Ingress.options(name="Ingress", ray_actor_options={"num_cpus": 0})
-           .bind(FailingClassifier.bind(), max_request_bytes=1_000_000, max_images=4, default_top_k=5), "failing")
+    deploy(
+        Ingress.options(name="Ingress", ray_actor_options={"num_cpus": 0}).bind(
+            FailingClassifier.bind(), max_request_bytes=1_000_000, max_images=4, default_top_k=5
+        ),
+        "failing",
+    )
     base = f"http://127.0.0.1:{serve_port}/failing"
     for _ in range(2):
-        for r in (requests.post(f"{base}/v1/classify", data=b"x", headers={"Content-Type": "image/jpeg"}, timeout=60),
-                  requests.get(f"{base}/v1/model", timeout=60)):
+        for r in (
+            requests.post(f"{base}/v1/classify", data=b"x", headers={"Content-Type": "image/jpeg"}, timeout=60),
+            requests.get(f"{base}/v1/model", timeout=60),
+        ):
             assert r.status_code == 500 and r.headers["content-type"] == "application/json", r.text
             assert r.json()["error"]["kind"] == "internal" and "secret" not in r.text, r.text
     assert requests.get(f"{base}/healthz", timeout=30).json() == {"status": "ok"}

@@ -17,12 +17,11 @@ import pytest
 import requests
 
 from distcls import DistclsError
-from distcls.checkpoint import save_checkpoint
 from distcls.cli import main
 from distcls.config import ServeConfig
-from distcls.models import create_model
-from distcls.s3server import free_port
 from distcls.serving import TOKEN_ENV, build_app, check_auth, is_loopback, serve_config, token_digest
+from distcls.tools.s3server import free_port
+from tests.conftest import make_checkpoint
 
 ROOT = Path(__file__).resolve().parent.parent
 DISTCLS = str(Path(sys.executable).with_name("distcls"))
@@ -33,8 +32,7 @@ TOKEN = "security-test-token-0123456789"
 def tiny_checkpoint(tmp_path_factory) -> str:
     """A 3-class EfficientNet-Lite0 at 32 px in a local directory (loads in a second)."""
     path = str(tmp_path_factory.mktemp("ck") / "tiny")
-    save_checkpoint(path, create_model("efficientnet_lite0", 3, "bundled", image_size=32).eval(), ["a", "b", "c"])
-    return path
+    return make_checkpoint(path, ["a", "b", "c"])
 
 
 def clean_env(**extra: str) -> dict[str, str]:
@@ -45,8 +43,9 @@ def clean_env(**extra: str) -> dict[str, str]:
 
 def run_cli(argv: list[str], env: dict[str, str], timeout: float = 120) -> subprocess.CompletedProcess:
     """A command in its own process group; on a timeout the whole group is killed (and the test fails)."""
-    proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True, cwd=ROOT)
+    proc = subprocess.Popen(
+        argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True, cwd=ROOT
+    )
     try:
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -58,9 +57,20 @@ def run_cli(argv: list[str], env: dict[str, str], timeout: float = 120) -> subpr
 
 # --- item 7: no open endpoint by accident -----------------------------------------------------------------
 
-@pytest.mark.parametrize("host,loopback", [("127.0.0.1", True), ("127.0.0.2", True), ("::1", True),
-                                           ("localhost", True), ("0.0.0.0", False), ("::", False),
-                                           ("10.1.2.3", False), ("serve.example.com", False)])
+
+@pytest.mark.parametrize(
+    "host,loopback",
+    [
+        ("127.0.0.1", True),
+        ("127.0.0.2", True),
+        ("::1", True),
+        ("localhost", True),
+        ("0.0.0.0", False),
+        ("::", False),
+        ("10.1.2.3", False),
+        ("serve.example.com", False),
+    ],
+)
 def test_is_loopback(host, loopback):
     assert is_loopback(host) is loopback
 
@@ -111,20 +121,24 @@ def test_serve_config_warns_about_no_auth(capsys):
 def test_serve_on_a_public_host_without_token_refuses_before_starting(tiny_checkpoint):
     """`distcls serve --host 0.0.0.0` and the documented job (`jobs/serve.py` with jobs/configs/serve.yaml,
     host 0.0.0.0, inside a cluster where RAY_ADDRESS is set): exit 2, one line, nothing started."""
-    out = run_cli([DISTCLS, "serve", "--checkpoint", tiny_checkpoint, "--host", "0.0.0.0", "--port",
-                   str(free_port())], clean_env())
+    out = run_cli(
+        [DISTCLS, "serve", "--checkpoint", tiny_checkpoint, "--host", "0.0.0.0", "--port", str(free_port())], clean_env()
+    )
     assert out.returncode == 2, out.stderr[-2000:]
     (line,) = out.stderr.strip().splitlines()
     assert line.startswith("distcls: error: serve: --host 0.0.0.0 is reachable") and TOKEN_ENV in line
     assert "--no-auth" in line and out.stdout == ""
-    job = run_cli([sys.executable, "jobs/serve.py", "--config", "jobs/configs/serve.yaml", "--checkpoint",
-                   tiny_checkpoint], clean_env(RAY_ADDRESS="127.0.0.1:9"))  # nothing there: never contacted
+    job = run_cli(
+        [sys.executable, "jobs/serve.py", "--config", "jobs/configs/serve.yaml", "--checkpoint", tiny_checkpoint],
+        clean_env(RAY_ADDRESS="127.0.0.1:9"),
+    )  # nothing there: never contacted
     assert job.returncode == 2, job.stderr[-2000:]
     (line,) = job.stderr.strip().splitlines()
     assert "--host 0.0.0.0 is reachable" in line and TOKEN_ENV in line
 
 
 # --- item 8: no credentials in Ray's runtime env ----------------------------------------------------------
+
 
 def test_runtime_env_carries_no_credentials(ray_local, s3_server):
     """The S3 server's credentials are in the driver's environment; Ray's runtime env (which it logs and
@@ -145,9 +159,13 @@ def test_runtime_env_carries_no_credentials(ray_local, s3_server):
     env_vars = ray_local.get_runtime_context().runtime_env.get("env_vars", {})
     assert env_vars.get("AWS_ENDPOINT_URL") == s3_server.endpoint_url
     assert not set(secret_names) & set(env_vars) and secret not in json.dumps(env_vars)
-    jobs = json.dumps([j.__dict__ if hasattr(j, "__dict__") else j for j in list_jobs(
-        address=ray_local.get_runtime_context().gcs_address, detail=True, raise_on_missing_output=False)],
-        default=str)
+    jobs = json.dumps(
+        [
+            j.__dict__ if hasattr(j, "__dict__") else j
+            for j in list_jobs(address=ray_local.get_runtime_context().gcs_address, detail=True, raise_on_missing_output=False)
+        ],
+        default=str,
+    )
     assert s3_server.endpoint_url in jobs and secret not in jobs  # what Ray's jobs API returns
 
     @ray_local.remote(num_cpus=0)
@@ -159,6 +177,7 @@ def test_runtime_env_carries_no_credentials(ray_local, s3_server):
 
 
 # --- item 11: SIGTERM stops everything ---------------------------------------------------------------------
+
 
 def session_processes(marker: str) -> dict[int, str]:
     """pid -> name of the live processes whose environment carries `marker` (from /proc): the command and
@@ -199,10 +218,26 @@ def test_sigterm_stops_serve_and_everything_it_started(tiny_checkpoint):
     """`kill PID` of a running `distcls serve` (a local Ray instance, a replica, the proxy): it exits within
     a bound with one line and no Ray stack trace, and no process it started is left, agents included."""
     marker, port = secrets.token_hex(8), free_port()
-    proc = subprocess.Popen([DISTCLS, "serve", "--checkpoint", tiny_checkpoint, "--port", str(port),
-                             "--max-replicas", "1", "--cpus-per-replica", "0.5"],
-                            env=clean_env(DISTCLS_TEST_SESSION=marker), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True, cwd=ROOT)
+    proc = subprocess.Popen(
+        [
+            DISTCLS,
+            "serve",
+            "--checkpoint",
+            tiny_checkpoint,
+            "--port",
+            str(port),
+            "--max-replicas",
+            "1",
+            "--cpus-per-replica",
+            "0.5",
+        ],
+        env=clean_env(DISTCLS_TEST_SESSION=marker),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+        cwd=ROOT,
+    )
     output = Output(proc)
     try:
         deadline = time.monotonic() + 300

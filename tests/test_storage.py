@@ -145,8 +145,12 @@ def test_access_denied_is_one_clear_line():
 def test_missing_credentials_message(s3_server, tmp_path):
     """A separate process without credentials (botocore reads them at client creation)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
-    env.update(AWS_ENDPOINT_URL=s3_server.endpoint_url, AWS_SHARED_CREDENTIALS_FILE=str(tmp_path / "none"),
-               AWS_CONFIG_FILE=str(tmp_path / "none"), AWS_EC2_METADATA_DISABLED="true")
+    env.update(
+        AWS_ENDPOINT_URL=s3_server.endpoint_url,
+        AWS_SHARED_CREDENTIALS_FILE=str(tmp_path / "none"),
+        AWS_CONFIG_FILE=str(tmp_path / "none"),
+        AWS_EC2_METADATA_DISABLED="true",
+    )
     code = "from distcls import storage; storage.read_bytes('s3://storage-test/x')"
     result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert "no credentials for s3://storage-test/x; set AWS_ACCESS_KEY_ID" in result.stderr

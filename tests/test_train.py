@@ -16,11 +16,24 @@ from distcls.models import create_model
 from distcls.train.trainer import run_training
 from tests.conftest import tiny_fashion_mnist
 
-pytestmark = pytest.mark.skipif(not os.path.isdir(FASHION_MNIST_DEFAULT_DIR),
-                                reason="needs Debian's dataset-fashion-mnist (.ci/run installs it)")
+pytestmark = pytest.mark.skipif(
+    not os.path.isdir(FASHION_MNIST_DEFAULT_DIR), reason="needs Debian's dataset-fashion-mnist (.ci/run installs it)"
+)
 BUCKET = "s3://train-test"
-TINY = ["--model", "efficientnet_lite0", "--weights", "bundled", "--image-size", "32", "--batch-size", "8",
-        "--num-workers", "2", "--storage", f"{BUCKET}/runs"]
+TINY = [
+    "--model",
+    "efficientnet_lite0",
+    "--weights",
+    "bundled",
+    "--image-size",
+    "32",
+    "--batch-size",
+    "8",
+    "--num-workers",
+    "2",
+    "--storage",
+    f"{BUCKET}/runs",
+]
 
 
 @pytest.fixture(scope="module")
@@ -29,14 +42,21 @@ def fm(s3_server, ray_local):
 
 
 def train_cfg(fm, name: str, **kw) -> TrainConfig:
-    base = dict(data=fm["train"], val_data=fm["val"], image_size=32, batch_size=8, num_workers=2,
-                storage=f"{BUCKET}/runs", name=name, epochs=2)
+    base = dict(
+        data=fm["train"],
+        val_data=fm["val"],
+        image_size=32,
+        batch_size=8,
+        num_workers=2,
+        storage=f"{BUCKET}/runs",
+        name=name,
+        epochs=2,
+    )
     return TrainConfig(**{**base, **kw})
 
 
 def test_train_then_evaluate_contracts(fm, tmp_path, capsys):
-    code = main(["train", "--data", fm["train"], "--val-data", fm["val"], "--epochs", "2", "--name", "t1",
-                 "--keep", "1", *TINY])
+    code = main(["train", "--data", fm["train"], "--val-data", fm["val"], "--epochs", "2", "--name", "t1", "--keep", "1", *TINY])
     assert code == 0, capsys.readouterr().err
     result = json.loads(storage.read_text(f"{BUCKET}/runs/t1/result.json"))
     ckpt = result["checkpoint"]
@@ -48,8 +68,15 @@ def test_train_then_evaluate_contracts(fm, tmp_path, capsys):
     assert meta["config"]["epochs"] == 2 and meta["preprocessing"]["image_size"] == 32
     assert [h["epoch"] for h in result["epochs"]] == [1, 2]
     m = result["metrics"]
-    for key in ("train_loss", "val_loss", "val_accuracy", "val_top5_accuracy", "val_macro_precision",
-                "val_macro_recall", "val_macro_f1"):
+    for key in (
+        "train_loss",
+        "val_loss",
+        "val_accuracy",
+        "val_top5_accuracy",
+        "val_macro_precision",
+        "val_macro_recall",
+        "val_macro_f1",
+    ):
         assert key in m
     assert m["val_samples"] == 40 and m["val_accuracy"] == max(h["val_accuracy"] for h in result["epochs"])
     # keep=1: the best and the latest survive, nothing else.
@@ -61,8 +88,18 @@ def test_train_then_evaluate_contracts(fm, tmp_path, capsys):
     report = json.loads((out / "report.json").read_text())
     assert (out / "confusion_matrix.png").read_bytes()[:4] == b"\x89PNG"
     assert "| accuracy |" in (out / "report.md").read_text()
-    for key in ("accuracy", "top5_accuracy", "macro_precision", "macro_recall", "macro_f1", "weighted_f1",
-                "per_class", "confusion_matrix", "num_samples", "skipped"):
+    for key in (
+        "accuracy",
+        "top5_accuracy",
+        "macro_precision",
+        "macro_recall",
+        "macro_f1",
+        "weighted_f1",
+        "per_class",
+        "confusion_matrix",
+        "num_samples",
+        "skipped",
+    ):
         assert key in report
     assert report["num_samples"] == 40 and report["skipped"] == 0
     assert sum(map(sum, report["confusion_matrix"])) == 40
@@ -115,15 +152,15 @@ def test_default_recipe_learns_and_is_recorded(fm, tmp_path, dataset):
     """Nothing but data, budget and size given: the adaptive recipe trains on two different real datasets
     (photos of products; 8x8 handwritten digits read from local files), and says what it chose."""
     if dataset == "digits":
-        from distcls.recipe_data import write_digits
+        from distcls.tools.recipe_data import write_digits
 
         write_digits(str(tmp_path / "digits"), test_size=200)
-        data = dict(data=str(tmp_path / "digits" / "train"), val_data=str(tmp_path / "digits" / "test"),
-                    storage=str(tmp_path / "runs"))
+        data = dict(
+            data=str(tmp_path / "digits" / "train"), val_data=str(tmp_path / "digits" / "test"), storage=str(tmp_path / "runs")
+        )
     else:
         data = dict(data=fm["train"], val_data=fm["val"], storage=f"{BUCKET}/runs")
-    result = run_training(TrainConfig(**data, image_size=32, batch_size=8, num_workers=2, epochs=5,
-                                      name=f"recipe-{dataset}"))
+    result = run_training(TrainConfig(**data, image_size=32, batch_size=8, num_workers=2, epochs=5, name=f"recipe-{dataset}"))
     losses = [h["train_loss"] for h in result["epochs"]]
     # it learns within its steps (80 Fashion-MNIST images at 32 px is a hard, tiny set: a smaller factor)
     assert losses[-1] < (0.75 if dataset == "digits" else 0.9) * losses[0], losses

@@ -22,8 +22,9 @@ from tests.conftest import encode
 def test_eval_transform_matches_torchvision(photo):
     spec = PreprocessSpec(image_size=96, resize_size=110, interpolation="bicubic")
     ours = eval_transform(Image.fromarray(photo), spec)
-    reference = T.Compose([T.Resize(110, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(96),
-                           T.PILToTensor()])(Image.fromarray(photo)).numpy()
+    reference = T.Compose([T.Resize(110, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(96), T.PILToTensor()])(
+        Image.fromarray(photo)
+    ).numpy()
     assert ours.dtype == np.uint8 and ours.shape == (3, 96, 96)
     np.testing.assert_array_equal(ours, reference)
 

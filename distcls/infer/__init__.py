@@ -22,5 +22,17 @@ def __getattr__(name: str):
         return getattr(engine, name)
     raise AttributeError(f"module 'distcls.infer' has no attribute {name!r}")
 
-__all__ = ["BatchPredictor", "Predictor", "RUNTIMES", "is_export", "load_model", "model_file_uri",
-           "predict_dataset", "prepare_runtime", "softmax_topk", "top_prediction", "verify_model"]
+
+__all__ = [
+    "BatchPredictor",
+    "Predictor",
+    "RUNTIMES",
+    "is_export",
+    "load_model",
+    "model_file_uri",
+    "predict_dataset",
+    "prepare_runtime",
+    "softmax_topk",
+    "top_prediction",
+    "verify_model",
+]

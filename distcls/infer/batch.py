@@ -14,17 +14,25 @@ from distcls import DistclsError
 class BatchPredictor:
     """Ray Data callable class: adds `logits` (float32) for the rows without `error`, drops `image`."""
 
-    def __init__(self, checkpoint: str, runtime: str = "auto", device: str | None = None, threads: int | None = None,
-                 expected_model: str | None = None):
+    def __init__(
+        self,
+        checkpoint: str,
+        runtime: str = "auto",
+        device: str | None = None,
+        threads: int | None = None,
+        expected_model: str | None = None,
+    ):
         from distcls.infer.engine import load_model
 
         # Ray pins actors to OMP_NUM_THREADS = their CPU count; `threads` is that share, set explicitly.
         self.predictor = load_model(checkpoint, runtime, device, threads)
         found = self.predictor.id
         if expected_model and found != expected_model:
-            raise DistclsError(f"label: the model at {checkpoint} changed while the job ran (weights sha256 "
-                               f"{str(found)[:12]}..., the job verified {expected_model[:12]}...); rows of two models "
-                               "would mix: run the job again, with a new --output for the new model")
+            raise DistclsError(
+                f"label: the model at {checkpoint} changed while the job ran (weights sha256 "
+                f"{str(found)[:12]}..., the job verified {expected_model[:12]}...); rows of two models "
+                "would mix: run the job again, with a new --output for the new model"
+            )
         self.num_classes = len(self.predictor.meta["class_names"])
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -47,19 +55,35 @@ class DecodeAndPredict(BatchPredictor):
         return super().__call__(load_images(batch, self.predictor.spec))
 
 
-def predict_dataset(ds, checkpoint: str, batch_size: int, concurrency: int | tuple[int, ...], num_gpus: float,
-                    cpus_per_replica: float = 1.0, runtime: str = "auto", decode: bool = False,
-                    expected_model: str | None = None):
+def predict_dataset(
+    ds,
+    checkpoint: str,
+    batch_size: int,
+    concurrency: int | tuple[int, ...],
+    num_gpus: float,
+    cpus_per_replica: float = 1.0,
+    runtime: str = "auto",
+    decode: bool = False,
+    expected_model: str | None = None,
+):
     """Add `logits` with an actor pool of `concurrency` replicas (an int, or (MIN, MAX) to autoscale).
     `runtime` should be what `prepare_runtime` chose in the driver, so actors never compile. With `decode`
     the rows are paths and the actors read and decode them too (DecodeAndPredict). `expected_model`: the
     weights sha256 the driver verified; an actor that loads other weights (the model replaced mid-run) refuses."""
-    return ds.map_batches(DecodeAndPredict if decode else BatchPredictor,
-                          fn_constructor_kwargs={"checkpoint": checkpoint, "runtime": runtime,
-                                                 "threads": max(1, int(cpus_per_replica)),
-                                                 "expected_model": expected_model},
-                          batch_size=batch_size, batch_format="numpy", compute=actor_pool(concurrency),
-                          num_gpus=num_gpus or None, num_cpus=cpus_per_replica)
+    return ds.map_batches(
+        DecodeAndPredict if decode else BatchPredictor,
+        fn_constructor_kwargs={
+            "checkpoint": checkpoint,
+            "runtime": runtime,
+            "threads": max(1, int(cpus_per_replica)),
+            "expected_model": expected_model,
+        },
+        batch_size=batch_size,
+        batch_format="numpy",
+        compute=actor_pool(concurrency),
+        num_gpus=num_gpus or None,
+        num_cpus=cpus_per_replica,
+    )
 
 
 def actor_pool(concurrency: int | tuple[int, ...]):
@@ -76,7 +100,7 @@ def softmax_topk(logits: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     logits = np.asarray(logits, dtype=np.float32)
     shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
     probs = shifted / shifted.sum(axis=1, keepdims=True)
-    order = np.argsort(-probs, axis=1, kind="stable")[:, :min(k, probs.shape[1])]
+    order = np.argsort(-probs, axis=1, kind="stable")[:, : min(k, probs.shape[1])]
     return probs, order
 
 

@@ -22,9 +22,10 @@ import torch
 
 from distcls import DistclsError
 from distcls.checkpoint import checkpoint_id, load_checkpoint, read_meta, verify_checkpoint
+from distcls.device import DevicePolicy
 from distcls.infer import onnxrt
 from distcls.infer.modelfile import check_safe_to_load, is_export, read_export_file
-from distcls.models import for_inference, forward_chunk, forward_in_chunks, get_model_info
+from distcls.models import get_model_info
 from distcls.transforms import PreprocessSpec
 
 RUNTIMES = ("auto", "torch", "onnx")
@@ -68,15 +69,17 @@ def default_device() -> torch.device:
 
 
 def choose_runtime(uri: str, meta: dict, runtime: str, device: torch.device) -> str:
-    """"onnx" or "torch" for this model on this device under --runtime (before any compiling)."""
+    """ "onnx" or "torch" for this model on this device under --runtime (before any compiling)."""
     if runtime not in RUNTIMES:
         raise DistclsError(f"infer: unknown runtime {runtime!r}; choose one of {', '.join(RUNTIMES)}")
     if is_export(meta):
         fmt = meta.get("export", {}).get("format")
         own = "onnx" if fmt == "onnx" else "torch"
         if runtime not in ("auto", own):
-            raise DistclsError(f"infer: {uri} is a {fmt} export, which runs only on {own}; pass --runtime auto "
-                               f"or {own}, or give the PyTorch checkpoint")
+            raise DistclsError(
+                f"infer: {uri} is a {fmt} export, which runs only on {own}; pass --runtime auto "
+                f"or {own}, or give the PyTorch checkpoint"
+            )
         return own
     if runtime == "auto":
         return "torch" if device.type == "cuda" else "onnx"
@@ -84,12 +87,13 @@ def choose_runtime(uri: str, meta: dict, runtime: str, device: torch.device) -> 
 
 
 def torch_runner(model: torch.nn.Module, device: torch.device) -> Callable[[np.ndarray], np.ndarray]:
-    chunk = forward_chunk(device)
+    policy = DevicePolicy.of(device)
 
     def run(images: np.ndarray) -> np.ndarray:
         with torch.inference_mode():
             x = torch.from_numpy(np.ascontiguousarray(images)).to(device, non_blocking=True)
-            return forward_in_chunks(model, x, chunk).float().cpu().numpy()
+            return policy.infer(model, x).cpu().numpy()
+
     return run
 
 
@@ -101,7 +105,6 @@ def load_torch(uri: str, meta: dict, device: torch.device, note: str) -> Predict
         parameters = int(meta["export"].get("parameters") or 0) or None
     else:
         model, meta = load_checkpoint(uri, device)
-        model = for_inference(model, device)
         parameters = sum(p.numel() for p in model.parameters())
     return Predictor(meta, "torch", device, torch_runner(model, device), note, parameters)
 
@@ -145,8 +148,13 @@ def load_onnx(uri: str, meta: dict, data: bytes, device: torch.device, threads: 
     return Predictor(meta, "onnx", device, session.run, f"{note} on {session.provider}", parameters)
 
 
-def load_model(uri: str, runtime: str = "auto", device: str | torch.device | None = None,
-               threads: int | None = None, sample: np.ndarray | None = None) -> Predictor:
+def load_model(
+    uri: str,
+    runtime: str = "auto",
+    device: str | torch.device | None = None,
+    threads: int | None = None,
+    sample: np.ndarray | None = None,
+) -> Predictor:
     """A checkpoint or export directory as a Predictor (verified; see the module doc for the policy).
     `sample`: real uint8 NCHW images of the task for the compile check (generated ones otherwise)."""
     device = torch.device(device) if device is not None else default_device()

@@ -37,8 +37,10 @@ def export_file_name(uri: str, meta: dict) -> str:
     if fmt not in FILES:
         raise DistclsError(f"export: {uri} has unknown export format {fmt!r} in {META}; expected onnx or torchscript")
     if export.get("file") != FILES[fmt]:
-        raise DistclsError(f"export: {uri}'s {META} names export.file {export.get('file')!r}; the model of this "
-                           f"{fmt} export can only be {FILES[fmt]!r} in its directory, refusing to read any other path")
+        raise DistclsError(
+            f"export: {uri}'s {META} names export.file {export.get('file')!r}; the model of this "
+            f"{fmt} export can only be {FILES[fmt]!r} in its directory, refusing to read any other path"
+        )
     return FILES[fmt]
 
 
@@ -50,8 +52,10 @@ def read_export_file(uri: str, meta: dict) -> bytes:
     data = storage.read_bytes(file_uri)
     digest = hashlib.sha256(data).hexdigest()
     if digest != meta["weights_sha256"]:
-        raise DistclsError(f"export: {file_uri} has sha256 {digest[:12]}..., but {META} records "
-                           f"{meta['weights_sha256'][:12]}...; the file was changed or damaged, refusing to load")
+        raise DistclsError(
+            f"export: {file_uri} has sha256 {digest[:12]}..., but {META} records "
+            f"{meta['weights_sha256'][:12]}...; the file was changed or damaged, refusing to load"
+        )
     return data
 
 
@@ -60,8 +64,10 @@ def trust_torchscript() -> None:
     (runtime.FORWARDED_ENV carries TRUST_ENV). Inside `ray job submit` only the job's runtime env reaches
     the workers, so there the variable must already be set."""
     if os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR") and os.environ.get(TRUST_ENV) != "1":
-        raise DistclsError(f"export: --trust-torchscript inside `ray job submit` does not reach the job's workers; "
-                           f"add {TRUST_ENV}=1 to --runtime-env-json's env_vars instead")
+        raise DistclsError(
+            f"export: --trust-torchscript inside `ray job submit` does not reach the job's workers; "
+            f"add {TRUST_ENV}=1 to --runtime-env-json's env_vars instead"
+        )
     os.environ[TRUST_ENV] = "1"
 
 
@@ -75,8 +81,10 @@ def trusted_models() -> set[str]:
     entries = {e.strip().lower() for e in os.environ.get(TRUSTED_MODELS_ENV, "").split(",") if e.strip()}
     bad = sorted(e for e in entries if not re.fullmatch(r"[0-9a-f]{64}", e))
     if bad:
-        raise DistclsError(f"export: {TRUSTED_MODELS_ENV} entry {bad[0][:70]!r} is not a sha256; list the full "
-                           "64-hex-digit sha256 of each trusted model, comma-separated")
+        raise DistclsError(
+            f"export: {TRUSTED_MODELS_ENV} entry {bad[0][:70]!r} is not a sha256; list the full "
+            "64-hex-digit sha256 of each trusted model, comma-separated"
+        )
     return entries
 
 
@@ -84,9 +92,11 @@ def check_torchscript_trusted(uri: str, sha256: str) -> None:
     """TorchScript runs the file's own code as it loads (`__setstate__`) and runs: only when trusted."""
     if os.environ.get(TRUST_ENV) == "1" or sha256 in trusted_models():
         return
-    raise DistclsError(f"export: {uri} is TorchScript, which runs code from the model file, and it is not trusted; "
-                       f"refusing to load (if you trust whoever can write it: --trust-torchscript, or add its "
-                       f"sha256 {sha256} to {TRUSTED_MODELS_ENV})")
+    raise DistclsError(
+        f"export: {uri} is TorchScript, which runs code from the model file, and it is not trusted; "
+        f"refusing to load (if you trust whoever can write it: --trust-torchscript, or add its "
+        f"sha256 {sha256} to {TRUSTED_MODELS_ENV})"
+    )
 
 
 def graph_tensors(graph, where: str):
@@ -130,8 +140,10 @@ def refuse_external_data(data: bytes, file_uri: str) -> None:
         import onnx
         from google.protobuf.message import DecodeError
     except ImportError:
-        raise DistclsError("export: checking an ONNX model needs the onnx package, a dependency of distcls; "
-                           "reinstall distcls (pip install distcls)") from None
+        raise DistclsError(
+            "export: checking an ONNX model needs the onnx package, a dependency of distcls; "
+            "reinstall distcls (pip install distcls)"
+        ) from None
     try:
         model = onnx.load_model_from_string(data)
     except DecodeError as exc:
@@ -139,9 +151,11 @@ def refuse_external_data(data: bytes, file_uri: str) -> None:
     for where, t in model_tensors(model):
         if t.data_location == onnx.TensorProto.EXTERNAL or len(t.external_data):
             location = {e.key: e.value for e in t.external_data}.get("location", "")
-            raise DistclsError(f"export: {file_uri} keeps tensor {t.name!r} ({where}) in the external file "
-                               f"{location!r}; refusing to read files outside the model (`distcls export` never "
-                               "writes external data): export the checkpoint again")
+            raise DistclsError(
+                f"export: {file_uri} keeps tensor {t.name!r} ({where}) in the external file "
+                f"{location!r}; refusing to read files outside the model (`distcls export` never "
+                "writes external data): export the checkpoint again"
+            )
 
 
 def check_safe_to_load(uri: str, meta: dict, data: bytes) -> None:

@@ -63,17 +63,24 @@ class OnnxSession:
         images = np.ascontiguousarray(images, dtype=np.uint8)
         if len(images) <= ONNX_CHUNK:
             return self.session.run(None, {self.input: images})[0]
-        return np.concatenate([self.session.run(None, {self.input: images[i:i + ONNX_CHUNK]})[0]
-                               for i in range(0, len(images), ONNX_CHUNK)])
+        return np.concatenate(
+            [self.session.run(None, {self.input: images[i : i + ONNX_CHUNK]})[0] for i in range(0, len(images), ONNX_CHUNK)]
+        )
 
 
 def export_onnx(model: torch.nn.Module, path: str, image_size: int, opset: int = OPSET) -> None:
     """The whole Classifier (uint8 in, normalisation inside) with a dynamic batch axis (torch.export based)."""
     example = torch.zeros(2, 3, image_size, image_size, dtype=torch.uint8)
     with contextlib.redirect_stdout(io.StringIO()):  # the exporter prints its progress
-        program = torch.onnx.export(model, (example,), input_names=["image"], output_names=["logits"],
-                                    opset_version=opset, dynamo=True,
-                                    dynamic_shapes=({0: torch.export.Dim("batch")},))
+        program = torch.onnx.export(
+            model,
+            (example,),
+            input_names=["image"],
+            output_names=["logits"],
+            opset_version=opset,
+            dynamo=True,
+            dynamic_shapes=({0: torch.export.Dim("batch")},),
+        )
         program.save(path)
 
 
@@ -81,13 +88,18 @@ def agreement(reference, candidate, images: np.ndarray, batch_size: int = 32) ->
     """Top-1 agreement and the largest logit difference of two numpy predictors on the same images."""
     agree, max_diff, scale = 0, 0.0, 0.0
     for i in range(0, len(images), batch_size):
-        a = np.asarray(reference(images[i:i + batch_size]), dtype=np.float32)
-        b = np.asarray(candidate(images[i:i + batch_size]), dtype=np.float32)
+        a = np.asarray(reference(images[i : i + batch_size]), dtype=np.float32)
+        b = np.asarray(candidate(images[i : i + batch_size]), dtype=np.float32)
         agree += int((a.argmax(1) == b.argmax(1)).sum())
         max_diff = max(max_diff, float(np.abs(a - b).max()))
         scale = max(scale, float(np.abs(a).max()))
-    return {"images": int(len(images)), "agree": agree, "rate": agree / max(1, len(images)),
-            "max_abs_logit_diff": max_diff, "max_abs_logit": scale}
+    return {
+        "images": int(len(images)),
+        "agree": agree,
+        "rate": agree / max(1, len(images)),
+        "max_abs_logit_diff": max_diff,
+        "max_abs_logit": scale,
+    }
 
 
 def check_images(image_size: int, n: int = 8, seed: int = 0) -> np.ndarray:
@@ -110,9 +122,15 @@ def cache_root() -> str:
 
 def cache_key(meta: dict) -> str:
     """Everything the compiled graph depends on: the weights (by sha256) and how they are wired."""
-    ident = {"weights_sha256": meta["weights_sha256"], "architecture": meta["architecture"],
-             "preprocessing": meta["preprocessing"], "classes": len(meta["class_names"]),
-             "torch": torch.__version__, "opset": OPSET, "format": COMPILE_FORMAT}
+    ident = {
+        "weights_sha256": meta["weights_sha256"],
+        "architecture": meta["architecture"],
+        "preprocessing": meta["preprocessing"],
+        "classes": len(meta["class_names"]),
+        "torch": torch.__version__,
+        "opset": OPSET,
+        "format": COMPILE_FORMAT,
+    }
     return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:32]
 
 
@@ -174,22 +192,36 @@ def compile_checkpoint(model: torch.nn.Module, meta: dict, sample: np.ndarray | 
                 data = f.read()
         session = OnnxSession(data, torch.device("cpu"))
     except Exception as exc:
-        raise CompileError(f"compiling {meta['architecture']} to ONNX failed ({type(exc).__name__}: "
-                           f"{str(exc).splitlines()[0][:200] if str(exc) else ''})") from None
+        raise CompileError(
+            f"compiling {meta['architecture']} to ONNX failed ({type(exc).__name__}: "
+            f"{str(exc).splitlines()[0][:200] if str(exc) else ''})"
+        ) from None
 
     def reference(x: np.ndarray) -> np.ndarray:
         with torch.inference_mode():
             return model(torch.from_numpy(x)).float().numpy()
 
     check = agreement(reference, session.run, images)
-    bad = 1 - check["rate"] > MAX_DISAGREEMENT or not np.isfinite(check["max_abs_logit_diff"]) or \
-        check["max_abs_logit_diff"] > LOGIT_TOLERANCE * (1 + check["max_abs_logit"])
+    bad = (
+        1 - check["rate"] > MAX_DISAGREEMENT
+        or not np.isfinite(check["max_abs_logit_diff"])
+        or check["max_abs_logit_diff"] > LOGIT_TOLERANCE * (1 + check["max_abs_logit"])
+    )
     if bad:
-        raise CompileError(f"the ONNX graph of {meta['architecture']} disagrees with torch on the check images "
-                           f"(top-1 {check['agree']}/{check['images']}, largest logit difference "
-                           f"{check['max_abs_logit_diff']:.3g})")
-    record = {"onnx_sha256": hashlib.sha256(data).hexdigest(), "weights_sha256": meta["weights_sha256"],
-              "architecture": meta["architecture"], "opset": OPSET, "torch": torch.__version__,
-              "distcls": __version__, "check": check, "check_images": "sample" if sample is not None else "generated",
-              "compile_seconds": round(time.perf_counter() - started, 2)}
+        raise CompileError(
+            f"the ONNX graph of {meta['architecture']} disagrees with torch on the check images "
+            f"(top-1 {check['agree']}/{check['images']}, largest logit difference "
+            f"{check['max_abs_logit_diff']:.3g})"
+        )
+    record = {
+        "onnx_sha256": hashlib.sha256(data).hexdigest(),
+        "weights_sha256": meta["weights_sha256"],
+        "architecture": meta["architecture"],
+        "opset": OPSET,
+        "torch": torch.__version__,
+        "distcls": __version__,
+        "check": check,
+        "check_images": "sample" if sample is not None else "generated",
+        "compile_seconds": round(time.perf_counter() - started, 2),
+    }
     return data, record

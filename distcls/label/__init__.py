@@ -1,6 +1,6 @@
 """`distcls label` at bucket scale: the plan (plan.py), the output's parts (parts.py), the job (job.py)."""
 
 from distcls.label.job import label_status, run_labeling
-from distcls.label.parts import done_paths, existing_parts, output_schema
+from distcls.label.parts import done_paths, existing_parts, output_schema, read_labels
 
-__all__ = ["done_paths", "existing_parts", "label_status", "output_schema", "run_labeling"]
+__all__ = ["done_paths", "existing_parts", "label_status", "output_schema", "read_labels", "run_labeling"]

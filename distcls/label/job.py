@@ -41,16 +41,16 @@ from distcls.transforms import PreprocessSpec
 TODO_BLOCK_ROWS = 1000  # paths per Ray Data block when the plan is read back (rerun, resume)
 
 
-def write_part(batch: dict[str, np.ndarray], output: str, class_names: list[str], model_id: str,
-               top_k: int, part_mb: float) -> dict[str, np.ndarray]:
+def write_part(
+    batch: dict[str, np.ndarray], output: str, class_names: list[str], model_id: str, top_k: int, part_mb: float
+) -> dict[str, np.ndarray]:
     """Ray Data task: a batch of predictions -> Parquet part(s), each written atomically; returns counts."""
     import pyarrow as pa
 
     table = pa.table(label_rows(batch, class_names, model_id, top_k), schema=output_schema())
     write_parts(table, output, part_mb)
     kinds = [str(e).split(":", 1)[0] for e in batch["error"] if e]
-    return {"rows": np.array([len(table)]), "errors": np.array([len(kinds)]),
-            "kinds": np.array([",".join(kinds)], dtype=object)}
+    return {"rows": np.array([len(table)]), "errors": np.array([len(kinds)]), "kinds": np.array([",".join(kinds)], dtype=object)}
 
 
 def label_rows(batch: dict[str, np.ndarray], class_names: list[str], model_id: str, top_k: int) -> dict[str, list]:
@@ -120,19 +120,30 @@ def run_labeling(cfg: LabelConfig, progress: bool = True) -> dict:
     plan, how = open_plan(cfg)
     snap, duplicates = done_snapshot(cfg.output)
     done = snap.table.column("path")
-    summary = {"labeled": 0, "errors": 0, "errors_by_kind": {}, "output": cfg.output, "model": model_id,
-               "duplicates_removed": duplicates}
+    summary = {
+        "labeled": 0,
+        "errors": 0,
+        "errors_by_kind": {},
+        "output": cfg.output,
+        "model": model_id,
+        "duplicates_removed": duplicates,
+    }
     removed = f"; removed {duplicates} duplicate rows" if duplicates else ""
     if plan.complete:
         todo = plan_todo(plan, done)
         total = plan.keys
-        print(f"label: {total} objects planned ({how}); {total - len(todo)} already labeled, {len(todo)} to do"
-              + removed, flush=True)
+        print(
+            f"label: {total} objects planned ({how}); {total - len(todo)} already labeled, {len(todo)} to do" + removed,
+            flush=True,
+        )
         sample_paths = todo.column("path").to_pylist()[:: max(1, len(todo) // 64)] if len(todo) else []
     else:
         todo, total = None, None
-        print(f"label: {how} under {cfg.manifest or cfg.input}; {len(done)} rows already in the output; labeling "
-              f"starts as keys arrive{removed}", flush=True)
+        print(
+            f"label: {how} under {cfg.manifest or cfg.input}; {len(done)} rows already in the output; labeling "
+            f"starts as keys arrive{removed}",
+            flush=True,
+        )
         sample_paths = peek_paths(plan)
         if not sample_paths and plan.source.input and not cfg.manifest:
             raise DistclsError(f"label: no image objects under {cfg.input}; check the URI or widen --include")
@@ -177,8 +188,18 @@ def plan_todo(plan: StoredPlan, done):
     return table
 
 
-def run_pipeline(cfg: LabelConfig, meta: dict, spec: PreprocessSpec, runtime: str, plan: StoredPlan, todo, done,
-                 summary: dict, started: float, progress: bool) -> None:
+def run_pipeline(
+    cfg: LabelConfig,
+    meta: dict,
+    spec: PreprocessSpec,
+    runtime: str,
+    plan: StoredPlan,
+    todo,
+    done,
+    summary: dict,
+    started: float,
+    progress: bool,
+) -> None:
     import ray
     import ray.data
 
@@ -189,20 +210,40 @@ def run_pipeline(cfg: LabelConfig, meta: dict, spec: PreprocessSpec, runtime: st
         done_ref = ray.put(done.combine_chunks()) if len(done) else None
         hold = cfg.output if os.environ.get(LIST_HOLD_ENV) == "1" else None
         block_bytes = TEST_BLOCK_BYTES if hold else BLOCK_BYTES
-        ds = ray.data.read_datasource(plan_datasource(plan.listers, plan.source, plan.uri, done_ref, block_bytes,
-                                                      hold), num_cpus=0.25)
+        ds = ray.data.read_datasource(
+            plan_datasource(plan.listers, plan.source, plan.uri, done_ref, block_bytes, hold), num_cpus=0.25
+        )
         ds.context.target_max_block_size = block_bytes  # each listed block goes on at once (see plan.py)
     fused = cfg.pipeline == "fused" or (cfg.pipeline == "auto" and not cfg.num_gpus)
     if not fused:
         from distcls.datasets import DECODE_CPUS, ROWS_PER_BLOCK
 
-        ds = ds.map_batches(load_images, fn_kwargs={"spec": spec}, batch_size=ROWS_PER_BLOCK, batch_format="numpy",
-                            num_cpus=DECODE_CPUS)
-    ds = predict_dataset(ds, cfg.checkpoint, cfg.batch_size, cfg.concurrency, cfg.num_gpus, cfg.cpus_per_replica,
-                         runtime, decode=fused, expected_model=checkpoint_id(meta))
-    ds = ds.map_batches(write_part, fn_kwargs={
-        "output": cfg.output, "class_names": meta["class_names"], "model_id": checkpoint_id(meta),
-        "top_k": cfg.top_k, "part_mb": cfg.part_mb}, batch_size=cfg.part_rows, batch_format="numpy")
+        ds = ds.map_batches(
+            load_images, fn_kwargs={"spec": spec}, batch_size=ROWS_PER_BLOCK, batch_format="numpy", num_cpus=DECODE_CPUS
+        )
+    ds = predict_dataset(
+        ds,
+        cfg.checkpoint,
+        cfg.batch_size,
+        cfg.concurrency,
+        cfg.num_gpus,
+        cfg.cpus_per_replica,
+        runtime,
+        decode=fused,
+        expected_model=checkpoint_id(meta),
+    )
+    ds = ds.map_batches(
+        write_part,
+        fn_kwargs={
+            "output": cfg.output,
+            "class_names": meta["class_names"],
+            "model_id": checkpoint_id(meta),
+            "top_k": cfg.top_k,
+            "part_mb": cfg.part_mb,
+        },
+        batch_size=cfg.part_rows,
+        batch_format="numpy",
+    )
     kinds: Counter = Counter()
     last = time.perf_counter()
     for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
@@ -221,17 +262,32 @@ def finish(cfg: LabelConfig, plan: StoredPlan, snap, summary: dict, started: flo
     """Counts for the summary; OUTPUT/_SUCCESS.json when every planned object has its row."""
     stats = OutputStats.of(snap)
     seconds = time.perf_counter() - started
-    summary.update(total=plan.keys if plan.complete else stats.distinct, rows=stats.rows, distinct=stats.distinct,
-                   seconds=seconds, images_per_s=summary["labeled"] / max(seconds, 1e-9),
-                   driver_peak_rss_mb=peak_rss_mb())
+    summary.update(
+        total=plan.keys if plan.complete else stats.distinct,
+        rows=stats.rows,
+        distinct=stats.distinct,
+        seconds=seconds,
+        images_per_s=summary["labeled"] / max(seconds, 1e-9),
+        driver_peak_rss_mb=peak_rss_mb(),
+    )
     summary["skipped_done"] = summary["total"] - summary["labeled"]
     summary["complete"] = plan.complete and stats.distinct >= plan.keys
     if summary["complete"]:
-        record = {"objects": plan.keys, "rows": stats.rows, "distinct_paths": stats.distinct, "errors": stats.errors,
-                  "errors_by_kind": stats.errors_by_kind, "parts": stats.parts, "model": summary["model"],
-                  "runtime": summary.get("runtime"), "finished_at": now(),
-                  "last_run": {k: summary[k] for k in ("labeled", "seconds", "images_per_s", "plan_seconds",
-                                                       "driver_peak_rss_mb", "duplicates_removed")}}
+        record = {
+            "objects": plan.keys,
+            "rows": stats.rows,
+            "distinct_paths": stats.distinct,
+            "errors": stats.errors,
+            "errors_by_kind": stats.errors_by_kind,
+            "parts": stats.parts,
+            "model": summary["model"],
+            "runtime": summary.get("runtime"),
+            "finished_at": now(),
+            "last_run": {
+                k: summary[k]
+                for k in ("labeled", "seconds", "images_per_s", "plan_seconds", "driver_peak_rss_mb", "duplicates_removed")
+            },
+        }
         storage.write_text(storage.join_uri(cfg.output, SUCCESS), json.dumps(record, indent=1))
     return summary
 
@@ -256,19 +312,28 @@ def label_status(output: str, print_it: bool = True) -> dict:
     record = json.loads(storage.read_text(success)) if storage.exists(success) else None
     planned = plan.keys if plan.listers else None
     complete = bool(plan.complete and record and stats.distinct >= plan.keys)
-    status = {"output": output, "planned": planned, "plan_complete": plan.complete, "rows": stats.rows,
-              "distinct_paths": stats.distinct, "parts": stats.parts, "errors": stats.errors,
-              "errors_by_kind": stats.errors_by_kind, "complete": complete,
-              "model": record["model"] if record else None}
+    status = {
+        "output": output,
+        "planned": planned,
+        "plan_complete": plan.complete,
+        "rows": stats.rows,
+        "distinct_paths": stats.distinct,
+        "parts": stats.parts,
+        "errors": stats.errors,
+        "errors_by_kind": stats.errors_by_kind,
+        "complete": complete,
+        "model": record["model"] if record else None,
+    }
     if print_it:
-        listing = "" if plan.complete or not plan.listers else f" so far ({len(plan.finished)}/{len(plan.listers)} " \
-                                                               "listers done)"
+        listing = "" if plan.complete or not plan.listers else f" so far ({len(plan.finished)}/{len(plan.listers)} listers done)"
         kinds = ", ".join(f"{k} {n}" for k, n in sorted(stats.errors_by_kind.items())) or "none"
         print(f"output {output}")
         print(f"  planned:  {planned if planned is not None else 'no plan'} objects{listing}")
         print(f"  written:  {stats.rows} rows, {stats.distinct} distinct paths, in {stats.parts} parts")
         print(f"  errors:   {stats.errors} ({kinds})")
         todo = (planned - stats.distinct) if planned is not None else "?"
-        print(f"  complete: {'yes' if complete else 'no'}" + ("" if complete else f" ({todo} to do; rerun the same "
-                                                                                  "`distcls label` to finish)"))
+        print(
+            f"  complete: {'yes' if complete else 'no'}"
+            + ("" if complete else f" ({todo} to do; rerun the same `distcls label` to finish)")
+        )
     return status

@@ -33,11 +33,18 @@ REPAIR_PASSES = 5
 def output_schema():
     import pyarrow as pa
 
-    return pa.schema([
-        ("path", pa.string()), ("label", pa.string()), ("score", pa.float32()),
-        ("topk_labels", pa.list_(pa.string())), ("topk_scores", pa.list_(pa.float32())),
-        ("error", pa.string()), ("model", pa.string()), ("labeled_at", pa.timestamp("us", tz="UTC")),
-    ])
+    return pa.schema(
+        [
+            ("path", pa.string()),
+            ("label", pa.string()),
+            ("score", pa.float32()),
+            ("topk_labels", pa.list_(pa.string())),
+            ("topk_scores", pa.list_(pa.float32())),
+            ("error", pa.string()),
+            ("model", pa.string()),
+            ("labeled_at", pa.timestamp("us", tz="UTC")),
+        ]
+    )
 
 
 def is_part(path: str) -> bool:
@@ -78,12 +85,28 @@ def check_not_nested(output: str) -> None:
     for i in range(len(parts) - 1, 0, -1):  # every ancestor: up to the bucket, or to /
         parent = storage.to_uri(scheme, "/".join(parts[:i]) or "/")
         if is_output(parent):
-            raise DistclsError(f"label: --output {output} is inside another label output ({parent} has parts or a "
-                               "plan); choose a folder outside it")
+            raise DistclsError(
+                f"label: --output {output} is inside another label output ({parent} has parts or a "
+                "plan); choose a folder outside it"
+            )
     for folder in own_level(output)[1]:
         if not folder.rstrip("/").endswith("/_plan") and is_output(folder):
-            raise DistclsError(f"label: --output {output} holds another label output ({folder}); give each job a "
-                               "folder of its own that contains no other output")
+            raise DistclsError(
+                f"label: --output {output} holds another label output ({folder}); give each job a "
+                "folder of its own that contains no other output"
+            )
+
+
+def read_labels(output: str, columns: list[str] | None = None):
+    """A labeling job's output folder (its parts at that level) as one Arrow table; `columns` picks some."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    tables = [pq.read_table(io.BytesIO(storage.read_bytes(p)), columns=columns) for p in existing_parts(output)]
+    if tables:
+        return pa.concat_tables(tables)
+    empty = output_schema().empty_table()
+    return empty if columns is None else empty.select(columns)
 
 
 def read_tables(uris: list[str], columns: list[str]):
@@ -106,7 +129,8 @@ def read_tables(uris: list[str], columns: list[str]):
                 raise
         n = len(table)
         return table.append_column("_file", pa.array(np.full(n, i, dtype=np.int32))).append_column(
-            "_row", pa.array(np.arange(n, dtype=np.int32)))
+            "_row", pa.array(np.arange(n, dtype=np.int32))
+        )
 
     schema = pa.schema([(c, pa.string()) for c in columns] + [("_file", pa.int32()), ("_row", pa.int32())])
     if not uris:
@@ -131,8 +155,10 @@ class Snapshot:
                 return cls(parts, read_tables(parts, ["path", "error"]))
             except FileNotFoundError:
                 continue  # a part was removed while reading (another run repairing): list again
-        raise DistclsError(f"label: the parts of {output} kept changing while being read; is another job repairing "
-                           "this output? Run again when it has finished")
+        raise DistclsError(
+            f"label: the parts of {output} kept changing while being read; is another job repairing "
+            "this output? Run again when it has finished"
+        )
 
     def duplicated(self) -> list[str]:
         import pyarrow.compute as pc

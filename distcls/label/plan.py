@@ -60,7 +60,7 @@ class Source:
     def wants(self, path: str) -> bool:
         if self.include:
             name = path.rsplit("/", 1)[-1]
-            below = path[len(self.input.rstrip("/")) + 1:] if self.input and path.startswith(self.input) else path
+            below = path[len(self.input.rstrip("/")) + 1 :] if self.input and path.startswith(self.input) else path
             return fnmatch.fnmatch(below, self.include) or fnmatch.fnmatch(name, self.include)
         return path.lower().endswith(IMAGE_EXTENSIONS)
 
@@ -89,6 +89,7 @@ def now() -> str:
 
 # ---- choosing the listers ---------------------------------------------------------------------------------
 
+
 def make_listers(source: Source) -> list[Lister]:
     """The read tasks that list `source`: one per manifest file, else one per top-level prefix (grouped)."""
     if source.manifest:
@@ -107,7 +108,7 @@ def make_listers(source: Source) -> list[Lister]:
     listers = [Lister("files", (root,))] if has_files else []
     groups = max(1, min(MAX_LISTERS, len(dirs)))
     chunk = -(-len(dirs) // groups) if dirs else 1
-    listers += [Lister("tree", tuple(dirs[i:i + chunk])) for i in range(0, len(dirs), chunk)]
+    listers += [Lister("tree", tuple(dirs[i : i + chunk])) for i in range(0, len(dirs), chunk)]
     return listers
 
 
@@ -133,8 +134,9 @@ def top_level_s3(path: str) -> tuple[list[str] | None, bool]:
     prefix = prefix.rstrip("/") + "/" if prefix else ""
     client = storage.s3_client()
     dirs, has_files, seen = [], False, 0
-    pages = client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix, Delimiter="/",
-                                                             PaginationConfig={"PageSize": S3_PAGE})
+    pages = client.get_paginator("list_objects_v2").paginate(
+        Bucket=bucket, Prefix=prefix, Delimiter="/", PaginationConfig={"PageSize": S3_PAGE}
+    )
     for page in pages:
         dirs += [f"s3://{bucket}/{p['Prefix'].rstrip('/')}" for p in page.get("CommonPrefixes", [])]
         has_files = has_files or bool(page.get("Contents"))
@@ -151,14 +153,15 @@ def manifest_listers(uri: str) -> list[Lister]:
     if uri.endswith("manifest.json"):
         return inventory_listers(uri)
     name = uri.lower().removesuffix(".gz")
-    for ext, fmt in ((".csv", "csv"), (".parquet", "parquet"), (".jsonl", "jsonl"), (".ndjson", "jsonl"),
-                     (".json", "jsonl")):
+    for ext, fmt in ((".csv", "csv"), (".parquet", "parquet"), (".jsonl", "jsonl"), (".ndjson", "jsonl"), (".json", "jsonl")):
         if name.endswith(ext):
             if not storage.exists(uri):
                 raise DistclsError(f"label: --manifest {uri} does not exist; check the URI")
             return [Lister("manifest", (uri,), fmt)]
-    raise DistclsError(f"label: --manifest {uri}: unknown format; give a .csv, .parquet or .jsonl key list "
-                       "(a path or key column) or an S3 Inventory manifest.json")
+    raise DistclsError(
+        f"label: --manifest {uri}: unknown format; give a .csv, .parquet or .jsonl key list "
+        "(a path or key column) or an S3 Inventory manifest.json"
+    )
 
 
 def inventory_listers(uri: str) -> list[Lister]:
@@ -170,8 +173,7 @@ def inventory_listers(uri: str) -> list[Lister]:
         schema = [c.strip() for c in manifest.get("fileSchema", "").split(",")]
         source_bucket = manifest["sourceBucket"]
     except (ValueError, KeyError, TypeError, AttributeError) as exc:
-        raise DistclsError(f"label: --manifest {uri} is not an S3 Inventory manifest.json ({exc!r}); "
-                           "check the file") from None
+        raise DistclsError(f"label: --manifest {uri} is not an S3 Inventory manifest.json ({exc!r}); check the file") from None
     if fmt not in ("csv", "parquet"):
         raise DistclsError(f"label: --manifest {uri}: inventory format {fmt!r} is not supported; use CSV or Parquet")
     # The schema rides in the format string so that each lister reads its file alone.
@@ -180,6 +182,7 @@ def inventory_listers(uri: str) -> list[Lister]:
 
 
 # ---- listing (inside the read tasks) ----------------------------------------------------------------------
+
 
 def iter_keys(lister: Lister, source: Source) -> Iterator[tuple[str, str]]:
     """(path, error) for every key the lister covers that the source wants, in listing order."""
@@ -240,8 +243,10 @@ def iter_manifest(uri: str, fmt: str, root: str | None) -> Iterator[str]:
         return
     for column, values in iter_manifest_columns(uri, fmt):
         if column == "key" and not root:
-            raise DistclsError(f"label: --manifest {uri} has a key column; give --input, the prefix the keys are "
-                               "under (or a path column of full URIs)")
+            raise DistclsError(
+                f"label: --manifest {uri} has a key column; give --input, the prefix the keys are "
+                "under (or a path column of full URIs)"
+            )
         for value in values:
             if value:
                 yield storage.join_uri(root, value.lstrip("/")) if column == "key" else value
@@ -296,8 +301,10 @@ def pick_column(uri: str, names: list[str]) -> str:
     for name in ("path", "key"):
         if name in names:
             return name
-    raise DistclsError(f"label: --manifest {uri} has no path or key column (columns: {', '.join(names) or 'none'}); "
-                       "name the column of URIs `path`, or of keys below --input `key`")
+    raise DistclsError(
+        f"label: --manifest {uri} has no path or key column (columns: {', '.join(names) or 'none'}); "
+        "name the column of URIs `path`, or of keys below --input `key`"
+    )
 
 
 def iter_inventory(uri: str, fmt: str) -> Iterator[str]:
@@ -323,8 +330,8 @@ def iter_inventory(uri: str, fmt: str) -> Iterator[str]:
 
 # ---- the read tasks ---------------------------------------------------------------------------------------
 
-def plan_blocks(lister: Lister, source: Source, plan_uri: str, done, block_bytes: int = BLOCK_BYTES,
-                hold_for: str | None = None):
+
+def plan_blocks(lister: Lister, source: Source, plan_uri: str, done, block_bytes: int = BLOCK_BYTES, hold_for: str | None = None):
     """Ray Data read function: list, write each block as a plan shard, yield the keys not in `done` (an
     Arrow array of labeled paths, or None), and mark the lister done. A retried task rewrites the same shards.
     `hold_for` (the test hook): after the first block, wait until that output has a part."""
@@ -381,8 +388,7 @@ def write_table(uri: str, table) -> None:
     storage.write_bytes(uri, buf.getvalue())
 
 
-def plan_datasource(listers: list[Lister], source: Source, plan_uri: str, done_ref, block_bytes: int,
-                    hold_for: str | None):
+def plan_datasource(listers: list[Lister], source: Source, plan_uri: str, done_ref, block_bytes: int, hold_for: str | None):
     """A Ray Data datasource with one streaming read task per lister."""
     import pyarrow as pa
     import ray
@@ -398,7 +404,9 @@ def plan_datasource(listers: list[Lister], source: Source, plan_uri: str, done_r
                 def fn():
                     done = ray.get(done_ref) if done_ref is not None else None
                     yield from plan_blocks(lister, source, plan_uri, done, block_bytes, hold_for)
+
                 return fn
+
             meta = BlockMetadata(num_rows=None, size_bytes=None, input_files=None, exec_stats=None)
             schema = pa.schema([("path", pa.string()), ("error", pa.string())])
             return [ReadTask(read(lister), meta, schema=schema) for lister in listers]
@@ -410,6 +418,7 @@ def plan_datasource(listers: list[Lister], source: Source, plan_uri: str, done_r
 
 
 # ---- the stored plan --------------------------------------------------------------------------------------
+
 
 @dataclass
 class StoredPlan:

@@ -6,7 +6,6 @@ been dropped. The model (`models.Classifier`) normalises on its own device.
 
 from __future__ import annotations
 
-import contextlib
 import math
 import time
 from collections.abc import Callable, Iterable
@@ -17,6 +16,7 @@ import torch
 from torch import nn
 
 from distcls import DistclsError
+from distcls.device import DevicePolicy
 from distcls.metrics import confusion_matrix, topk_correct
 
 
@@ -24,8 +24,9 @@ class NonFiniteLossError(DistclsError):
     pass
 
 
-def build_optimizer(model: nn.Module, name: str, lr: float, weight_decay: float, momentum: float,
-                    head_names: set[str], backbone_lr_scale: float) -> torch.optim.Optimizer:
+def build_optimizer(
+    model: nn.Module, name: str, lr: float, weight_decay: float, momentum: float, head_names: set[str], backbone_lr_scale: float
+) -> torch.optim.Optimizer:
     """Param groups: (backbone | head) x (decay | no decay); norm weights and biases get no weight decay."""
     groups: dict[tuple[bool, bool], list] = {}
     for pname, p in model.named_parameters():
@@ -35,8 +36,7 @@ def build_optimizer(model: nn.Module, name: str, lr: float, weight_decay: float,
         no_decay = p.ndim <= 1
         groups.setdefault((is_head, no_decay), []).append(p)
     param_groups = [
-        {"params": ps, "lr": lr * (1.0 if is_head else backbone_lr_scale),
-         "weight_decay": 0.0 if no_decay else weight_decay}
+        {"params": ps, "lr": lr * (1.0 if is_head else backbone_lr_scale), "weight_decay": 0.0 if no_decay else weight_decay}
         for (is_head, no_decay), ps in sorted(groups.items())
     ]
     for g in param_groups:
@@ -73,59 +73,57 @@ class EpochStats:
         return self.loss_sum / max(1, self.samples)
 
 
-def autocast(device: torch.device, enabled: bool):
-    if enabled and device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
-def to_device(batch: dict, device: torch.device, channels_last: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    images = torch.as_tensor(batch["image"]).to(device, non_blocking=True)
-    if channels_last:
-        images = images.contiguous(memory_format=torch.channels_last)
-    return images, torch.as_tensor(batch["label"]).to(device, non_blocking=True)
-
-
-def masked_loss(logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor,
-                class_weights: torch.Tensor | None, label_smoothing: float) -> torch.Tensor:
+def masked_loss(
+    logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor, class_weights: torch.Tensor | None, label_smoothing: float
+) -> torch.Tensor:
     """Cross-entropy averaged as PyTorch's weighted mean (sum w[y] * l / sum w[y]), over rows with mask 1.
 
     Masked rows (undecodable images kept as placeholders) contribute nothing, but still take part in the
     step, so every DDP worker runs the same number of steps even when a whole batch was bad.
     """
-    per_sample = nn.functional.cross_entropy(logits.float(), labels, weight=class_weights,
-                                             label_smoothing=label_smoothing, reduction="none")
+    per_sample = nn.functional.cross_entropy(
+        logits.float(), labels, weight=class_weights, label_smoothing=label_smoothing, reduction="none"
+    )
     w = mask.float() if class_weights is None else mask.float() * class_weights[labels]
     return (per_sample * mask).sum() / w.sum().clamp_min(1e-12)
 
 
-def train_one_epoch(model: nn.Module, batches: Iterable[dict], optimizer: torch.optim.Optimizer,
-                    loss_fn: Callable, device: torch.device, *, schedule: Callable[[int], float],
-                    start_step: int, amp: bool = False, channels_last: bool = False,
-                    augment: Callable[[torch.Tensor], torch.Tensor] | None = None,
-                    on_step: Callable[[int], None] | None = None,
-                    teacher: Callable[[torch.Tensor], torch.Tensor] | None = None) -> EpochStats:
-    """One pass: forward, loss, backward, step. `schedule(global_step)` gives the LR multiplier.
+def train_one_epoch(
+    model: nn.Module,
+    batches: Iterable[dict],
+    optimizer: torch.optim.Optimizer,
+    loss_fn: Callable,
+    device: torch.device,
+    *,
+    schedule: Callable[[int], float],
+    start_step: int,
+    augment: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    on_step: Callable[[int], None] | None = None,
+    teacher: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> EpochStats:
+    """One pass: forward, loss, backward, step. `schedule(global_step)` gives the LR multiplier. The device
+    policy (distcls.device: bf16 autocast and channels_last on CUDA) follows from `device`.
 
     `loss_fn(logits, labels, mask)`; batches carry `mask` (1 = usable image). With a `teacher`
     (distillation) it is `loss_fn(logits, labels, mask, teacher(images))`: the teacher sees the very
     images (augmentation included) the student sees.
     """
+    policy = DevicePolicy.of(device)
     stats = EpochStats()
     step = start_step
     waiting_since = time.perf_counter()
     for batch in batches:
         stats.data_seconds += time.perf_counter() - waiting_since
-        images, labels = to_device(batch, device, channels_last=False)
+        images = torch.as_tensor(batch["image"]).to(device, non_blocking=True)
+        labels = torch.as_tensor(batch["label"]).to(device, non_blocking=True)
         if augment is not None:
             images = augment(images)
-        if channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
+        images = policy.layout(images)
         mask = torch.as_tensor(batch["mask"]).to(device)
         if on_step is not None:
             on_step(step)
         set_lr(optimizer, schedule(step))
-        with autocast(device, amp):
+        with policy.autocast():
             logits = model(images)
         if teacher is None:
             loss = loss_fn(logits, labels, mask)
@@ -134,8 +132,10 @@ def train_one_epoch(model: nn.Module, batches: Iterable[dict], optimizer: torch.
         # .item() is a host-device sync; it also lets us stop on a non-finite loss at the exact step.
         loss_value = loss.item()
         if not math.isfinite(loss_value):
-            raise NonFiniteLossError(f"train: loss became {loss_value} at step {step}; "
-                                     "lower --lr or check the data (stopping instead of training on garbage)")
+            raise NonFiniteLossError(
+                f"train: loss became {loss_value} at step {step}; "
+                "lower --lr or check the data (stopping instead of training on garbage)"
+            )
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -149,17 +149,20 @@ def train_one_epoch(model: nn.Module, batches: Iterable[dict], optimizer: torch.
 
 
 @torch.inference_mode()
-def evaluate(model: nn.Module, batches: Iterable[dict], num_classes: int, device: torch.device,
-             loss_fn: nn.Module | None = None, amp: bool = False, channels_last: bool = False) -> dict:
+def evaluate(
+    model: nn.Module, batches: Iterable[dict], num_classes: int, device: torch.device, loss_fn: nn.Module | None = None
+) -> dict:
     """Confusion matrix, summed loss and top-5 hits over `batches` (to be summed across workers)."""
     model.eval()
+    policy = DevicePolicy.of(device)
     cm = np.zeros((num_classes, num_classes), dtype=np.int64)
     loss_sum, top5 = 0.0, 0
     for batch in batches:
-        images, labels = to_device(batch, device, channels_last)
+        images = policy.images(batch["image"])
+        labels = torch.as_tensor(batch["label"]).to(device, non_blocking=True)
         if len(labels) == 0:
             continue
-        with autocast(device, amp):
+        with policy.autocast():
             logits = model(images).float()
         if loss_fn is not None:
             loss_sum += float(loss_fn(logits, labels)) * len(labels)

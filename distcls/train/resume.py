@@ -33,8 +33,10 @@ class Restorable:
     skipped: tuple[str, ...] = ()  # one line each: why a newer checkpoint was passed over
 
     def fallback_line(self, run_uri: str) -> str:
-        return (f"train: resuming run {run_uri} from {self.uri}, the newest checkpoint that verifies; "
-                f"skipped {len(self.skipped)} newer: " + "; ".join(self.skipped))
+        return (
+            f"train: resuming run {run_uri} from {self.uri}, the newest checkpoint that verifies; "
+            f"skipped {len(self.skipped)} newer: " + "; ".join(self.skipped)
+        )
 
     def resuming_line(self, next_epoch: int) -> str:
         line = f"resuming from {self.uri} at epoch {next_epoch}"
@@ -52,7 +54,7 @@ def list_checkpoints(run_uri: str, latest: str | None = None) -> list[str]:
     _, root = storage.split_uri(run_uri)
     names = set()
     for uri in storage.list_files(run_uri):
-        rel = storage.split_uri(uri)[1][len(root):].lstrip("/")
+        rel = storage.split_uri(uri)[1][len(root) :].lstrip("/")
         if "/" in rel and rel.startswith(CHECKPOINT_PREFIX):
             names.add(rel.split("/", 1)[0])
     bound = latest.rstrip("/").rsplit("/", 1)[-1] if latest else None
@@ -90,8 +92,11 @@ def find_restorable(run_uri: str, latest: str | None = None) -> Restorable | Non
         return Restorable(uri, meta, weights, train_state, tuple(skipped))
     if not checkpoints:
         return None
-    raise DistclsError(f"train: cannot resume run {run_uri}: none of its {len(checkpoints)} checkpoints verifies ("
-                       + "; ".join(skipped) + "); restore them from a backup or start a new run with another --name")
+    raise DistclsError(
+        f"train: cannot resume run {run_uri}: none of its {len(checkpoints)} checkpoints verifies ("
+        + "; ".join(skipped)
+        + "); restore them from a backup or start a new run with another --name"
+    )
 
 
 def compare_with_checkpoint(meta: dict, class_names: list[str], architecture: str, spec: PreprocessSpec) -> list[str]:
@@ -101,8 +106,7 @@ def compare_with_checkpoint(meta: dict, class_names: list[str], architecture: st
     if there != list(class_names):
         problems.append(f"class names differ from its checkpoint ({first_difference(there, list(class_names))})")
     if meta.get("architecture") != architecture:
-        problems.append(f"architecture differs from its checkpoint ({meta.get('architecture')!r} there, "
-                        f"{architecture!r} here)")
+        problems.append(f"architecture differs from its checkpoint ({meta.get('architecture')!r} there, {architecture!r} here)")
     spec_changes = spec_differences(meta.get("preprocessing", {}), spec)
     if spec_changes:
         problems.append(f"preprocessing differs from its checkpoint ({spec_changes})")

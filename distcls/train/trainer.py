@@ -62,8 +62,10 @@ def check_resume(cfg: TrainConfig, class_names: list[str]) -> None:
         return  # the run stopped before its first checkpoint: Ray Train starts it afresh
     problems = compare_with_checkpoint(found.meta, class_names, cfg.model, train_spec(cfg))
     if problems:
-        raise DistclsError(f"train: cannot resume run {run}: " + "; ".join(problems) + "; resume with the data, "
-                           "--model and --image-size it was started with, or start a new run with another --name")
+        raise DistclsError(
+            f"train: cannot resume run {run}: " + "; ".join(problems) + "; resume with the data, "
+            "--model and --image-size it was started with, or start a new run with another --name"
+        )
     if found.skipped:
         print(found.fallback_line(run), flush=True)
 
@@ -94,18 +96,24 @@ def sample_native_size(index: LabeledIndex, n: int = 16) -> int | None:
 def resolve_recipe(cfg: TrainConfig, train: LabeledIndex) -> tuple[TrainConfig, Recipe]:
     """The config with every adaptive flag the user left unset filled in (see distcls.recipe)."""
     spec = default_spec(cfg.model, cfg.image_size)
-    recipe = choose_recipe(num_train=len(train), epochs=cfg.epochs, batch_size=cfg.batch_size,
-                           num_workers=cfg.num_workers, image_size=spec.image_size, resize_size=spec.resize_size,
-                           native_size=sample_native_size(train), pretrained=cfg.weights != "none",
-                           given={name: getattr(cfg, name) for name in RECIPE_FIELDS})
+    recipe = choose_recipe(
+        num_train=len(train),
+        epochs=cfg.epochs,
+        batch_size=cfg.batch_size,
+        num_workers=cfg.num_workers,
+        image_size=spec.image_size,
+        resize_size=spec.resize_size,
+        native_size=sample_native_size(train),
+        pretrained=cfg.weights != "none",
+        given={name: getattr(cfg, name) for name in RECIPE_FIELDS},
+    )
     return dataclasses.replace(cfg, **{name: getattr(recipe, name) for name in RECIPE_FIELDS}), recipe
 
 
 def train_spec(cfg: TrainConfig):
     """The preprocessing spec of a run (stored in its checkpoints): the model's eval transform, plus the
     run's training crops and flips. `cfg` has its recipe resolved."""
-    return dataclasses.replace(default_spec(cfg.model, cfg.image_size), crop_scale=(cfg.crop_scale_min, 1.0),
-                               hflip=cfg.hflip)
+    return dataclasses.replace(default_spec(cfg.model, cfg.image_size), crop_scale=(cfg.crop_scale_min, 1.0), hflip=cfg.hflip)
 
 
 def balance(index: LabeledIndex, seed: int) -> LabeledIndex:
@@ -137,8 +145,9 @@ def build_trainer(cfg: TrainConfig, train: LabeledIndex, val: LabeledIndex, extr
     from distcls.train.worker import train_func
 
     spec = train_spec(cfg)
-    train_ds = build_dataset(balance(train, cfg.seed) if cfg.balanced_sampling else train, spec,
-                             train=cfg.augment, shuffle_seed=cfg.seed)
+    train_ds = build_dataset(
+        balance(train, cfg.seed) if cfg.balanced_sampling else train, spec, train=cfg.augment, shuffle_seed=cfg.seed
+    )
     if cfg.cache_data:
         train_ds = train_ds.materialize()  # decoded once into the object store; epochs read from memory
     counts = list(train.counts().values())
@@ -159,17 +168,23 @@ def build_trainer(cfg: TrainConfig, train: LabeledIndex, val: LabeledIndex, extr
         train_func,
         train_loop_config=loop_config,
         scaling_config=ray.train.ScalingConfig(
-            num_workers=cfg.num_workers, use_gpu=cfg.use_gpu, placement_strategy=cfg.placement_strategy,
-            resources_per_worker={"CPU": cfg.cpus_per_worker, **({"GPU": 1} if cfg.use_gpu else {})}),
+            num_workers=cfg.num_workers,
+            use_gpu=cfg.use_gpu,
+            placement_strategy=cfg.placement_strategy,
+            resources_per_worker={"CPU": cfg.cpus_per_worker, **({"GPU": 1} if cfg.use_gpu else {})},
+        ),
         run_config=ray.train.RunConfig(
-            name=cfg.name, storage_path=storage_path, storage_filesystem=fs,
+            name=cfg.name,
+            storage_path=storage_path,
+            storage_filesystem=fs,
             logging_config=ray.train.v2.api.config.LoggingConfig(log_level="WARNING"),
             failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(
-                num_to_keep=cfg.keep, checkpoint_score_attribute=SCORE, checkpoint_score_order="max")),
+                num_to_keep=cfg.keep, checkpoint_score_attribute=SCORE, checkpoint_score_order="max"
+            ),
+        ),
         datasets={"train": train_ds},
-        dataset_config=ray.train.DataConfig(datasets_to_split=["train"],
-                                            execution_options=ingest_options(cfg.ordered_ingest)),
+        dataset_config=ray.train.DataConfig(datasets_to_split=["train"], execution_options=ingest_options(cfg.ordered_ingest)),
     )
 
 
@@ -180,8 +195,9 @@ def ingest_options(ordered: bool):
     from ray.data import DataContext, ExecutionOptions
 
     current = DataContext.get_current().execution_options
-    return ExecutionOptions(resource_limits=current.resource_limits, preserve_order=ordered,
-                            verbose_progress=current.verbose_progress)
+    return ExecutionOptions(
+        resource_limits=current.resource_limits, preserve_order=ordered, verbose_progress=current.verbose_progress
+    )
 
 
 def checkpoint_uri(cfg: TrainConfig, checkpoint) -> str:
@@ -190,8 +206,9 @@ def checkpoint_uri(cfg: TrainConfig, checkpoint) -> str:
     return storage.to_uri(scheme, checkpoint.path)
 
 
-def run_training(cfg: TrainConfig, extra_meta: dict | None = None,
-                 check_classes: Callable[[list[str]], None] | None = None) -> dict:
+def run_training(
+    cfg: TrainConfig, extra_meta: dict | None = None, check_classes: Callable[[list[str]], None] | None = None
+) -> dict:
     """Fine-tune as configured; returns the content of result.json. `check_classes(class_names)` may
     refuse the data before Ray starts; `extra_meta` goes into every checkpoint's distcls.json."""
     if cfg.name is None:
@@ -213,8 +230,14 @@ def run_training(cfg: TrainConfig, extra_meta: dict | None = None,
         raise DistclsError(f"train: run {run_uri_of(cfg)} failed: {root_cause(exc)}") from exc
     best_uri, best_metrics = pick_best([(checkpoint_uri(cfg, c), dict(m)) for c, m in result.best_checkpoints])
     history = [dict(m) for m in read_history(cfg, result)]
-    out = {"checkpoint": best_uri, "metrics": best_metrics, "run": run_uri_of(cfg), "epochs": history,
-           "recipe": recipe.to_dict(), "seconds": time.perf_counter() - started}
+    out = {
+        "checkpoint": best_uri,
+        "metrics": best_metrics,
+        "run": run_uri_of(cfg),
+        "epochs": history,
+        "recipe": recipe.to_dict(),
+        "seconds": time.perf_counter() - started,
+    }
     storage.write_text(storage.join_uri(run_uri_of(cfg), "result.json"), json.dumps(out, indent=2))
     storage.write_bytes(storage.join_uri(run_uri_of(cfg), "curves.png"), plot_curves(history))
     return out
@@ -275,19 +298,22 @@ def worker_failure_line(failures: dict) -> str:
     the other ranks fail in the collective with `Connection closed by peer`; name the dead one instead."""
     from ray.exceptions import RayActorError
 
-    dead = sorted(rank for rank, e in failures.items()
-                  if isinstance(e, RayActorError) or "worker process has died" in str(e))
+    dead = sorted(rank for rank, e in failures.items() if isinstance(e, RayActorError) or "worker process has died" in str(e))
     if dead:
         # Ray's text: "... Worker exit type: SYSTEM_ERROR Worker exit detail: <why>. Some common causes ..."
         text = " ".join(str(failures[dead[0]]).split())
         why = text.partition("Worker exit detail: ")[2].partition(" Some common causes")[0] or text[:200]
-        return (f"training worker rank {dead[0]} died: its process was killed or crashed ({why.rstrip('.')}); "
-                "pass --max-failures N to restart from the latest checkpoint")
+        return (
+            f"training worker rank {dead[0]} died: its process was killed or crashed ({why.rstrip('.')}); "
+            "pass --max-failures N to restart from the latest checkpoint"
+        )
     lost = {rank: e for rank, e in failures.items() if any(m in str(e) for m in PEER_LOST)}
     own = sorted(set(failures) - set(lost))
     if not own:
-        return (f"a training worker process died (killed, out of memory or its node was lost): rank {min(lost)} "
-                "lost its connection to it; pass --max-failures N to restart from the latest checkpoint")
+        return (
+            f"a training worker process died (killed, out of memory or its node was lost): rank {min(lost)} "
+            "lost its connection to it; pass --max-failures N to restart from the latest checkpoint"
+        )
     error = failures[own[0]]
     line = last_line(error)
     return line if type(error).__name__ in line else f"{type(error).__name__}: {line}"

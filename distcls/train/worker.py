@@ -8,6 +8,7 @@ import os
 import signal
 import tempfile
 import time
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -17,9 +18,10 @@ from distcls import DistclsError, storage
 from distcls.checkpoint import write_local_checkpoint
 from distcls.config import DistillConfig, TrainConfig
 from distcls.datasets import ErrorTally, LabeledIndex, build_dataset
+from distcls.device import DevicePolicy
 from distcls.metrics import summarize
 from distcls.models import create_model, freeze_backbone, get_model_info, head_parameter_names
-from distcls.train.loop import build_optimizer, evaluate, train_one_epoch, warmup_cosine
+from distcls.train.loop import EpochStats, build_optimizer, evaluate, train_one_epoch, warmup_cosine
 from distcls.train.objectives import build_objective
 from distcls.train.resume import TRAIN_STATE, find_restorable, latest_registered
 from distcls.transforms import PreprocessSpec, augment_batch
@@ -30,8 +32,13 @@ def train_batches(shard, batch_size: int, tally: ErrorTally, seed: int | None = 
 
     A batch made only of bad images is kept with mask 0, so that every DDP worker takes the same steps.
     """
-    for batch in shard.iter_batches(batch_size=batch_size, batch_format="numpy", prefetch_batches=2,
-                                    local_shuffle_buffer_size=4 * batch_size, local_shuffle_seed=seed):
+    for batch in shard.iter_batches(
+        batch_size=batch_size,
+        batch_format="numpy",
+        prefetch_batches=2,
+        local_shuffle_buffer_size=4 * batch_size,
+        local_shuffle_seed=seed,
+    ):
         good = tally.drop_errors(batch)
         if len(good["label"]):
             good["mask"] = np.ones(len(good["label"]), dtype=np.float32)
@@ -62,15 +69,15 @@ def sync_buffers(model: torch.nn.Module) -> None:
             torch.distributed.broadcast(buffer.data, src=0)
 
 
-def restore(model, optimizer, run_uri: str, latest: str | None = None,
-            announce: bool = True) -> tuple[int, int, list]:
+def restore(model, optimizer, run_uri: str, latest: str | None = None, announce: bool = True) -> tuple[int, int, list]:
     """Load weights and optimizer state from the newest checkpoint of the run, `latest` (Ray Train's) or
     older, that verifies: a damaged or half-written one is passed over, never trained on. Returns (next
     epoch, step, history)."""
     found = find_restorable(run_uri, latest)
     if found is None:
-        raise DistclsError(f"train: Ray Train restored run {run_uri}, but it has no checkpoint folder; "
-                           "start a new run with another --name")
+        raise DistclsError(
+            f"train: Ray Train restored run {run_uri}, but it has no checkpoint folder; start a new run with another --name"
+        )
     model.net.load_state_dict(load_safetensors(found.weights), strict=True)
     state = torch.load(io.BytesIO(found.train_state), map_location="cpu", weights_only=True)
     optimizer.load_state_dict(state["optimizer"])
@@ -118,6 +125,10 @@ def quiet_worker_logs() -> None:
 
     # Ray logs every report (with all metrics) at INFO under a file-path logger name; we print one line.
     logging.getLogger(train_context.__file__).setLevel(logging.WARNING)
+    # Ray Train sends the root logger (INFO) to the console: botocore's "Found credentials in environment
+    # variables." showed on every run.
+    for name in ("botocore", "boto3", "s3fs", "aiobotocore", "urllib3"):
+        logging.getLogger(name).setLevel(logging.WARNING)
     # Ray hands out read-only numpy views (zero-copy); the model never writes into its input.
     warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
 
@@ -135,101 +146,190 @@ def gather_node_ids(world: int) -> list[str]:
     return [str(n) for n in nodes]
 
 
+@dataclass
+class Worker:
+    """What one training worker holds across epochs (built once by `setup_worker`)."""
+
+    cfg: TrainConfig
+    config: dict
+    class_names: list[str]
+    spec: PreprocessSpec
+    rank: int
+    world: int
+    device: torch.device
+    model: torch.nn.Module  # the Classifier; `ddp_model` wraps it
+    ddp_model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    teacher: object
+    loss_fn: object
+    shard: object
+    val_index: LabeledIndex
+    worker_nodes: list[str]
+    start_epoch: int = 0
+    step: int = 0
+    history: list = field(default_factory=list)
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return max(1, math.ceil(self.config["num_train"] / self.world / self.cfg.batch_size))
+
+
 def train_func(config: dict) -> None:
+    """Ray Train's per-worker loop: set up, then per epoch train, validate, and report (with a checkpoint)."""
+    quiet_worker_logs()
+    w = setup_worker(config)
+    for epoch in range(w.start_epoch, w.cfg.epochs):
+        started = time.perf_counter()
+        stats, train_tally = train_epoch(w, epoch)
+        train_seconds = time.perf_counter() - started
+        sync_buffers(w.model)
+        val_tally = ErrorTally()
+        val = evaluate(
+            w.model,
+            val_batches(w.val_index, w.spec, w.cfg.batch_size * 2, val_tally),
+            len(w.class_names),
+            w.device,
+            loss_fn=torch.nn.CrossEntropyLoss(),
+        )
+        metrics = epoch_metrics(w, epoch, stats, val, train_tally, val_tally, train_seconds, started)
+        w.history.append(metrics)
+        report(metrics, w.model, w.optimizer, w.class_names, w.cfg, config, w.history, w.rank, train_tally, val_tally)
+
+
+def setup_worker(config: dict) -> Worker:
+    """The model (restored when Ray Train hands back a checkpoint), optimizer, objective and data shards."""
     import ray.train
     import ray.train.torch
 
-    quiet_worker_logs()
     cfg = (DistillConfig if "teacher" in config["train"] else TrainConfig)(**config["train"])
     class_names, spec = config["class_names"], PreprocessSpec.from_dict(config["preprocessing"])
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
-    gpu = device.type == "cuda"
     torch.manual_seed(cfg.seed)
 
     model = create_model(cfg.model, len(class_names), cfg.weights, spec=spec)
     if cfg.freeze == "backbone":
         freeze_backbone(model)
-    info = get_model_info(cfg.model)
-    head = head_parameter_names(info)
     backbone_scale = 1.0 if cfg.weights == "none" else cfg.backbone_lr_scale
+    head = head_parameter_names(get_model_info(cfg.model))
     optimizer = build_optimizer(model, cfg.optimizer, cfg.lr, cfg.weight_decay, cfg.momentum, head, backbone_scale)
     start_epoch, step, history = 0, 0, []
     if (latest := ray.train.get_checkpoint()) is not None:  # a restart after a failure, or --resume
         start_epoch, step, history = restore(model, optimizer, config["run_uri"], latest.path, announce=rank == 0)
-    if gpu:
-        model = model.to(memory_format=torch.channels_last)
+    model = DevicePolicy.of(device).place(model)
     ddp_model = ray.train.torch.prepare_model(model)
     worker_nodes = gather_node_ids(world)
     if rank == 0 and start_epoch == 0:
-        print(f"{world} workers on nodes: " + ", ".join(f"rank {r} {n[:8]}" for r, n in enumerate(worker_nodes)),
-              flush=True)
-
+        print(f"{world} workers on nodes: " + ", ".join(f"rank {r} {n[:8]}" for r, n in enumerate(worker_nodes)), flush=True)
     weights = torch.tensor(config["class_weights"], dtype=torch.float32, device=device) if config["class_weights"] else None
     teacher, loss_fn = build_objective(cfg, class_names, spec, device, weights)  # a teacher loads once per worker
-    steps_per_epoch = max(1, math.ceil(config["num_train"] / world / cfg.batch_size))
-    total_steps = steps_per_epoch * cfg.epochs
-    warmup_steps = int(cfg.warmup_epochs * steps_per_epoch)
     val_index = LabeledIndex(config["val_paths"][rank::world], config["val_labels"][rank::world], class_names)
-    shard = ray.train.get_dataset_shard("train")
+    return Worker(
+        cfg,
+        config,
+        class_names,
+        spec,
+        rank,
+        world,
+        device,
+        model,
+        ddp_model,
+        optimizer,
+        teacher,
+        loss_fn,
+        ray.train.get_dataset_shard("train"),
+        val_index,
+        worker_nodes,
+        start_epoch,
+        step,
+        history,
+    )
 
-    for epoch in range(start_epoch, cfg.epochs):
-        started = time.perf_counter()
-        # Every random draw of an epoch (augmentation, dropout, local shuffle) is seeded by (seed, rank,
-        # epoch): a run restored from a checkpoint repeats the epoch an uninterrupted run would have had.
-        rng = np.random.default_rng([cfg.seed, rank, epoch])
-        torch.manual_seed(int(rng.integers(2**31)))
-        augment = (lambda images: augment_batch(images, spec, rng)) if cfg.augment else None  # noqa: B023 - used in this epoch only
-        ddp_model.train()
-        if cfg.freeze == "backbone":
-            model.net.eval()  # linear probe: the backbone's BatchNorm statistics stay as pretrained
-        train_tally, val_tally = ErrorTally(), ErrorTally()
-        stats = train_one_epoch(
-            ddp_model, train_batches(shard, cfg.batch_size, train_tally, seed=int(rng.integers(2**31))),
-            optimizer, loss_fn, device,
-            schedule=lambda s: warmup_cosine(s, warmup_steps, total_steps), start_step=step, amp=gpu,
-            channels_last=gpu, augment=augment, teacher=teacher,
-            on_step=lambda s: maybe_inject_failure(config.get("fault"), config["run_uri"], s, rank,
-                                                   reported=epoch > start_epoch))  # noqa: B023 - this epoch's
-        step += stats.steps
-        train_seconds = time.perf_counter() - started
-        sync_buffers(model)
-        val = evaluate(model, val_batches(val_index, spec, cfg.batch_size * 2, val_tally), len(class_names),
-                       device, loss_fn=torch.nn.CrossEntropyLoss(), amp=gpu, channels_last=gpu)
-        k = len(class_names)
-        summed = allreduce([stats.loss_sum, stats.samples, val["loss_sum"], val["top5"], train_tally.count,
-                            val_tally.count, *val["confusion_matrix"].ravel()])
-        cm = summed[6:].reshape(k, k).astype(np.int64)
-        summary = summarize(cm, class_names, top5_hits=int(summed[3]))
-        n_val = max(1, summary["num_samples"])
-        metrics = {
-            "epoch": epoch + 1,
-            "step": step,
-            "train_loss": summed[0] / max(1, summed[1]),
-            "val_loss": summed[2] / n_val,
-            "val_accuracy": summary["accuracy"],
-            "val_macro_precision": summary["macro_precision"],
-            "val_macro_recall": summary["macro_recall"],
-            "val_macro_f1": summary["macro_f1"],
-            "val_samples": summary["num_samples"],
-            "skipped_train": int(summed[4]),
-            "skipped_val": int(summed[5]),
-            "train_images_per_s_per_worker": stats.samples / max(train_seconds, 1e-9),
-            "data_wait_fraction": stats.data_seconds / max(train_seconds, 1e-9),
-            "data_wait_seconds": stats.data_seconds,
-            "train_seconds": train_seconds,
-            "epoch_seconds": time.perf_counter() - started,
-            # 0 for a run that started fresh; N when this worker group was restored from epoch N's checkpoint
-            "restored_from_epoch": start_epoch,
-        }
-        if k >= 5:
-            metrics["val_top5_accuracy"] = summary["top5_accuracy"]
-        # Plain Python numbers: the history is saved in a weights_only torch file and JSON.
-        metrics = {key: int(v) if isinstance(v, (int, np.integer)) else float(v) for key, v in metrics.items()}
-        metrics["worker_nodes"] = ",".join(worker_nodes)  # the Ray node of each rank, in rank order
-        history.append(metrics)
-        report(metrics, model, optimizer, class_names, cfg, config, history, rank, train_tally, val_tally)
+
+def train_epoch(w: Worker, epoch: int) -> tuple[EpochStats, ErrorTally]:
+    """One epoch over this worker's shard. Every random draw of the epoch (augmentation, dropout, local
+    shuffle) is seeded by (seed, rank, epoch): a run restored from a checkpoint repeats the epoch an
+    uninterrupted run would have had."""
+    cfg = w.cfg
+    rng = np.random.default_rng([cfg.seed, w.rank, epoch])
+    torch.manual_seed(int(rng.integers(2**31)))
+    augment = (lambda images: augment_batch(images, w.spec, rng)) if cfg.augment else None
+    w.ddp_model.train()
+    if cfg.freeze == "backbone":
+        w.model.net.eval()  # linear probe: the backbone's BatchNorm statistics stay as pretrained
+    tally = ErrorTally()
+    total_steps = w.steps_per_epoch * cfg.epochs
+    warmup_steps = int(cfg.warmup_epochs * w.steps_per_epoch)
+    stats = train_one_epoch(
+        w.ddp_model,
+        train_batches(w.shard, cfg.batch_size, tally, seed=int(rng.integers(2**31))),
+        w.optimizer,
+        w.loss_fn,
+        w.device,
+        schedule=lambda s: warmup_cosine(s, warmup_steps, total_steps),
+        start_step=w.step,
+        augment=augment,
+        teacher=w.teacher,
+        on_step=lambda s: maybe_inject_failure(
+            w.config.get("fault"), w.config["run_uri"], s, w.rank, reported=epoch > w.start_epoch
+        ),
+    )
+    w.step += stats.steps
+    return stats, tally
+
+
+def epoch_metrics(
+    w: Worker,
+    epoch: int,
+    stats: EpochStats,
+    val: dict,
+    train_tally: ErrorTally,
+    val_tally: ErrorTally,
+    train_seconds: float,
+    started: float,
+) -> dict:
+    """The epoch's metrics summed over all workers (an all-reduce): plain Python numbers, for JSON and the
+    weights_only training state."""
+    k = len(w.class_names)
+    summed = allreduce(
+        [
+            stats.loss_sum,
+            stats.samples,
+            val["loss_sum"],
+            val["top5"],
+            train_tally.count,
+            val_tally.count,
+            *val["confusion_matrix"].ravel(),
+        ]
+    )
+    cm = summed[6:].reshape(k, k).astype(np.int64)
+    summary = summarize(cm, w.class_names, top5_hits=int(summed[3]))
+    metrics = {
+        "epoch": epoch + 1,
+        "step": w.step,
+        "train_loss": summed[0] / max(1, summed[1]),
+        "val_loss": summed[2] / max(1, summary["num_samples"]),
+        "val_accuracy": summary["accuracy"],
+        "val_macro_precision": summary["macro_precision"],
+        "val_macro_recall": summary["macro_recall"],
+        "val_macro_f1": summary["macro_f1"],
+        "val_samples": summary["num_samples"],
+        "skipped_train": int(summed[4]),
+        "skipped_val": int(summed[5]),
+        "train_images_per_s_per_worker": stats.samples / max(train_seconds, 1e-9),
+        "data_wait_fraction": stats.data_seconds / max(train_seconds, 1e-9),
+        "data_wait_seconds": stats.data_seconds,
+        "train_seconds": train_seconds,
+        "epoch_seconds": time.perf_counter() - started,
+        # 0 for a run that started fresh; N when this worker group was restored from epoch N's checkpoint
+        "restored_from_epoch": w.start_epoch,
+    }
+    if k >= 5:
+        metrics["val_top5_accuracy"] = summary["top5_accuracy"]
+    metrics = {key: int(v) if isinstance(v, (int, np.integer)) else float(v) for key, v in metrics.items()}
+    metrics["worker_nodes"] = ",".join(w.worker_nodes)  # the Ray node of each rank, in rank order
+    return metrics
 
 
 def report(metrics, model, optimizer, class_names, cfg, config, history, rank, train_tally, val_tally) -> None:
@@ -239,22 +339,30 @@ def report(metrics, model, optimizer, class_names, cfg, config, history, rank, t
     if rank != 0:
         ray.train.report(metrics)
         return
-    line = (f"epoch {metrics['epoch']}/{cfg.epochs}  train_loss {metrics['train_loss']:.4f}  "
-            f"val_loss {metrics['val_loss']:.4f}  val_acc {metrics['val_accuracy']:.4f}  "
-            f"val_f1 {metrics['val_macro_f1']:.4f}  skipped {metrics['skipped_train']}+{metrics['skipped_val']}  "
-            f"{metrics['train_images_per_s_per_worker']:.1f} img/s/worker  "
-            f"(data wait {metrics['data_wait_fraction']:.0%})  {metrics['epoch_seconds']:.1f}s")
+    line = (
+        f"epoch {metrics['epoch']}/{cfg.epochs}  train_loss {metrics['train_loss']:.4f}  "
+        f"val_loss {metrics['val_loss']:.4f}  val_acc {metrics['val_accuracy']:.4f}  "
+        f"val_f1 {metrics['val_macro_f1']:.4f}  skipped {metrics['skipped_train']}+{metrics['skipped_val']}  "
+        f"{metrics['train_images_per_s_per_worker']:.1f} img/s/worker  "
+        f"(data wait {metrics['data_wait_fraction']:.0%})  {metrics['epoch_seconds']:.1f}s"
+    )
     print(line, flush=True)
     for example in (train_tally.examples + val_tally.examples)[:3]:
         print(f"  skipped: {example}", flush=True)
     state = io.BytesIO()
-    torch.save({"optimizer": optimizer.state_dict(), "epoch": metrics["epoch"] - 1, "step": metrics["step"],
-                "history": history}, state)
+    torch.save(
+        {"optimizer": optimizer.state_dict(), "epoch": metrics["epoch"] - 1, "step": metrics["step"], "history": history}, state
+    )
     with tempfile.TemporaryDirectory() as d:  # train_state.pt's sha256 goes into distcls.json with the weights'
-        write_local_checkpoint(d, model, class_names, metrics=metrics, config=config["train"],
-                               extra={"history": history, "run": config["run_uri"],
-                                      **config.get("extra_meta", {})}, files={TRAIN_STATE: state.getvalue()})
+        write_local_checkpoint(
+            d,
+            model,
+            class_names,
+            metrics=metrics,
+            config=config["train"],
+            extra={"history": history, "run": config["run_uri"], **config.get("extra_meta", {})},
+            files={TRAIN_STATE: state.getvalue()},
+        )
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
     if storage.split_uri(config["run_uri"])[0] == "file":  # Ray copied it into local storage without fsync
         storage.sync_local_tree(ray.train.get_checkpoint().path)
-

@@ -23,8 +23,15 @@ def machine() -> dict:
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
     import ray
 
-    return {"cpu": cpu, "cores": os.cpu_count(), "gpu": gpu, "python": platform.python_version(),
-            "torch": torch.__version__, "ray": ray.__version__, "distcls": __version__}
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "gpu": gpu,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "ray": ray.__version__,
+        "distcls": __version__,
+    }
 
 
 def make_photos(n: int, seed: int = 0) -> list[bytes]:
@@ -54,15 +61,13 @@ def imagenet_checkpoint(root: str, model: str = "efficientnet_lite0") -> str:
     """An ImageNet classifier as a checkpoint under root (written once per bench run): the bundled pretrained
     EfficientNet-Lite0, or another registry architecture with random weights (for throughput only: the
     benchmark machines have no internet to fetch torchvision's weights)."""
-    from distcls.checkpoint import META
-    from distcls.config import FromPretrainedConfig
-    from distcls.evaluate import checkpoint_from_pretrained
+    from distcls.checkpoint import META, from_pretrained
 
     checkpoint = f"{root}/ck/imagenet" if model == "efficientnet_lite0" else f"{root}/ck/imagenet-{model}"
     if not storage.exists(storage.join_uri(checkpoint, META)):
         storage.ensure_bucket(checkpoint)
         weights = "bundled" if get_model_info(model).bundled else "none"
-        checkpoint_from_pretrained(FromPretrainedConfig(out=checkpoint, model=model, weights=weights))
+        from_pretrained(out=checkpoint, model=model, weights=weights)
     return checkpoint
 
 
@@ -117,8 +122,14 @@ def load_test(url: str, photos: list[bytes], clients: int, seconds: float) -> di
         t.join()
     elapsed = time.perf_counter() - started
     ms = np.asarray(latencies) * 1000
-    return {"clients": clients, "requests_per_s": codes.get("200", 0) / elapsed, "p50_ms": float(np.percentile(ms, 50)),
-            "p99_ms": float(np.percentile(ms, 99)), "requests": len(latencies), "status_codes": codes}
+    return {
+        "clients": clients,
+        "requests_per_s": codes.get("200", 0) / elapsed,
+        "p50_ms": float(np.percentile(ms, 50)),
+        "p99_ms": float(np.percentile(ms, 99)),
+        "requests": len(latencies),
+        "status_codes": codes,
+    }
 
 
 def wait_healthy(url: str, timeout: float = 120) -> None:

@@ -126,7 +126,7 @@ def restore_env(previous: dict[str, str | None]) -> None:
             os.environ[key] = value
 
 
-if __name__ == "__main__":  # the child process of S3Server: python -m distcls.s3server HOST PORT
+if __name__ == "__main__":  # the child process of S3Server: python -m distcls.tools.s3server HOST PORT
     import signal
 
     moto = start_moto_thread(sys.argv[1], int(sys.argv[2]))

@@ -7,7 +7,7 @@ onnxruntime release the GIL), one thread per forward so that concurrent requests
 That was the fastest of the PyTorch variants measured on the 2-core machine at 1, 4 and 16 clients: 2 torch
 threads with forwards serialised under a lock reached 32 req/s at 16 clients, 2 threads without the lock
 41, 1 thread without the lock 50.
-`python -m distcls.plain_server CHECKPOINT PORT [THREADS] [RUNTIME]` (RUNTIME: torch, the default, or onnx).
+`python -m distcls.tools.plain_server CHECKPOINT PORT [THREADS] [RUNTIME]` (RUNTIME: torch, the default, or onnx).
 """
 
 import sys

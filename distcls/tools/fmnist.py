@@ -20,23 +20,27 @@ from distcls import DistclsError, storage
 from distcls.config import FASHION_MNIST_DEFAULT_DIR, FashionMnistConfig
 
 # The ten official class names (index order), made filesystem-safe.
-CLASS_NAMES = ("t-shirt_top", "trouser", "pullover", "dress", "coat",
-               "sandal", "shirt", "sneaker", "bag", "ankle_boot")
-OFFICIAL_NAMES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
-                  "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
-FILES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
-         "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
+CLASS_NAMES = ("t-shirt_top", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "ankle_boot")
+OFFICIAL_NAMES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
+FILES = {
+    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+    "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+}
 DOWNLOAD_URL = "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/"
 # MD5 of the official .gz downloads (from the Fashion-MNIST README) ...
-GZ_MD5 = {"train-images-idx3-ubyte": "8d4fb7e6c68d591d4c3dfef9ec88bf0d",
-          "train-labels-idx1-ubyte": "25c81989df183df01b3e8a0aad5dffbe",
-          "t10k-images-idx3-ubyte": "bef4ecab320f06d8554ea6380940ec79",
-          "t10k-labels-idx1-ubyte": "bb300cfdad3c16e7a12a480ee83cd310"}
+GZ_MD5 = {
+    "train-images-idx3-ubyte": "8d4fb7e6c68d591d4c3dfef9ec88bf0d",
+    "train-labels-idx1-ubyte": "25c81989df183df01b3e8a0aad5dffbe",
+    "t10k-images-idx3-ubyte": "bef4ecab320f06d8554ea6380940ec79",
+    "t10k-labels-idx1-ubyte": "bb300cfdad3c16e7a12a480ee83cd310",
+}
 # ... and of their uncompressed content, which also holds for repacked copies such as Debian's.
-RAW_MD5 = {"train-images-idx3-ubyte": "f4a8712d7a061bf5bd6d2ca38dc4d50a",
-           "train-labels-idx1-ubyte": "9018921c3c673c538a1fc5bad174d6f9",
-           "t10k-images-idx3-ubyte": "8181f5470baa50b63fa0f6fddb340f0a",
-           "t10k-labels-idx1-ubyte": "15d484375f8d13e6eb1aabb0c3f46965"}
+RAW_MD5 = {
+    "train-images-idx3-ubyte": "f4a8712d7a061bf5bd6d2ca38dc4d50a",
+    "train-labels-idx1-ubyte": "9018921c3c673c538a1fc5bad174d6f9",
+    "t10k-images-idx3-ubyte": "8181f5470baa50b63fa0f6fddb340f0a",
+    "t10k-labels-idx1-ubyte": "15d484375f8d13e6eb1aabb0c3f46965",
+}
 MARKER = "fashion-mnist.json"
 
 
@@ -130,8 +134,9 @@ def encode_png(image: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def iter_objects(out: str, split: str, images: np.ndarray, labels: np.ndarray,
-                 indexes: np.ndarray) -> Iterator[tuple[str, bytes]]:
+def iter_objects(
+    out: str, split: str, images: np.ndarray, labels: np.ndarray, indexes: np.ndarray
+) -> Iterator[tuple[str, bytes]]:
     for i in indexes:
         yield storage.join_uri(out, split, CLASS_NAMES[labels[i]], f"{i}.png"), encode_png(images[i])
 
@@ -149,8 +154,7 @@ def write_fashion_mnist(cfg: FashionMnistConfig, progress: bool = True) -> dict:
         indexes = select(labels, cfg.limit_per_class)
         counts[split] = {CLASS_NAMES[c]: int((labels[indexes] == c).sum()) for c in range(len(CLASS_NAMES))}
         with tqdm(total=len(indexes), desc=f"fashion-mnist {split}", unit="img", disable=not progress) as bar:
-            storage.write_many(iter_objects(cfg.out, split, images, labels, indexes),
-                               workers=cfg.workers, on_done=bar.update)
+            storage.write_many(iter_objects(cfg.out, split, images, labels, indexes), workers=cfg.workers, on_done=bar.update)
     summary = {
         "dataset": "fashion-mnist",
         "source": source,

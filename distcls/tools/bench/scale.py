@@ -42,7 +42,7 @@ def small_pngs(n: int, seed: int = 0) -> list[bytes]:
         size = int(rng.integers(32, min(src.shape[:2]) // 2))
         y, x = int(rng.integers(0, src.shape[0] - size)), int(rng.integers(0, src.shape[1] - size))
         buf = io.BytesIO()
-        Image.fromarray(src[y:y + size, x:x + size]).resize((32, 32), Image.BILINEAR).save(buf, format="PNG")
+        Image.fromarray(src[y : y + size, x : x + size]).resize((32, 32), Image.BILINEAR).save(buf, format="PNG")
         out.append(buf.getvalue())
     return out
 
@@ -63,6 +63,7 @@ def make_objects(root: str, n: int) -> float:
         def put(item):
             with open(item[0], "wb") as f:
                 f.write(item[1])
+
         with ThreadPoolExecutor(8) as pool:
             for _ in pool.map(put, names, chunksize=256):
                 pass
@@ -117,8 +118,20 @@ def rows_written(output: str) -> int:
 
 def label_command(checkpoint: str, input_uri: str, output: str, n: int) -> list[str]:
     """`distcls label` with its defaults, except parts of at most n/20 rows (so a kill at half leaves some)."""
-    return [sys.executable, "-m", "distcls.cli", "label", "--checkpoint", checkpoint, "--input", input_uri,
-            "--output", output, "--part-rows", str(min(2000, max(10, n // 20)))]
+    return [
+        sys.executable,
+        "-m",
+        "distcls.cli",
+        "label",
+        "--checkpoint",
+        checkpoint,
+        "--input",
+        input_uri,
+        "--output",
+        output,
+        "--part-rows",
+        str(min(2000, max(10, n // 20))),
+    ]
 
 
 def run_label(cmd: list[str], log: str, output: str, kill_at_rows: int | None = None) -> dict:
@@ -172,8 +185,9 @@ def steady_rate(output: str) -> float:
     rows = 0
     for part in existing_parts(output):
         scheme, path = storage.split_uri(part)
-        column = pq.read_table(path if scheme == "file" else io.BytesIO(storage.read_bytes(part)),
-                               columns=["labeled_at"]).column(0)
+        column = pq.read_table(path if scheme == "file" else io.BytesIO(storage.read_bytes(part)), columns=["labeled_at"]).column(
+            0
+        )
         bounds = pc.min_max(column).as_py()
         lo = bounds["min"] if lo is None else min(lo, bounds["min"])
         hi = bounds["max"] if hi is None else max(hi, bounds["max"])
@@ -182,8 +196,7 @@ def steady_rate(output: str) -> float:
 
 
 def bench_scale(cfg: BenchConfig) -> dict:
-    from distcls.config import FromPretrainedConfig
-    from distcls.evaluate import checkpoint_from_pretrained
+    from distcls.checkpoint import from_pretrained
 
     n = cfg.objects
     local = cfg.scale_dir or tempfile.mkdtemp(prefix="distcls-bench-scale-")
@@ -194,15 +207,17 @@ def bench_scale(cfg: BenchConfig) -> dict:
         print(f"bench scale: {n} PNGs under {input_uri}" + (f" (made in {made:.0f} s)" if made else " (kept)"), flush=True)
         checkpoint = os.path.join(local, "lite0-32")
         if not os.path.exists(os.path.join(checkpoint, "distcls.json")):
-            checkpoint_from_pretrained(FromPretrainedConfig(out=checkpoint, image_size=32))
+            from_pretrained(out=checkpoint, image_size=32)
         listed, keys_per_s = list_rate(input_uri)
         print(f"  listing: {listed} keys, {keys_per_s:,.0f} keys/s", flush=True)
         log = os.path.join(work, "label.log")
         out_full = storage.join_uri(root, f"out-{os.path.basename(work)}-full")
         full = run_label(label_command(checkpoint, input_uri, out_full, n), log, out_full)
         record = success(out_full)
-        print(f"  full run: {full['seconds']:.0f} s, first part after {full['first_part_s']:.1f} s, "
-              f"{record['rows']} rows", flush=True)
+        print(
+            f"  full run: {full['seconds']:.0f} s, first part after {full['first_part_s']:.1f} s, {record['rows']} rows",
+            flush=True,
+        )
         rerun = run_label(label_command(checkpoint, input_uri, out_full, n), log, out_full)
         rerun_record = success(out_full)
         out_kill = storage.join_uri(root, f"out-{os.path.basename(work)}-killed")
@@ -210,22 +225,34 @@ def bench_scale(cfg: BenchConfig) -> dict:
         resumed = run_label(label_command(checkpoint, input_uri, out_kill, n), log, out_kill)
         resumed_record = success(out_kill)
         result = {
-            "objects": n, "store": cfg.store, "list_keys_per_s": keys_per_s,
+            "objects": n,
+            "store": cfg.store,
+            "list_keys_per_s": keys_per_s,
             "time_to_first_part_s": full["first_part_s"],
             "driver_peak_rss_mb": max(r["last_run"]["driver_peak_rss_mb"] for r in (record, rerun_record, resumed_record)),
-            "driver_peak_rss_mb_by_run": {"full": record["last_run"]["driver_peak_rss_mb"],
-                                          "rerun_done": rerun_record["last_run"]["driver_peak_rss_mb"],
-                                          "resume_half": resumed_record["last_run"]["driver_peak_rss_mb"]},
-            "images_per_s": record["rows"] / full["seconds"], "steady_images_per_s": steady_rate(out_full),
-            "seconds": full["seconds"], "rows": record["rows"], "distinct_paths": record["distinct_paths"],
-            "rerun_done_s": rerun["seconds"], "killed_at_rows": killed["killed_at_rows"],
-            "resume_half_s": resumed_record["last_run"]["plan_seconds"], "resume_run_s": resumed["seconds"],
+            "driver_peak_rss_mb_by_run": {
+                "full": record["last_run"]["driver_peak_rss_mb"],
+                "rerun_done": rerun_record["last_run"]["driver_peak_rss_mb"],
+                "resume_half": resumed_record["last_run"]["driver_peak_rss_mb"],
+            },
+            "images_per_s": record["rows"] / full["seconds"],
+            "steady_images_per_s": steady_rate(out_full),
+            "seconds": full["seconds"],
+            "rows": record["rows"],
+            "distinct_paths": record["distinct_paths"],
+            "rerun_done_s": rerun["seconds"],
+            "killed_at_rows": killed["killed_at_rows"],
+            "resume_half_s": resumed_record["last_run"]["plan_seconds"],
+            "resume_run_s": resumed["seconds"],
             "rows_after_kill_and_rerun": resumed_record["rows"],
             "distinct_after_kill_and_rerun": resumed_record["distinct_paths"],
         }
-        print(f"  rerun (all done): {rerun['seconds']:.1f} s; killed at {killed['killed_at_rows']} rows, the rerun "
-              f"planned in {result['resume_half_s']:.1f} s and ended with {result['rows_after_kill_and_rerun']} rows "
-              f"({result['distinct_after_kill_and_rerun']} distinct)", flush=True)
+        print(
+            f"  rerun (all done): {rerun['seconds']:.1f} s; killed at {killed['killed_at_rows']} rows, the rerun "
+            f"planned in {result['resume_half_s']:.1f} s and ended with {result['rows_after_kill_and_rerun']} rows "
+            f"({result['distinct_after_kill_and_rerun']} distinct)",
+            flush=True,
+        )
         return result
     finally:
         shutil.rmtree(work, ignore_errors=True)

@@ -49,8 +49,9 @@ def plain_label_rate(cfg: BenchConfig, prefix: str, checkpoint: str, out_path: s
         def __getitem__(self, i: int):
             return torch.from_numpy(preprocess_bytes(storage.read_bytes(paths[i]), spec)), i
 
-    loader = DataLoader(Objects(), batch_size=cfg.label_batch_size, num_workers=cfg.loader_workers,
-                        persistent_workers=False, prefetch_factor=4)
+    loader = DataLoader(
+        Objects(), batch_size=cfg.label_batch_size, num_workers=cfg.loader_workers, persistent_workers=False, prefetch_factor=4
+    )
     names, labels, scores = [], [], []
     for images, idx in loader:
         probs = torch.from_numpy(model.predict(images.numpy())).softmax(-1)
@@ -107,7 +108,7 @@ def large_photos(n: int, size: tuple[int, int] = (4000, 3000)) -> list[bytes]:
     """N 12-megapixel JPEGs (quality 90), upscaled from the bench photos: a phone camera's output size."""
     from PIL import Image
 
-    from distcls.bench_harness import make_photos
+    from distcls.tools.bench.harness import make_photos
 
     out = []
     for data in make_photos(n, seed=7):
@@ -128,13 +129,20 @@ def measure_decode(photos: list[bytes], spec: PreprocessSpec, checkpoint: str, n
     drafted = np.stack([preprocess_bytes(d, spec) for d in big])
     full = np.stack([eval_transform(decode_image(d, spec.max_pixels), spec) for d in big])
     agree = float((model.predict(drafted).argmax(1) == model.predict(full).argmax(1)).mean())
-    out = {"top1_agreement_12mp_draft_vs_full": agree, "max_pixel_difference_12mp": int(
-        np.abs(drafted.astype(int) - full.astype(int)).max())}
+    out = {
+        "top1_agreement_12mp_draft_vs_full": agree,
+        "max_pixel_difference_12mp": int(np.abs(drafted.astype(int) - full.astype(int)).max()),
+    }
     for name, sample in (("bench_photos", photos[:400]), ("photos_12mp", big)):
-        out[name] = {"draft_images_per_s": decode_rate(sample, spec, True),
-                     "full_decode_images_per_s": decode_rate(sample, spec, False)}
-        print(f"decode + preprocess, {name}: {out[name]['draft_images_per_s']:.1f} images/s with draft decoding, "
-              f"{out[name]['full_decode_images_per_s']:.1f} without", flush=True)
+        out[name] = {
+            "draft_images_per_s": decode_rate(sample, spec, True),
+            "full_decode_images_per_s": decode_rate(sample, spec, False),
+        }
+        print(
+            f"decode + preprocess, {name}: {out[name]['draft_images_per_s']:.1f} images/s with draft decoding, "
+            f"{out[name]['full_decode_images_per_s']:.1f} without",
+            flush=True,
+        )
     print(f"  top-1 on 12 MP photos, draft vs full decode: {agree:.3f} agree", flush=True)
     return out
 
@@ -154,22 +162,32 @@ def label_top1(output: str) -> dict[str, str]:
 def run_distcls_label(cfg: BenchConfig, checkpoint: str, prefix: str, output: str, runtime: str) -> dict:
     from distcls.label import run_labeling
 
-    return run_labeling(LabelConfig(checkpoint=checkpoint, input=prefix, output=output, runtime=runtime,
-                                    batch_size=cfg.label_batch_size, concurrency=cfg.label_concurrency,
-                                    cpus_per_replica=cfg.label_cpus_per_replica, num_gpus=1 if cfg.use_gpu else 0),
-                        progress=False)
+    return run_labeling(
+        LabelConfig(
+            checkpoint=checkpoint,
+            input=prefix,
+            output=output,
+            runtime=runtime,
+            batch_size=cfg.label_batch_size,
+            concurrency=cfg.label_concurrency,
+            cpus_per_replica=cfg.label_cpus_per_replica,
+            num_gpus=1 if cfg.use_gpu else 0,
+        ),
+        progress=False,
+    )
 
 
 def bench_label(cfg: BenchConfig, root: str) -> dict:
-    from distcls.bench_harness import imagenet_checkpoint, make_photos
+    from distcls.tools.bench.harness import imagenet_checkpoint, make_photos
 
     checkpoint = imagenet_checkpoint(root, cfg.label_model)
     photos = make_photos(cfg.label_images)
     prefix = f"{root}/photos"
     storage.write_many(zip([f"{prefix}/{i:05d}.jpg" for i in range(len(photos))], photos))
     spec = load_model(checkpoint, "torch", "cpu").spec
-    default_runtime = prepare_runtime(checkpoint, "auto", cfg.use_gpu, np.stack(
-        [preprocess_bytes(p, spec) for p in photos[:16]]))[0]  # compiled before anything is timed
+    default_runtime = prepare_runtime(
+        checkpoint, "auto", cfg.use_gpu, np.stack([preprocess_bytes(p, spec) for p in photos[:16]])
+    )[0]  # compiled before anything is timed
     decode = measure_decode(photos, spec, checkpoint, cfg.label_large_photos)
     rows = {}
     for runtime in RUNTIME_ROWS:
@@ -180,18 +198,30 @@ def bench_label(cfg: BenchConfig, root: str) -> dict:
         summary = run_distcls_label(cfg, checkpoint, prefix, f"{root}/labels-{runtime}", label_runtime)
         row["distcls_images_per_s"] = summary["images_per_s"]
         rows[runtime] = row
-        print(f"runtime {runtime}: model alone {row['model_only_images_per_s']:.1f} images/s, plain DataLoader "
-              f"script {row['plain_images_per_s']:.1f}, distcls label {row['distcls_images_per_s']:.1f}", flush=True)
+        print(
+            f"runtime {runtime}: model alone {row['model_only_images_per_s']:.1f} images/s, plain DataLoader "
+            f"script {row['plain_images_per_s']:.1f}, distcls label {row['distcls_images_per_s']:.1f}",
+            flush=True,
+        )
     ours = rows[default_runtime]["distcls_images_per_s"]  # --runtime onnx on CPU is what auto resolves to
     torch_labels, default_labels = label_top1(f"{root}/labels-torch"), label_top1(f"{root}/labels-{default_runtime}")
     agree = float(np.mean([default_labels.get(p) == label for p, label in torch_labels.items()]))
-    result = {"images": len(photos), "model": cfg.label_model, "default_runtime": default_runtime, "rows": rows,
-              "decode": decode, "top1_agreement_default_vs_torch": agree,
-              "ratio_vs_plain_torch": ours / rows["torch"]["plain_images_per_s"],
-              "ratio_vs_plain_same_runtime": ours / rows[default_runtime]["plain_images_per_s"],
-              "ratio_vs_ceiling_same_runtime": ours / rows[default_runtime]["model_only_images_per_s"]}
-    print(f"distcls label (default runtime {default_runtime}): {ours:.1f} images/s = "
-          f"{result['ratio_vs_plain_torch']:.2f}x the plain PyTorch script, {result['ratio_vs_plain_same_runtime']:.2f}x "
-          f"the same-runtime script, {result['ratio_vs_ceiling_same_runtime']:.2f}x the same-runtime model alone; "
-          f"top-1 agrees with torch on {agree:.4f} of {len(torch_labels)} photos", flush=True)
+    result = {
+        "images": len(photos),
+        "model": cfg.label_model,
+        "default_runtime": default_runtime,
+        "rows": rows,
+        "decode": decode,
+        "top1_agreement_default_vs_torch": agree,
+        "ratio_vs_plain_torch": ours / rows["torch"]["plain_images_per_s"],
+        "ratio_vs_plain_same_runtime": ours / rows[default_runtime]["plain_images_per_s"],
+        "ratio_vs_ceiling_same_runtime": ours / rows[default_runtime]["model_only_images_per_s"],
+    }
+    print(
+        f"distcls label (default runtime {default_runtime}): {ours:.1f} images/s = "
+        f"{result['ratio_vs_plain_torch']:.2f}x the plain PyTorch script, {result['ratio_vs_plain_same_runtime']:.2f}x "
+        f"the same-runtime script, {result['ratio_vs_ceiling_same_runtime']:.2f}x the same-runtime model alone; "
+        f"top-1 agrees with torch on {agree:.4f} of {len(torch_labels)} photos",
+        flush=True,
+    )
     return result

@@ -17,8 +17,8 @@ import time
 from urllib.parse import urlsplit
 
 from distcls import storage
-from distcls.bench_harness import post_image
 from distcls.config import ServeConfig, to_dict
+from distcls.tools.bench.harness import post_image
 
 APP = "autoscale"
 DEPLOYMENT = "ImageClassifier"
@@ -28,12 +28,20 @@ REQUEST_TIMEOUT_S = 120.0  # a cold start includes starting a replica process an
 # The run's autoscaling settings. Those that ServeConfig does not have stay at Ray Serve's defaults
 # (look_back_period_s 30 s, downscale_to_zero_delay_s = downscale_delay_s) and are reported as such.
 # look_back_period_s must stay above Ray Serve's 10 s metrics interval (a FutureWarning, later an error).
-SETTINGS = {"min_replicas": 1, "max_replicas": 3, "target_ongoing_requests": 1.0, "upscale_delay_s": 2.0,
-            "downscale_delay_s": 5.0, "look_back_period_s": 15.0, "downscale_to_zero_delay_s": 5.0}
+SETTINGS = {
+    "min_replicas": 1,
+    "max_replicas": 3,
+    "target_ongoing_requests": 1.0,
+    "upscale_delay_s": 2.0,
+    "downscale_delay_s": 5.0,
+    "look_back_period_s": 15.0,
+    "downscale_to_zero_delay_s": 5.0,
+}
 
 
-def autoscale_config(checkpoint: str, cpus_per_replica: float, port: int,
-                     overrides: dict | None = None) -> tuple[ServeConfig, list[str]]:
+def autoscale_config(
+    checkpoint: str, cpus_per_replica: float, port: int, overrides: dict | None = None
+) -> tuple[ServeConfig, list[str]]:
     """The run's ServeConfig (SETTINGS, then `overrides`), and the names of the settings it cannot carry."""
     settings = {**SETTINGS, **(overrides or {})}
     known = {f.name for f in dataclasses.fields(ServeConfig)}
@@ -146,8 +154,9 @@ class Plan:
     stop_at_max: bool = False
 
 
-def scale_up_and_down(url: str, photos: list[bytes], cfg: ServeConfig, plan: Plan, clock: Timeline,
-                      codes: dict[str, int]) -> dict:
+def scale_up_and_down(
+    url: str, photos: list[bytes], cfg: ServeConfig, plan: Plan, clock: Timeline, codes: dict[str, int]
+) -> dict:
     """idle -> load -> cooldown on the running application; replica counts and every answer recorded."""
     low, high = cfg.min_replicas, cfg.max_replicas
     clock.sample("idle", BASELINE_S)
@@ -156,8 +165,9 @@ def scale_up_and_down(url: str, photos: list[bytes], cfg: ServeConfig, plan: Pla
     load_start = clock.now()
     load.start()
     try:
-        clock.sample("load", plan.load_seconds,
-                     until=(lambda states: states.get("RUNNING", 0) >= high) if plan.stop_at_max else None)
+        clock.sample(
+            "load", plan.load_seconds, until=(lambda states: states.get("RUNNING", 0) >= high) if plan.stop_at_max else None
+        )
     finally:
         load.stop()
     load_end = clock.now()
@@ -168,23 +178,38 @@ def scale_up_and_down(url: str, photos: list[bytes], cfg: ServeConfig, plan: Pla
     asked = clock.first("load", lambda n: n > low, load_start, clock.live)
     up = clock.first("load", lambda n: n > low, load_start)
     full = clock.first("load", lambda n: n >= seen, load_start) if seen > low else None
-    growth = (f"more asked for after {asked}s, first one running after {up}s, {seen} after {full}s"
-              if up is not None else "none added")
-    print(f"autoscale: load: {plan.clients} clients for {load_end - load_start:.0f}s, {len(load.answers)} requests "
-          f"({ok / (load_end - load_start):.1f}/s answered 200), replicas {low} -> {seen} ({growth}), "
-          f"{len(load.answers) - ok} failed", flush=True)
+    growth = (
+        f"more asked for after {asked}s, first one running after {up}s, {seen} after {full}s" if up is not None else "none added"
+    )
+    print(
+        f"autoscale: load: {plan.clients} clients for {load_end - load_start:.0f}s, {len(load.answers)} requests "
+        f"({ok / (load_end - load_start):.1f}/s answered 200), replicas {low} -> {seen} ({growth}), "
+        f"{len(load.answers) - ok} failed",
+        flush=True,
+    )
     down_at = clock.sample("cooldown", plan.idle_seconds, until=lambda states: live(states) <= low)
     down = None if down_at is None else round(down_at - load_end, 2)
-    print(f"autoscale: cooldown: back to {low} replica(s) {down}s after the load stopped" if down is not None
-          else f"autoscale: cooldown: gave up, still {clock.rows[-1][1]} replicas {plan.idle_seconds:.0f}s after "
-          "the load stopped", flush=True)
-    return {"load_start_s": round(load_start, 2), "load_end_s": round(load_end, 2), "requests": len(load.answers),
-            "requests_per_s": ok / (load_end - load_start), "answers": load.answers, "max_replicas_seen": seen,
-            "upscale_started_s": asked, "scale_up_s": up, "full_scale_up_s": full, "scale_down_s": down}
+    print(
+        f"autoscale: cooldown: back to {low} replica(s) {down}s after the load stopped"
+        if down is not None
+        else f"autoscale: cooldown: gave up, still {clock.rows[-1][1]} replicas {plan.idle_seconds:.0f}s after the load stopped",
+        flush=True,
+    )
+    return {
+        "load_start_s": round(load_start, 2),
+        "load_end_s": round(load_end, 2),
+        "requests": len(load.answers),
+        "requests_per_s": ok / (load_end - load_start),
+        "answers": load.answers,
+        "max_replicas_seen": seen,
+        "upscale_started_s": asked,
+        "scale_up_s": up,
+        "full_scale_up_s": full,
+        "scale_down_s": down,
+    }
 
 
-def scale_to_zero(cfg: ServeConfig, photo: bytes, idle_seconds: float, clock: Timeline,
-                  codes: dict[str, int]) -> dict:
+def scale_to_zero(cfg: ServeConfig, photo: bytes, idle_seconds: float, clock: Timeline, codes: dict[str, int]) -> dict:
     """Redeploy with min_replicas 0, wait (bounded) for 0 replicas, then a cold and a warm request."""
     from distcls.serving import start
 
@@ -192,12 +217,22 @@ def scale_to_zero(cfg: ServeConfig, photo: bytes, idle_seconds: float, clock: Ti
     clock.sample("scale_to_zero", 0)
     url = start(cfg, token="") + "/v1/classify"  # blocks while Serve redeploys (replicas not sampled meanwhile)
     zero_at = clock.sample("scale_to_zero", idle_seconds, until=lambda states: live(states) == 0)
-    out = {"redeploy_at_s": round(since, 2), "reached_zero": zero_at is not None, "zero_after_s": None,
-           "cold_start_at_s": None, "cold_start_s": None, "cold_status": None, "warm_request_s": None,
-           "warm_status": None}
+    out = {
+        "redeploy_at_s": round(since, 2),
+        "reached_zero": zero_at is not None,
+        "zero_after_s": None,
+        "cold_start_at_s": None,
+        "cold_start_s": None,
+        "cold_status": None,
+        "warm_request_s": None,
+        "warm_status": None,
+    }
     if zero_at is None:
-        print(f"autoscale: scale to zero: gave up, still {clock.rows[-1][1]} replica(s) {clock.now() - since:.0f}s "
-              "after the redeploy with min_replicas 0 began", flush=True)
+        print(
+            f"autoscale: scale to zero: gave up, still {clock.rows[-1][1]} replica(s) {clock.now() - since:.0f}s "
+            "after the redeploy with min_replicas 0 began",
+            flush=True,
+        )
         return out
     sent = clock.now()
     cold_code, cold = timed_request(url, photo)
@@ -205,10 +240,20 @@ def scale_to_zero(cfg: ServeConfig, photo: bytes, idle_seconds: float, clock: Ti
     count(codes, cold_code)
     count(codes, warm_code)
     clock.sample("cold_start", 0)
-    print(f"autoscale: scale to zero: 0 replicas {zero_at - since:.1f}s after the redeploy with min_replicas 0 began; "
-          f"first request {cold_code} in {cold:.2f}s (cold start), next {warm_code} in {warm:.3f}s", flush=True)
-    return {**out, "zero_after_s": round(zero_at - since, 2), "cold_start_at_s": round(sent, 2), "cold_start_s": cold,
-            "cold_status": cold_code, "warm_request_s": warm, "warm_status": warm_code}
+    print(
+        f"autoscale: scale to zero: 0 replicas {zero_at - since:.1f}s after the redeploy with min_replicas 0 began; "
+        f"first request {cold_code} in {cold:.2f}s (cold start), next {warm_code} in {warm:.3f}s",
+        flush=True,
+    )
+    return {
+        **out,
+        "zero_after_s": round(zero_at - since, 2),
+        "cold_start_at_s": round(sent, 2),
+        "cold_start_s": cold,
+        "cold_status": cold_code,
+        "warm_request_s": warm,
+        "warm_status": warm_code,
+    }
 
 
 def plot(result: dict) -> bytes:
@@ -216,18 +261,26 @@ def plot(result: dict) -> bytes:
     from distcls.plots import png_bytes, subplots
 
     fig, ax = subplots(figsize=(10, 4.5))
-    for rows, style, label in ((result["live_timeline"], ":", "running or starting"),
-                               (result["timeline"], "-", "running replicas")):
+    for rows, style, label in (
+        (result["live_timeline"], ":", "running or starting"),
+        (result["timeline"], "-", "running replicas"),
+    ):
         ax.step([r[0] for r in rows], [r[1] for r in rows], style, where="post", color="tab:blue", label=label)
-    ax.axvline(result["redeploy_at_s"], color="tab:gray", linestyle="--", alpha=0.6,
-               label="redeploy with min_replicas 0")
+    ax.axvline(result["redeploy_at_s"], color="tab:gray", linestyle="--", alpha=0.6, label="redeploy with min_replicas 0")
     if result.get("cold_start_s") is not None:
-        ax.axvline(result["cold_start_at_s"], color="tab:red", alpha=0.6,
-                   label=f"first request at 0 replicas (answered in {result['cold_start_s']:.1f}s)")
+        ax.axvline(
+            result["cold_start_at_s"],
+            color="tab:red",
+            alpha=0.6,
+            label=f"first request at 0 replicas (answered in {result['cold_start_s']:.1f}s)",
+        )
     ax.axvspan(result["load_start_s"], result["load_end_s"], color="tab:orange", alpha=0.15, label="load")
-    ax.set(xlabel="seconds", ylabel="classifier replicas", ylim=(-0.2, result["settings"]["max_replicas"] + 0.5),
-           title=f"distcls serve autoscaling: {result['clients']} clients, failed requests "
-                 f"{result['failed_requests']}")
+    ax.set(
+        xlabel="seconds",
+        ylabel="classifier replicas",
+        ylim=(-0.2, result["settings"]["max_replicas"] + 0.5),
+        title=f"distcls serve autoscaling: {result['clients']} clients, failed requests {result['failed_requests']}",
+    )
     ok = [a for a, code in result["answers"] if code == "200"]
     if ok:
         seconds = range(int(min(ok)), int(max(ok)) + 1)
@@ -241,20 +294,29 @@ def plot(result: dict) -> bytes:
     return png_bytes(fig)
 
 
-def bench_autoscale(root: str, *, checkpoint: str | None = None, clients_high: int = 16, load_seconds: float = 40,
-                    idle_seconds: float = 60, cpus_per_replica: float = 0.5, out_png: str | None = None,
-                    port: int | None = None, overrides: dict | None = None, stop_at_max: bool = False) -> dict:
+def bench_autoscale(
+    root: str,
+    *,
+    checkpoint: str | None = None,
+    clients_high: int = 16,
+    load_seconds: float = 40,
+    idle_seconds: float = 60,
+    cpus_per_replica: float = 0.5,
+    out_png: str | None = None,
+    port: int | None = None,
+    overrides: dict | None = None,
+    stop_at_max: bool = False,
+) -> dict:
     """Measure scale-up under load, scale-down after it and scale-to-zero with a cold start (module doc).
 
     `checkpoint`: the model to serve (default: the ImageNet EfficientNet-Lite0 written under `root`);
     `overrides`: ServeConfig fields over SETTINGS; `idle_seconds`, `stop_at_max`: see Plan.
     """
-    from distcls.bench_harness import imagenet_checkpoint, make_photos, wait_healthy
-    from distcls.s3server import free_port
     from distcls.serving import start, stop_app
+    from distcls.tools.bench.harness import imagenet_checkpoint, make_photos, wait_healthy
+    from distcls.tools.s3server import free_port
 
-    cfg, unsupported = autoscale_config(checkpoint or imagenet_checkpoint(root), cpus_per_replica,
-                                        port or free_port(), overrides)
+    cfg, unsupported = autoscale_config(checkpoint or imagenet_checkpoint(root), cpus_per_replica, port or free_port(), overrides)
     plan = Plan(clients_high, load_seconds, idle_seconds, stop_at_max)
     photos = make_photos(16, seed=3)
     codes: dict[str, int] = {}
@@ -267,11 +329,17 @@ def bench_autoscale(root: str, *, checkpoint: str | None = None, clients_high: i
         run.update(scale_to_zero(dataclasses.replace(cfg, min_replicas=0), photos[1], idle_seconds, clock, codes))
     finally:
         stop_app(cfg.name)
-    result = {**run, "timeline": clock.rows, "live_timeline": clock.live, "clients": clients_high,
-              "status_codes": codes,
-              "failed_requests": sum(n for code, n in codes.items() if code != "200"),
-              "scaled_up": run["max_replicas_seen"] > cfg.min_replicas, "scaled_down": run["scale_down_s"] is not None,
-              "settings": {**to_dict(cfg), "not_in_serve_config": unsupported}}
+    result = {
+        **run,
+        "timeline": clock.rows,
+        "live_timeline": clock.live,
+        "clients": clients_high,
+        "status_codes": codes,
+        "failed_requests": sum(n for code, n in codes.items() if code != "200"),
+        "scaled_up": run["max_replicas_seen"] > cfg.min_replicas,
+        "scaled_down": run["scale_down_s"] is not None,
+        "settings": {**to_dict(cfg), "not_in_serve_config": unsupported},
+    }
     print(f"autoscale: {result['failed_requests']} failed requests of {sum(codes.values())}: {codes}", flush=True)
     if out_png:
         storage.write_bytes(out_png, plot(result))

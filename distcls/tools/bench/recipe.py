@@ -1,7 +1,7 @@
 """`distcls bench recipe`: `distcls train` with default flags against a plain PyTorch loop, on several real
 datasets that nobody tuned the defaults for, at a small fixed budget (3 epochs). Measured, never asserted.
 
-Each setting is written as local ImageFolder PNGs (`distcls.recipe_data`). Both sides train on the same
+Each setting is written as local ImageFolder PNGs (`distcls.tools.recipe_data`). Both sides train on the same
 images: distcls holds out its default 10% for validation, and the plain loop trains on exactly the other
 90%. Both are scored on the setting's test split. Small settings are repeated over several seeds (their
 test splits are small, so one image moves the accuracy by up to 1.7 points) and averaged.
@@ -25,7 +25,7 @@ from distcls import storage
 from distcls.config import BenchConfig, EvaluateConfig, TrainConfig
 from distcls.datasets import LabeledIndex, load_labeled_index, stratified_split
 from distcls.models import create_model, default_spec
-from distcls.recipe_data import write_digits, write_faces, write_fashion_mnist_subset
+from distcls.tools.recipe_data import write_digits, write_faces, write_fashion_mnist_subset
 from distcls.transforms import preprocess_bytes
 
 SETTINGS = ("fmnist20", "fmnist100", "fmnist1000", "digits", "faces")
@@ -51,8 +51,7 @@ def decode_all(index: LabeledIndex, image_size: int, model: str) -> tuple[torch.
 @torch.inference_mode()
 def accuracy(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, batch: int = 64) -> float:
     model.eval()
-    hits = sum(int((model(images[i:i + batch]).argmax(1) == labels[i:i + batch]).sum())
-               for i in range(0, len(labels), batch))
+    hits = sum(int((model(images[i : i + batch]).argmax(1) == labels[i : i + batch]).sum()) for i in range(0, len(labels), batch))
     return hits / max(1, len(labels))
 
 
@@ -85,15 +84,28 @@ def distcls_default(cfg: BenchConfig, data: str, test_uri: str, root: str, seed:
     from distcls.evaluate import run_evaluation
     from distcls.train.trainer import run_training
 
-    result = run_training(TrainConfig(data=data, model=cfg.recipe_model, epochs=cfg.recipe_epochs,
-                                      image_size=cfg.image_size, seed=seed, storage=f"{root}/runs",
-                                      name=f"recipe-{os.path.basename(os.path.dirname(data))}-{seed}"))
+    result = run_training(
+        TrainConfig(
+            data=data,
+            model=cfg.recipe_model,
+            epochs=cfg.recipe_epochs,
+            image_size=cfg.image_size,
+            seed=seed,
+            storage=f"{root}/runs",
+            name=f"recipe-{os.path.basename(os.path.dirname(data))}-{seed}",
+        )
+    )
     with tempfile.TemporaryDirectory() as d:
-        report = run_evaluation(EvaluateConfig(checkpoint=result["checkpoint"], data=test_uri, out=d,
-                                               batch_size=128, concurrency=2))
-    return {"test_accuracy": report["accuracy"], "recipe": result["recipe"], "train_seconds": result["seconds"],
-            "data_wait_fraction": run_data_wait(result["epochs"]),
-            "data_wait_fraction_first_epoch": result["epochs"][0]["data_wait_fraction"]}
+        report = run_evaluation(
+            EvaluateConfig(checkpoint=result["checkpoint"], data=test_uri, out=d, batch_size=128, concurrency=2)
+        )
+    return {
+        "test_accuracy": report["accuracy"],
+        "recipe": result["recipe"],
+        "train_seconds": result["seconds"],
+        "data_wait_fraction": run_data_wait(result["epochs"]),
+        "data_wait_fraction_first_epoch": result["epochs"][0]["data_wait_fraction"],
+    }
 
 
 def run_data_wait(epochs: list[dict]) -> float:
@@ -114,34 +126,51 @@ def bench_setting(cfg: BenchConfig, name: str, root: str) -> dict:
         train_part, _ = stratified_split(load_labeled_index(f"{out}/train"), TrainConfig.val_fraction, seed)
         ours.append(distcls_default(cfg, f"{out}/train", f"{out}/test", root, seed))
         plain.append(plain_loop(cfg, train_part, test, seed))
-        print(f"{name} seed {seed}: distcls default {ours[-1]['test_accuracy']:.4f}, plain loop "
-              f"{plain[-1]['test_accuracy']:.4f}", flush=True)
+        print(
+            f"{name} seed {seed}: distcls default {ours[-1]['test_accuracy']:.4f}, plain loop {plain[-1]['test_accuracy']:.4f}",
+            flush=True,
+        )
     mean = lambda runs, key: float(np.mean([r[key] for r in runs]))  # noqa: E731
     default_acc, plain_acc = mean(ours, "test_accuracy"), mean(plain, "test_accuracy")
-    return {"train_images": sizes["train"], "test_images": len(test_index), "seeds": len(seeds),
-            "default_accuracy": default_acc, "plain_accuracy": plain_acc,
-            "ratio": default_acc / max(plain_acc, 1e-9), "points": 100 * (default_acc - plain_acc),
-            "data_wait_fraction": max(r["data_wait_fraction"] for r in ours),
-            "recipe": ours[0]["recipe"], "runs": {"distcls": ours, "plain": plain}}
+    return {
+        "train_images": sizes["train"],
+        "test_images": len(test_index),
+        "seeds": len(seeds),
+        "default_accuracy": default_acc,
+        "plain_accuracy": plain_acc,
+        "ratio": default_acc / max(plain_acc, 1e-9),
+        "points": 100 * (default_acc - plain_acc),
+        "data_wait_fraction": max(r["data_wait_fraction"] for r in ours),
+        "recipe": ours[0]["recipe"],
+        "runs": {"distcls": ours, "plain": plain},
+    }
 
 
 def bench_recipe(cfg: BenchConfig, root: str | None = None) -> dict:
     root = root or tempfile.mkdtemp(prefix="distcls-recipe-")
     rows = {name: bench_setting(cfg, name, root) for name in cfg.recipe_settings}
-    out = {"settings": rows, "epochs": cfg.recipe_epochs, "image_size": cfg.image_size, "model": cfg.recipe_model,
-           "min_ratio_default_vs_plain": min(r["ratio"] for r in rows.values()),
-           "max_points_below_plain": max(-r["points"] for r in rows.values()),
-           "max_data_wait_fraction": max(r["data_wait_fraction"] for r in rows.values())}
+    out = {
+        "settings": rows,
+        "epochs": cfg.recipe_epochs,
+        "image_size": cfg.image_size,
+        "model": cfg.recipe_model,
+        "min_ratio_default_vs_plain": min(r["ratio"] for r in rows.values()),
+        "max_points_below_plain": max(-r["points"] for r in rows.values()),
+        "max_data_wait_fraction": max(r["data_wait_fraction"] for r in rows.values()),
+    }
     print("\n".join(recipe_table(out)), flush=True)
     return out
 
 
 def recipe_table(result: dict) -> list[str]:
-    lines = [f"{'setting':<12} {'train':>6} {'seeds':>5} {'default':>8} {'plain':>8} {'ratio':>6} {'points':>7} "
-             f"{'wait':>5}  recipe"]
+    lines = [
+        f"{'setting':<12} {'train':>6} {'seeds':>5} {'default':>8} {'plain':>8} {'ratio':>6} {'points':>7} {'wait':>5}  recipe"
+    ]
     for name, r in result["settings"].items():
-        lines.append(f"{name:<12} {r['train_images']:>6} {r['seeds']:>5} {r['default_accuracy']:>8.4f} "
-                     f"{r['plain_accuracy']:>8.4f} {r['ratio']:>6.3f} {r['points']:>+7.2f} "
-                     f"{r['data_wait_fraction']:>5.0%}  {r['recipe']['steps']} steps, "
-                     f"{'crops ' + format(r['recipe']['crop_scale_min'], 'g') + '-1' if r['recipe']['augment'] else 'no crops'}")
+        lines.append(
+            f"{name:<12} {r['train_images']:>6} {r['seeds']:>5} {r['default_accuracy']:>8.4f} "
+            f"{r['plain_accuracy']:>8.4f} {r['ratio']:>6.3f} {r['points']:>+7.2f} "
+            f"{r['data_wait_fraction']:>5.0%}  {r['recipe']['steps']} steps, "
+            f"{'crops ' + format(r['recipe']['crop_scale_min'], 'g') + '-1' if r['recipe']['augment'] else 'no crops'}"
+        )
     return lines

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import http.client
-import io
 import json
 import os
 import shutil
@@ -22,7 +21,7 @@ import numpy as np
 from distcls import storage
 from distcls.config import DemoConfig, FashionMnistConfig
 from distcls.datasets import LabeledIndex, load_labeled_index
-from distcls.s3server import S3Server, free_port, restore_env, use_server_env
+from distcls.tools.s3server import S3Server, free_port, restore_env, use_server_env
 
 CORRUPT_FILES = {  # name -> bytes: what a real "unlabeled" bucket also holds
     "corrupt-truncated.png": None,  # filled from a real PNG, cut short
@@ -64,7 +63,7 @@ def storage_for(cfg: DemoConfig) -> Iterator[str]:
 
 def prepare_split(root: str, split: str, limit: int | None) -> str:
     """URI/<split>/<class>/<index>.png, written once per (split, limit) and reused by reruns."""
-    from distcls.fmnist import existing_copy, write_fashion_mnist
+    from distcls.tools.fmnist import existing_copy, write_fashion_mnist
 
     data = f"{root}/fashion-mnist-{split}-{limit or 'all'}"
     marker = existing_copy(data)
@@ -91,16 +90,6 @@ def prepare_unlabeled(index: LabeledIndex, root: str, n: int) -> tuple[str, dict
     return prefix, truth
 
 
-def read_labels(folder: str) -> list[dict]:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    from distcls.label import existing_parts
-
-    parts = existing_parts(folder)
-    return pa.concat_tables(pq.read_table(io.BytesIO(storage.read_bytes(p))) for p in parts).to_pylist()
-
-
 def query_endpoint(url: str, index: LabeledIndex, n: int) -> dict:
     """POST n test images one at a time; -> latencies, accuracy and a few (truth, prediction) rows."""
     from urllib.parse import urlsplit
@@ -120,27 +109,26 @@ def query_endpoint(url: str, index: LabeledIndex, n: int) -> dict:
         if response.status != 200:
             raise RuntimeError(f"demo: the endpoint answered {response.status}: {payload}")
         pred = payload["predictions"][0]
-        rows.append({"path": index.paths[i], "truth": index.class_names[index.labels[i]],
-                     "label": pred["label"], "score": pred["score"]})
+        rows.append(
+            {"path": index.paths[i], "truth": index.class_names[index.labels[i]], "label": pred["label"], "score": pred["score"]}
+        )
     conn.close()
     ms = np.asarray(latencies) * 1000
-    return {"rows": rows, "p50_ms": float(np.percentile(ms, 50)), "p99_ms": float(np.percentile(ms, 99)),
-            "accuracy": float(np.mean([r["truth"] == r["label"] for r in rows]))}
+    return {
+        "rows": rows,
+        "p50_ms": float(np.percentile(ms, 50)),
+        "p99_ms": float(np.percentile(ms, 99)),
+        "accuracy": float(np.mean([r["truth"] == r["label"] for r in rows])),
+    }
 
 
 def run_demo(cfg: DemoConfig) -> dict:
     """Every stage of the product on real data; prints (and returns) a summary of figures and artifacts."""
-    from ray import serve
+    import ray
 
-    from distcls.config import EvaluateConfig, LabelConfig, ServeConfig, TrainConfig
-    from distcls.evaluate import run_evaluation
-    from distcls.label import run_labeling
-    from distcls.runtime import init_ray
-    from distcls.serving import start
-    from distcls.train.trainer import run_training
+    from distcls import init_ray
 
     stages = Stages()
-    summary: dict = {}
     started = time.perf_counter()
     out = os.path.abspath(cfg.out)
     os.makedirs(out, exist_ok=True)
@@ -151,72 +139,132 @@ def run_demo(cfg: DemoConfig) -> dict:
         init_ray()
         try:
             with stages.stage("train: fine-tune EfficientNet-Lite0 (Ray Train, 2 workers)"):
-                name = f"demo-{time.strftime('%Y%m%d-%H%M%S')}"
-                result = run_training(TrainConfig(
-                    data=train_data, val_fraction=0.1, model="efficientnet_lite0", weights="bundled",
-                    epochs=cfg.epochs, image_size=cfg.image_size, batch_size=32, num_workers=2,
-                    storage=f"{root}/runs", name=name))  # the recipe's defaults, as a user gets them
-                checkpoint = result["checkpoint"]
+                checkpoint = train_stage(cfg, root, train_data)
             with stages.stage("evaluate: the best checkpoint on the test split"):
-                report = run_evaluation(EvaluateConfig(checkpoint=checkpoint, data=test_data,
-                                                       out=os.path.join(out, "eval"), concurrency=2))
+                report = evaluate_stage(checkpoint, test_data, out)
             with stages.stage("label: an unlabeled prefix (with corrupt files) -> Parquet"):
                 test_index = load_labeled_index(test_data)  # listed once, for labeling and serving
-                prefix, truth = prepare_unlabeled(test_index, root, cfg.label_images)
-                labels_dir = os.path.join(out, "labels")
-                shutil.rmtree(labels_dir, ignore_errors=True)  # a new checkpoint: last run's labels do not apply
-                label_summary = run_labeling(LabelConfig(checkpoint=checkpoint, input=prefix, output=labels_dir,
-                                                         batch_size=16), progress=False)
-                rows = read_labels(labels_dir)
-                good = [r for r in rows if r["error"] is None and r["path"] in truth]
-                label_acc = float(np.mean([truth[r["path"]] == r["label"] for r in good])) if good else 0.0
-                print(f"labeled {label_summary['labeled']} new objects ({label_summary['skipped_done']} already "
-                      f"done), {len(rows)} rows, errors: {label_summary['errors_by_kind'] or 'none new'}; "
-                      f"{label_summary['images_per_s']:.1f} images/s; agreement with the hidden labels "
-                      f"{label_acc:.4f}")
+                labeled = label_stage(cfg, root, checkpoint, test_index, out)
             with stages.stage("serve: the checkpoint on Ray Serve, real HTTP requests"):
-                url = start(ServeConfig(checkpoint=checkpoint, port=free_port(), min_replicas=1, max_replicas=1,
-                                        name="demo"), token="")
-                try:
-                    served = query_endpoint(url, test_index, cfg.serve_requests)
-                finally:
-                    if os.environ.get("RAY_ADDRESS"):  # someone's cluster: remove only the demo's application
-                        serve.delete("demo")
-                    else:
-                        serve.shutdown()
-                for r in served["rows"][:6]:
-                    mark = "ok " if r["truth"] == r["label"] else "MISS"
-                    print(f"  {mark} true {r['truth']:<12} predicted {r['label']:<12} ({r['score']:.2f})")
-                print(f"{len(served['rows'])} requests: accuracy {served['accuracy']:.2f}, latency p50 "
-                      f"{served['p50_ms']:.0f} ms, p99 {served['p99_ms']:.0f} ms")
+                served = serve_stage(cfg, checkpoint, test_index)
         finally:
-            import ray
-
             ray.shutdown()
-        summary.update({
-            "checkpoint": checkpoint, "test_accuracy": report["accuracy"], "test_macro_f1": report["macro_f1"],
-            "test_images": report["num_samples"], "label_rows": len(rows),
-            "label_errors_by_kind": label_summary["errors_by_kind"], "label_images_per_s": label_summary["images_per_s"],
-            "label_agreement": label_acc, "serve_p50_ms": served["p50_ms"], "serve_p99_ms": served["p99_ms"],
-            "serve_requests": len(served["rows"]), "out": out,
-            "kept_in": "embedded S3 (gone after the demo)" if not cfg.bucket else cfg.bucket,
-        })
-    summary["stage_seconds"] = {k: round(v, 1) for k, v in stages.seconds.items()}
-    summary["total_seconds"] = round(time.perf_counter() - started, 1)  # stages + starting/stopping Ray
+    summary = {
+        "checkpoint": checkpoint,
+        "test_accuracy": report["accuracy"],
+        "test_macro_f1": report["macro_f1"],
+        "test_images": report["num_samples"],
+        **labeled,
+        "serve_p50_ms": served["p50_ms"],
+        "serve_p99_ms": served["p99_ms"],
+        "serve_requests": len(served["rows"]),
+        "out": out,
+        "kept_in": "embedded S3 (gone after the demo)" if not cfg.bucket else cfg.bucket,
+        "stage_seconds": {k: round(v, 1) for k, v in stages.seconds.items()},
+        "total_seconds": round(time.perf_counter() - started, 1),  # stages + starting/stopping Ray
+    }
     storage.write_text(os.path.join(out, "summary.json"), json.dumps(summary, indent=2))
     print_summary(summary, stages, out)
     return summary
 
 
+def train_stage(cfg: DemoConfig, root: str, train_data: str) -> str:
+    """`distcls train` with the recipe's defaults, as a user gets them; -> the best checkpoint's URI."""
+    from distcls import run_training
+    from distcls.config import TrainConfig
+
+    result = run_training(
+        TrainConfig(
+            data=train_data,
+            val_fraction=0.1,
+            model="efficientnet_lite0",
+            weights="bundled",
+            epochs=cfg.epochs,
+            image_size=cfg.image_size,
+            batch_size=32,
+            num_workers=2,
+            storage=f"{root}/runs",
+            name=f"demo-{time.strftime('%Y%m%d-%H%M%S')}",
+        )
+    )
+    return result["checkpoint"]
+
+
+def evaluate_stage(checkpoint: str, test_data: str, out: str) -> dict:
+    from distcls import run_evaluation
+    from distcls.config import EvaluateConfig
+
+    return run_evaluation(EvaluateConfig(checkpoint=checkpoint, data=test_data, out=os.path.join(out, "eval"), concurrency=2))
+
+
+def label_stage(cfg: DemoConfig, root: str, checkpoint: str, test_index: LabeledIndex, out: str) -> dict:
+    """Label a flat prefix of test images plus corrupt files; -> the summary's label figures, with the
+    agreement between the labels and the (hidden) true classes."""
+    from distcls import read_labels, run_labeling
+    from distcls.config import LabelConfig
+
+    prefix, truth = prepare_unlabeled(test_index, root, cfg.label_images)
+    labels_dir = os.path.join(out, "labels")
+    shutil.rmtree(labels_dir, ignore_errors=True)  # a new checkpoint: last run's labels do not apply
+    result = run_labeling(LabelConfig(checkpoint=checkpoint, input=prefix, output=labels_dir, batch_size=16), progress=False)
+    rows = read_labels(labels_dir, columns=["path", "label", "error"]).to_pylist()
+    good = [r for r in rows if r["error"] is None and r["path"] in truth]
+    agreement = float(np.mean([truth[r["path"]] == r["label"] for r in good])) if good else 0.0
+    print(
+        f"labeled {result['labeled']} new objects ({result['skipped_done']} already done), {len(rows)} rows, "
+        f"errors: {result['errors_by_kind'] or 'none new'}; {result['images_per_s']:.1f} images/s; agreement "
+        f"with the hidden labels {agreement:.4f}"
+    )
+    return {
+        "label_rows": len(rows),
+        "label_errors_by_kind": result["errors_by_kind"],
+        "label_images_per_s": result["images_per_s"],
+        "label_agreement": agreement,
+    }
+
+
+def serve_stage(cfg: DemoConfig, checkpoint: str, test_index: LabeledIndex) -> dict:
+    """Serve the checkpoint on Ray Serve and send it real HTTP requests; -> latencies and accuracy."""
+    from ray import serve
+
+    from distcls import start_serving
+    from distcls.config import ServeConfig
+
+    url = start_serving(
+        ServeConfig(checkpoint=checkpoint, port=free_port(), min_replicas=1, max_replicas=1, name="demo"), token=""
+    )
+    try:
+        served = query_endpoint(url, test_index, cfg.serve_requests)
+    finally:
+        if os.environ.get("RAY_ADDRESS"):  # someone's cluster: remove only the demo's application
+            serve.delete("demo")
+        else:
+            serve.shutdown()
+    for r in served["rows"][:6]:
+        mark = "ok " if r["truth"] == r["label"] else "MISS"
+        print(f"  {mark} true {r['truth']:<12} predicted {r['label']:<12} ({r['score']:.2f})")
+    print(
+        f"{len(served['rows'])} requests: accuracy {served['accuracy']:.2f}, latency p50 {served['p50_ms']:.0f} ms, "
+        f"p99 {served['p99_ms']:.0f} ms"
+    )
+    return served
+
+
 def print_summary(summary: dict, stages: Stages, out: str) -> None:
     rel = os.path.relpath(out)
     print("\n== summary")
-    print(f"  test accuracy {summary['test_accuracy']:.4f}, macro F1 {summary['test_macro_f1']:.4f} "
-          f"on {summary['test_images']} test images (the full Fashion-MNIST test split has 10,000)")
-    print(f"  labeling {summary['label_images_per_s']:.1f} images/s; {summary['label_rows']} rows, "
-          f"errors by kind {summary['label_errors_by_kind'] or '{}'}")
-    print(f"  endpoint latency p50 {summary['serve_p50_ms']:.0f} ms, p99 {summary['serve_p99_ms']:.0f} ms over "
-          f"{summary['serve_requests']} sequential requests")
+    print(
+        f"  test accuracy {summary['test_accuracy']:.4f}, macro F1 {summary['test_macro_f1']:.4f} "
+        f"on {summary['test_images']} test images (the full Fashion-MNIST test split has 10,000)"
+    )
+    print(
+        f"  labeling {summary['label_images_per_s']:.1f} images/s; {summary['label_rows']} rows, "
+        f"errors by kind {summary['label_errors_by_kind'] or '{}'}"
+    )
+    print(
+        f"  endpoint latency p50 {summary['serve_p50_ms']:.0f} ms, p99 {summary['serve_p99_ms']:.0f} ms over "
+        f"{summary['serve_requests']} sequential requests"
+    )
     for name, secs in stages.seconds.items():
         print(f"  {name:<62} {secs:7.1f}s")
     print(f"  {'total (with Ray start and stop)':<62} {summary['total_seconds']:7.1f}s")
@@ -225,6 +273,8 @@ def print_summary(summary: dict, stages: Stages, out: str) -> None:
     print(f"    confusion matrix   xdg-open {rel}/eval/confusion_matrix.png")
     print(f"    metrics (JSON)     {rel}/eval/report.json, {rel}/summary.json")
     print(f"    predictions        {rel}/eval/predictions.parquet")
-    print(f"    labels (Parquet)   .venv/bin/python -c \"import pyarrow.parquet as pq; "
-          f"print(pq.read_table('{rel}/labels').to_pandas().head())\"")
+    print(
+        f'    labels (Parquet)   .venv/bin/python -c "import pyarrow.parquet as pq; '
+        f"print(pq.read_table('{rel}/labels').to_pandas().head())\""
+    )
     print(f"    best checkpoint    {summary['checkpoint']}  ({summary['kept_in']}; pass --bucket to keep it)")

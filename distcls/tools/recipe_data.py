@@ -34,12 +34,13 @@ def stratified_test_rows(labels: np.ndarray, test_size: int, seed: int) -> np.nd
     test = np.zeros(len(labels), dtype=bool)
     for c in np.unique(labels):
         rows = rng.permutation(np.flatnonzero(labels == c))
-        test[rows[:int(round(test_size * len(rows) / len(labels)))]] = True
+        test[rows[: int(round(test_size * len(rows) / len(labels)))]] = True
     return test
 
 
 def write_arrays(out: str, images: np.ndarray, labels: np.ndarray, names: list[str], test: np.ndarray) -> dict:
     """uint8 [N,H,W] grey images -> ImageFolder PNGs under out/train and out/test."""
+
     def objects():
         for i, (image, label) in enumerate(zip(images, labels)):
             split = "test" if test[i] else "train"
@@ -73,10 +74,8 @@ def write_faces(out: str, test_size: int = 60, seed: int = 0) -> dict:
 
 
 def write_fashion_mnist_subset(out: str, train_per_class: int, test_per_class: int | None) -> dict:
-    from distcls.fmnist import write_fashion_mnist
+    from distcls.tools.fmnist import write_fashion_mnist
 
-    write_fashion_mnist(FashionMnistConfig(out=out, limit_per_class=train_per_class, splits=("train",)),
-                        progress=False)
-    write_fashion_mnist(FashionMnistConfig(out=out, limit_per_class=test_per_class, splits=("test",)),
-                        progress=False)
+    write_fashion_mnist(FashionMnistConfig(out=out, limit_per_class=train_per_class, splits=("train",)), progress=False)
+    write_fashion_mnist(FashionMnistConfig(out=out, limit_per_class=test_per_class, splits=("test",)), progress=False)
     return {"train": 10 * train_per_class, "test": 10 * (test_per_class or 1000), "classes": 10}

@@ -1,7 +1,7 @@
 """`distcls bench serve`: `distcls serve` against plain single-process servers, one row per runtime.
 
 Servers, measured in turn at each client count with the same load generator, same checkpoint and JPEGs:
-- plain torch: FastAPI + uvicorn + the PyTorch model, no batching (`distcls.plain_server`);
+- plain torch: FastAPI + uvicorn + the PyTorch model, no batching (`distcls.tools.plain_server`);
 - plain onnx: the same server on onnxruntime (the same-runtime baseline);
 - distcls (default runtime) and distcls torch: Ray Serve, batching, N replicas.
 Ratios are taken at 16 clients against the plain servers.
@@ -13,18 +13,18 @@ import dataclasses
 import subprocess
 import sys
 
-from distcls.bench_harness import imagenet_checkpoint, load_test, make_photos, wait_healthy
-from distcls.bench_label import model_ceiling
 from distcls.config import BenchConfig, ServeConfig, to_dict
 from distcls.infer import prepare_runtime
-from distcls.s3server import free_port
+from distcls.tools.bench.harness import imagenet_checkpoint, load_test, make_photos, wait_healthy
+from distcls.tools.bench.label import model_ceiling
+from distcls.tools.s3server import free_port
 
 PLAIN = ("torch", "onnx")
 
 
 def start_plain(checkpoint: str, runtime: str) -> tuple[subprocess.Popen, str]:
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "distcls.plain_server", checkpoint, str(port), "1", runtime])
+    proc = subprocess.Popen([sys.executable, "-m", "distcls.tools.plain_server", checkpoint, str(port), "1", runtime])
     return proc, f"http://127.0.0.1:{port}"
 
 
@@ -32,10 +32,17 @@ def start_distcls(cfg: BenchConfig, checkpoint: str, runtime: str, port: int) ->
     """An application at /<runtime> (Serve has one HTTP proxy: every application shares its port)."""
     from distcls.serving import start
 
-    settings = ServeConfig(checkpoint=checkpoint, port=port, min_replicas=cfg.serve_replicas,
-                           max_replicas=cfg.serve_replicas, cpus_per_replica=cfg.serve_cpus_per_replica,
-                           max_batch_size=cfg.serve_max_batch_size, runtime=runtime,
-                           batch_wait_timeout_s=cfg.serve_batch_wait_timeout_s, name=f"bench-{runtime}")
+    settings = ServeConfig(
+        checkpoint=checkpoint,
+        port=port,
+        min_replicas=cfg.serve_replicas,
+        max_replicas=cfg.serve_replicas,
+        cpus_per_replica=cfg.serve_cpus_per_replica,
+        max_batch_size=cfg.serve_max_batch_size,
+        runtime=runtime,
+        batch_wait_timeout_s=cfg.serve_batch_wait_timeout_s,
+        name=f"bench-{runtime}",
+    )
     return to_dict(settings), start(settings, route_prefix=f"/{runtime}", token="")
 
 
@@ -44,15 +51,22 @@ def measure_servers(urls: dict[str, str], photos: list[bytes], cfg: BenchConfig)
     for url in urls.values():
         wait_healthy(f"{url}/healthz")
         load_test(f"{url}/v1/classify", photos, 4, 3)  # warm-up: first batches, thread pools, caches
-    return {clients: {name: load_test(f"{url}/v1/classify", photos, clients, cfg.serve_seconds)
-                      for name, url in urls.items()} for clients in cfg.serve_clients}
+    return {
+        clients: {name: load_test(f"{url}/v1/classify", photos, clients, cfg.serve_seconds) for name, url in urls.items()}
+        for clients in cfg.serve_clients
+    }
 
 
 def print_row(row: dict) -> None:
     names = [k for k in row if k != "clients"]
-    print(f"{row['clients']:>3} clients: " + " | ".join(
-        f"{name} {row[name]['requests_per_s']:.1f} req/s (p50 {row[name]['p50_ms']:.0f} ms, p99 "
-        f"{row[name]['p99_ms']:.0f} ms)" for name in names), flush=True)
+    print(
+        f"{row['clients']:>3} clients: "
+        + " | ".join(
+            f"{name} {row[name]['requests_per_s']:.1f} req/s (p50 {row[name]['p50_ms']:.0f} ms, p99 {row[name]['p99_ms']:.0f} ms)"
+            for name in names
+        ),
+        flush=True,
+    )
 
 
 def bench_serve(cfg: BenchConfig, root: str) -> dict:
@@ -62,10 +76,12 @@ def bench_serve(cfg: BenchConfig, root: str) -> dict:
     photos = make_photos(cfg.serve_images, seed=1)
     default_runtime = prepare_runtime(checkpoint, "auto", use_gpu=False)[0]  # compiled before anything is timed
     # What the hardware allows: forward passes alone, all cores, no HTTP and no decoding.
-    ceilings = {r: model_ceiling(dataclasses.replace(cfg, use_gpu=False), checkpoint, r, cfg.serve_max_batch_size)
-                for r in PLAIN}
-    print("model alone on preprocessed tensors (batch " f"{cfg.serve_max_batch_size}): " +
-          ", ".join(f"{r} {v:.1f} images/s" for r, v in ceilings.items()), flush=True)
+    ceilings = {r: model_ceiling(dataclasses.replace(cfg, use_gpu=False), checkpoint, r, cfg.serve_max_batch_size) for r in PLAIN}
+    print(
+        "model alone on preprocessed tensors (batch "
+        f"{cfg.serve_max_batch_size}): " + ", ".join(f"{r} {v:.1f} images/s" for r, v in ceilings.items()),
+        flush=True,
+    )
     plain = {r: start_plain(checkpoint, r) for r in PLAIN}
     urls = {f"plain_{r}": url for r, (_, url) in plain.items()}
     try:
@@ -87,12 +103,21 @@ def bench_serve(cfg: BenchConfig, root: str) -> dict:
         print_row(row)
     at16 = next((r for r in rows if r["clients"] == 16), rows[-1])
     ours, same = at16["distcls"], at16[f"plain_{default_runtime}"]
-    result = {"photos": len(photos), "settings": settings, "default_runtime": default_runtime,
-              "model_only_images_per_s": ceilings, "rows": rows, "ratio_clients": at16["clients"],
-              "ratio_rps_vs_plain_torch": ours["requests_per_s"] / max(at16["plain_torch"]["requests_per_s"], 1e-9),
-              "ratio_p99_vs_plain_torch": ours["p99_ms"] / max(at16["plain_torch"]["p99_ms"], 1e-9),
-              "ratio_rps_vs_plain_same_runtime": ours["requests_per_s"] / max(same["requests_per_s"], 1e-9)}
-    print(f"distcls serve at {at16['clients']} clients: {result['ratio_rps_vs_plain_torch']:.2f}x the plain PyTorch "
-          f"server's req/s at {result['ratio_p99_vs_plain_torch']:.2f}x its p99; "
-          f"{result['ratio_rps_vs_plain_same_runtime']:.2f}x the plain {default_runtime} server's req/s", flush=True)
+    result = {
+        "photos": len(photos),
+        "settings": settings,
+        "default_runtime": default_runtime,
+        "model_only_images_per_s": ceilings,
+        "rows": rows,
+        "ratio_clients": at16["clients"],
+        "ratio_rps_vs_plain_torch": ours["requests_per_s"] / max(at16["plain_torch"]["requests_per_s"], 1e-9),
+        "ratio_p99_vs_plain_torch": ours["p99_ms"] / max(at16["plain_torch"]["p99_ms"], 1e-9),
+        "ratio_rps_vs_plain_same_runtime": ours["requests_per_s"] / max(same["requests_per_s"], 1e-9),
+    }
+    print(
+        f"distcls serve at {at16['clients']} clients: {result['ratio_rps_vs_plain_torch']:.2f}x the plain PyTorch "
+        f"server's req/s at {result['ratio_p99_vs_plain_torch']:.2f}x its p99; "
+        f"{result['ratio_rps_vs_plain_same_runtime']:.2f}x the plain {default_runtime} server's req/s",
+        flush=True,
+    )
     return result

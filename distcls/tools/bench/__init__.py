@@ -1,0 +1,140 @@
+"""Benchmarks: distcls against plain PyTorch, side by side in one run. Measured, never asserted.
+
+One module per benchmark: `train` (train and transfer), `label`, `serve`, `autoscale`, `recipe`, `scale`;
+`harness` holds what they share (machine record, real photos, the ImageNet checkpoint, the load generator).
+`run_bench` runs the ones asked for on a loopback S3 server and writes bench.json; `table` prints the ratios.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import tempfile
+
+from distcls import DistclsError, storage
+from distcls.config import BenchConfig
+from distcls.tools.s3server import S3Server, restore_env, use_server_env
+
+
+def table(results: dict) -> list[str]:
+    """One line per measured ratio, next to its roadmap target (targets are for the 2-core CPU machine)."""
+    rows = []
+    for key, value in results.get("train", {}).items():
+        if isinstance(value, dict):
+            rows.append((f"train {key.replace('_', ', ')} vs plain loop (per worker)", value["ratio"], ">= 0.95"))
+    if "label" in results:
+        label = results["label"]
+        rows += [
+            ("label vs plain PyTorch DataLoader script", label["ratio_vs_plain_torch"], ">= 2.0"),
+            (
+                f"label vs plain {label['default_runtime']} DataLoader script (same runtime)",
+                label["ratio_vs_plain_same_runtime"],
+                ">= 0.9",
+            ),
+            (f"label vs {label['default_runtime']} model-only ceiling", label["ratio_vs_ceiling_same_runtime"], ">= 0.6"),
+            ("label top-1 agreement, default runtime vs torch", label["top1_agreement_default_vs_torch"], ">= 0.995"),
+        ]
+    if "serve" in results:
+        serve, n = results["serve"], results["serve"]["ratio_clients"]
+        rows += [
+            (f"serve req/s vs plain PyTorch server, {n} clients", serve["ratio_rps_vs_plain_torch"], ">= 1.5"),
+            (f"serve p99 vs plain PyTorch server, {n} clients", serve["ratio_p99_vs_plain_torch"], "<= 1.0"),
+            (
+                f"serve req/s vs plain {serve['default_runtime']} server, {n} clients",
+                serve["ratio_rps_vs_plain_same_runtime"],
+                ">= 0.8",
+            ),
+        ]
+    if "autoscale" in results:
+        a = results["autoscale"]
+        rows += [
+            ("autoscale: most classifier replicas under load (1..3)", a["max_replicas_seen"], "> 1"),
+            ("autoscale: seconds from the end of load back to 1 replica", a["scale_down_s"] or float("nan"), None),
+            ("autoscale: failed requests", a["failed_requests"], "0"),
+            ("autoscale: cold start from 0 replicas, seconds", a["cold_start_s"] or float("nan"), None),
+        ]
+    if "transfer" in results:
+        rows.append(("transfer: pretrained minus scratch test accuracy", results["transfer"]["pretrained_minus_scratch"], None))
+    if "recipe" in results:
+        rows += [
+            (
+                "recipe: min test accuracy ratio, default flags / plain loop",
+                results["recipe"]["min_ratio_default_vs_plain"],
+                ">= 0.98",
+            ),
+            ("recipe: most points below the plain loop", results["recipe"]["max_points_below_plain"], "<= 2"),
+            ("recipe: largest data wait share", results["recipe"]["max_data_wait_fraction"], "< 0.15"),
+        ]
+    if "scale" in results:
+        sc = results["scale"]
+        rows += [
+            (f"scale: rows / objects ({sc['objects']} objects, {sc['store']})", sc["rows"] / sc["objects"], "1"),
+            ("scale: distinct paths / objects", sc["distinct_paths"] / sc["objects"], "1"),
+            ("scale: driver peak RSS, MB", sc["driver_peak_rss_mb"], "<= 1024"),
+            ("scale: seconds to the first part", sc["time_to_first_part_s"], "<= 60"),
+            ("scale: rerun with everything done, seconds", sc["rerun_done_s"], "<= 60"),
+            ("scale: planning with half done, seconds", sc["resume_half_s"], None),
+            ("scale: images/s end to end", sc["images_per_s"], None),
+            ("scale: images/s first to last batch", sc["steady_images_per_s"], None),
+            ("scale: rows after kill at ~50% and rerun / objects", sc["rows_after_kill_and_rerun"] / sc["objects"], "1"),
+            ("scale: listing, keys/s", sc["list_keys_per_s"], None),
+        ]
+    lines = [f"{'measure':<66} {'value':>7}  target"]
+    for name, value, target in rows:
+        lines.append(f"{name:<66} {value:7.2f}  {target or ''}")
+    return lines
+
+
+def run_bench(cfg: BenchConfig) -> dict:
+    import torch
+
+    from distcls.runtime import init_ray
+    from distcls.tools.bench.harness import machine
+    from distcls.tools.bench.train import bench_train, bench_transfer
+
+    if cfg.use_gpu and not torch.cuda.is_available():  # checked here: validating a config never probes CUDA
+        raise DistclsError("bench: --use-gpu, but no CUDA GPU is visible to PyTorch on this machine; drop --use-gpu")
+    results: dict = {"settings": dataclasses.asdict(cfg)}
+    with S3Server(port=0) as server:
+        previous = use_server_env(server)
+        try:
+            results["machine"] = machine()
+            if cfg.which == "scale":  # `distcls label` runs as its own process with its own Ray
+                from distcls.tools.bench.scale import bench_scale
+
+                results["scale"] = bench_scale(cfg)
+            else:
+                init_ray(num_cpus=max(os.cpu_count() or 1, 4))
+            if cfg.which in ("train", "all"):
+                results["train"] = bench_train(cfg, "s3://bench")
+            if cfg.which in ("label", "all"):
+                from distcls.tools.bench.label import bench_label
+
+                with tempfile.TemporaryDirectory(prefix="distcls-bench-label-") as local:
+                    results["label"] = bench_label(cfg, "s3://bench" if cfg.label_storage == "s3" else local)
+            if cfg.which in ("serve", "all"):
+                from distcls.tools.bench.serve import bench_serve
+
+                results["serve"] = bench_serve(cfg, "s3://bench")
+            if cfg.which in ("autoscale", "all"):
+                from distcls.tools.bench.autoscale import bench_autoscale
+
+                results["autoscale"] = bench_autoscale(
+                    "s3://bench",
+                    clients_high=cfg.autoscale_clients,
+                    load_seconds=cfg.autoscale_load_seconds,
+                    idle_seconds=cfg.autoscale_idle_seconds,
+                    out_png=os.path.splitext(cfg.out)[0] + "-autoscale.png",
+                )
+            if cfg.which in ("transfer", "all"):
+                results["transfer"] = bench_transfer(cfg, "s3://bench")
+            if cfg.which in ("recipe", "all"):
+                from distcls.tools.bench.recipe import bench_recipe
+
+                results["recipe"] = bench_recipe(cfg)
+        finally:
+            restore_env(previous)
+    storage.write_text(cfg.out, json.dumps(results, indent=2))
+    print("\n" + "\n".join(table(results)), flush=True)
+    return results
