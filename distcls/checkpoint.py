@@ -181,8 +181,14 @@ def load_checkpoint(uri: str, device: str | torch.device = "cpu") -> tuple[Class
 
 
 def checkpoint_id(meta: dict) -> str:
-    """A checkpoint's identity: the sha256 of its weights."""
-    return meta["weights_sha256"]
+    """A model directory's identity: the sha256 of its weights (or export file), combined with its calibration
+    (temperature, "unknown" threshold) when it has one: the same weights calibrated differently report
+    different scores, so they are different models to label rows and the endpoint."""
+    calibration = meta.get("calibration")
+    if not isinstance(calibration, dict):
+        return meta["weights_sha256"]
+    key = json.dumps([calibration.get("temperature"), calibration.get("ood_threshold")])
+    return hashlib.sha256(f"{meta['weights_sha256']}\ncalibration {key}".encode()).hexdigest()
 
 
 def imagenet_class_names() -> list[str]:

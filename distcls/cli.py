@@ -12,14 +12,18 @@ from collections.abc import Callable
 from distcls import DistclsError, __version__
 from distcls.config import (
     BenchConfig,
+    CalibrateConfig,
     CompareConfig,
+    DedupConfig,
     DemoConfig,
     DistillConfig,
     EvaluateConfig,
     ExportConfig,
     FashionMnistConfig,
+    FindLabelIssuesConfig,
     FromPretrainedConfig,
     LabelConfig,
+    ReviewConfig,
     S3ServerConfig,
     ServeConfig,
     TrainConfig,
@@ -202,6 +206,55 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    from distcls.calibrate import run_calibrate
+
+    run_calibrate(config_from_args(CalibrateConfig, args))
+    return 0
+
+
+def cmd_review(args: argparse.Namespace) -> int:
+    from distcls.review import run_review
+
+    cfg = config_from_args(ReviewConfig, args)
+    result = run_review(cfg)
+    print(
+        f"review: {result['rows']} of {result['of']} rows by {cfg.by}{' per class' if cfg.per_class else ''}"
+        + (f" ({result['unreadable']} images unreadable)" if result["unreadable"] else "")
+    )
+    out = cfg.out.rstrip("/")
+    print(f"  {out}/review.parquet  {out}/contact_sheet.png  {out}/index.html")
+    return 0
+
+
+def cmd_dedup(args: argparse.Namespace) -> int:
+    from distcls.dedup import run_dedup
+
+    cfg = config_from_args(DedupConfig, args)
+    s = run_dedup(cfg)
+    what = f"{s['images']} images" + (f" against {s['against_images']}" if cfg.against else "")
+    print(
+        f"dedup: {what}, {s['dimension']}-d embeddings: {s['candidates']} candidates (cosine >= {s['threshold']}), "
+        f"{s['pairs']} near-duplicate pairs in {s['groups']} groups ({s['images_in_groups']} images); {s['method']} "
+        f"search, {s['seconds']:.1f}s"
+    )
+    print(f"  {cfg.out.rstrip('/')}/groups.parquet, pairs.parquet, dedup.json, contact_sheet.png")
+    return 0
+
+
+def cmd_find_label_issues(args: argparse.Namespace) -> int:
+    from distcls.label_issues import run_find_label_issues
+
+    cfg = config_from_args(FindLabelIssuesConfig, args)
+    s = run_find_label_issues(cfg)
+    print(
+        f"find-label-issues: {s['issues']} likely label issues among {s['predicted']} images "
+        f"(out-of-sample accuracy {s['out_of_sample_accuracy']:.4f}; {s['seconds']:.0f}s)"
+    )
+    print(f"  {cfg.out.rstrip('/')}/label_issues.parquet (ranked), contact_sheet.png, summary.json")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from distcls.tools.demo import run_demo
 
@@ -260,6 +313,34 @@ COMMANDS = (
         cmd_evaluate,
         "evaluate a checkpoint over a whole labeled split",
         "Accuracy, top-5, precision/recall/F1, confusion matrix over every image.",
+    ),
+    (
+        ("calibrate",),
+        CalibrateConfig,
+        cmd_calibrate,
+        "fit a temperature (and the `unknown` threshold) for a checkpoint",
+        "Temperature scaling on labeled data the model did not train on: a new model directory, weights untouched.",
+    ),
+    (
+        ("review",),
+        ReviewConfig,
+        cmd_review,
+        "the labeled rows most worth a look: Parquet, contact sheet, web page",
+        "Rank a labeling job's rows by margin, entropy, OOD score or score; write the top N for a person to check.",
+    ),
+    (
+        ("find-label-issues",),
+        FindLabelIssuesConfig,
+        cmd_find_label_issues,
+        "likely mislabeled training images (K-fold fine-tuning + cleanlab)",
+        "Out-of-sample probabilities from K fine-tuning runs on Ray, ranked by cleanlab's confident learning.",
+    ),
+    (
+        ("dedup",),
+        DedupConfig,
+        cmd_dedup,
+        "near-duplicate groups and train/test leakage from label embeddings",
+        "Near-duplicates by cosine similarity of `distcls label --embeddings` output (exact or faiss IVF search).",
     ),
     (
         ("label",),

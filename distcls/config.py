@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import os
 import types
 import typing
@@ -55,6 +56,17 @@ class Problems(list):
     def raise_if_any(self, what: str) -> None:
         if self:
             raise ConfigError(f"{what}: invalid configuration: " + "; ".join(self))
+
+
+def check_unknown(problems: Problems, value: str) -> None:
+    """--unknown: off, auto, or a finite number (an energy score)."""
+    if str(value).lower() in ("off", "auto"):
+        return
+    try:
+        ok = math.isfinite(float(value))
+    except ValueError:
+        ok = False
+    problems.check(ok, "unknown", value, "must be off, auto or a number (an energy score, e.g. -4.5)")
 
 
 def check_choice(problems: Problems, cfg: Any, name: str) -> None:
@@ -537,7 +549,9 @@ class BenchConfig:
     """`distcls bench`: measured ratios against plain PyTorch, side by side in one run."""
 
     which: str = opt(
-        "train", help="which benchmark", choices=("train", "label", "serve", "autoscale", "transfer", "recipe", "scale", "all")
+        "train",
+        help="which benchmark",
+        choices=("train", "label", "serve", "autoscale", "transfer", "recipe", "scale", "trust", "all"),
     )
     model: str = opt("efficientnet_lite0", help="architecture for the train benchmark")
     images_per_class: int = opt(20, help="Fashion-MNIST images per class for the train benchmark")
@@ -608,11 +622,18 @@ class BenchConfig:
     autoscale_clients: int = opt(16, help="HTTP clients of the autoscaling benchmark's load phase")
     autoscale_load_seconds: float = opt(40.0, help="longest load phase of the autoscaling benchmark")
     autoscale_idle_seconds: float = opt(60.0, help="longest wait for scale-down and for scale-to-zero")
+    trust_parts: tuple[str, ...] = opt(
+        (),
+        help="trust benchmark (not in `all`): parts to run, comma-separated, of calibration, ood, label_issues, "
+        "dedup, dedup_scale (default: all)",
+    )
     out: str = opt("bench.json", help="where to write every figure (JSON)")
 
     def __post_init__(self) -> None:
         p = Problems()
         check_choice(p, self, "which")
+        known = ("calibration", "ood", "label_issues", "dedup", "dedup_scale")
+        p.check(set(self.trust_parts) <= set(known), "trust_parts", ",".join(self.trust_parts), f"must be of {', '.join(known)}")
         check_choice(p, self, "label_storage")
         check_choice(p, self, "store")
         p.check(self.objects >= 1, "objects", self.objects, "must be at least 1")
@@ -679,6 +700,12 @@ class LabelConfig:
     part_rows: int = opt(2000, help="rows per Parquet part: the unit of progress a restart keeps")
     part_mb: float = opt(64.0, help="largest Parquet part in MB (a bigger batch is split)")
     runtime: str = opt("auto", help=RUNTIME_HELP, choices=RUNTIMES)
+    unknown: str = opt(
+        "off",
+        help="rows whose OOD (energy) score is past a threshold get label `unknown` (top-k kept): off, auto (the "
+        "threshold a calibrated checkpoint records, keeping 95%% of its validation images) or a number",
+    )
+    embeddings: bool = opt(False, help="add an `embedding` column: the model's pooled features (float16; torch runtime)")
     pipeline: str = opt(
         "auto",
         help="fused: the model actors also read and decode (no decode tasks; the CPU "
@@ -707,6 +734,13 @@ class LabelConfig:
         p.check(self.part_rows >= 1, "part_rows", self.part_rows, "must be at least 1")
         p.check(self.part_mb > 0, "part_mb", self.part_mb, "must be positive")
         p.check(self.cpus_per_replica > 0, "cpus_per_replica", self.cpus_per_replica, "must be positive")
+        check_unknown(p, self.unknown)
+        p.check(
+            not (self.embeddings and self.runtime == "onnx"),
+            "embeddings",
+            self.embeddings,
+            "come from the torch runtime; drop --runtime onnx",
+        )
         p.raise_if_any("label")
 
 
@@ -735,6 +769,11 @@ class ServeConfig:
         "before going to 0 with --min-replicas 0 (default: --downscale-delay-s)",
     )
     max_batch_size: int = opt(32, help="most images per forward pass (@serve.batch)")
+    unknown: str = opt(
+        "off",
+        help="predictions whose OOD (energy) score is past a threshold get label `unknown` (top-k kept): off, auto "
+        "(the calibrated checkpoint's threshold) or a number",
+    )
     runtime: str = opt("auto", help=RUNTIME_HELP, choices=RUNTIMES)
     batch_wait_timeout_s: float = opt(0.01, help="longest wait for a batch to fill")
     num_gpus: float = opt(0, help="GPUs per classifier replica")
@@ -784,6 +823,7 @@ class ServeConfig:
         )
         check_choice(p, self, "runtime")
         p.check(self.max_batch_size >= 1, "max_batch_size", self.max_batch_size, "must be at least 1")
+        check_unknown(p, self.unknown)
         p.check(self.batch_wait_timeout_s >= 0, "batch_wait_timeout_s", self.batch_wait_timeout_s, "must be >= 0")
         p.check(self.num_gpus >= 0, "num_gpus", self.num_gpus, "must be >= 0")
         p.check(self.cpus_per_replica > 0, "cpus_per_replica", self.cpus_per_replica, "must be positive")
@@ -799,3 +839,109 @@ class ServeConfig:
         )
         p.check(bool(self.name), "name", self.name, "must not be empty")
         p.raise_if_any("serve")
+
+
+@dataclass
+class CalibrateConfig:
+    """`distcls calibrate`: fit a temperature (and the "unknown" threshold) for an existing checkpoint."""
+
+    checkpoint: str = opt(help="checkpoint or export directory URI to calibrate")
+    data: str = opt(help="labeled data it was not trained on (its validation split): ImageFolder prefix or manifest")
+    out: str = opt(help="new model directory: the model file copied as it is, distcls.json with the calibration")
+    keep: float = opt(0.95, help="share of --data images the `unknown` threshold keeps")
+    batch_size: int = opt(64, help="images per forward pass")
+    concurrency: int = opt(1, help="model replicas (Ray actors)")
+    num_gpus: float = opt(0, help="GPUs per replica")
+    runtime: str = opt("auto", help=RUNTIME_HELP, choices=RUNTIMES)
+
+    def __post_init__(self) -> None:
+        p = Problems()
+        check_choice(p, self, "runtime")
+        for name in ("checkpoint", "data", "out"):
+            p.check(bool(getattr(self, name)), name, getattr(self, name), "is required")
+        p.check(0.5 <= self.keep < 1, "keep", self.keep, "must be in [0.5, 1)")
+        p.check(self.batch_size >= 1, "batch_size", self.batch_size, "must be at least 1")
+        p.check(self.concurrency >= 1, "concurrency", self.concurrency, "must be at least 1")
+        p.check(self.num_gpus >= 0, "num_gpus", self.num_gpus, "must be >= 0")
+        p.raise_if_any("calibrate")
+
+
+@dataclass
+class ReviewConfig:
+    """`distcls review`: the labeled rows most worth a person's look."""
+
+    labels: str = opt(help="a `distcls label` --output folder")
+    out: str = opt(help="folder for review.parquet, contact_sheet.png and index.html")
+    by: str = opt(
+        "margin",
+        help="rank by: margin (smallest first), entropy, ood (highest first) or score (lowest first)",
+        choices=("margin", "entropy", "ood", "score"),
+    )
+    n: int = opt(100, help="rows to review (per class with --per-class)")
+    per_class: bool = opt(False, help="the N most doubtful rows of each predicted label")
+
+    def __post_init__(self) -> None:
+        p = Problems()
+        check_choice(p, self, "by")
+        for name in ("labels", "out"):
+            p.check(bool(getattr(self, name)), name, getattr(self, name), "is required")
+        p.check(self.n >= 1, "n", self.n, "must be at least 1")
+        p.raise_if_any("review")
+
+
+@dataclass
+class DedupConfig:
+    """`distcls dedup`: near-duplicate groups in labeled embeddings, or leakage between two sets."""
+
+    embeddings: str = opt(help="a `distcls label --embeddings` output folder")
+    out: str = opt(help="folder for pairs.parquet, groups.parquet, dedup.json and contact_sheet.png")
+    against: str | None = opt(None, help="a second such folder: report only pairs across the two (train/test leakage)")
+    threshold: float = opt(0.6, help="cosine similarity of embeddings at or above which a nearest neighbour is a candidate")
+    pixel_corr: float | None = opt(
+        0.997, help="thumbnail correlation at or above which a candidate is a near-duplicate (labels with thumbnails)"
+    )
+    method: str = opt(
+        "auto",
+        help="exact (blocked), ivf (faiss inverted file, approximate) or auto (exact up to 200,000)",
+        choices=("auto", "exact", "ivf"),
+    )
+
+    def __post_init__(self) -> None:
+        p = Problems()
+        check_choice(p, self, "method")
+        for name in ("embeddings", "out"):
+            p.check(bool(getattr(self, name)), name, getattr(self, name), "is required")
+        p.check(-1 <= self.threshold <= 1, "threshold", self.threshold, "must be a cosine similarity in [-1, 1]")
+        p.check(self.pixel_corr is None or -1 <= self.pixel_corr <= 1, "pixel_corr", self.pixel_corr, "must be in [-1, 1]")
+        p.raise_if_any("dedup")
+
+
+@dataclass
+class FindLabelIssuesConfig:
+    """`distcls find-label-issues`: likely mislabeled training images (K-fold fine-tuning + cleanlab)."""
+
+    data: str = opt(help="labeled data: an ImageFolder prefix or a manifest file")
+    out: str = opt(help="folder for label_issues.parquet, pred_probs.parquet, summary.json, contact_sheet.png, folds/")
+    folds: int = opt(5, help="K: each image is predicted by a model fine-tuned on the other K-1 folds")
+    max_concurrent: int | None = opt(None, help="folds trained at once (default: as many as the cluster's CPUs allow)")
+    model: str = opt("efficientnet_lite0", help="architecture (see `distcls models`)")
+    weights: str = opt("bundled", help="bundled, none, a torchvision weights name, or a weights file URI")
+    epochs: int = opt(3, help="fine-tuning epochs per fold")
+    image_size: int | None = opt(None, help="model input size (default: the model's own)")
+    batch_size: int = opt(32, help="images per step per worker")
+    num_workers: int = opt(1, help="Ray Train workers per fold")
+    lr: float | None = opt(None, help="learning rate (default: the recipe's)")
+    seed: int = opt(0, help="seed of the folds and the training runs")
+
+    def __post_init__(self) -> None:
+        p = Problems()
+        for name in ("data", "out"):
+            p.check(bool(getattr(self, name)), name, getattr(self, name), "is required")
+        p.check(self.folds >= 2, "folds", self.folds, "must be at least 2")
+        p.check(
+            self.max_concurrent is None or self.max_concurrent >= 1, "max_concurrent", self.max_concurrent, "must be at least 1"
+        )
+        p.check(self.epochs >= 1, "epochs", self.epochs, "must be at least 1")
+        p.check(self.batch_size >= 1, "batch_size", self.batch_size, "must be at least 1")
+        p.check(self.num_workers >= 1, "num_workers", self.num_workers, "must be at least 1")
+        p.raise_if_any("find-label-issues")

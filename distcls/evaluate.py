@@ -8,63 +8,107 @@ from __future__ import annotations
 
 import io
 import json
+from dataclasses import dataclass
 
 import numpy as np
-import torch
 
 from distcls import storage
-from distcls.checkpoint import checkpoint_id
+from distcls.checkpoint import checkpoint_id, read_meta
 from distcls.config import EvaluateConfig
-from distcls.datasets import ErrorTally, build_dataset, decode_sample, load_labeled_index
+from distcls.datasets import ErrorTally, LabeledIndex, build_dataset, decode_sample, load_labeled_index
 from distcls.infer import predict_dataset, prepare_runtime, verify_model
 from distcls.metrics import confusion_matrix, summarize, topk_correct
 from distcls.runtime import init_ray
+from distcls.scores import Calibration, brier, ece, nll, probabilities, reliability
 from distcls.transforms import PreprocessSpec
 
 
-def run_evaluation(cfg: EvaluateConfig) -> dict:
-    """Write report.json, report.md, confusion_matrix.png and predictions.parquet to cfg.out."""
-    meta = verify_model(cfg.checkpoint)  # tampered or incomplete: one line, before Ray starts
-    class_names = meta["class_names"]
+@dataclass
+class Predictions:
+    """A model's logits over a labeled index (undecodable images counted in `skipped`, not returned)."""
+
+    logits: np.ndarray  # (N, C) float32
+    labels: np.ndarray  # (N,) int64
+    paths: list[str]
+    skipped: ErrorTally
+    runtime: str
+    note: str
+
+
+def predict_labeled(
+    uri: str,
+    index: LabeledIndex,
+    batch_size: int = 64,
+    concurrency: int = 1,
+    num_gpus: float = 0,
+    runtime: str = "auto",
+    announce: str | None = None,
+) -> Predictions:
+    """Run a verified model over a labeled index with the inference engine (Ray Data actors)."""
+    meta = read_meta(uri)
     spec = PreprocessSpec.from_dict(meta["preprocessing"])
-    index = load_labeled_index(cfg.data, class_names=class_names)
-    runtime, note = prepare_runtime(cfg.checkpoint, cfg.runtime, cfg.num_gpus > 0, decode_sample(index.paths, spec))
-    print(f"evaluate: runtime {runtime} ({note})", flush=True)
+    runtime, note = prepare_runtime(uri, runtime, num_gpus > 0, decode_sample(index.paths, spec))
+    if announce:
+        print(f"{announce}: runtime {runtime} ({note})", flush=True)
     init_ray()
-    ds = predict_dataset(
-        build_dataset(index, spec), cfg.checkpoint, cfg.batch_size, cfg.concurrency, cfg.num_gpus, runtime=runtime
-    )
-    k = len(class_names)
-    cm = np.zeros((k, k), dtype=np.int64)
-    top5, loss_sum, tally = 0, 0.0, ErrorTally()
-    rows: dict[str, list] = {"path": [], "label": [], "prediction": [], "score": []}
+    ds = predict_dataset(build_dataset(index, spec), uri, batch_size, concurrency, num_gpus, runtime=runtime)
+    tally, logits, labels, paths = ErrorTally(), [], [], []
     for batch in ds.iter_batches(batch_size=1024, batch_format="numpy"):
         batch = tally.drop_errors(batch)
-        if not len(batch["label"]):
-            continue
-        logits, labels = np.array(batch["logits"]), np.array(batch["label"])
-        cm += confusion_matrix(labels, logits.argmax(1), k)
-        top5 += topk_correct(logits, labels, 5)
-        loss_sum += float(torch.nn.functional.cross_entropy(torch.from_numpy(logits), torch.from_numpy(labels), reduction="sum"))
-        probs = torch.from_numpy(logits).softmax(1).numpy()
-        rows["path"] += list(batch["path"])
-        rows["label"] += [class_names[i] for i in labels]
-        rows["prediction"] += [class_names[i] for i in logits.argmax(1)]
-        rows["score"] += probs.max(1).tolist()
-    report = summarize(cm, class_names, top5_hits=top5, loss=loss_sum / max(1, cm.sum()))
+        if len(batch["label"]):
+            logits.append(np.asarray(batch["logits"], dtype=np.float32))
+            labels.append(np.asarray(batch["label"], dtype=np.int64))
+            paths += [str(p) for p in batch["path"]]
+    k = len(meta["class_names"])
+    if not logits:
+        return Predictions(np.zeros((0, k), np.float32), np.zeros(0, np.int64), [], tally, runtime, note)
+    return Predictions(np.concatenate(logits), np.concatenate(labels), paths, tally, runtime, note)
+
+
+def run_evaluation(cfg: EvaluateConfig) -> dict:
+    """Write report.json, report.md, confusion_matrix.png, calibration.png and predictions.parquet to cfg.out."""
+    meta = verify_model(cfg.checkpoint)  # tampered or incomplete: one line, before Ray starts
+    class_names = meta["class_names"]
+    index = load_labeled_index(cfg.data, class_names=class_names)
+    p = predict_labeled(cfg.checkpoint, index, cfg.batch_size, cfg.concurrency, cfg.num_gpus, cfg.runtime, "evaluate")
+    k = len(class_names)
+    calibration = Calibration.of(meta)
+    cm = confusion_matrix(p.labels, p.logits.argmax(1), k) if len(p.labels) else np.zeros((k, k), np.int64)
+    raw = probabilities(p.logits) if len(p.labels) else np.zeros((0, k))
+    probs = probabilities(p.logits, calibration.temperature) if len(p.labels) else raw
+    report = summarize(
+        cm,
+        class_names,
+        top5_hits=topk_correct(p.logits, p.labels, 5) if len(p.labels) else 0,
+        loss=nll(raw, p.labels) if len(p.labels) else float("nan"),
+    )
     report.update(
         {
-            "skipped": tally.count,
-            "skipped_by_kind": dict(tally.by_kind),
-            "skipped_examples": tally.examples,
+            # the scores label and serve report (calibrated when the model is)
+            "calibrated": calibration.calibrated,
+            "temperature": calibration.temperature,
+            "ece": ece(probs, p.labels),
+            "nll": nll(probs, p.labels),
+            "brier": brier(probs, p.labels),
+            "ece_uncalibrated": ece(raw, p.labels),
+            "reliability": reliability(probs, p.labels),
+            "skipped": p.skipped.count,
+            "skipped_by_kind": dict(p.skipped.by_kind),
+            "skipped_examples": p.skipped.examples,
             "checkpoint": cfg.checkpoint,
             "model_id": checkpoint_id(meta),
             "data": cfg.data,
-            "runtime": runtime,
-            "runtime_note": note,
+            "runtime": p.runtime,
+            "runtime_note": p.note,
             "class_names": class_names,
         }
     )
+    rows = {
+        "path": p.paths,
+        "label": [class_names[i] for i in p.labels],
+        "prediction": [class_names[i] for i in p.logits.argmax(1)] if len(p.labels) else [],
+        "score": probs.max(1).tolist() if len(p.labels) else [],
+    }
     write_reports(cfg.out, report, rows)
     return report
 
@@ -75,6 +119,7 @@ def write_reports(out: str, report: dict, rows: dict) -> None:
 
     storage.write_text(storage.join_uri(out, "report.json"), json.dumps(report, indent=2))
     storage.write_text(storage.join_uri(out, "report.md"), render_markdown(report))
+    storage.write_bytes(storage.join_uri(out, "calibration.png"), plot_reliability(report))
     storage.write_bytes(
         storage.join_uri(out, "confusion_matrix.png"),
         plot_confusion(np.asarray(report["confusion_matrix"]), report["class_names"]),
@@ -85,17 +130,19 @@ def write_reports(out: str, report: dict, rows: dict) -> None:
 
 
 def render_markdown(report: dict) -> str:
+    scores = f"calibrated, temperature {report['temperature']:.3f}" if report["calibrated"] else "uncalibrated"
     lines = [
         "# Evaluation report",
         "",
         f"- checkpoint: `{report['checkpoint']}`",
         f"- data: `{report['data']}`",
         f"- images: {report['num_samples']} evaluated, {report['skipped']} skipped (could not be decoded)",
+        f"- scores: {scores} (ECE {report['ece']:.4f}; {report['ece_uncalibrated']:.4f} before calibration)",
         "",
         "| metric | value |",
         "|---|---|",
     ]
-    for key in ("accuracy", "top5_accuracy", "macro_precision", "macro_recall", "macro_f1", "weighted_f1"):
+    for key in ("accuracy", "top5_accuracy", "macro_precision", "macro_recall", "macro_f1", "weighted_f1", "ece", "nll", "brier"):
         if key in report:
             lines.append(f"| {key} | {report[key]:.4f} |")
     lines += ["", "| class | precision | recall | F1 | support |", "|---|---:|---:|---:|---:|"]
@@ -121,4 +168,25 @@ def plot_confusion(cm: np.ndarray, class_names: list[str]) -> bytes:
                 ax.text(
                     j, i, str(cm[i, j]), ha="center", va="center", fontsize=8, color="white" if cm[i, j] > threshold else "black"
                 )
+    return png_bytes(fig)
+
+
+def plot_reliability(report: dict) -> bytes:
+    """The reliability diagram: accuracy against mean confidence per confidence bin, with the diagonal."""
+    from distcls.plots import png_bytes, subplots
+
+    r = report["reliability"]
+    fig, ax = subplots(figsize=(5, 5))
+    centers = [(lo + hi) / 2 for lo, hi in zip(r["lower"], r["upper"])]
+    accuracy = [a if a is not None else 0.0 for a in r["accuracy"]]
+    ax.bar(centers, accuracy, width=r["upper"][0] - r["lower"][0], edgecolor="black", alpha=0.7, label="accuracy")
+    ax.plot([0, 1], [0, 1], "k--", label="perfectly calibrated")
+    ax.set(
+        xlim=(0, 1),
+        ylim=(0, 1),
+        xlabel="confidence (top-1 score)",
+        ylabel="accuracy",
+        title=f"{'Calibrated' if report['calibrated'] else 'Uncalibrated'} scores: ECE {report['ece']:.4f}",
+    )
+    ax.legend(loc="upper left")
     return png_bytes(fig)

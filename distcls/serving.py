@@ -100,12 +100,20 @@ class ImageClassifier:
     """Decodes each request's image in a thread, then batches forward passes (one model per replica, on the
     inference engine's runtime: onnxruntime on CPU, torch bf16 on CUDA, unless --runtime says otherwise)."""
 
-    def __init__(self, max_batch_size: int = 32, batch_wait_timeout_s: float = 0.01, threads: int = 1, runtime: str = "auto"):
+    def __init__(
+        self,
+        max_batch_size: int = 32,
+        batch_wait_timeout_s: float = 0.01,
+        threads: int = 1,
+        runtime: str = "auto",
+        unknown: str = "off",
+    ):
         import torch
 
         torch.set_num_threads(max(1, threads))
-        self.threads, self.runtime = max(1, threads), runtime
+        self.threads, self.runtime, self.unknown = max(1, threads), runtime, unknown
         self.loaded = None  # an infer.Predictor
+        self.scoring: dict[str, tuple] = {}  # model id -> (Calibration, unknown threshold or None)
         self.predict_batch.set_max_batch_size(max_batch_size)
         self.predict_batch.set_batch_wait_timeout_s(batch_wait_timeout_s)
 
@@ -113,11 +121,20 @@ class ImageClassifier:
         """user_config {"checkpoint": URI}: load the new model fully, then swap it in (no request fails)."""
         from distcls.checkpoint import checkpoint_id, read_meta
         from distcls.infer import load_model
+        from distcls.scores import Calibration, resolve_unknown
 
         uri = config["checkpoint"]
         if self.loaded is not None and checkpoint_id(read_meta(uri)) == self.loaded.id:
             return
-        self.loaded = load_model(uri, self.runtime, threads=self.threads)  # a checkpoint or an export
+        loaded = load_model(uri, self.runtime, threads=self.threads)  # a checkpoint or an export
+        calibration = Calibration.of(loaded.meta)
+        try:
+            threshold = resolve_unknown(self.unknown, calibration, "serve")
+        except DistclsError as exc:  # a model switched to on a running app: serve it, without `unknown`
+            print(f"distcls: {exc}; serving {uri} with --unknown off", flush=True)
+            threshold = None
+        self.scoring[loaded.id] = (calibration, threshold)
+        self.loaded = loaded
 
     def check_health(self) -> None:
         if self.loaded is None:
@@ -132,6 +149,8 @@ class ImageClassifier:
             "num_classes": len(m.class_names),
             "preprocessing": m.meta["preprocessing"],
             "created": m.meta.get("created_at"),
+            "calibration": m.meta.get("calibration"),
+            "unknown_above": self.scoring[m.id][1],
             **m.describe(),
         }
 
@@ -147,7 +166,7 @@ class ImageClassifier:
         except ImageDecodeError as exc:
             return {"error": {"kind": exc.kind, "message": exc.message}}
         logits = await self.predict_batch((loaded, image))
-        prediction = top_prediction(logits, loaded.class_names, top_k)
+        prediction = top_prediction(logits, loaded.class_names, top_k, *self.scoring[loaded.id])
         prediction["model"] = {"id": loaded.id, "architecture": loaded.meta["architecture"]}
         return prediction
 
@@ -531,6 +550,7 @@ def application(cfg: ServeConfig, token_sha256: str | None = None):
         batch_wait_timeout_s=cfg.batch_wait_timeout_s,
         threads=max(1, int(cfg.cpus_per_replica)),
         runtime=cfg.runtime,
+        unknown=cfg.unknown,
     )
     running = cfg.max_ongoing_requests * cfg.max_replicas
     return Ingress.options(
@@ -596,10 +616,13 @@ def serve_config(cfg: ServeConfig) -> dict:
 
 def start(cfg: ServeConfig, route_prefix: str = "/", token: str | None = None, access_log: bool = False) -> str:
     """Deploy on the Ray cluster (RAY_ADDRESS, else a local instance); returns the endpoint's base URL."""
+    from distcls.checkpoint import read_meta
     from distcls.infer import prepare_runtime
     from distcls.runtime import init_ray
+    from distcls.scores import Calibration, resolve_unknown
 
     token_sha256 = check_auth(cfg, token if token is not None else os.environ.get(TOKEN_ENV))
+    resolve_unknown(cfg.unknown, Calibration.of(read_meta(cfg.checkpoint)), "serve")  # refused here, before Ray
     # Compile once here (replicas on this machine read the cache); after a fallback replicas go straight to torch.
     runtime, note = prepare_runtime(cfg.checkpoint, cfg.runtime, cfg.num_gpus > 0)
     print(f"serve: runtime {runtime} ({note})", flush=True)

@@ -47,3 +47,30 @@ def test_no_weight_decay_on_norm_and_bias_and_smaller_backbone_lr():
     assert by_param[id(named["3.weight"])]["lr"] == pytest.approx(1e-3)
     with pytest.raises(Exception, match="only sgd and adamw are supported"):
         build_optimizer(model, "rmsprop", 1e-3, 0.0, 0.9, set(), 1.0)
+
+
+def test_a_one_image_batch_trains_with_a_masked_copy():
+    """At 32 px EfficientNet-Lite0's last feature maps are 1x1: a single image gives BatchNorm one value
+    per channel, which training mode refuses. The worker pads such a batch with a masked copy."""
+    from distcls.models import create_model
+    from distcls.train.worker import pad_single
+
+    rng = np.random.default_rng(0)
+    batch = {
+        "image": rng.integers(0, 255, (1, 3, 32, 32), dtype=np.uint8),
+        "label": np.array([2]),
+        "mask": np.ones(1, np.float32),
+    }
+    model = create_model("efficientnet_lite0", 3, "none", image_size=32).train()
+    with pytest.raises(ValueError, match="Expected more than 1 value per channel"):
+        model(torch.from_numpy(batch["image"]))
+    padded = pad_single(batch)
+    assert padded["image"].shape == (2, 3, 32, 32) and padded["label"].tolist() == [2, 2]
+    assert padded["mask"].tolist() == [1.0, 0.0] and pad_single(padded) is padded
+    opt = build_optimizer(model, "sgd", 0.01, 0.0, 0.9, set(), 1.0)
+
+    def loss_fn(logits, labels, mask):
+        return masked_loss(logits, labels, mask, None, 0.0)
+
+    stats = train_one_epoch(model, [padded], opt, loss_fn, torch.device("cpu"), schedule=lambda s: 1.0, start_step=0)
+    assert stats.steps == 1 and stats.samples == 1  # the copy counts for nothing

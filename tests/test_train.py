@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from distcls import DistclsError, storage
-from distcls.checkpoint import load_checkpoint, read_meta
+from distcls.checkpoint import checkpoint_id, load_checkpoint, read_meta
 from distcls.cli import main
 from distcls.config import FASHION_MNIST_DEFAULT_DIR, TrainConfig
 from distcls.models import create_model
@@ -67,6 +67,11 @@ def test_train_then_evaluate_contracts(fm, tmp_path, capsys):
     assert meta["class_names"] == sorted(meta["class_names"]) and len(meta["class_names"]) == 10
     assert meta["config"]["epochs"] == 2 and meta["preprocessing"]["image_size"] == 32
     assert [h["epoch"] for h in result["epochs"]] == [1, 2]
+    # the best checkpoint was calibrated on the 40 validation images: its record and id say so
+    cal = meta["calibration"]
+    assert cal["images"] == 40 and cal["temperature"] > 0 and cal == result["calibration"]
+    assert cal["nll_after"] <= cal["nll_before"] + 1e-9 and cal["data"] == fm["val"]
+    assert checkpoint_id(meta) != meta["weights_sha256"]
     m = result["metrics"]
     for key in (
         "train_loss",
@@ -87,6 +92,10 @@ def test_train_then_evaluate_contracts(fm, tmp_path, capsys):
     assert main(["evaluate", "--checkpoint", ckpt, "--data", fm["val"], "--out", str(out)]) == 0
     report = json.loads((out / "report.json").read_text())
     assert (out / "confusion_matrix.png").read_bytes()[:4] == b"\x89PNG"
+    assert (out / "calibration.png").read_bytes()[:4] == b"\x89PNG"
+    assert report["calibrated"] and report["temperature"] == pytest.approx(cal["temperature"])
+    assert report["ece"] == pytest.approx(cal["ece_after"], abs=1e-6) and report["nll"] == pytest.approx(cal["nll_after"])
+    assert 0 <= report["brier"] <= 2 and sum(report["reliability"]["count"]) == 40
     assert "| accuracy |" in (out / "report.md").read_text()
     for key in (
         "accuracy",

@@ -4,10 +4,10 @@ runs models through here.
 - `modelfile`: read and verify a model directory (checkpoint or export) written by someone else.
 - `engine`: `load_model(uri, runtime, device, threads) -> Predictor` and the runtime/device policy.
 - `onnxrt`: the onnxruntime session, compiling checkpoints to ONNX, the compile cache.
-- `batch`: the Ray Data batch predictor, softmax/top-k.
+- `batch`: the Ray Data batch predictor; the endpoint's form of one prediction.
 """
 
-from distcls.infer.batch import BatchPredictor, predict_dataset, softmax_topk, top_prediction
+from distcls.infer.batch import BatchPredictor, predict_dataset, top_prediction
 from distcls.infer.modelfile import is_export, model_file_uri, verify_model
 
 ENGINE = ("RUNTIMES", "Predictor", "load_model", "prepare_runtime")
@@ -32,7 +32,6 @@ __all__ = [
     "model_file_uri",
     "predict_dataset",
     "prepare_runtime",
-    "softmax_topk",
     "top_prediction",
     "verify_model",
 ]

@@ -21,6 +21,7 @@ class BatchPredictor:
         device: str | None = None,
         threads: int | None = None,
         expected_model: str | None = None,
+        embeddings: bool = False,
     ):
         from distcls.infer.engine import load_model
 
@@ -34,13 +35,23 @@ class BatchPredictor:
                 "would mix: run the job again, with a new --output for the new model"
             )
         self.num_classes = len(self.predictor.meta["class_names"])
+        self.embeddings = embeddings
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         ok = np.fromiter((not e for e in batch["error"]), dtype=bool, count=len(batch["error"]))
         logits = np.zeros((len(ok), self.num_classes), dtype=np.float32)
-        if ok.any():
-            logits[ok] = self.predictor.predict(batch["image"][ok] if not ok.all() else batch["image"])
+        images = batch["image"][ok] if not ok.all() else batch["image"]
         out = {k: v for k, v in batch.items() if k != "image"}
+        if self.embeddings:
+            features = None
+            if ok.any():
+                logits[ok], feats = self.predictor.predict_with_features(images)
+                features = np.zeros((len(ok), feats.shape[1]), dtype=np.float16)
+                features[ok] = feats
+            out["embedding"] = features if features is not None else np.zeros((len(ok), 1), dtype=np.float16)
+            out["thumb"] = thumbnails(batch["image"])
+        elif ok.any():
+            logits[ok] = self.predictor.predict(images)
         out["logits"] = logits
         return out
 
@@ -55,6 +66,22 @@ class DecodeAndPredict(BatchPredictor):
         return super().__call__(load_images(batch, self.predictor.spec))
 
 
+THUMB_SIDE = 16
+
+
+def thumbnails(images: np.ndarray) -> np.ndarray:
+    """(N, 256) uint8: each model-input image as a 16x16 grey thumbnail (box-filtered). `dedup` compares
+    them to confirm a near-duplicate that the embeddings propose (resizing and re-encoding barely change it,
+    two different photos of similar things do)."""
+    from PIL import Image
+
+    out = np.zeros((len(images), THUMB_SIDE * THUMB_SIDE), dtype=np.uint8)
+    for i, image in enumerate(images):
+        grey = Image.fromarray(np.asarray(image, dtype=np.float32).mean(axis=0)).resize((THUMB_SIDE, THUMB_SIDE), Image.BOX)
+        out[i] = np.clip(np.asarray(grey), 0, 255).astype(np.uint8).ravel()
+    return out
+
+
 def predict_dataset(
     ds,
     checkpoint: str,
@@ -65,6 +92,7 @@ def predict_dataset(
     runtime: str = "auto",
     decode: bool = False,
     expected_model: str | None = None,
+    embeddings: bool = False,
 ):
     """Add `logits` with an actor pool of `concurrency` replicas (an int, or (MIN, MAX) to autoscale).
     `runtime` should be what `prepare_runtime` chose in the driver, so actors never compile. With `decode`
@@ -77,6 +105,7 @@ def predict_dataset(
             "runtime": runtime,
             "threads": max(1, int(cpus_per_replica)),
             "expected_model": expected_model,
+            "embeddings": embeddings,
         },
         batch_size=batch_size,
         batch_format="numpy",
@@ -95,17 +124,21 @@ def actor_pool(concurrency: int | tuple[int, ...]):
     return ray.data.ActorPoolStrategy(min_size=sizes[0], max_size=sizes[1])
 
 
-def softmax_topk(logits: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """(probabilities, top-k class indices by descending probability) for a (N, C) array of logits."""
-    logits = np.asarray(logits, dtype=np.float32)
-    shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
-    probs = shifted / shifted.sum(axis=1, keepdims=True)
-    order = np.argsort(-probs, axis=1, kind="stable")[:, : min(k, probs.shape[1])]
-    return probs, order
+def top_prediction(logits: np.ndarray, class_names: list[str], k: int, calibration=None, unknown_above=None) -> dict:
+    """One image's (C,) logits -> the endpoint's form: {"label", "score", "topk": [{"label", "score"}, ...],
+    "margin", "entropy", "ood_score", "calibrated"}; scores calibrated when the model is, label `unknown`
+    past `unknown_above` (top-k kept)."""
+    from distcls.scores import UNKNOWN, Calibration, score
 
-
-def top_prediction(logits: np.ndarray, class_names: list[str], k: int) -> dict:
-    """One image's (C,) logits -> {"label", "score", "topk": [{"label", "score"}, ...]} (the endpoint's form)."""
-    probs, order = softmax_topk(np.asarray(logits)[None, :], k)
-    topk = [{"label": class_names[j], "score": float(probs[0, j])} for j in order[0]]
-    return {"label": topk[0]["label"], "score": topk[0]["score"], "topk": topk}
+    calibration = calibration or Calibration()
+    s = score(np.asarray(logits)[None, :], calibration, k, unknown_above)
+    topk = [{"label": class_names[j], "score": float(s.probs[0, j])} for j in s.order[0]]
+    return {
+        "label": UNKNOWN if s.unknown[0] else topk[0]["label"],
+        "score": topk[0]["score"],
+        "topk": topk,
+        "margin": float(s.margin[0]),
+        "entropy": float(s.entropy[0]),
+        "ood_score": float(s.ood_score[0]),
+        "calibrated": calibration.calibrated,
+    }

@@ -41,6 +41,7 @@ class Predictor:
     run: Callable[[np.ndarray], np.ndarray] = field(repr=False)
     note: str = ""  # how the runtime was chosen (a fallback's reason, a cache hit, a compile)
     parameters: int | None = None
+    run_features: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]] | None = field(default=None, repr=False)
     spec: PreprocessSpec = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -59,6 +60,16 @@ class Predictor:
         if len(images) == 0:
             return np.zeros((0, len(self.meta["class_names"])), dtype=np.float32)
         return np.asarray(self.run(images), dtype=np.float32)
+
+    def predict_with_features(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(logits, pooled features) for a PyTorch checkpoint on torch; DistclsError for anything else."""
+        if self.run_features is None:
+            raise DistclsError(
+                f"infer: pooled features need a PyTorch checkpoint on the torch runtime (this is {self.runtime}"
+                f"{', an export' if is_export(self.meta) else ''}); load it with runtime torch"
+            )
+        logits, features = self.run_features(images)
+        return np.asarray(logits, dtype=np.float32), np.asarray(features, dtype=np.float32)
 
     def describe(self) -> dict:
         return {"runtime": self.runtime, "device": str(self.device), "note": self.note}
@@ -103,10 +114,31 @@ def load_torch(uri: str, meta: dict, device: torch.device, note: str) -> Predict
         check_safe_to_load(uri, meta, data)
         model = torch.jit.load(io.BytesIO(data), map_location=device).eval()
         parameters = int(meta["export"].get("parameters") or 0) or None
+        features = None
     else:
         model, meta = load_checkpoint(uri, device)
         parameters = sum(p.numel() for p in model.parameters())
-    return Predictor(meta, "torch", device, torch_runner(model, device), note, parameters)
+        features = features_runner(model, device)
+    return Predictor(meta, "torch", device, torch_runner(model, device), note, parameters, features)
+
+
+def features_runner(model, device: torch.device) -> Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]:
+    """(logits, the classifier head's input: the pooled features) in one forward pass, via a hook."""
+    from distcls.models import get_head
+
+    policy = DevicePolicy.of(device)
+    head = get_head(model.net, get_model_info(model.architecture))
+    captured: list[torch.Tensor] = []
+    head.register_forward_hook(lambda _module, inputs, _output: captured.append(inputs[0].detach().float()))
+
+    def run(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        captured.clear()
+        with torch.inference_mode():
+            x = torch.from_numpy(np.ascontiguousarray(images)).to(device, non_blocking=True)
+            logits = policy.infer(model, x)
+        return logits.cpu().numpy(), torch.cat(captured).flatten(1).cpu().numpy()
+
+    return run
 
 
 def compiled_onnx(uri: str, meta: dict, sample: np.ndarray | None) -> tuple[bytes, str]:

@@ -22,7 +22,7 @@ from distcls import DistclsError, storage
 from distcls.checkpoint import checkpoint_id
 from distcls.config import LabelConfig
 from distcls.datasets import decode_sample, load_images
-from distcls.infer import predict_dataset, softmax_topk, verify_model
+from distcls.infer import is_export, predict_dataset, verify_model
 from distcls.label.parts import SUCCESS, OutputStats, check_not_nested, done_snapshot, output_schema, write_parts
 from distcls.label.plan import (
     BLOCK_BYTES,
@@ -36,40 +36,65 @@ from distcls.label.plan import (
     plan_datasource,
 )
 from distcls.runtime import init_ray
+from distcls.scores import UNKNOWN, Calibration, resolve_unknown, score
 from distcls.transforms import PreprocessSpec
 
 TODO_BLOCK_ROWS = 1000  # paths per Ray Data block when the plan is read back (rerun, resume)
 
 
 def write_part(
-    batch: dict[str, np.ndarray], output: str, class_names: list[str], model_id: str, top_k: int, part_mb: float
+    batch: dict[str, np.ndarray],
+    output: str,
+    class_names: list[str],
+    model_id: str,
+    top_k: int,
+    part_mb: float,
+    calibration: Calibration | None = None,
+    unknown_above: float | None = None,
 ) -> dict[str, np.ndarray]:
     """Ray Data task: a batch of predictions -> Parquet part(s), each written atomically; returns counts."""
     import pyarrow as pa
 
-    table = pa.table(label_rows(batch, class_names, model_id, top_k), schema=output_schema())
+    rows = label_rows(batch, class_names, model_id, top_k, calibration or Calibration(), unknown_above)
+    table = pa.table(rows, schema=output_schema(embeddings="embedding" in batch))
     write_parts(table, output, part_mb)
     kinds = [str(e).split(":", 1)[0] for e in batch["error"] if e]
     return {"rows": np.array([len(table)]), "errors": np.array([len(kinds)]), "kinds": np.array([",".join(kinds)], dtype=object)}
 
 
-def label_rows(batch: dict[str, np.ndarray], class_names: list[str], model_id: str, top_k: int) -> dict[str, list]:
-    """Output columns for one batch: softmax top-k for good rows, `error` (and nulls) for bad ones."""
-    probs, order = softmax_topk(batch["logits"], top_k)
+def label_rows(
+    batch: dict[str, np.ndarray],
+    class_names: list[str],
+    model_id: str,
+    top_k: int,
+    calibration: Calibration,
+    unknown_above: float | None = None,
+) -> dict[str, list]:
+    """Output columns for one batch: calibrated top-k and the trust scores for good rows (label `unknown`
+    past the OOD threshold, top-k kept), `error` (and nulls) for bad ones."""
+    s = score(batch["logits"], calibration, top_k, unknown_above)
+    probs, order = s.probs, s.order
     stamp = dt.datetime.now(dt.UTC)
-    out: dict[str, list] = {name: [] for name in output_schema().names}
+    embeddings = batch.get("embedding")
+    out: dict[str, list] = {name: [] for name in output_schema(embeddings is not None).names}
     for i, path in enumerate(batch["path"]):
         err = batch["error"][i] or None
         out["path"].append(str(path))
         out["error"].append(err)
         out["model"].append(model_id)
         out["labeled_at"].append(stamp)
+        if embeddings is not None:
+            out["embedding"].append(None if err else np.asarray(embeddings[i], dtype=np.float16))
+            out["thumb"].append(None if err else bytes(batch["thumb"][i]))
         if err:
-            for key in ("label", "score", "topk_labels", "topk_scores"):
+            for key in ("label", "score", "topk_labels", "topk_scores", "margin", "entropy", "ood_score"):
                 out[key].append(None)
             continue
         top = order[i]
-        out["label"].append(class_names[top[0]])
+        out["label"].append(UNKNOWN if s.unknown[i] else class_names[top[0]])
+        out["margin"].append(float(s.margin[i]))
+        out["entropy"].append(float(s.entropy[i]))
+        out["ood_score"].append(float(s.ood_score[i]))
         out["score"].append(float(probs[i, top[0]]))
         out["topk_labels"].append([class_names[j] for j in top])
         out["topk_scores"].append([float(probs[i, j]) for j in top])
@@ -115,6 +140,13 @@ def run_labeling(cfg: LabelConfig, progress: bool = True) -> dict:
     meta = verify_model(cfg.checkpoint)  # checkpoint or export; tampered or incomplete: one line, before Ray
     spec = PreprocessSpec.from_dict(meta["preprocessing"])
     model_id = checkpoint_id(meta)
+    calibration = Calibration.of(meta)
+    unknown_above = resolve_unknown(cfg.unknown, calibration, "label")
+    if cfg.embeddings and is_export(meta):
+        raise DistclsError(
+            f"label: --embeddings needs the PyTorch checkpoint (the pooled features are not an output of the "
+            f"export at {cfg.checkpoint}); pass the checkpoint it was exported from"
+        )
     check_not_nested(cfg.output)
     storage.ensure_bucket(cfg.output)
     plan, how = open_plan(cfg)
@@ -127,6 +159,8 @@ def run_labeling(cfg: LabelConfig, progress: bool = True) -> dict:
         "output": cfg.output,
         "model": model_id,
         "duplicates_removed": duplicates,
+        "scores": calibration.describe(),
+        "unknown_above": unknown_above,
     }
     removed = f"; removed {duplicates} duplicate rows" if duplicates else ""
     if plan.complete:
@@ -153,7 +187,9 @@ def run_labeling(cfg: LabelConfig, progress: bool = True) -> dict:
         runtime, note = prepare_in_ray(cfg, sample_paths, spec)
         summary.update(runtime=runtime, runtime_note=note)
         print(f"label: runtime {runtime} ({note})", flush=True)
-        run_pipeline(cfg, meta, spec, runtime, plan, todo, done, summary, started, progress)
+        unknown = "off" if unknown_above is None else f"label `unknown` above energy {unknown_above:.3f}"
+        print(f"label: scores {calibration.describe()}; {unknown}", flush=True)
+        run_pipeline(cfg, meta, spec, runtime, plan, todo, done, summary, started, progress, unknown_above)
         snap, more = done_snapshot(cfg.output)  # a write task retried after its commit leaves a second copy
         summary["duplicates_removed"] += more
         plan = StoredPlan.read(cfg.output)
@@ -168,7 +204,8 @@ def prepare_in_ray(cfg: LabelConfig, sample_paths: list[str], spec: PreprocessSp
     def prepare() -> tuple[str, str]:
         from distcls.infer.engine import prepare_runtime
 
-        return prepare_runtime(cfg.checkpoint, cfg.runtime, cfg.num_gpus > 0, decode_sample(sample_paths, spec))
+        runtime = "torch" if cfg.embeddings else cfg.runtime  # the pooled features come from the torch model
+        return prepare_runtime(cfg.checkpoint, runtime, cfg.num_gpus > 0, decode_sample(sample_paths, spec))
 
     try:
         return ray.get(ray.remote(num_cpus=1)(prepare).remote())
@@ -199,6 +236,7 @@ def run_pipeline(
     summary: dict,
     started: float,
     progress: bool,
+    unknown_above: float | None = None,
 ) -> None:
     import ray
     import ray.data
@@ -231,6 +269,7 @@ def run_pipeline(
         runtime,
         decode=fused,
         expected_model=checkpoint_id(meta),
+        embeddings=cfg.embeddings,
     )
     ds = ds.map_batches(
         write_part,
@@ -240,6 +279,8 @@ def run_pipeline(
             "model_id": checkpoint_id(meta),
             "top_k": cfg.top_k,
             "part_mb": cfg.part_mb,
+            "calibration": Calibration.of(meta),
+            "unknown_above": unknown_above,
         },
         batch_size=cfg.part_rows,
         batch_format="numpy",
@@ -282,6 +323,8 @@ def finish(cfg: LabelConfig, plan: StoredPlan, snap, summary: dict, started: flo
             "parts": stats.parts,
             "model": summary["model"],
             "runtime": summary.get("runtime"),
+            "scores": summary.get("scores"),
+            "unknown_above": summary.get("unknown_above"),
             "finished_at": now(),
             "last_run": {
                 k: summary[k]

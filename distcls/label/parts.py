@@ -30,21 +30,28 @@ READ_THREADS = 16
 REPAIR_PASSES = 5
 
 
-def output_schema():
+def output_schema(embeddings: bool = False):
+    """The label output. `score`/`topk_scores` are calibrated probabilities when the model is calibrated;
+    `margin` (top-1 minus top-2 probability), `entropy` (nats) and `ood_score` (energy: higher = less like
+    the training data) say how far to trust a row. With --embeddings: `embedding` (float16 pooled features)
+    and `thumb` (a 16x16 grey thumbnail of the model input, 256 bytes: what `dedup` confirms pairs with)."""
     import pyarrow as pa
 
-    return pa.schema(
-        [
-            ("path", pa.string()),
-            ("label", pa.string()),
-            ("score", pa.float32()),
-            ("topk_labels", pa.list_(pa.string())),
-            ("topk_scores", pa.list_(pa.float32())),
-            ("error", pa.string()),
-            ("model", pa.string()),
-            ("labeled_at", pa.timestamp("us", tz="UTC")),
-        ]
-    )
+    fields = [
+        ("path", pa.string()),
+        ("label", pa.string()),
+        ("score", pa.float32()),
+        ("topk_labels", pa.list_(pa.string())),
+        ("topk_scores", pa.list_(pa.float32())),
+        ("margin", pa.float32()),
+        ("entropy", pa.float32()),
+        ("ood_score", pa.float32()),
+        ("error", pa.string()),
+        ("model", pa.string()),
+        ("labeled_at", pa.timestamp("us", tz="UTC")),
+    ]
+    extra = [("embedding", pa.list_(pa.float16())), ("thumb", pa.binary(256))] if embeddings else []
+    return pa.schema(fields + extra)
 
 
 def is_part(path: str) -> bool:
@@ -104,7 +111,7 @@ def read_labels(output: str, columns: list[str] | None = None):
 
     tables = [pq.read_table(io.BytesIO(storage.read_bytes(p)), columns=columns) for p in existing_parts(output)]
     if tables:
-        return pa.concat_tables(tables)
+        return pa.concat_tables(tables, promote_options="default")  # parts of older versions lack newer columns
     empty = output_schema().empty_table()
     return empty if columns is None else empty.select(columns)
 

@@ -16,6 +16,7 @@ from collections.abc import Callable
 import numpy as np
 
 from distcls import DistclsError, storage
+from distcls.calibrate import calibrate_best_checkpoint
 from distcls.config import TrainConfig
 from distcls.datasets import LabeledIndex, build_dataset, format_counts, load_labeled_index, stratified_split
 from distcls.metrics import balanced_class_weights
@@ -230,13 +231,18 @@ def run_training(
         raise DistclsError(f"train: run {run_uri_of(cfg)} failed: {root_cause(exc)}") from exc
     best_uri, best_metrics = pick_best([(checkpoint_uri(cfg, c), dict(m)) for c, m in result.best_checkpoints])
     history = [dict(m) for m in read_history(cfg, result)]
+    seconds = time.perf_counter() - started  # training only: the calibration below is not part of it
+    calibration = calibrate_best_checkpoint(
+        best_uri, val, cfg.val_data or f"{cfg.data} (validation split)", num_gpus=1 if cfg.use_gpu else 0
+    )
     out = {
         "checkpoint": best_uri,
         "metrics": best_metrics,
+        "calibration": calibration,
         "run": run_uri_of(cfg),
         "epochs": history,
         "recipe": recipe.to_dict(),
-        "seconds": time.perf_counter() - started,
+        "seconds": seconds,
     }
     storage.write_text(storage.join_uri(run_uri_of(cfg), "result.json"), json.dumps(out, indent=2))
     storage.write_bytes(storage.join_uri(run_uri_of(cfg), "curves.png"), plot_curves(history))

@@ -30,7 +30,10 @@ from distcls.transforms import PreprocessSpec, augment_batch
 def train_batches(shard, batch_size: int, tally: ErrorTally, seed: int | None = None):
     """Numpy batches from the Ray Data shard with bad images dropped (and counted), locally shuffled.
 
-    A batch made only of bad images is kept with mask 0, so that every DDP worker takes the same steps.
+    A batch made only of bad images is kept with mask 0, so that every DDP worker takes the same steps. A
+    batch of one image (a shard's last, or the one good image of a batch) gets a masked copy of it: in
+    training mode BatchNorm needs more than one value per channel, which a single image whose feature map
+    has shrunk to 1x1 (small inputs) does not give.
     """
     for batch in shard.iter_batches(
         batch_size=batch_size,
@@ -42,10 +45,19 @@ def train_batches(shard, batch_size: int, tally: ErrorTally, seed: int | None = 
         good = tally.drop_errors(batch)
         if len(good["label"]):
             good["mask"] = np.ones(len(good["label"]), dtype=np.float32)
-            yield good
         else:
-            batch["mask"] = np.zeros(len(batch["label"]), dtype=np.float32)
-            yield batch
+            good = batch
+            good["mask"] = np.zeros(len(batch["label"]), dtype=np.float32)
+        yield pad_single(good)
+
+
+def pad_single(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """A one-row batch as two rows: the row and a copy of it with mask 0 (no loss, no gradient of its own)."""
+    if len(batch["label"]) != 1:
+        return batch
+    padded = {k: np.concatenate([v, v]) if isinstance(v, np.ndarray) and len(v) == 1 else v for k, v in batch.items()}
+    padded["mask"] = np.array([batch["mask"][0], 0.0], dtype=np.float32)
+    return padded
 
 
 def allreduce(values: list[float] | np.ndarray) -> np.ndarray:

@@ -80,10 +80,50 @@ def table(results: dict) -> list[str]:
             ("scale: rows after kill at ~50% and rerun / objects", sc["rows_after_kill_and_rerun"] / sc["objects"], "1"),
             ("scale: listing, keys/s", sc["list_keys_per_s"], None),
         ]
+    if "trust" in results:
+        rows += trust_rows(results["trust"])
     lines = [f"{'measure':<66} {'value':>7}  target"]
     for name, value, target in rows:
         lines.append(f"{name:<66} {value:7.2f}  {target or ''}")
     return lines
+
+
+def trust_rows(t: dict) -> list[tuple]:
+    rows = []
+    if "calibration" in t:
+        c = t["calibration"]
+        rows += [
+            ("trust: test-split ECE, raw softmax", c["ece_before"], None),
+            ("trust: test-split ECE, temperature-scaled", c["ece_after"], "<= 0.02"),
+        ]
+    if "ood" in t:
+        o = t["ood"]
+        for name in ("digits", "photos", "noise"):
+            rows += [
+                (f"trust: OOD AUROC vs {name}, max-softmax", o[name]["auroc_max_softmax"], None),
+                (f"trust: OOD AUROC vs {name}, energy", o[name]["auroc_energy"], ">= 0.90" if name == "digits" else None),
+            ]
+        rows.append(("trust: --unknown auto keeps of the test split", o["unknown_auto_keeps"], ">= 0.94"))
+    if "label_issues" in t:
+        li = t["label_issues"]
+        rows += [
+            ("trust: find-label-issues precision (10% flipped)", li["precision"], ">= 0.8"),
+            ("trust: find-label-issues recall (10% flipped)", li["recall"], ">= 0.6"),
+        ]
+    if "dedup" in t:
+        d = t["dedup"]
+        rows += [
+            ("trust: dedup recall of planted copies", d["recall"], ">= 0.98"),
+            ("trust: dedup false groups", d["false_groups"], "0"),
+        ]
+    if "dedup_scale" in t:
+        d = t["dedup_scale"]
+        rows += [
+            (f"trust: dedup IVF on {d['embeddings']:,} embeddings, seconds", d["seconds"], None),
+            ("trust: dedup IVF recall of planted near-copies", d["recall"], None),
+            ("trust: dedup IVF peak RSS, GB", d["peak_rss_gb"], None),
+        ]
+    return rows
 
 
 def run_bench(cfg: BenchConfig) -> dict:
@@ -100,7 +140,13 @@ def run_bench(cfg: BenchConfig) -> dict:
         previous = use_server_env(server)
         try:
             results["machine"] = machine()
-            if cfg.which == "scale":  # `distcls label` runs as its own process with its own Ray
+            if cfg.which == "trust":
+                from distcls.tools.bench.trust import bench_trust
+
+                init_ray(num_cpus=max(os.cpu_count() or 1, 4))
+                with tempfile.TemporaryDirectory(prefix="distcls-bench-trust-") as local:
+                    results["trust"] = bench_trust(cfg, local)
+            elif cfg.which == "scale":  # `distcls label` runs as its own process with its own Ray
                 from distcls.tools.bench.scale import bench_scale
 
                 results["scale"] = bench_scale(cfg)

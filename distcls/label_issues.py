@@ -1,0 +1,204 @@
+"""`distcls find-label-issues`: likely mislabeled images in a training set, with cleanlab.
+
+1. The labeled data is cut into K stratified folds (seeded). For each fold a model is fine-tuned on the
+   other K-1 with `distcls train` (the same recipe and flags; the held-out fold is its validation split,
+   so each fold's best checkpoint is also calibrated on it) and predicts the held-out fold: every image gets
+   probabilities from a model that never trained on it (out-of-sample, as confident learning requires).
+   Folds run as concurrent Ray Train runs, `--max-concurrent` at a time (default: as many as the
+   cluster's CPUs allow for `--num-workers` workers each).
+2. cleanlab's `find_label_issues` (Northcutt et al., confident learning) flags images whose given label
+   disagrees with the out-of-sample probabilities beyond each class's own threshold, ranked by
+   self-confidence (the probability of the given label: lowest first).
+
+Output in --out: label_issues.parquet (every image: path, given_label, suggested_label, quality,
+is_issue, rank among issues), pred_probs.parquet (the out-of-sample probabilities), summary.json, and
+contact_sheet.png (the top issues with given -> suggested label), plus the fold runs under folds/.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+
+from distcls import DistclsError, storage
+from distcls.config import FindLabelIssuesConfig, TrainConfig
+from distcls.datasets import LabeledIndex, load_labeled_index
+
+SHEET_MAX = 60
+
+
+def stratified_folds(labels: np.ndarray, k: int, seed: int) -> np.ndarray:
+    """Fold number (0..k-1) per image: each class's images shuffled (seeded) and dealt round-robin."""
+    rng = np.random.default_rng(seed)
+    fold = np.empty(len(labels), dtype=np.int64)
+    for c in np.unique(labels):
+        rows = rng.permutation(np.flatnonzero(labels == c))
+        fold[rows] = np.arange(len(rows)) % k
+    return fold
+
+
+def write_manifest(uri: str, index: LabeledIndex, rows: np.ndarray) -> str:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pa.table({"path": [index.paths[i] for i in rows], "label": [index.class_names[index.labels[i]] for i in rows]})
+    buf = io.BytesIO()
+    pq.write_table(table, buf)
+    storage.write_bytes(uri, buf.getvalue())
+    return uri
+
+
+def fold_config(cfg: FindLabelIssuesConfig, train_manifest: str, val_manifest: str, k: int) -> TrainConfig:
+    return TrainConfig(
+        data=train_manifest,
+        val_data=val_manifest,
+        model=cfg.model,
+        weights=cfg.weights,
+        epochs=cfg.epochs,
+        image_size=cfg.image_size,
+        batch_size=cfg.batch_size,
+        num_workers=cfg.num_workers,
+        lr=cfg.lr,
+        seed=cfg.seed,
+        storage=storage.join_uri(cfg.out, "folds"),
+        name=f"fold-{k}",
+        keep=1,
+    )
+
+
+def run_fold(cfg: FindLabelIssuesConfig, index: LabeledIndex, fold: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Train on the other folds, predict fold k: (rows of fold k that decoded, calibrated probabilities)."""
+    from distcls.checkpoint import read_meta
+    from distcls.evaluate import predict_labeled
+    from distcls.scores import Calibration, probabilities
+    from distcls.train.trainer import run_training
+
+    manifests = storage.join_uri(cfg.out, "folds", "manifests")
+    held = np.flatnonzero(fold == k)
+    train_m = write_manifest(storage.join_uri(manifests, f"train-{k}.parquet"), index, np.flatnonzero(fold != k))
+    val_m = write_manifest(storage.join_uri(manifests, f"heldout-{k}.parquet"), index, held)
+    result = run_training(fold_config(cfg, train_m, val_m, k))
+    checkpoint = result["checkpoint"]
+    held_index = index.subset(held)
+    p = predict_labeled(checkpoint, held_index)
+    calibration = Calibration.of(read_meta(checkpoint))
+    row_of = {path: held[i] for i, path in enumerate(held_index.paths)}
+    rows = np.array([row_of[path] for path in p.paths], dtype=np.int64)
+    print(f"fold {k + 1}/{cfg.folds}: {len(rows)} held-out images predicted by {checkpoint}", flush=True)
+    return rows, probabilities(p.logits, calibration.temperature)
+
+
+def default_concurrency(cfg: FindLabelIssuesConfig) -> int:
+    import ray
+
+    from distcls.runtime import init_ray
+
+    init_ray()
+    cpus = ray.cluster_resources().get("CPU", os.cpu_count() or 1)
+    per_run = cfg.num_workers + 2  # the workers plus room for Ray Data's decode tasks
+    return max(1, min(cfg.folds, int(cpus // per_run)))
+
+
+def out_of_sample_probs(cfg: FindLabelIssuesConfig, index: LabeledIndex) -> tuple[np.ndarray, np.ndarray]:
+    """(probabilities (N, C) with NaN rows for undecodable images, fold per image)."""
+    fold = stratified_folds(np.asarray(index.labels), cfg.folds, cfg.seed)
+    concurrent = cfg.max_concurrent or default_concurrency(cfg)
+    print(f"find-label-issues: {len(index)} images, {cfg.folds} folds, {concurrent} at a time", flush=True)
+    probs = np.full((len(index), len(index.class_names)), np.nan, dtype=np.float64)
+    if concurrent == 1:  # in this thread: Ray Train's fit() sets up signal handling where it can
+        results = [run_fold(cfg, index, fold, k) for k in range(cfg.folds)]
+    else:
+        with ThreadPoolExecutor(max_workers=concurrent) as pool:
+            results = list(pool.map(lambda k: run_fold(cfg, index, fold, k), range(cfg.folds)))
+    for rows, p in results:
+        probs[rows] = p
+    return probs, fold
+
+
+def rank_issues(labels: np.ndarray, probs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(is_issue bool, quality) from cleanlab: confident learning's issues and self-confidence scores."""
+    from cleanlab.filter import find_label_issues
+    from cleanlab.rank import get_label_quality_scores
+
+    is_issue = find_label_issues(labels, probs, filter_by="prune_by_noise_rate", n_jobs=1)
+    quality = get_label_quality_scores(labels, probs, method="self_confidence")
+    return np.asarray(is_issue, dtype=bool), np.asarray(quality, dtype=np.float64)
+
+
+def run_find_label_issues(cfg: FindLabelIssuesConfig) -> dict:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    started = time.perf_counter()
+    index = load_labeled_index(cfg.data)
+    counts = np.bincount(np.asarray(index.labels), minlength=len(index.class_names))
+    if counts.min() < cfg.folds:
+        small = [n for n, c in zip(index.class_names, counts) if c < cfg.folds]
+        raise DistclsError(
+            f"find-label-issues: classes {small} have fewer images than --folds {cfg.folds}; every fold needs each "
+            "class in its training part: lower --folds or add images"
+        )
+    probs, fold = out_of_sample_probs(cfg, index)
+    ok = ~np.isnan(probs).any(axis=1)
+    labels = np.asarray(index.labels)
+    is_issue = np.zeros(len(index), dtype=bool)
+    quality = np.full(len(index), np.nan)
+    is_issue[ok], quality[ok] = rank_issues(labels[ok], probs[ok])
+    suggested = np.where(ok, np.nan_to_num(probs).argmax(axis=1), -1)
+    rank = np.zeros(len(index), dtype=np.int32)
+    issue_rows = np.flatnonzero(is_issue)
+    issue_rows = issue_rows[np.argsort(quality[issue_rows], kind="stable")]
+    rank[issue_rows] = np.arange(1, len(issue_rows) + 1)
+    names = index.class_names
+    table = pa.table(
+        {
+            "path": index.paths,
+            "given_label": [names[i] for i in labels],
+            "suggested_label": [names[i] if i >= 0 else None for i in suggested],
+            "quality": quality,
+            "is_issue": is_issue,
+            "rank": rank,
+            "fold": fold,
+        }
+    )
+    pred = pa.table({"path": index.paths, **{f"p_{n}": probs[:, c] for c, n in enumerate(names)}})
+    for name, t in (("label_issues.parquet", table), ("pred_probs.parquet", pred)):
+        buf = io.BytesIO()
+        pq.write_table(t, buf)
+        storage.write_bytes(storage.join_uri(cfg.out, name), buf.getvalue())
+    top = [
+        {
+            "path": index.paths[i],
+            "label": f"{names[labels[i]]}->{names[suggested[i]]}",
+            "score": float(quality[i]),
+            "rank": int(rank[i]),
+            "quality": float(quality[i]),
+        }
+        for i in issue_rows[:SHEET_MAX]
+    ]
+    storage.write_bytes(storage.join_uri(cfg.out, "contact_sheet.png"), issues_sheet(top))
+    summary = {
+        "data": cfg.data,
+        "images": len(index),
+        "predicted": int(ok.sum()),
+        "folds": cfg.folds,
+        "issues": int(is_issue.sum()),
+        "out_of_sample_accuracy": float((suggested[ok] == labels[ok]).mean()) if ok.any() else None,
+        "seconds": round(time.perf_counter() - started, 1),
+        "settings": dataclasses.asdict(cfg),
+    }
+    storage.write_text(storage.join_uri(cfg.out, "summary.json"), json.dumps(summary, indent=2, default=str))
+    return summary
+
+
+def issues_sheet(rows: list[dict]) -> bytes:
+    from distcls.review import contact_sheet, thumbnails
+
+    thumbs = thumbnails([r["path"] for r in rows])
+    return contact_sheet(rows, thumbs, "quality")
