@@ -34,6 +34,7 @@ from distcls.config import DedupConfig
 
 EXACT_MAX = 200_000
 NPROBE = 16
+TRAIN_PER_LIST = 16
 K_NEIGHBOURS = 16
 
 
@@ -110,8 +111,10 @@ def ivf_pairs(a: np.ndarray, b: np.ndarray | None, threshold: float, k: int = K_
     base = a if same else b
     nlist = max(16, int(4 * math.sqrt(len(base))))
     index = faiss.IndexIVFFlat(faiss.IndexFlatIP(base.shape[1]), base.shape[1], nlist, faiss.METRIC_INNER_PRODUCT)
+    index.cp.niter = 10  # k-means: TRAIN_PER_LIST points per list, 10 rounds (the index's cost, not its recall)
+    index.cp.min_points_per_centroid = 1
     rng = np.random.default_rng(0)
-    index.train(base[rng.choice(len(base), size=min(len(base), nlist * 64), replace=False)])
+    index.train(base[rng.choice(len(base), size=min(len(base), nlist * TRAIN_PER_LIST), replace=False)])
     index.add(base)
     index.nprobe = NPROBE
     kk = k + (1 if same else 0)
