@@ -58,6 +58,11 @@ class Problems(list):
             raise ConfigError(f"{what}: invalid configuration: " + "; ".join(self))
 
 
+def check_required(problems: Problems, cfg: Any, *names: str) -> None:
+    for name in names:
+        problems.check(bool(getattr(cfg, name)), name, getattr(cfg, name), "is required")
+
+
 def check_unknown(problems: Problems, value: str) -> None:
     """--unknown: off, auto, or a finite number (an energy score)."""
     if str(value).lower() in ("off", "auto"):
@@ -526,8 +531,7 @@ class EvaluateConfig:
     def __post_init__(self) -> None:
         p = Problems()
         check_choice(p, self, "runtime")
-        for name in ("checkpoint", "data", "out"):
-            p.check(bool(getattr(self, name)), name, getattr(self, name), "is required")
+        check_required(p, self, "checkpoint", "data", "out")
         p.check(self.batch_size >= 1, "batch_size", self.batch_size, "must be at least 1")
         p.check(self.concurrency >= 1, "concurrency", self.concurrency, "must be at least 1")
         p.check(self.num_gpus >= 0, "num_gpus", self.num_gpus, "must be >= 0")
@@ -857,8 +861,7 @@ class CalibrateConfig:
     def __post_init__(self) -> None:
         p = Problems()
         check_choice(p, self, "runtime")
-        for name in ("checkpoint", "data", "out"):
-            p.check(bool(getattr(self, name)), name, getattr(self, name), "is required")
+        check_required(p, self, "checkpoint", "data", "out")
         p.check(0.5 <= self.keep < 1, "keep", self.keep, "must be in [0.5, 1)")
         p.check(self.batch_size >= 1, "batch_size", self.batch_size, "must be at least 1")
         p.check(self.concurrency >= 1, "concurrency", self.concurrency, "must be at least 1")
@@ -883,8 +886,7 @@ class ReviewConfig:
     def __post_init__(self) -> None:
         p = Problems()
         check_choice(p, self, "by")
-        for name in ("labels", "out"):
-            p.check(bool(getattr(self, name)), name, getattr(self, name), "is required")
+        check_required(p, self, "labels", "out")
         p.check(self.n >= 1, "n", self.n, "must be at least 1")
         p.raise_if_any("review")
 
@@ -909,8 +911,7 @@ class DedupConfig:
     def __post_init__(self) -> None:
         p = Problems()
         check_choice(p, self, "method")
-        for name in ("embeddings", "out"):
-            p.check(bool(getattr(self, name)), name, getattr(self, name), "is required")
+        check_required(p, self, "embeddings", "out")
         p.check(-1 <= self.threshold <= 1, "threshold", self.threshold, "must be a cosine similarity in [-1, 1]")
         p.check(self.pixel_corr is None or -1 <= self.pixel_corr <= 1, "pixel_corr", self.pixel_corr, "must be in [-1, 1]")
         p.raise_if_any("dedup")
@@ -935,8 +936,7 @@ class FindLabelIssuesConfig:
 
     def __post_init__(self) -> None:
         p = Problems()
-        for name in ("data", "out"):
-            p.check(bool(getattr(self, name)), name, getattr(self, name), "is required")
+        check_required(p, self, "data", "out")
         p.check(self.folds >= 2, "folds", self.folds, "must be at least 2")
         p.check(
             self.max_concurrent is None or self.max_concurrent >= 1, "max_concurrent", self.max_concurrent, "must be at least 1"

@@ -97,11 +97,6 @@ def score(logits: np.ndarray, calibration: Calibration, top_k: int, threshold: f
     """Calibrated probabilities, top-k, margin, entropy and energy of a batch; `unknown` where the energy
     exceeds `threshold` (None: never)."""
     logits = np.asarray(logits, dtype=np.float64)
-    if logits.ndim != 2 or logits.shape[0] == 0:
-        empty = np.zeros(logits.shape[0] if logits.ndim == 2 else 0)
-        return Scored(
-            np.zeros((len(empty), 0)), np.zeros((len(empty), 0), dtype=np.int64), empty, empty, empty, empty.astype(bool)
-        )
     t = calibration.temperature
     logp = log_softmax(logits / t)
     probs = np.exp(logp)

@@ -167,3 +167,13 @@ def make_checkpoint(
     storage.ensure_bucket(uri)
     save_checkpoint(uri, create_model(model, len(names), weights, image_size=image_size).eval(), names)
     return uri
+
+
+def tiny_train_config(fm: dict, storage: str, name: str, **kw):
+    """The tests' small training run on `tiny_fashion_mnist` data: 32 px, batches of 8, 2 workers, 2 epochs."""
+    from distcls.config import TrainConfig
+
+    base = dict(
+        data=fm["train"], val_data=fm["val"], image_size=32, batch_size=8, num_workers=2, storage=storage, name=name, epochs=2
+    )
+    return TrainConfig(**{**base, **kw})

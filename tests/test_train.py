@@ -14,7 +14,7 @@ from distcls.cli import main
 from distcls.config import FASHION_MNIST_DEFAULT_DIR, TrainConfig
 from distcls.models import create_model
 from distcls.train.trainer import run_training
-from tests.conftest import tiny_fashion_mnist
+from tests.conftest import tiny_fashion_mnist, tiny_train_config
 
 pytestmark = pytest.mark.skipif(
     not os.path.isdir(FASHION_MNIST_DEFAULT_DIR), reason="needs Debian's dataset-fashion-mnist (.ci/run installs it)"
@@ -42,17 +42,7 @@ def fm(s3_server, ray_local):
 
 
 def train_cfg(fm, name: str, **kw) -> TrainConfig:
-    base = dict(
-        data=fm["train"],
-        val_data=fm["val"],
-        image_size=32,
-        batch_size=8,
-        num_workers=2,
-        storage=f"{BUCKET}/runs",
-        name=name,
-        epochs=2,
-    )
-    return TrainConfig(**{**base, **kw})
+    return tiny_train_config(fm, f"{BUCKET}/runs", name, **kw)
 
 
 def test_train_then_evaluate_contracts(fm, tmp_path, capsys):
