@@ -26,7 +26,9 @@ from distcls.config import (
     ReviewConfig,
     S3ServerConfig,
     ServeConfig,
+    SoupConfig,
     TrainConfig,
+    TuneConfig,
     add_arguments,
     config_from_args,
 )
@@ -90,6 +92,26 @@ def cmd_distill(args: argparse.Namespace) -> int:
         f"(teacher {d['teacher_architecture']} {d['teacher_id'][:12]}..., T={d['temperature']}, alpha={d['alpha']})"
     )
     print(f"run: {result['run']} (result.json, curves.png)")
+    return 0
+
+
+def cmd_tune(args: argparse.Namespace) -> int:
+    from distcls.tune import run_tune
+
+    result = run_tune(config_from_args(TuneConfig, args))
+    best = result["best"]
+    print(f"best trial {best['trial']}: val_accuracy {best['val_accuracy']:.4f} -> {best['checkpoint']}")
+    if result.get("soup"):
+        soup = result["soup"]
+        print(f"soup ({len(soup['kept'])} ingredients): val_accuracy {soup['val_accuracy']:.4f} -> {soup['checkpoint']}")
+    print(f"search: {result['run']} (results.parquet, results.md, trials.png, best.json)")
+    return 0
+
+
+def cmd_soup(args: argparse.Namespace) -> int:
+    from distcls.soup import run_soup
+
+    run_soup(config_from_args(SoupConfig, args))
     return 0
 
 
@@ -292,6 +314,22 @@ COMMANDS = (
         "train a small student on a teacher's soft targets (Ray Train)",
         "Knowledge distillation: a student trained on a teacher checkpoint's soft targets plus the labels, "
         "with everything `distcls train` has.",
+    ),
+    (
+        ("tune",),
+        TuneConfig,
+        cmd_tune,
+        "search hyperparameters over train runs (Ray Tune, ASHA)",
+        "A Ray Tune search over `distcls train` runs (lr, weight decay, backbone lr scale, augmentation, mixup, "
+        "epochs) with ASHA early stopping; results table, best.json, optional soup of the top trials.",
+    ),
+    (
+        ("soup",),
+        SoupConfig,
+        cmd_soup,
+        "average fine-tuned checkpoints into one model (uniform or greedy soup)",
+        "Model soup (Wortsman et al. 2022): average the weights of checkpoints of one architecture; greedy keeps an "
+        "ingredient only if validation accuracy rises.",
     ),
     (
         ("export",),

@@ -278,6 +278,9 @@ OPTIMIZERS = ("sgd", "adamw")
 FREEZE = ("none", "backbone")
 CLASS_WEIGHTS = ("none", "balanced")
 PLACEMENT = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
+AUGMENT_POLICIES = ("none", "flip", "trivialaugment", "randaugment")
+LOSSES = ("ce", "focal", "class-balanced")
+SAMPLERS = ("uniform", "balanced")
 
 
 @dataclass
@@ -304,7 +307,7 @@ class TrainConfig:
     label_smoothing: float | None = opt(None, help="label smoothing of the cross-entropy loss (default: auto, 0.1)")
     freeze: str = opt("none", help="none, or backbone for a linear probe", choices=FREEZE)
     image_size: int | None = opt(None, help="model input size (default: the model's own, 224)")
-    augment: bool | None = opt(
+    random_crops: bool | None = opt(
         None,
         help="random resized crops of training images (default: auto, by the "
         "run's number of steps; printed at start as the recipe)",
@@ -312,16 +315,38 @@ class TrainConfig:
     crop_scale_min: float | None = opt(
         None, help="smallest random crop as a share of the image area (default: auto: 0.35, or 0.08 for long runs)"
     )
-    hflip: bool = opt(
-        False, help="random horizontal flips (off by default: a flip changes the class of digits, text and other handed images)"
+    augment: str = opt(
+        "none",
+        help="augmentation policy on top of the crops: none; flip (random horizontal flips); trivialaugment or "
+        "randaugment (flips plus torchvision's TrivialAugmentWide / RandAugment). Flips change the class of "
+        "digits, text and other handed images",
+        choices=AUGMENT_POLICIES,
+    )
+    mixup: float = opt(0.0, help="mixup alpha: blend pairs of images and their targets (0: off; timm uses 0.2-0.8)")
+    cutmix: float = opt(0.0, help="cutmix alpha: paste a box of another image (0: off); with --mixup, one of the two per batch")
+    ema: float | None = opt(
+        None, help="keep an exponential moving average of the weights with this decay (e.g. 0.999); it is evaluated and saved"
     )
     cache_data: bool | None = opt(
         None,
         help="decode the training images once into Ray's object store instead of "
         "streaming them every epoch (default: auto, when they fit in 2 GB)",
     )
-    class_weights: str = opt("none", help="loss weights per class for imbalanced data", choices=CLASS_WEIGHTS)
-    balanced_sampling: bool = opt(False, help="oversample rare classes so each class is drawn equally often")
+    loss: str = opt(
+        "ce",
+        help="ce (cross-entropy), focal (Lin et al. 2017, --focal-gamma) or class-balanced (cross-entropy weighted "
+        "by the effective number of samples per class, Cui et al. 2019, --cb-beta)",
+        choices=LOSSES,
+    )
+    focal_gamma: float = opt(2.0, help="focusing parameter of --loss focal")
+    cb_beta: float = opt(0.999, help="beta of --loss class-balanced: weight (1 - beta) / (1 - beta^n) for a class of n images")
+    class_weights: str = opt("none", help="loss weights per class for imbalanced data (inverse frequency)", choices=CLASS_WEIGHTS)
+    sampler: str = opt(
+        "uniform",
+        help="uniform (every image once per epoch) or balanced (each class drawn equally often: rare classes "
+        "repeat, common ones are subsampled to the same epoch size)",
+        choices=SAMPLERS,
+    )
     seed: int = opt(0, help="random seed (split, init, shuffling)")
     ordered_ingest: bool = opt(
         True,
@@ -338,6 +363,11 @@ class TrainConfig:
     name: str | None = opt(None, help="run name: the run lives in <storage>/<name>/ (default: train-<timestamp>)")
     resume: bool = opt(False, help="continue the run <storage>/<name> from its latest checkpoint")
     keep: int = opt(2, help="checkpoints to keep, best by validation accuracy (the latest is also kept)")
+    tracking_uri: str | None = opt(
+        None,
+        help="log params, per-epoch metrics, curves and the checkpoint to MLflow: a local folder (a file store) or a server URI",
+    )
+    experiment: str = opt("distcls", help="MLflow experiment name (with --tracking-uri)")
 
     def __post_init__(self) -> None:
         from distcls.models import REGISTRY
@@ -355,8 +385,19 @@ class TrainConfig:
             self.backbone_lr_scale,
             "must be in [0, 1]",
         )
-        for name in ("optimizer", "freeze", "class_weights", "placement_strategy"):
+        for name in ("optimizer", "freeze", "class_weights", "placement_strategy", "augment", "loss", "sampler"):
             check_choice(p, self, name)
+        p.check(self.mixup >= 0, "mixup", self.mixup, "must be >= 0 (0 turns it off)")
+        p.check(self.cutmix >= 0, "cutmix", self.cutmix, "must be >= 0 (0 turns it off)")
+        p.check(self.ema is None or 0 < self.ema < 1, "ema", self.ema, "must be a decay in (0, 1), e.g. 0.999")
+        p.check(self.focal_gamma >= 0, "focal_gamma", self.focal_gamma, "must be >= 0")
+        p.check(0 < self.cb_beta < 1, "cb_beta", self.cb_beta, "must be in (0, 1), e.g. 0.999")
+        p.check(
+            not (self.loss == "class-balanced" and self.class_weights != "none"),
+            "class_weights",
+            self.class_weights,
+            "--loss class-balanced brings its own class weights; drop --class-weights",
+        )
         p.check(self.weight_decay >= 0, "weight_decay", self.weight_decay, "must be >= 0")
         p.check(self.warmup_epochs is None or self.warmup_epochs >= 0, "warmup_epochs", self.warmup_epochs, "must be >= 0")
         p.check(
@@ -429,6 +470,114 @@ class DistillConfig(TrainConfig):
         p.raise_if_any("distill")
         self.model = self.student
         super().__post_init__()
+
+
+SOUP_METHODS = ("greedy", "uniform")
+
+
+@dataclass
+class SoupConfig:
+    """`distcls soup`: average the weights of fine-tuned checkpoints of one architecture (Wortsman et al. 2022)."""
+
+    checkpoints: tuple[str, ...] = opt(help="checkpoint directory URIs (the ingredients), comma-separated or repeated")
+    data: str = opt(help="labeled validation data the greedy soup is chosen on and every soup is scored on")
+    out: str = opt(help="checkpoint directory URI to write the soup to")
+    method: str = opt(
+        "greedy",
+        help="greedy (ingredients by validation accuracy, each kept only if the soup's accuracy rises) or uniform (all)",
+        choices=SOUP_METHODS,
+    )
+    batch_size: int = opt(128, help="images per forward pass")
+    use_gpu: bool = opt(False, help="score on a GPU")
+
+    def __post_init__(self) -> None:
+        p = Problems()
+        check_required(p, self, "data", "out")
+        p.check(len(self.checkpoints) >= 1, "checkpoints", ",".join(self.checkpoints), "give at least one checkpoint URI")
+        p.check(
+            len(set(self.checkpoints)) == len(self.checkpoints),
+            "checkpoints",
+            ",".join(self.checkpoints),
+            "names a checkpoint twice; give each once",
+        )
+        check_choice(p, self, "method")
+        p.check(self.batch_size >= 1, "batch_size", self.batch_size, "must be at least 1")
+        p.raise_if_any("soup")
+
+
+@dataclass
+class TuneConfig:
+    """`distcls tune`: a Ray Tune search over `distcls train` runs, ASHA stopping the weak trials early."""
+
+    data: str = opt(help="training data: an ImageFolder prefix or a manifest file (as for train)")
+    val_data: str | None = opt(None, help="validation data; else a stratified split of --data (the same for every trial)")
+    val_fraction: float = opt(0.1, help="share of --data held out for validation when --val-data is not given")
+    model: str = opt("efficientnet_lite0", help="architecture (see `distcls models`)")
+    weights: str = opt("bundled", help="pretrained weights, as for train")
+    image_size: int | None = opt(None, help="model input size (default: the model's own)")
+    batch_size: int = opt(32, help="images per step per worker")
+    trials: int = opt(8, help="trials (configurations drawn from the search space)")
+    max_concurrent: int = opt(1, help="trials running at once")
+    num_workers: int = opt(1, help="Ray Train workers per trial")
+    cpus_per_worker: float = opt(1.0, help="CPUs per training worker of a trial")
+    use_gpu: bool = opt(False, help="one GPU per training worker")
+    lr: tuple[float, ...] = opt((3e-4, 3e-3), help="learning rate range LOW,HIGH (log-uniform) or one value")
+    weight_decay: tuple[float, ...] = opt((1e-3, 0.1), help="weight decay range LOW,HIGH (log-uniform) or one value")
+    backbone_lr_scale: tuple[float, ...] = opt((0.3, 1.0), help="backbone lr scales to choose from")
+    augment: tuple[str, ...] = opt(("none", "flip", "trivialaugment"), help="augmentation policies to choose from")
+    mixup: tuple[float, ...] = opt((0.0, 0.2), help="mixup alphas to choose from")
+    epochs: tuple[int, ...] = opt((3, 5), help="epoch counts to choose from; ASHA stops trials early in epochs")
+    grace_period: int = opt(1, help="ASHA: epochs every trial gets before it can be stopped")
+    reduction_factor: int = opt(2, help="ASHA: keep the top 1/N of trials at each rung")
+    seed: int = opt(0, help="seed of the search and of every trial")
+    soup: bool = opt(False, help="soup the top trials' best checkpoints (greedy) into <run>/soup")
+    soup_top: int = opt(4, help="trials the soup takes its ingredients from (best first)")
+    storage: str = opt("runs", help="where the search lives: a local folder or s3:// / gs:// URI")
+    name: str | None = opt(None, help="search name: <storage>/<name>/ (default: tune-<timestamp>)")
+    resume: bool = opt(False, help="continue the search <storage>/<name> (finished trials are kept, the rest resume)")
+    tracking_uri: str | None = opt(None, help="log every trial to MLflow (a local folder or a server URI)")
+    experiment: str = opt("distcls-tune", help="MLflow experiment name (with --tracking-uri)")
+
+    def __post_init__(self) -> None:
+        from distcls.models import REGISTRY
+
+        p = Problems()
+        check_required(p, self, "data")
+        p.check(self.model in REGISTRY, "model", self.model, f"must be one of {', '.join(REGISTRY)}")
+        p.check(self.trials >= 1, "trials", self.trials, "must be at least 1")
+        p.check(self.max_concurrent >= 1, "max_concurrent", self.max_concurrent, "must be at least 1")
+        p.check(self.num_workers >= 1, "num_workers", self.num_workers, "must be at least 1")
+        for name in ("lr", "weight_decay"):
+            values = getattr(self, name)
+            p.check(
+                1 <= len(values) <= 2 and all(v > 0 for v in values) and values[0] <= values[-1],
+                name,
+                ",".join(map(str, values)),
+                "give LOW,HIGH (0 < LOW <= HIGH) or one positive value",
+            )
+        p.check(
+            bool(self.backbone_lr_scale) and all(0 <= v <= 1 for v in self.backbone_lr_scale),
+            "backbone_lr_scale",
+            ",".join(map(str, self.backbone_lr_scale)),
+            "values must be in [0, 1]",
+        )
+        p.check(
+            bool(self.augment) and set(self.augment) <= set(AUGMENT_POLICIES),
+            "augment",
+            ",".join(self.augment),
+            f"must be of {', '.join(AUGMENT_POLICIES)}",
+        )
+        p.check(bool(self.mixup) and all(v >= 0 for v in self.mixup), "mixup", ",".join(map(str, self.mixup)), "must be >= 0")
+        p.check(bool(self.epochs) and all(v >= 1 for v in self.epochs), "epochs", ",".join(map(str, self.epochs)), "must be >= 1")
+        top = max(self.epochs or (1,))
+        p.check(1 <= self.grace_period <= top, "grace_period", self.grace_period, "must be in [1, max epochs]")
+        p.check(self.reduction_factor >= 2, "reduction_factor", self.reduction_factor, "must be at least 2")
+        p.check(self.soup_top >= 2, "soup_top", self.soup_top, "a soup needs at least 2 ingredients")
+        p.check(
+            self.name is None or (self.name and "/" not in self.name), "name", self.name, "must be a non-empty name without '/'"
+        )
+        p.check(not (self.resume and self.name is None), "resume", self.resume, "needs --name of the search to resume")
+        p.raise_if_any("tune")
 
 
 EXPORT_FORMATS = ("onnx", "torchscript")

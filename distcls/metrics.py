@@ -84,3 +84,14 @@ def balanced_class_weights(counts: list[int] | np.ndarray) -> np.ndarray:
     weights = np.zeros_like(counts)
     weights[present] = counts.sum() / (present.sum() * counts[present])
     return weights
+
+
+def effective_number_weights(counts: list[int] | np.ndarray, beta: float) -> np.ndarray:
+    """Class-balanced loss weights (Cui et al. 2019): (1 - beta) / (1 - beta^n_c), scaled so that the present
+    classes' weights sum to their number; 0 for an absent class. beta -> 0 is no weighting, beta -> 1 inverse
+    frequency."""
+    counts = np.asarray(counts, dtype=np.float64)
+    present = counts > 0
+    weights = np.zeros_like(counts)
+    weights[present] = (1.0 - beta) / (1.0 - np.power(beta, counts[present]))
+    return weights * present.sum() / weights.sum()

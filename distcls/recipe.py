@@ -40,7 +40,7 @@ class Recipe:
     backbone_lr_scale: float
     warmup_epochs: float
     label_smoothing: float
-    augment: bool
+    random_crops: bool
     crop_scale_min: float
     cache_data: bool
     reasons: tuple[str, ...]
@@ -51,7 +51,7 @@ class Recipe:
         return d
 
     def line(self) -> str:
-        crops = f"random crops {self.crop_scale_min:g}-1" if self.augment else "no random crops"
+        crops = f"random crops {self.crop_scale_min:g}-1" if self.random_crops else "no random crops"
         return (
             f"recipe: {self.steps} steps in all -> {crops}, warmup {self.warmup_epochs:.2g} epochs, "
             f"backbone lr x{self.backbone_lr_scale:g}, label smoothing {self.label_smoothing:g}, "
@@ -86,8 +86,8 @@ def choose_recipe(
     steps = total_steps(num_train, epochs, batch_size, num_workers)
     reasons = []
     crop_min = FULL_CROP_MIN if steps >= FULL_AUGMENT_STEPS else LIGHT_CROP_MIN
-    augment = steps >= LIGHT_AUGMENT_STEPS
-    if not augment:
+    random_crops = steps >= LIGHT_AUGMENT_STEPS
+    if not random_crops:
         reasons.append(f"under {LIGHT_AUGMENT_STEPS} steps crops cost more than they add")
     elif native_size is not None and native_size < SMALL_NATIVE_RATIO * image_size:
         crop_min = max(crop_min, LIGHT_CROP_MIN)
@@ -106,7 +106,7 @@ def choose_recipe(
         backbone_lr_scale=given.get("backbone_lr_scale", 1.0),
         warmup_epochs=given.get("warmup_epochs", round(WARMUP_FRACTION * epochs, 4)),
         label_smoothing=given.get("label_smoothing", LABEL_SMOOTHING),
-        augment=given.get("augment", augment),
+        random_crops=given.get("random_crops", random_crops),
         crop_scale_min=given.get("crop_scale_min", crop_min),
         cache_data=given.get("cache_data", cache),
         reasons=tuple(reasons) if pretrained else tuple(reasons) + ("random init",),

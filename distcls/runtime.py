@@ -138,7 +138,8 @@ def init_ray(num_cpus: int | None = None, address: str | None = None, quiet: boo
     """ray.init once: the cluster at `address` / RAY_ADDRESS, else a local instance (num_cpus logical CPUs)."""
     import ray
 
-    if ray.is_initialized():
+    if ray.is_initialized():  # e.g. inside a Ray Tune trial, which runs `distcls train` in an actor
+        quiet_ray_data(quiet)
         return
     address = address or os.environ.get("RAY_ADDRESS") or None
     for key, value in WORKER_DEFAULTS.items():  # forwarded to the workers below; local ones inherit them too
@@ -170,6 +171,13 @@ def init_ray(num_cpus: int | None = None, address: str | None = None, quiet: boo
         drop_ray_noise()
         if OWN_PROCESS:  # not inside a test runner or someone's program: their stderr stays theirs
             filter_driver_stderr()
+    quiet_ray_data(quiet)
+
+
+def quiet_ray_data(quiet: bool) -> None:
+    """Ray Data's progress bars and start-of-execution lines off in this process (its own DataContext)."""
+    import ray.data
+
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = not quiet
     ctx.print_on_execution_start = not quiet

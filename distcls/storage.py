@@ -58,6 +58,11 @@ def to_uri(scheme: str, path: str) -> str:
     return path if scheme == "file" else f"{scheme}://{path}"
 
 
+def absolute_uri(uri: str) -> str:
+    """A local path made absolute (processes such as Ray Tune's trials run elsewhere); other URIs as given."""
+    return to_uri(*split_uri(uri))
+
+
 def s3_options() -> dict:
     """s3fs arguments from the standard AWS environment variables (read at call time)."""
     opts: dict = {"use_listings_cache": False}

@@ -43,7 +43,7 @@ class PreprocessSpec:
     std: tuple[float, float, float] = IMAGENET_STD
     interpolation: str = "bilinear"
     max_pixels: int = DEFAULT_MAX_PIXELS
-    # Train-time augmentation (random resized crop + horizontal flip).
+    # Train-time augmentation (random resized crop + horizontal flip; flips come with --augment other than none).
     crop_scale: tuple[float, float] = (0.08, 1.0)
     crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
     hflip: bool = True
@@ -171,6 +171,63 @@ def augment_batch(images: torch.Tensor, spec: PreprocessSpec, rng: np.random.Gen
         crop = TF.resized_crop(images[i], top, left, h, w, size, interpolation=interp, antialias=True)
         out[i] = crop.flip(-1) if spec.hflip and rng.random() < 0.5 else crop
     return out
+
+
+def flip_batch(images: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
+    """A random horizontal flip per image (probability 1/2), for runs without random crops."""
+    flips = rng.random(len(images)) < 0.5
+    if not flips.any():
+        return images
+    out = images.clone()
+    out[flips] = images[flips].flip(-1)
+    return out
+
+
+POLICIES = ("trivialaugment", "randaugment")
+
+
+def build_policy(name: str):
+    """torchvision.transforms.v2's TrivialAugmentWide or RandAugment (2 ops, magnitude 9), on uint8 CHW.
+
+    They draw from torch's global generator, which the training worker seeds per (seed, rank, epoch)."""
+    from torchvision.transforms import v2
+
+    if name == "trivialaugment":
+        return v2.TrivialAugmentWide()
+    if name == "randaugment":
+        return v2.RandAugment(num_ops=2, magnitude=9)
+    raise DistclsError(f"augment: unknown policy {name!r}; use one of none, flip, {', '.join(POLICIES)}")
+
+
+def policy_batch(images: torch.Tensor, policy) -> torch.Tensor:
+    """The policy applied to each image on its own (one op and magnitude drawn per image, as in torchvision's
+    references, where it runs per sample in the data loader)."""
+    import torch
+
+    return torch.stack([policy(image) for image in images])
+
+
+def train_augment(spec: PreprocessSpec, random_crops: bool, policy: str, rng: np.random.Generator):
+    """The training batch transform, uint8 -> uint8 on the batch's device, or None for none at all:
+    random resized crops (and the spec's flips) of the base square, else flips alone when the spec has them;
+    then the policy (trivialaugment, randaugment) per image."""
+    steps = []
+    if random_crops:
+        steps.append(lambda x: augment_batch(x, spec, rng))
+    elif spec.hflip:
+        steps.append(lambda x: flip_batch(x, rng))
+    if policy in POLICIES:
+        transform = build_policy(policy)
+        steps.append(lambda x: policy_batch(x, transform))
+    if not steps:
+        return None
+
+    def apply(images: torch.Tensor) -> torch.Tensor:
+        for step in steps:
+            images = step(images)
+        return images
+
+    return apply
 
 
 def interpolation_mode(name: str):

@@ -38,7 +38,7 @@ def test_total_steps_counts_per_worker_batches():
 def test_short_run_gets_no_crops_full_backbone_lr_and_a_tenth_of_warmup():
     r = recipe()  # the digits quick start: 63 steps in all
     assert r.steps == 63
-    assert r.augment is False
+    assert r.random_crops is False
     assert r.backbone_lr_scale == 1.0
     assert r.warmup_epochs == pytest.approx(0.3)  # a tenth of 3 epochs
     assert r.label_smoothing == 0.1
@@ -47,15 +47,15 @@ def test_short_run_gets_no_crops_full_backbone_lr_and_a_tenth_of_warmup():
 
 def test_medium_run_gets_light_crops_and_long_run_imagenet_crops():
     medium = recipe(num_train=LIGHT_AUGMENT_STEPS * 64 // 3 + 64)
-    assert medium.augment and medium.crop_scale_min == LIGHT_CROP_MIN
+    assert medium.random_crops and medium.crop_scale_min == LIGHT_CROP_MIN
     long = recipe(num_train=60000, epochs=12)
     assert long.steps >= FULL_AUGMENT_STEPS
-    assert long.augment and long.crop_scale_min == FULL_CROP_MIN
+    assert long.random_crops and long.crop_scale_min == FULL_CROP_MIN
 
 
 def test_images_far_below_the_input_size_never_get_small_crops():
     r = recipe(num_train=60000, epochs=12, native_size=8)  # 8x8 digits upscaled to 64
-    assert r.augment and r.crop_scale_min == LIGHT_CROP_MIN
+    assert r.random_crops and r.crop_scale_min == LIGHT_CROP_MIN
     assert "upscaled" in r.line()
     assert recipe(num_train=60000, epochs=12, native_size=500).crop_scale_min == FULL_CROP_MIN
 
@@ -69,8 +69,10 @@ def test_cache_when_the_decoded_set_fits_the_budget():
 
 
 def test_given_values_win_over_the_adaptive_choice():
-    r = recipe(backbone_lr_scale=0.1, augment=True, crop_scale_min=0.08, warmup_epochs=0.5, label_smoothing=0.0, cache_data=False)
-    assert (r.backbone_lr_scale, r.augment, r.crop_scale_min, r.warmup_epochs, r.label_smoothing, r.cache_data) == (
+    r = recipe(
+        backbone_lr_scale=0.1, random_crops=True, crop_scale_min=0.08, warmup_epochs=0.5, label_smoothing=0.0, cache_data=False
+    )
+    assert (r.backbone_lr_scale, r.random_crops, r.crop_scale_min, r.warmup_epochs, r.label_smoothing, r.cache_data) == (
         0.1,
         True,
         0.08,
@@ -86,10 +88,10 @@ def test_recipe_flags_default_to_auto_and_validate():
         cfg.backbone_lr_scale,
         cfg.warmup_epochs,
         cfg.label_smoothing,
-        cfg.augment,
+        cfg.random_crops,
         cfg.crop_scale_min,
         cfg.cache_data,
-        cfg.hflip,
-    ) == (None, None, None, None, None, None, False)
+        cfg.augment,
+    ) == (None, None, None, None, None, None, "none")
     with pytest.raises(ConfigError, match="--crop-scale-min 0.0"):
         TrainConfig(data="x", crop_scale_min=0.0)

@@ -164,7 +164,7 @@ def test_default_recipe_learns_and_is_recorded(fm, tmp_path, dataset):
     # it learns within its steps (80 Fashion-MNIST images at 32 px is a hard, tiny set: a smaller factor)
     assert losses[-1] < (0.75 if dataset == "digits" else 0.9) * losses[0], losses
     recipe = result["recipe"]
-    assert recipe["augment"] is False and recipe["backbone_lr_scale"] == 1.0 and recipe["cache_data"] is True
+    assert recipe["random_crops"] is False and recipe["backbone_lr_scale"] == 1.0 and recipe["cache_data"] is True
     meta = read_meta(result["checkpoint"])
     assert meta["recipe"] == recipe
     # The resolved values are the run's config: a reader of distcls.json sees what was used, never None.

@@ -6,6 +6,7 @@ been dropped. The model (`models.Classifier`) normalises on its own device.
 
 from __future__ import annotations
 
+import copy
 import math
 import time
 from collections.abc import Callable, Iterable
@@ -74,18 +75,113 @@ class EpochStats:
 
 
 def masked_loss(
-    logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor, class_weights: torch.Tensor | None, label_smoothing: float
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    mask: torch.Tensor,
+    class_weights: torch.Tensor | None,
+    label_smoothing: float,
+    focal_gamma: float = 0.0,
 ) -> torch.Tensor:
     """Cross-entropy averaged as PyTorch's weighted mean (sum w[y] * l / sum w[y]), over rows with mask 1.
+
+    With `focal_gamma` > 0 it is the focal loss (Lin et al. 2017): each row's (smoothed) cross-entropy times
+    (1 - p_y)^gamma, so that images the model already gets right count less.
 
     Masked rows (undecodable images kept as placeholders) contribute nothing, but still take part in the
     step, so every DDP worker runs the same number of steps even when a whole batch was bad.
     """
-    per_sample = nn.functional.cross_entropy(
-        logits.float(), labels, weight=class_weights, label_smoothing=label_smoothing, reduction="none"
-    )
     w = mask.float() if class_weights is None else mask.float() * class_weights[labels]
-    return (per_sample * mask).sum() / w.sum().clamp_min(1e-12)
+    if focal_gamma == 0:
+        per_sample = nn.functional.cross_entropy(
+            logits.float(), labels, weight=class_weights, label_smoothing=label_smoothing, reduction="none"
+        )
+        return (per_sample * mask).sum() / w.sum().clamp_min(1e-12)
+    log_p = nn.functional.log_softmax(logits.float(), dim=1)
+    nll = -log_p.gather(1, labels[:, None]).squeeze(1)
+    ce = (1 - label_smoothing) * nll - label_smoothing * log_p.mean(dim=1)
+    per_sample = (1 - torch.exp(-nll)).clamp_min(0).pow(focal_gamma) * ce
+    return (per_sample * w).sum() / w.sum().clamp_min(1e-12)
+
+
+@dataclass
+class Mix:
+    """A mixed batch: image i is lam * image i + (1 - lam) * its partner (mixup), or has a box of the partner
+    pasted in covering 1 - lam of its area (cutmix); the partner of row i is row N-1-i. Its target is
+    lam * onehot(labels) + (1 - lam) * onehot(partners), so the loss is the same mix of the two losses."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    partners: torch.Tensor
+    lam: float
+
+    def targets(self, num_classes: int) -> torch.Tensor:
+        one_hot = nn.functional.one_hot
+        return self.lam * one_hot(self.labels, num_classes).float() + (1 - self.lam) * one_hot(self.partners, num_classes).float()
+
+    def loss(self, loss_fn: Callable, logits: torch.Tensor, mask: torch.Tensor, *extra) -> torch.Tensor:
+        if self.lam == 1.0:
+            return loss_fn(logits, self.labels, mask, *extra)
+        first = loss_fn(logits, self.labels, mask, *extra)
+        return self.lam * first + (1 - self.lam) * loss_fn(logits, self.partners, mask, *extra)
+
+
+class Mixer:
+    """Mixup (Zhang et al. 2018) and CutMix (Yun et al. 2019) per batch, as timm's Mixup in batch mode: lam
+    ~ Beta(alpha, alpha); with both on, each batch is one or the other with probability 1/2. Draws come from
+    `rng` (seeded per epoch by the worker)."""
+
+    def __init__(self, mixup: float, cutmix: float, rng: np.random.Generator):
+        self.mixup, self.cutmix, self.rng = mixup, cutmix, rng
+
+    def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> Mix:
+        use_cutmix = self.cutmix > 0 and (self.mixup == 0 or self.rng.random() < 0.5)
+        alpha = self.cutmix if use_cutmix else self.mixup
+        lam = float(self.rng.beta(alpha, alpha))
+        partners = labels.flip(0)
+        if use_cutmix:
+            images, lam = self.paste_box(images, lam)
+        else:
+            images = lam * images.float() + (1 - lam) * images.flip(0).float()
+        return Mix(images, labels, partners, lam)
+
+    def paste_box(self, images: torch.Tensor, lam: float) -> tuple[torch.Tensor, float]:
+        """A box of 1 - lam of the area (clipped at the borders), from the partner; lam recomputed from the
+        box actually pasted."""
+        height, width = images.shape[-2:]
+        cut = math.sqrt(1 - lam)
+        ch, cw = int(height * cut), int(width * cut)
+        cy, cx = int(self.rng.integers(height)), int(self.rng.integers(width))
+        y0, y1 = max(cy - ch // 2, 0), min(cy + ch // 2, height)
+        x0, x1 = max(cx - cw // 2, 0), min(cx + cw // 2, width)
+        out = images.clone()
+        out[..., y0:y1, x0:x1] = images.flip(0)[..., y0:y1, x0:x1]
+        return out, 1 - (y1 - y0) * (x1 - x0) / (height * width)
+
+
+class WeightEma:
+    """An exponential moving average of a model's weights and buffers (timm's ModelEmaV3 rule): after each
+    optimizer step, ema = d * ema + (1 - d) * live with d = min(decay, (1 + n) / (10 + n)) after n updates,
+    so that a short run is not dominated by its random first steps. Integer buffers are copied."""
+
+    def __init__(self, model: nn.Module, decay: float, updates: int = 0):
+        self.module = copy.deepcopy(model).eval()
+        for p in self.module.parameters():
+            p.requires_grad_(False)
+        self.decay, self.updates = decay, updates
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        self.updates += 1
+        d = min(self.decay, (1 + self.updates) / (10 + self.updates))
+        ema_float, live_float = [], []
+        live = model.state_dict()
+        for name, value in self.module.state_dict().items():
+            if value.is_floating_point():
+                ema_float.append(value)
+                live_float.append(live[name].detach())
+            else:
+                value.copy_(live[name])
+        torch._foreach_lerp_(ema_float, live_float, 1 - d)
 
 
 def train_one_epoch(
@@ -100,13 +196,16 @@ def train_one_epoch(
     augment: Callable[[torch.Tensor], torch.Tensor] | None = None,
     on_step: Callable[[int], None] | None = None,
     teacher: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    mixer: Mixer | None = None,
+    after_step: Callable[[], None] | None = None,
 ) -> EpochStats:
     """One pass: forward, loss, backward, step. `schedule(global_step)` gives the LR multiplier. The device
     policy (distcls.device: bf16 autocast and channels_last on CUDA) follows from `device`.
 
     `loss_fn(logits, labels, mask)`; batches carry `mask` (1 = usable image). With a `teacher`
     (distillation) it is `loss_fn(logits, labels, mask, teacher(images))`: the teacher sees the very
-    images (augmentation included) the student sees.
+    images (augmentation included) the student sees. A `mixer` mixes each batch after augmentation (the loss
+    is the mixed targets'); `after_step()` runs after each optimizer step (the weight average).
     """
     policy = DevicePolicy.of(device)
     stats = EpochStats()
@@ -118,17 +217,16 @@ def train_one_epoch(
         labels = torch.as_tensor(batch["label"]).to(device, non_blocking=True)
         if augment is not None:
             images = augment(images)
-        images = policy.layout(images)
+        mix = mixer(images, labels) if mixer is not None else Mix(images, labels, labels, 1.0)
+        images = policy.layout(mix.images)
         mask = torch.as_tensor(batch["mask"]).to(device)
         if on_step is not None:
             on_step(step)
         set_lr(optimizer, schedule(step))
         with policy.autocast():
             logits = model(images)
-        if teacher is None:
-            loss = loss_fn(logits, labels, mask)
-        else:
-            loss = loss_fn(logits, labels, mask, teacher(images))
+        extra = () if teacher is None else (teacher(images),)
+        loss = mix.loss(loss_fn, logits, mask, *extra)
         # .item() is a host-device sync; it also lets us stop on a non-finite loss at the exact step.
         loss_value = loss.item()
         if not math.isfinite(loss_value):
@@ -139,6 +237,8 @@ def train_one_epoch(
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+        if after_step is not None:
+            after_step()
         n = int(batch["mask"].sum())
         stats.loss_sum += loss_value * n
         stats.samples += n

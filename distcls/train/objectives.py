@@ -37,11 +37,18 @@ def build_objective(
     """(teacher or None, loss_fn) for this run's config: distillation for a DistillConfig, else cross-entropy."""
     if isinstance(cfg, DistillConfig):
         return build_teacher_loss(cfg, class_names, spec, device, class_weights)
+    gamma = focal_gamma(cfg)
 
     def loss_fn(logits, labels, mask):
-        return masked_loss(logits, labels, mask, class_weights, cfg.label_smoothing)
+        return masked_loss(logits, labels, mask, class_weights, cfg.label_smoothing, gamma)
 
     return None, loss_fn
+
+
+def focal_gamma(cfg: TrainConfig) -> float:
+    """--loss focal: its gamma; 0 (plain cross-entropy) for ce and class-balanced (whose weights are the
+    run's class weights, computed on the driver from the class counts)."""
+    return cfg.focal_gamma if cfg.loss == "focal" else 0.0
 
 
 def soft_target_loss(
@@ -64,9 +71,10 @@ def distillation_loss(
     alpha: float,
     class_weights: torch.Tensor | None = None,
     label_smoothing: float = 0.0,
+    focal_gamma: float = 0.0,
 ) -> torch.Tensor:
     """alpha * soft-target loss + (1 - alpha) * the training loss on the labels (`masked_loss`)."""
-    hard = masked_loss(student_logits, labels, mask, class_weights, label_smoothing)
+    hard = masked_loss(student_logits, labels, mask, class_weights, label_smoothing, focal_gamma)
     if alpha == 0:
         return hard
     return alpha * soft_target_loss(student_logits, teacher_logits, mask, temperature) + (1 - alpha) * hard
@@ -134,6 +142,7 @@ def build_teacher_loss(
             alpha=cfg.alpha,
             class_weights=class_weights,
             label_smoothing=cfg.label_smoothing,
+            focal_gamma=focal_gamma(cfg),
         )
 
     return teacher, loss_fn

@@ -11,7 +11,7 @@ import datetime as dt
 import json
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
@@ -19,7 +19,7 @@ from distcls import DistclsError, storage
 from distcls.calibrate import calibrate_best_checkpoint
 from distcls.config import TrainConfig
 from distcls.datasets import LabeledIndex, build_dataset, format_counts, load_labeled_index, stratified_split
-from distcls.metrics import balanced_class_weights
+from distcls.metrics import balanced_class_weights, effective_number_weights
 from distcls.models import default_spec
 from distcls.recipe import Recipe, choose_recipe
 from distcls.runtime import init_ray
@@ -78,7 +78,7 @@ def load_splits(cfg: TrainConfig) -> tuple[LabeledIndex, LabeledIndex]:
     return stratified_split(train, cfg.val_fraction, cfg.seed)
 
 
-RECIPE_FIELDS = ("backbone_lr_scale", "warmup_epochs", "label_smoothing", "augment", "crop_scale_min", "cache_data")
+RECIPE_FIELDS = ("backbone_lr_scale", "warmup_epochs", "label_smoothing", "random_crops", "crop_scale_min", "cache_data")
 
 
 def sample_native_size(index: LabeledIndex, n: int = 16) -> int | None:
@@ -113,17 +113,37 @@ def resolve_recipe(cfg: TrainConfig, train: LabeledIndex) -> tuple[TrainConfig, 
 
 def train_spec(cfg: TrainConfig):
     """The preprocessing spec of a run (stored in its checkpoints): the model's eval transform, plus the
-    run's training crops and flips. `cfg` has its recipe resolved."""
-    return dataclasses.replace(default_spec(cfg.model, cfg.image_size), crop_scale=(cfg.crop_scale_min, 1.0), hflip=cfg.hflip)
+    run's training crops and flips (every --augment policy but none flips). `cfg` has its recipe resolved."""
+    spec = default_spec(cfg.model, cfg.image_size)
+    return dataclasses.replace(spec, crop_scale=(cfg.crop_scale_min, 1.0), hflip=cfg.augment != "none")
 
 
 def balance(index: LabeledIndex, seed: int) -> LabeledIndex:
-    """Resample (with replacement) so every present class is drawn equally often; same epoch size."""
+    """--sampler balanced: an epoch of the same size in which every present class has an equal share. Each
+    class's share cycles through its images in a seeded order (a rare class repeats each of its images
+    evenly; a common one contributes that many distinct images, not repeats). The draw is made once on the
+    driver, so it streams and shards like any index."""
     labels = np.asarray(index.labels)
-    counts = np.bincount(labels, minlength=len(index.class_names))
-    p = balanced_class_weights(counts)[labels]
-    rows = np.random.default_rng(seed).choice(len(labels), size=len(labels), replace=True, p=p / p.sum())
-    return index.subset(np.sort(rows))
+    present = np.flatnonzero(np.bincount(labels, minlength=len(index.class_names)))
+    rng = np.random.default_rng(seed)
+    shares = np.full(len(present), len(labels) // len(present))
+    shares[rng.permutation(len(present))[: len(labels) - shares.sum()]] += 1
+    rows = []
+    for c, share in zip(present, shares):
+        members = rng.permutation(np.flatnonzero(labels == c))
+        rows.append(np.resize(members, share))  # np.resize repeats the sequence to the share's length
+    return index.subset(np.sort(np.concatenate(rows)))
+
+
+def loss_class_weights(cfg: TrainConfig, train: LabeledIndex) -> list[float] | None:
+    """Per-class loss weights from the training counts: inverse frequency (--class-weights balanced) or
+    the effective number of samples (--loss class-balanced); None for unweighted."""
+    counts = list(train.counts().values())
+    if cfg.loss == "class-balanced":
+        return effective_number_weights(counts, cfg.cb_beta).tolist()
+    if cfg.class_weights == "balanced":
+        return balanced_class_weights(counts).tolist()
+    return None
 
 
 FAULT_ENV = "DISTCLS_TEST_FAULT"  # test hook, not a user option: "STEP" or "STEP:kill" (see worker.maybe_inject_failure)
@@ -138,7 +158,7 @@ def fault_from_env() -> dict | None:
     return {"at_step": int(step), "mode": mode or "raise"}
 
 
-def build_trainer(cfg: TrainConfig, train: LabeledIndex, val: LabeledIndex, extra_meta: dict | None = None):
+def build_trainer(cfg: TrainConfig, train: LabeledIndex, val: LabeledIndex, extra_meta: dict | None = None, callbacks=()):
     import ray.train
     import ray.train.v2.api.config
     from ray.train.torch import TorchTrainer
@@ -147,11 +167,10 @@ def build_trainer(cfg: TrainConfig, train: LabeledIndex, val: LabeledIndex, extr
 
     spec = train_spec(cfg)
     train_ds = build_dataset(
-        balance(train, cfg.seed) if cfg.balanced_sampling else train, spec, train=cfg.augment, shuffle_seed=cfg.seed
+        balance(train, cfg.seed) if cfg.sampler == "balanced" else train, spec, train=cfg.random_crops, shuffle_seed=cfg.seed
     )
     if cfg.cache_data:
         train_ds = train_ds.materialize()  # decoded once into the object store; epochs read from memory
-    counts = list(train.counts().values())
     loop_config = {
         "train": dataclasses.asdict(cfg),
         "class_names": train.class_names,
@@ -159,7 +178,7 @@ def build_trainer(cfg: TrainConfig, train: LabeledIndex, val: LabeledIndex, extr
         "num_train": len(train),
         "val_paths": val.paths,
         "val_labels": val.labels,
-        "class_weights": balanced_class_weights(counts).tolist() if cfg.class_weights == "balanced" else None,
+        "class_weights": loss_class_weights(cfg, train),
         "run_uri": run_uri_of(cfg),
         "extra_meta": extra_meta or {},  # more fields for every checkpoint's distcls.json (e.g. the teacher)
         "fault": fault_from_env(),
@@ -178,6 +197,7 @@ def build_trainer(cfg: TrainConfig, train: LabeledIndex, val: LabeledIndex, extr
             name=cfg.name,
             storage_path=storage_path,
             storage_filesystem=fs,
+            callbacks=list(callbacks),
             logging_config=ray.train.v2.api.config.LoggingConfig(log_level="WARNING"),
             failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(
@@ -208,10 +228,15 @@ def checkpoint_uri(cfg: TrainConfig, checkpoint) -> str:
 
 
 def run_training(
-    cfg: TrainConfig, extra_meta: dict | None = None, check_classes: Callable[[list[str]], None] | None = None
+    cfg: TrainConfig,
+    extra_meta: dict | None = None,
+    check_classes: Callable[[list[str]], None] | None = None,
+    callbacks: Sequence = (),
+    announce: bool = True,
 ) -> dict:
     """Fine-tune as configured; returns the content of result.json. `check_classes(class_names)` may
-    refuse the data before Ray starts; `extra_meta` goes into every checkpoint's distcls.json."""
+    refuse the data before Ray starts; `extra_meta` goes into every checkpoint's distcls.json; `callbacks`
+    are Ray Train UserCallbacks (Tune's report callback); `announce` prints the class counts."""
     if cfg.name is None:
         cfg = dataclasses.replace(cfg, name="train-" + dt.datetime.now().strftime("%Y%m%d-%H%M%S"))
     check_run_dir(cfg)
@@ -220,14 +245,24 @@ def run_training(
     check_resume(cfg, train.class_names)
     if check_classes is not None:
         check_classes(train.class_names)
-    print(format_counts(train, f"train {cfg.data}"))
-    print(format_counts(val, f"validation {cfg.val_data or f'({cfg.val_fraction:.0%} of --data)'}"))
+    if announce:
+        print(format_counts(train, f"train {cfg.data}"))
+        print(format_counts(val, f"validation {cfg.val_data or f'({cfg.val_fraction:.0%} of --data)'}"))
     print(recipe.line(), flush=True)
+    tracker = start_tracking(cfg, recipe)
+    if tracker is not None:
+        from distcls.tracking import metrics_callback
+
+        callbacks = [*callbacks, metrics_callback(tracker.tracking_uri, tracker.run_id)]
     init_ray(num_cpus=local_cpus(cfg))
     started = time.perf_counter()
     try:
-        result = build_trainer(cfg, train, val, {**(extra_meta or {}), "recipe": recipe.to_dict()}).fit()
-    except Exception as exc:
+        result = build_trainer(cfg, train, val, {**(extra_meta or {}), "recipe": recipe.to_dict()}, callbacks).fit()
+    except BaseException as exc:
+        if tracker is not None:
+            tracker.finish(None, "FAILED" if isinstance(exc, Exception) else "KILLED")
+        if not isinstance(exc, Exception):
+            raise
         raise DistclsError(f"train: run {run_uri_of(cfg)} failed: {root_cause(exc)}") from exc
     best_uri, best_metrics = pick_best([(checkpoint_uri(cfg, c), dict(m)) for c, m in result.best_checkpoints])
     history = [dict(m) for m in read_history(cfg, result)]
@@ -244,9 +279,24 @@ def run_training(
         "recipe": recipe.to_dict(),
         "seconds": seconds,
     }
-    storage.write_text(storage.join_uri(run_uri_of(cfg), "result.json"), json.dumps(out, indent=2))
-    storage.write_bytes(storage.join_uri(run_uri_of(cfg), "curves.png"), plot_curves(history))
+    result_json, curves = json.dumps(out, indent=2), plot_curves(history)
+    storage.write_text(storage.join_uri(run_uri_of(cfg), "result.json"), result_json)
+    storage.write_bytes(storage.join_uri(run_uri_of(cfg), "curves.png"), curves)
+    if tracker is not None:
+        tracker.log_artifact_bytes("result.json", result_json.encode())
+        tracker.log_artifact_bytes("curves.png", curves)
+        tracker.finish(best_uri)
     return out
+
+
+def start_tracking(cfg: TrainConfig, recipe: Recipe):
+    """With --tracking-uri: an MLflow run named after the run, its params the resolved config and recipe."""
+    if not cfg.tracking_uri:
+        return None
+    from distcls.tracking import Tracker
+
+    params = {**dataclasses.asdict(cfg), "recipe": {k: v for k, v in recipe.to_dict().items() if k != "reasons"}}
+    return Tracker.start(cfg.tracking_uri, cfg.experiment, cfg.name, params, tags={"run": run_uri_of(cfg)})
 
 
 def pick_best(checkpoints: list[tuple[str, dict]]) -> tuple[str, dict]:

@@ -21,10 +21,10 @@ from distcls.datasets import ErrorTally, LabeledIndex, build_dataset
 from distcls.device import DevicePolicy
 from distcls.metrics import summarize
 from distcls.models import create_model, freeze_backbone, get_model_info, head_parameter_names
-from distcls.train.loop import EpochStats, build_optimizer, evaluate, train_one_epoch, warmup_cosine
+from distcls.train.loop import EpochStats, Mixer, WeightEma, build_optimizer, evaluate, train_one_epoch, warmup_cosine
 from distcls.train.objectives import build_objective
 from distcls.train.resume import TRAIN_STATE, find_restorable, latest_registered
-from distcls.transforms import PreprocessSpec, augment_batch
+from distcls.transforms import PreprocessSpec, train_augment
 
 
 def train_batches(shard, batch_size: int, tally: ErrorTally, seed: int | None = None):
@@ -81,17 +81,24 @@ def sync_buffers(model: torch.nn.Module) -> None:
             torch.distributed.broadcast(buffer.data, src=0)
 
 
-def restore(model, optimizer, run_uri: str, latest: str | None = None, announce: bool = True) -> tuple[int, int, list]:
+def restore(
+    model, optimizer, run_uri: str, latest: str | None = None, announce: bool = True, ema: WeightEma | None = None
+) -> tuple[int, int, list]:
     """Load weights and optimizer state from the newest checkpoint of the run, `latest` (Ray Train's) or
     older, that verifies: a damaged or half-written one is passed over, never trained on. Returns (next
-    epoch, step, history)."""
+    epoch, step, history). With a weight average the checkpoint's weights are the average's and the live
+    weights come from the training state."""
     found = find_restorable(run_uri, latest)
     if found is None:
         raise DistclsError(
             f"train: Ray Train restored run {run_uri}, but it has no checkpoint folder; start a new run with another --name"
         )
-    model.net.load_state_dict(load_safetensors(found.weights), strict=True)
+    saved = load_safetensors(found.weights)
     state = torch.load(io.BytesIO(found.train_state), map_location="cpu", weights_only=True)
+    model.net.load_state_dict(state.get("live_weights", saved), strict=True)
+    if ema is not None:
+        ema.module.net.load_state_dict(saved if "live_weights" in state else model.net.state_dict(), strict=True)
+        ema.updates = int(state.get("ema_updates", 0))
     optimizer.load_state_dict(state["optimizer"])
     if announce:
         print(found.resuming_line(next_epoch=int(state["epoch"]) + 2), flush=True)
@@ -177,9 +184,15 @@ class Worker:
     shard: object
     val_index: LabeledIndex
     worker_nodes: list[str]
+    ema: WeightEma | None = None  # with --ema: the weight average, evaluated and saved
     start_epoch: int = 0
     step: int = 0
     history: list = field(default_factory=list)
+
+    @property
+    def evaluated(self) -> torch.nn.Module:
+        """The model validated and saved: the weight average with --ema, else the live weights."""
+        return self.ema.module if self.ema is not None else self.model
 
     @property
     def steps_per_epoch(self) -> int:
@@ -195,9 +208,11 @@ def train_func(config: dict) -> None:
         stats, train_tally = train_epoch(w, epoch)
         train_seconds = time.perf_counter() - started
         sync_buffers(w.model)
+        if w.ema is not None:
+            sync_buffers(w.ema.module)
         val_tally = ErrorTally()
         val = evaluate(
-            w.model,
+            w.evaluated,
             val_batches(w.val_index, w.spec, w.cfg.batch_size * 2, val_tally),
             len(w.class_names),
             w.device,
@@ -205,7 +220,7 @@ def train_func(config: dict) -> None:
         )
         metrics = epoch_metrics(w, epoch, stats, val, train_tally, val_tally, train_seconds, started)
         w.history.append(metrics)
-        report(metrics, w.model, w.optimizer, w.class_names, w.cfg, config, w.history, w.rank, train_tally, val_tally)
+        report(metrics, w, config, train_tally, val_tally)
 
 
 def setup_worker(config: dict) -> Worker:
@@ -227,9 +242,12 @@ def setup_worker(config: dict) -> Worker:
     head = head_parameter_names(get_model_info(cfg.model))
     optimizer = build_optimizer(model, cfg.optimizer, cfg.lr, cfg.weight_decay, cfg.momentum, head, backbone_scale)
     start_epoch, step, history = 0, 0, []
+    ema = WeightEma(model, cfg.ema) if cfg.ema else None
     if (latest := ray.train.get_checkpoint()) is not None:  # a restart after a failure, or --resume
-        start_epoch, step, history = restore(model, optimizer, config["run_uri"], latest.path, announce=rank == 0)
+        start_epoch, step, history = restore(model, optimizer, config["run_uri"], latest.path, announce=rank == 0, ema=ema)
     model = DevicePolicy.of(device).place(model)
+    if ema is not None:
+        ema.module = DevicePolicy.of(device).place(ema.module)
     ddp_model = ray.train.torch.prepare_model(model)
     worker_nodes = gather_node_ids(world)
     if rank == 0 and start_epoch == 0:
@@ -253,6 +271,7 @@ def setup_worker(config: dict) -> Worker:
         ray.train.get_dataset_shard("train"),
         val_index,
         worker_nodes,
+        ema,
         start_epoch,
         step,
         history,
@@ -266,7 +285,8 @@ def train_epoch(w: Worker, epoch: int) -> tuple[EpochStats, ErrorTally]:
     cfg = w.cfg
     rng = np.random.default_rng([cfg.seed, w.rank, epoch])
     torch.manual_seed(int(rng.integers(2**31)))
-    augment = (lambda images: augment_batch(images, w.spec, rng)) if cfg.augment else None
+    augment = train_augment(w.spec, cfg.random_crops, cfg.augment, rng)
+    mixer = Mixer(cfg.mixup, cfg.cutmix, rng) if cfg.mixup > 0 or cfg.cutmix > 0 else None
     w.ddp_model.train()
     if cfg.freeze == "backbone":
         w.model.net.eval()  # linear probe: the backbone's BatchNorm statistics stay as pretrained
@@ -283,6 +303,8 @@ def train_epoch(w: Worker, epoch: int) -> tuple[EpochStats, ErrorTally]:
         start_step=w.step,
         augment=augment,
         teacher=w.teacher,
+        mixer=mixer,
+        after_step=(lambda: w.ema.update(w.model)) if w.ema is not None else None,
         on_step=lambda s: maybe_inject_failure(
             w.config.get("fault"), w.config["run_uri"], s, w.rank, reported=epoch > w.start_epoch
         ),
@@ -344,15 +366,16 @@ def epoch_metrics(
     return metrics
 
 
-def report(metrics, model, optimizer, class_names, cfg, config, history, rank, train_tally, val_tally) -> None:
-    """ray.train.report on every rank (it is a barrier); rank 0 attaches the checkpoint."""
+def report(metrics: dict, w: Worker, config: dict, train_tally: ErrorTally, val_tally: ErrorTally) -> None:
+    """ray.train.report on every rank (it is a barrier); rank 0 attaches the checkpoint: the evaluated
+    weights (the average with --ema) and, in train_state.pt, the optimizer and the live weights."""
     import ray.train
 
-    if rank != 0:
+    if w.rank != 0:
         ray.train.report(metrics)
         return
     line = (
-        f"epoch {metrics['epoch']}/{cfg.epochs}  train_loss {metrics['train_loss']:.4f}  "
+        f"epoch {metrics['epoch']}/{w.cfg.epochs}  train_loss {metrics['train_loss']:.4f}  "
         f"val_loss {metrics['val_loss']:.4f}  val_acc {metrics['val_accuracy']:.4f}  "
         f"val_f1 {metrics['val_macro_f1']:.4f}  skipped {metrics['skipped_train']}+{metrics['skipped_val']}  "
         f"{metrics['train_images_per_s_per_worker']:.1f} img/s/worker  "
@@ -361,19 +384,21 @@ def report(metrics, model, optimizer, class_names, cfg, config, history, rank, t
     print(line, flush=True)
     for example in (train_tally.examples + val_tally.examples)[:3]:
         print(f"  skipped: {example}", flush=True)
-    state = io.BytesIO()
-    torch.save(
-        {"optimizer": optimizer.state_dict(), "epoch": metrics["epoch"] - 1, "step": metrics["step"], "history": history}, state
-    )
+    state = {"optimizer": w.optimizer.state_dict(), "epoch": metrics["epoch"] - 1, "step": metrics["step"], "history": w.history}
+    if w.ema is not None:
+        state["live_weights"] = {k: v.detach().cpu() for k, v in w.model.net.state_dict().items()}
+        state["ema_updates"] = w.ema.updates
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
     with tempfile.TemporaryDirectory() as d:  # train_state.pt's sha256 goes into distcls.json with the weights'
         write_local_checkpoint(
             d,
-            model,
-            class_names,
+            w.evaluated,
+            w.class_names,
             metrics=metrics,
             config=config["train"],
-            extra={"history": history, "run": config["run_uri"], **config.get("extra_meta", {})},
-            files={TRAIN_STATE: state.getvalue()},
+            extra={"history": w.history, "run": config["run_uri"], **config.get("extra_meta", {})},
+            files={TRAIN_STATE: buffer.getvalue()},
         )
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
     if storage.split_uri(config["run_uri"])[0] == "file":  # Ray copied it into local storage without fsync

@@ -171,6 +171,6 @@ def recipe_table(result: dict) -> list[str]:
             f"{name:<12} {r['train_images']:>6} {r['seeds']:>5} {r['default_accuracy']:>8.4f} "
             f"{r['plain_accuracy']:>8.4f} {r['ratio']:>6.3f} {r['points']:>+7.2f} "
             f"{r['data_wait_fraction']:>5.0%}  {r['recipe']['steps']} steps, "
-            f"{'crops ' + format(r['recipe']['crop_scale_min'], 'g') + '-1' if r['recipe']['augment'] else 'no crops'}"
+            f"{'crops ' + format(r['recipe']['crop_scale_min'], 'g') + '-1' if r['recipe']['random_crops'] else 'no crops'}"
         )
     return lines
