@@ -704,7 +704,20 @@ class BenchConfig:
     which: str = opt(
         "train",
         help="which benchmark",
-        choices=("train", "label", "serve", "autoscale", "transfer", "recipe", "scale", "trust", "all"),
+        choices=(
+            "train",
+            "label",
+            "serve",
+            "autoscale",
+            "transfer",
+            "recipe",
+            "scale",
+            "trust",
+            "imbalance",
+            "modern",
+            "tune",
+            "all",
+        ),
     )
     model: str = opt("efficientnet_lite0", help="architecture for the train benchmark")
     images_per_class: int = opt(20, help="Fashion-MNIST images per class for the train benchmark")
@@ -779,6 +792,17 @@ class BenchConfig:
         (),
         help="trust benchmark (not in `all`): parts to run, comma-separated, of calibration, ood, label_issues, "
         "dedup, dedup_scale (default: all)",
+    )
+    imbalance_epochs: int = opt(5, help="imbalance benchmark (not in `all`): epochs of every run (the same budget)")
+    modern_variants: tuple[str, ...] = opt(
+        ("default flags", "ema", "ema + flip", "ema + trivialaugment"),
+        help="modern benchmark (not in `all`): the recipes to compare, of: default flags, ema, ema + flip, ema + trivialaugment",
+    )
+    tune_per_class: int = opt(200, help="tune benchmark (not in `all`): Fashion-MNIST training images per class")
+    tune_trials: int = opt(8, help="tune benchmark: trials of the search")
+    tune_epochs: tuple[int, ...] = opt((3, 5), help="tune benchmark: epoch counts the search chooses from")
+    work_dir: str | None = opt(
+        None, help="imbalance, modern and tune benchmarks: folder for their data and runs (default: a temporary folder)"
     )
     out: str = opt("bench.json", help="where to write every figure (JSON)")
 

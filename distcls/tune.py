@@ -78,13 +78,17 @@ def base_train_config(cfg: TuneConfig, val_manifest: str) -> dict:
     }
 
 
-def run_trial(params: dict, base: dict, trials_uri: str) -> None:
+def run_trial(params: dict, base: dict, trials_uri: str, fault: str | None = None) -> None:
     """One Tune trial: a `distcls train` run of (base + params) in trials/<trial>, its epochs reported to
-    Tune. A restored trial (after --resume or a failure) continues its run from the latest checkpoint."""
+    Tune. A restored trial (after --resume or a failure) continues its run from the latest checkpoint.
+    `fault`: the test hook DISTCLS_TEST_FAULT of the search's process, for the trial's run."""
     import ray.tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from distcls.train.trainer import run_training
+    from distcls.train.trainer import FAULT_ENV, run_training
+
+    if fault:
+        os.environ[FAULT_ENV] = fault
 
     name = ray.tune.get_context().get_trial_id()
     run = storage.join_uri(trials_uri, name)
@@ -99,7 +103,7 @@ def run_tune(cfg: TuneConfig) -> dict:
     from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search import BasicVariantGenerator
 
-    from distcls.train.trainer import load_splits, storage_for_ray
+    from distcls.train.trainer import FAULT_ENV, load_splits, storage_for_ray
 
     cfg = with_absolute_paths(cfg)
     name = cfg.name or "tune-" + dt.datetime.now().strftime("%Y%m%d-%H%M%S")
@@ -112,8 +116,12 @@ def run_tune(cfg: TuneConfig) -> dict:
     base = base_train_config(cfg, val_manifest)
     TrainConfig(**base)  # the shared flags are checked here, once, not in every trial
     init_ray(num_cpus=local_cpus(cfg))
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # with verbose=0: no status tables (each trial prints its epochs)
     trainable = ray.tune.with_resources(
-        ray.tune.with_parameters(run_trial, base=base, trials_uri=storage.join_uri(run, "trials")), {"CPU": TRIAL_DRIVER_CPUS}
+        ray.tune.with_parameters(
+            run_trial, base=base, trials_uri=storage.join_uri(run, "trials"), fault=os.environ.get(FAULT_ENV)
+        ),
+        {"CPU": TRIAL_DRIVER_CPUS},
     )
     storage_path, fs = storage_for_ray(cfg.storage)
     if cfg.resume:
@@ -128,14 +136,14 @@ def run_tune(cfg: TuneConfig) -> dict:
                 metric=METRIC,
                 mode="max",
                 num_samples=cfg.trials,
-                max_concurrent_trials=cfg.max_concurrent,
                 scheduler=ASHAScheduler(
                     time_attr="training_iteration",
                     max_t=max(cfg.epochs),
                     grace_period=cfg.grace_period,
                     reduction_factor=cfg.reduction_factor,
                 ),
-                search_alg=BasicVariantGenerator(random_state=cfg.seed),
+                # seeded draws; it limits concurrency itself (Tune ignores max_concurrent_trials with it)
+                search_alg=BasicVariantGenerator(random_state=cfg.seed, max_concurrent=cfg.max_concurrent),
             ),
             run_config=ray.tune.RunConfig(name=name, storage_path=storage_path, storage_filesystem=fs, verbose=0),
         )
@@ -205,7 +213,9 @@ def trial_rows(grid, storage_root: str) -> tuple[list[dict], dict[str, list[floa
     for result in grid:
         params = {k: result.config.get(k) for k in SEARCHED}
         frame = result.metrics_dataframe
-        history = [] if frame is None or METRIC not in frame else frame.dropna(subset=[METRIC]).to_dict("records")
+        records = [] if frame is None or METRIC not in frame else frame.dropna(subset=[METRIC]).to_dict("records")
+        # by epoch: a trial resumed after --resume or a failure reports its later epochs in a new Tune session
+        history = list({int(r["epoch"]): r for r in records}.values())
         trial = (result.metrics or {}).get("trial_id") or os.path.basename(str(result.path)).split("_")[-1]
         curves[trial] = [float(h[METRIC]) for h in history]
         best = max(history, key=lambda h: h[METRIC]) if history else None
@@ -289,9 +299,8 @@ def soup_top_trials(cfg: TuneConfig, run: str, rows: list[dict], val_data: str) 
 
     top = [r["checkpoint"] for r in rows if r["checkpoint"]][: cfg.soup_top]
     out = storage.join_uri(run, "soup")
-    if storage.exists(storage.join_uri(out, "distcls.json")):
-        print(f"soup: {out} exists (from before --resume); remove it to make it anew", flush=True)
-        return None
+    if storage.exists(out):  # from before --resume: the soup of the trials as they are now replaces it
+        storage.remove(out, recursive=True)
     if len(top) < 2:
         print(f"soup: skipped ({len(top)} trial checkpoint(s); a soup needs 2)", flush=True)
         return None

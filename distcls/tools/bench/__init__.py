@@ -82,6 +82,24 @@ def table(results: dict) -> list[str]:
         ]
     if "trust" in results:
         rows += trust_rows(results["trust"])
+    if "imbalance" in results:
+        im = results["imbalance"]
+        rows.append(
+            (
+                f"imbalance: best ({im['best']}) minus uniform CE, macro F1 points",
+                im["best_minus_uniform_macro_f1_points"],
+                ">= 8",
+            )
+        )
+        for variant, r in im["runs"].items():
+            rows.append((f"imbalance: {variant}, worst-class recall", r["worst_class_recall"], None))
+    if "modern" in results:
+        m = results["modern"]
+        rows.append((f"modern: best ({m['best']}) minus default flags, test points", m["best_minus_default_points"], ">= 1.5"))
+    if "tune" in results:
+        t = results["tune"]
+        rows.append(("tune: best trial minus default flags, test points", t["best_minus_default_points"], ">= 2"))
+        rows.append(("tune: greedy soup minus best trial, test points", t["soup_minus_best_points"] or float("nan"), ">= 0"))
     lines = [f"{'measure':<66} {'value':>7}  target"]
     for name, value, target in rows:
         lines.append(f"{name:<66} {value:7.2f}  {target or ''}")
@@ -146,6 +164,11 @@ def run_bench(cfg: BenchConfig) -> dict:
                 init_ray(num_cpus=max(os.cpu_count() or 1, 4))
                 with tempfile.TemporaryDirectory(prefix="distcls-bench-trust-") as local:
                     results["trust"] = bench_trust(cfg, local)
+            elif cfg.which in ("imbalance", "modern", "tune"):
+                from distcls.tools.bench.modern import bench_modern_all
+
+                init_ray(num_cpus=max(os.cpu_count() or 1, 4))
+                results[cfg.which] = bench_modern_all(cfg)
             elif cfg.which == "scale":  # `distcls label` runs as its own process with its own Ray
                 from distcls.tools.bench.scale import bench_scale
 
