@@ -1,4 +1,5 @@
-"""Search hyperparameters on a Ray cluster: `ray job submit --working-dir . -- python jobs/tune.py --config jobs/configs/tune.yaml`.
+"""Search hyperparameters on a Ray cluster:
+`ray job submit --working-dir . -- python jobs/tune.py --config jobs/configs/tune.yaml`.
 
 Same options as `distcls tune` (flags override the YAML file): Ray Tune trials, each a whole `distcls train`
 run (Ray Train workers) with ASHA stopping the weak ones; prints the best trial and the search directory.
