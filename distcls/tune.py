@@ -138,14 +138,22 @@ def run_tune(cfg: TuneConfig) -> dict:
                 num_samples=cfg.trials,
                 scheduler=ASHAScheduler(
                     time_attr="training_iteration",
-                    max_t=max(cfg.epochs),
+                    # one past the longest run: a trial that reaches its last epoch ends on its own (calibration,
+                    # result.json) instead of being stopped by the scheduler at its final report
+                    max_t=max(cfg.epochs) + 1,
                     grace_period=cfg.grace_period,
                     reduction_factor=cfg.reduction_factor,
                 ),
                 # seeded draws; it limits concurrency itself (Tune ignores max_concurrent_trials with it)
                 search_alg=BasicVariantGenerator(random_state=cfg.seed, max_concurrent=cfg.max_concurrent),
             ),
-            run_config=ray.tune.RunConfig(name=name, storage_path=storage_path, storage_filesystem=fs, verbose=0),
+            run_config=ray.tune.RunConfig(
+                name=name,
+                storage_path=storage_path,
+                storage_filesystem=fs,
+                verbose=0,
+                callbacks=[release_callback()] if cfg.max_concurrent == 1 else [],
+            ),
         )
     grid = tuner.fit()
     rows, curves = trial_rows(grid, cfg.storage)
@@ -180,6 +188,40 @@ def with_absolute_paths(cfg: TuneConfig) -> TuneConfig:
         storage=storage.absolute_uri(cfg.storage),
         tracking_uri=tracking,
     )
+
+
+def release_callback():
+    """A Tune callback that frees the placement groups a stopped trial leaves behind.
+
+    ASHA stops a trial by ending its actor in the middle of its Ray Train run. Ray Train's own cleaner is
+    meant to remove the run's placement group (its workers' CPUs); on a loaded machine it was seen not to, and
+    the next trial then waited for those CPUs forever. With one trial at a time, any placement group of this
+    job that is not a trial's own is a leftover once a trial has ended, and is removed."""
+    import ray
+    from ray.tune import Callback
+
+    class ReleaseLeftovers(Callback):
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            release_leftover_groups()
+
+        def on_trial_error(self, iteration, trials, trial, **info):
+            release_leftover_groups()
+
+    def release_leftover_groups() -> None:
+        from ray.util.placement_group import PlacementGroup
+        from ray.util.state import list_placement_groups
+
+        job = ray.get_runtime_context().get_job_id()
+        try:
+            groups = list_placement_groups(filters=[("state", "=", "CREATED")], detail=True, raise_on_missing_output=False)
+        except Exception:  # the state API is an aid here, never a reason to fail the search
+            return
+        for group in groups:
+            trial_driver = [b.get("unit_resources") for b in group.bundles] == [{"CPU": TRIAL_DRIVER_CPUS}]
+            if group.creator_job_id == job and not trial_driver and not group.is_detached:
+                ray.util.remove_placement_group(PlacementGroup(ray.PlacementGroupID.from_hex(group.placement_group_id)))
+
+    return ReleaseLeftovers()
 
 
 def check_search_dir(cfg: TuneConfig, run: str) -> None:
