@@ -9,7 +9,8 @@ weak configuration costs one or two epochs instead of a whole run.
 Search directory `<storage>/<name>/`:
 
     trials/<trial>/       each trial's run directory (checkpoints, result.json, curves.png)
-    val.csv               the validation split every trial is scored on (a manifest; the soup's data)
+    train.csv, val.csv    without --val-data: one stratified split of --data, the same for every trial (manifests;
+                          the trials train on train.csv, are scored on val.csv, and so is the soup)
     results.parquet       one row per trial: its parameters, epochs run, status, best and last val accuracy,
     results.md            best checkpoint (Parquet and a markdown table)
     trials.png            validation accuracy per epoch, one line per trial
@@ -60,10 +61,11 @@ def search_space(cfg: TuneConfig) -> dict:
     }
 
 
-def base_train_config(cfg: TuneConfig, val_manifest: str) -> dict:
-    """The TrainConfig fields every trial shares (the searched ones come from the trial's config)."""
+def base_train_config(cfg: TuneConfig, train_manifest: str, val_manifest: str) -> dict:
+    """The TrainConfig fields every trial shares (the searched ones come from the trial's config). Without
+    --val-data the trials train on train.csv and are scored on val.csv, the two parts of one split of --data."""
     return {
-        "data": cfg.data,
+        "data": cfg.data if cfg.val_data else train_manifest,
         "val_data": cfg.val_data or val_manifest,
         "model": cfg.model,
         "weights": cfg.weights,
@@ -103,17 +105,14 @@ def run_tune(cfg: TuneConfig) -> dict:
     from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search import BasicVariantGenerator
 
-    from distcls.train.trainer import FAULT_ENV, load_splits, storage_for_ray
+    from distcls.train.trainer import FAULT_ENV, storage_for_ray
 
     cfg = with_absolute_paths(cfg)
     name = cfg.name or "tune-" + dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     run = storage.join_uri(cfg.storage, name)
-    val_manifest = storage.join_uri(run, "val.csv")
     check_search_dir(cfg, run)
-    if not cfg.val_data and not cfg.resume:  # one split for every trial, written down for the soup and for users
-        _, val = load_splits(TrainConfig(data=cfg.data, val_fraction=cfg.val_fraction, seed=cfg.seed))
-        storage.write_text(val_manifest, manifest_csv(val.paths, [val.class_names[i] for i in val.labels]))
-    base = base_train_config(cfg, val_manifest)
+    train_manifest, val_manifest = split_manifests(cfg, run)
+    base = base_train_config(cfg, train_manifest, val_manifest)
     TrainConfig(**base)  # the shared flags are checked here, once, not in every trial
     init_ray(num_cpus=local_cpus(cfg))
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # with verbose=0: no status tables (each trial prints its epochs)
@@ -236,6 +235,19 @@ def local_cpus(cfg: TuneConfig) -> int:
     """A local Ray instance's logical CPUs: each running trial's workers plus room for its decode tasks."""
     per_trial = int(np.ceil(cfg.num_workers * cfg.cpus_per_worker)) + 1
     return max(os.cpu_count() or 1, 4, cfg.max_concurrent * per_trial + 1)
+
+
+def split_manifests(cfg: TuneConfig, run: str) -> tuple[str, str]:
+    """<run>/train.csv and <run>/val.csv: without --val-data, one stratified split of --data (written once;
+    a resumed search reads them back), so that no trial trains on the images it is scored on."""
+    from distcls.train.trainer import load_splits
+
+    train_manifest, val_manifest = storage.join_uri(run, "train.csv"), storage.join_uri(run, "val.csv")
+    if not cfg.val_data and not cfg.resume:
+        train, val = load_splits(TrainConfig(data=cfg.data, val_fraction=cfg.val_fraction, seed=cfg.seed))
+        for uri, part in ((train_manifest, train), (val_manifest, val)):
+            storage.write_text(uri, manifest_csv(part.paths, [part.class_names[i] for i in part.labels]))
+    return train_manifest, val_manifest
 
 
 def manifest_csv(paths: list[str], labels: list[str]) -> str:

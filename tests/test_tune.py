@@ -91,3 +91,17 @@ def test_tune_config_refusals(tmp_path):
 
     with pytest.raises(DistclsError, match="nothing to resume"):
         run_tune(TuneConfig(data=str(tmp_path), storage=str(tmp_path / "runs"), name="none", resume=True))
+
+
+def test_without_val_data_trials_train_and_are_scored_on_two_disjoint_parts(tmp_path):
+    from distcls.datasets import load_labeled_index
+    from distcls.tune import base_train_config, split_manifests
+
+    fm = tiny_fashion_mnist(str(tmp_path / "data"))
+    cfg = TuneConfig(data=fm["train"], storage=str(tmp_path / "runs"), name="s")
+    train_csv, val_csv = split_manifests(cfg, str(tmp_path / "runs" / "s"))
+    base = base_train_config(cfg, train_csv, val_csv)
+    train, val = load_labeled_index(base["data"]), load_labeled_index(base["val_data"])
+    assert not set(train.paths) & set(val.paths)
+    assert sorted(train.paths + val.paths) == sorted(load_labeled_index(fm["train"]).paths)
+    assert train.class_names == val.class_names and len(val) == 10  # 10% of 80, stratified: one per class

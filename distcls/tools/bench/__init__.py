@@ -99,7 +99,8 @@ def table(results: dict) -> list[str]:
     if "tune" in results:
         t = results["tune"]
         rows.append(("tune: best trial minus default flags, test points", t["best_minus_default_points"], ">= 2"))
-        rows.append(("tune: greedy soup minus best trial, test points", t["soup_minus_best_points"] or float("nan"), ">= 0"))
+        soup = t["soup_minus_best_points"]
+        rows.append(("tune: greedy soup minus best trial, test points", float("nan") if soup is None else soup, ">= 0"))
     lines = [f"{'measure':<66} {'value':>7}  target"]
     for name, value, target in rows:
         lines.append(f"{name:<66} {value:7.2f}  {target or ''}")
