@@ -100,9 +100,16 @@ def test_callback_pickles_by_reference():
     assert type(again) is MetricsCallback and (again.tracking_uri, again.run_id) == ("file:///x", "abc")
 
 
-@pytest.mark.skip(reason="needs an environment without mlflow; the message is tracking.MISSING_MLFLOW")
-def test_missing_mlflow_message():
-    pass
+def test_missing_mlflow_is_one_clear_line(tmp_path, monkeypatch):
+    from distcls import DistclsError
+    from distcls.tracking import MISSING_MLFLOW
+
+    for name in [m for m in sys.modules if m == "mlflow" or m.startswith("mlflow.")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "mlflow", None)  # `import mlflow` now raises ImportError, as when not installed
+    with pytest.raises(DistclsError) as err:
+        Tracker.start(str(tmp_path / "mlruns"), "exp", "run", {})
+    assert str(err.value) == MISSING_MLFLOW
 
 
 def test_callback_in_ray_train_run(ray_local, tmp_path):
