@@ -168,20 +168,21 @@ class WeightEma:
         for p in self.module.parameters():
             p.requires_grad_(False)
         self.decay, self.updates = decay, updates
+        self._pairs: tuple[list, list, list] | None = None  # (average floats, live floats, (average, live) others)
 
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
+        if self._pairs is None:  # built once: optimizer steps and BatchNorm update the tensors in place
+            live = model.state_dict()
+            pairs = [(value, live[name].detach()) for name, value in self.module.state_dict().items()]
+            floats = [p for p in pairs if p[0].is_floating_point()]
+            self._pairs = ([e for e, _ in floats], [v for _, v in floats], [p for p in pairs if not p[0].is_floating_point()])
+        ema_floats, live_floats, others = self._pairs
         self.updates += 1
         d = min(self.decay, (1 + self.updates) / (10 + self.updates))
-        ema_float, live_float = [], []
-        live = model.state_dict()
-        for name, value in self.module.state_dict().items():
-            if value.is_floating_point():
-                ema_float.append(value)
-                live_float.append(live[name].detach())
-            else:
-                value.copy_(live[name])
-        torch._foreach_lerp_(ema_float, live_float, 1 - d)
+        torch._foreach_lerp_(ema_floats, live_floats, 1 - d)
+        for ema_value, live_value in others:
+            ema_value.copy_(live_value)
 
 
 def train_one_epoch(

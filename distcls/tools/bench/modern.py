@@ -110,15 +110,18 @@ def train_and_score(flags: dict, data: str, test: str, root: str, name: str, cfg
     return out
 
 
+def run_variants(variants: dict, data: str, root: str, prefix: str, cfg: BenchConfig, epochs: int) -> dict:
+    """One `train_and_score` per named flag set, on data/train, scored on data/test (the same budget each)."""
+    return {
+        variant: train_and_score(flags, f"{data}/train", f"{data}/test", root, f"{prefix}-{i}", cfg, epochs)
+        for i, (variant, flags) in enumerate(variants.items())
+    }
+
+
 def bench_imbalance(cfg: BenchConfig, root: str) -> dict:
     sizes = write_long_tail(f"{root}/longtail", head=1000, ratio=100, seed=0)
     print("long-tailed train sizes: " + ", ".join(f"{k} {v}" for k, v in sizes.items()), flush=True)
-    runs = {
-        variant: train_and_score(
-            flags, f"{root}/longtail/train", f"{root}/longtail/test", root, f"imbalance-{i}", cfg, cfg.imbalance_epochs
-        )
-        for i, (variant, flags) in enumerate(IMBALANCE_VARIANTS.items())
-    }
+    runs = run_variants(IMBALANCE_VARIANTS, f"{root}/longtail", root, "imbalance", cfg, cfg.imbalance_epochs)
     base = runs["uniform CE"]
     best = max(runs, key=lambda v: runs[v]["macro_f1"])
     out = {
@@ -138,13 +141,8 @@ def bench_imbalance(cfg: BenchConfig, root: str) -> dict:
 
 def bench_modern(cfg: BenchConfig, root: str) -> dict:
     write_fashion_mnist_subset(f"{root}/fm1000", 1000, None)
-    runs = {
-        variant: train_and_score(
-            flags, f"{root}/fm1000/train", f"{root}/fm1000/test", root, f"modern-{i}", cfg, cfg.recipe_epochs
-        )
-        for i, (variant, flags) in enumerate(MODERN_VARIANTS.items())
-        if variant in cfg.modern_variants
-    }
+    chosen = {v: f for v, f in MODERN_VARIANTS.items() if v in cfg.modern_variants or v == "default flags"}
+    runs = run_variants(chosen, f"{root}/fm1000", root, "modern", cfg, cfg.recipe_epochs)
     base = runs["default flags"]
     best = max(runs, key=lambda v: runs[v]["test_accuracy"])
     out = {
