@@ -30,6 +30,7 @@ _API = {  # public name -> (module, attribute)
     "run_export": ("distcls.export", "run_export"),
     "run_compare": ("distcls.compare", "run_compare"),
     "start_serving": ("distcls.serving", "start"),
+    "load_model": ("distcls.infer.api", "load_model"),
     "from_pretrained": ("distcls.checkpoint", "from_pretrained"),
     "read_checkpoint_meta": ("distcls.checkpoint", "read_meta"),
     "init_ray": ("distcls.runtime", "init_ray"),

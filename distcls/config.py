@@ -74,6 +74,21 @@ def check_unknown(problems: Problems, value: str) -> None:
     problems.check(ok, "unknown", value, "must be off, auto or a number (an energy score, e.g. -4.5)")
 
 
+NAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-")
+
+
+def check_run_name(problems: Problems, value: str | None) -> None:
+    """--name: one path segment of safe characters (letters, digits, . _ -), never `.` or `..`."""
+    ok = value is None or (bool(value) and set(value) <= NAME_CHARS and value not in (".", "..") and len(value) <= 200)
+    problems.check(ok, "name", value, "must be one path segment of letters, digits, '.', '_' or '-' (not '.' or '..')")
+
+
+MAX_OBJECT_MB_HELP = (
+    "largest image object read, in MB (bigger ones get a too_large error row; on S3 judged from the object's size "
+    "before the GET); only regular files are read (no FIFOs, devices or sockets)"
+)
+
+
 def check_choice(problems: Problems, cfg: Any, name: str) -> None:
     choices = {f.name: f.metadata.get("choices") for f in dataclasses.fields(cfg)}[name]
     value = getattr(cfg, name)
@@ -348,6 +363,7 @@ class TrainConfig:
         choices=SAMPLERS,
     )
     seed: int = opt(0, help="random seed (split, init, shuffling)")
+    max_object_mb: float = opt(256.0, help=MAX_OBJECT_MB_HELP)
     ordered_ingest: bool = opt(
         True,
         help="training batches in a fixed order, so that a run restored from a "
@@ -424,9 +440,8 @@ class TrainConfig:
             self.freeze,
             "a linear probe needs pretrained --weights, not none",
         )
-        p.check(
-            self.name is None or (self.name and "/" not in self.name), "name", self.name, "must be a non-empty name without '/'"
-        )
+        check_run_name(p, self.name)
+        p.check(self.max_object_mb > 0, "max_object_mb", self.max_object_mb, "must be positive")
         p.check(not (self.resume and self.name is None), "resume", self.resume, "needs --name of the run to resume")
         p.raise_if_any("train")
         if self.lr is None:
@@ -537,6 +552,11 @@ class TuneConfig:
     resume: bool = opt(False, help="continue the search <storage>/<name> (finished trials are kept, the rest resume)")
     tracking_uri: str | None = opt(None, help="log every trial to MLflow (a local folder or a server URI)")
     experiment: str = opt("distcls-tune", help="MLflow experiment name (with --tracking-uri)")
+    trust_tune_state: bool = opt(
+        False,
+        help="with --resume: the search folder is trusted (Ray Tune's tuner.pkl and trial state are pickles that "
+        "run code when loaded; only you must be able to write <storage>/<name>)",
+    )
 
     def __post_init__(self) -> None:
         from distcls.models import REGISTRY
@@ -573,10 +593,15 @@ class TuneConfig:
         p.check(1 <= self.grace_period <= top, "grace_period", self.grace_period, "must be in [1, max epochs]")
         p.check(self.reduction_factor >= 2, "reduction_factor", self.reduction_factor, "must be at least 2")
         p.check(self.soup_top >= 2, "soup_top", self.soup_top, "a soup needs at least 2 ingredients")
-        p.check(
-            self.name is None or (self.name and "/" not in self.name), "name", self.name, "must be a non-empty name without '/'"
-        )
+        check_run_name(p, self.name)
         p.check(not (self.resume and self.name is None), "resume", self.resume, "needs --name of the search to resume")
+        p.check(
+            not (self.resume and not self.trust_tune_state),
+            "resume",
+            self.resume,
+            "unpickles Ray Tune's search state (<storage>/<name>/tuner.pkl, which runs code as you): give "
+            "--trust-tune-state if only you can write that folder",
+        )
         p.raise_if_any("tune")
 
 
@@ -676,6 +701,7 @@ class EvaluateConfig:
     concurrency: int = opt(1, help="model replicas (Ray actors) evaluating in parallel")
     num_gpus: float = opt(0, help="GPUs per replica")
     runtime: str = opt("auto", help=RUNTIME_HELP, choices=RUNTIMES)
+    max_object_mb: float = opt(256.0, help=MAX_OBJECT_MB_HELP)
 
     def __post_init__(self) -> None:
         p = Problems()
@@ -684,6 +710,7 @@ class EvaluateConfig:
         p.check(self.batch_size >= 1, "batch_size", self.batch_size, "must be at least 1")
         p.check(self.concurrency >= 1, "concurrency", self.concurrency, "must be at least 1")
         p.check(self.num_gpus >= 0, "num_gpus", self.num_gpus, "must be >= 0")
+        p.check(self.max_object_mb > 0, "max_object_mb", self.max_object_mb, "must be positive")
         p.raise_if_any("evaluate")
 
 
@@ -889,6 +916,12 @@ class LabelConfig:
         "default); split: decode in Ray Data tasks, predict in actors (the GPU default)",
         choices=("auto", "fused", "split"),
     )
+    max_object_mb: float = opt(256.0, help=MAX_OBJECT_MB_HELP)
+    allow_any_path: bool = opt(
+        False,
+        help="read manifest or plan paths anywhere the credentials reach (by default every path must stay under "
+        "--input, or under one prefix of the manifest's)",
+    )
 
     def __post_init__(self) -> None:
         p = Problems()
@@ -911,6 +944,7 @@ class LabelConfig:
         p.check(self.part_rows >= 1, "part_rows", self.part_rows, "must be at least 1")
         p.check(self.part_mb > 0, "part_mb", self.part_mb, "must be positive")
         p.check(self.cpus_per_replica > 0, "cpus_per_replica", self.cpus_per_replica, "must be positive")
+        p.check(self.max_object_mb > 0, "max_object_mb", self.max_object_mb, "must be positive")
         check_unknown(p, self.unknown)
         p.check(
             not (self.embeddings and self.runtime == "onnx"),
@@ -970,6 +1004,11 @@ class ServeConfig:
         False,
         help="serve without a token on a --host other than loopback (warned on stderr); "
         "without this flag such a host needs DISTCLS_API_TOKEN",
+    )
+    allowed_hosts: tuple[str, ...] = opt(
+        (),
+        help="Host header names accepted besides the bind address and localhost (comma-separated); checked on a "
+        "loopback bind without a token (against DNS rebinding), and always when given",
     )
 
     def __post_init__(self) -> None:
@@ -1036,6 +1075,12 @@ class CalibrateConfig:
         check_choice(p, self, "runtime")
         check_required(p, self, "checkpoint", "data", "out")
         p.check(0.5 <= self.keep < 1, "keep", self.keep, "must be in [0.5, 1)")
+        p.check(
+            not self.out or self.out.rstrip("/") != self.checkpoint.rstrip("/"),
+            "out",
+            self.out,
+            "must be a new directory, not --checkpoint (the original keeps its record, so its run can still resume)",
+        )
         p.check(self.batch_size >= 1, "batch_size", self.batch_size, "must be at least 1")
         p.check(self.concurrency >= 1, "concurrency", self.concurrency, "must be at least 1")
         p.check(self.num_gpus >= 0, "num_gpus", self.num_gpus, "must be >= 0")
@@ -1055,12 +1100,19 @@ class ReviewConfig:
     )
     n: int = opt(100, help="rows to review (per class with --per-class)")
     per_class: bool = opt(False, help="the N most doubtful rows of each predicted label")
+    root: str | None = opt(
+        None,
+        help="read thumbnails only under this prefix (default: the source the labels' _plan.json names); rows "
+        "outside it show 'not read'",
+    )
+    max_object_mb: float = opt(256.0, help=MAX_OBJECT_MB_HELP)
 
     def __post_init__(self) -> None:
         p = Problems()
         check_choice(p, self, "by")
         check_required(p, self, "labels", "out")
         p.check(self.n >= 1, "n", self.n, "must be at least 1")
+        p.check(self.max_object_mb > 0, "max_object_mb", self.max_object_mb, "must be positive")
         p.raise_if_any("review")
 
 

@@ -177,18 +177,23 @@ def format_counts(index: LabeledIndex, title: str = "") -> str:
 # --- Ray Data --------------------------------------------------------------------------------------------
 
 
-def decode_sample(paths: list[str], spec: PreprocessSpec, n: int = 16) -> np.ndarray | None:
+def decode_sample(paths: list[str], spec: PreprocessSpec, n: int = 16, max_bytes: int | None = None) -> np.ndarray | None:
     """Up to `n` decoded images spread evenly over `paths` (e.g. the real inputs of a compile check), or None."""
     if not len(paths):
         return None
     picks = np.linspace(0, len(paths) - 1, num=min(n, len(paths))).astype(int)
-    batch = load_images({"path": np.asarray([paths[i] for i in picks], dtype=object)}, spec)
+    batch = load_images({"path": np.asarray([paths[i] for i in picks], dtype=object)}, spec, max_bytes=max_bytes)
     ok = np.array([not e for e in batch["error"]], dtype=bool)
     return batch["image"][ok] if ok.any() else None
 
 
-def load_images(batch: dict[str, np.ndarray], spec: PreprocessSpec, train: bool = False) -> dict[str, np.ndarray]:
-    """Ray Data map_batches function: read + decode + preprocess each path; never raises for a bad object."""
+def load_images(
+    batch: dict[str, np.ndarray], spec: PreprocessSpec, train: bool = False, max_bytes: int | None = None
+) -> dict[str, np.ndarray]:
+    """Ray Data map_batches function: read + decode + preprocess each path; never raises for a bad object.
+
+    Reads go through storage.read_object: a non-regular file is a `not_a_file` row, an object over
+    `max_bytes` (None: storage.DEFAULT_MAX_OBJECT_BYTES) a `too_large` row."""
     paths = batch["path"]
     preset = batch.get("error")  # rows that arrive with an error (e.g. a file name that is not UTF-8) stay so
 
@@ -197,7 +202,9 @@ def load_images(batch: dict[str, np.ndarray], spec: PreprocessSpec, train: bool 
         if preset is not None and preset[i]:
             return None, str(preset[i])
         try:
-            data = storage.read_bytes(path)
+            data = storage.read_object(path, max_bytes)
+        except storage.ObjectReadError as exc:
+            return None, exc.row
         except DistclsError as exc:
             return None, f"read_error: {exc}"
         except MemoryError:
@@ -222,7 +229,13 @@ def load_images(batch: dict[str, np.ndarray], spec: PreprocessSpec, train: bool 
     return out
 
 
-def build_dataset(index: LabeledIndex, spec: PreprocessSpec, train: bool = False, shuffle_seed: int | None = None):
+def build_dataset(
+    index: LabeledIndex,
+    spec: PreprocessSpec,
+    train: bool = False,
+    shuffle_seed: int | None = None,
+    max_bytes: int | None = None,
+):
     """A lazy Ray Dataset over `index`: one row per object, images preprocessed in Ray Data tasks.
 
     With `shuffle_seed`, file order is shuffled once on the driver (cheap: paths only) before streaming.
@@ -230,7 +243,8 @@ def build_dataset(index: LabeledIndex, spec: PreprocessSpec, train: bool = False
     order = np.arange(len(index))
     if shuffle_seed is not None:
         order = np.random.default_rng(shuffle_seed).permutation(len(index))
-    return build_image_dataset([{"path": index.paths[i], "label": index.labels[i]} for i in order], spec, train)
+    items = [{"path": index.paths[i], "label": index.labels[i]} for i in order]
+    return build_image_dataset(items, spec, train, max_bytes=max_bytes)
 
 
 def build_path_dataset(items: list[dict]):
@@ -240,11 +254,11 @@ def build_path_dataset(items: list[dict]):
     return ray.data.from_items(items, override_num_blocks=max(1, -(-len(items) // ROWS_PER_BLOCK)))
 
 
-def build_image_dataset(items: list[dict], spec: PreprocessSpec, train: bool = False):
+def build_image_dataset(items: list[dict], spec: PreprocessSpec, train: bool = False, max_bytes: int | None = None):
     """Rows {"path"[, "label"]} -> a lazy Ray Dataset of preprocessed images (read + decode in tasks)."""
     return build_path_dataset(items).map_batches(
         load_images,
-        fn_kwargs={"spec": spec, "train": train},
+        fn_kwargs={"spec": spec, "train": train, "max_bytes": max_bytes},
         batch_size=ROWS_PER_BLOCK,
         batch_format="numpy",
         num_cpus=DECODE_CPUS,

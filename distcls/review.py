@@ -9,6 +9,11 @@ Output in --out: review.parquet (the chosen rows, ranked, with `rank`), contact_
 label and score, in rank order; the first SHEET_MAX rows) and index.html (every chosen row; thumbnails
 inlined, so the page opens from disk with no access to the bucket). Images are read and decoded with the
 same limits as labeling; one that cannot be read gets a grey tile saying so.
+
+Only objects under `--root` are read (default: the input that the labels' own _plan.json names): a labels
+file can name any path, and the page would carry its thumbnail. A row outside the root, or one that is not a
+regular file or is over --max-object-mb, gets a "not read" tile; outside the root its text is the same
+whether the object exists or not.
 """
 
 from __future__ import annotations
@@ -16,7 +21,10 @@ from __future__ import annotations
 import base64
 import html
 import io
-from concurrent.futures import ThreadPoolExecutor
+import json
+import queue
+import threading
+from collections.abc import Callable
 
 import numpy as np
 
@@ -31,6 +39,7 @@ ORDER = {  # --by -> (column, ascending)
     "score": ("score", True),
 }
 THUMB = 112  # px, the longer side
+NOT_READ = "not read"  # a tile's first line for an object that was refused (outside --root, not a file, too large)
 SHEET_COLUMNS = 10
 SHEET_MAX = 200
 
@@ -61,21 +70,68 @@ def ranked_rows(table, by: str, n: int, per_class: bool):
     return good.take(keep).sort_by(order)
 
 
-def thumbnail(path: str) -> tuple[np.ndarray | None, str]:
-    """(RGB thumbnail, "") or (None, why) for one image URI."""
+def default_root(labels: str) -> str | None:
+    """The input that the labels folder's _plan.json names (what `distcls label` listed), or None."""
+    from distcls.label.plan import PLAN_DIR, PLAN_META
+
+    uri = storage.join_uri(labels, PLAN_DIR, PLAN_META)
     try:
-        img = decode_image(storage.read_bytes(path), draft_size=(THUMB * 2, THUMB * 2))
+        source = json.loads(storage.read_object(uri, 1 << 20)).get("source") or {}  # bounded, never blocks
+    except (DistclsError, ValueError, AttributeError):
+        return None
+    root = source.get("input")
+    return root if isinstance(root, str) and root else None
+
+
+def thumbnail(path: str, root: str | None = None, max_bytes: int | None = None) -> tuple[np.ndarray | None, str]:
+    """(RGB thumbnail, "") or (None, the tile's text) for one image URI (read only under `root` when given)."""
+    try:
+        img = decode_image(storage.read_object(path, max_bytes, root=root), draft_size=(THUMB * 2, THUMB * 2))
     except ImageDecodeError as exc:
-        return None, f"{exc.kind}"
+        return None, f"unreadable\n{exc.kind}"
+    except storage.ObjectReadError as exc:
+        return None, f"{NOT_READ}\n{exc.kind.replace('_', ' ')}"
     except DistclsError as exc:
-        return None, str(exc).split(";")[0][:60]
+        return None, "unreadable\n" + str(exc).split(";")[0][:60]
     img.thumbnail((THUMB, THUMB))
     return np.asarray(img.convert("RGB")), ""
 
 
-def thumbnails(paths: list[str], workers: int = 16) -> list[tuple[np.ndarray | None, str]]:
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        return list(pool.map(thumbnail, paths))
+def thumbnails(
+    paths: list[str], root: str | None = None, max_bytes: int | None = None, workers: int = 16
+) -> list[tuple[np.ndarray | None, str]]:
+    """thumbnail() of each path, read by `workers` threads (with `root`: only under it)."""
+    return map_interruptible(lambda p: thumbnail(p, root, max_bytes), paths, workers)
+
+
+def map_interruptible(fn: Callable, items: list, workers: int) -> list:
+    """[fn(x) for x in items] on daemon threads: Ctrl-C or SIGTERM stops the caller at once, even while a
+    read hangs (a ThreadPoolExecutor would wait for it on the way out, and again at exit)."""
+    todo: queue.SimpleQueue = queue.SimpleQueue()
+    for i in range(len(items)):
+        todo.put(i)
+    results: list = [None] * len(items)
+    failed: list[BaseException] = []
+
+    def work() -> None:
+        while not failed:
+            try:
+                i = todo.get_nowait()
+            except queue.Empty:
+                return
+            try:
+                results[i] = fn(items[i])
+            except BaseException as exc:  # handed to the caller
+                failed.append(exc)
+
+    threads = [threading.Thread(target=work, daemon=True) for _ in range(max(1, min(workers, len(items))))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if failed:
+        raise failed[0]
+    return results
 
 
 def tile(thumb: np.ndarray | None, why: str):
@@ -84,7 +140,7 @@ def tile(thumb: np.ndarray | None, why: str):
     if thumb is not None:
         return Image.fromarray(thumb)
     img = Image.new("RGB", (THUMB, THUMB), (200, 200, 200))
-    ImageDraw.Draw(img).text((6, THUMB // 2 - 6), f"unreadable\n{why}"[:40], fill=(60, 60, 60))
+    ImageDraw.Draw(img).text((6, THUMB // 2 - 6), why[:40], fill=(60, 60, 60))
     return img
 
 
@@ -152,11 +208,16 @@ def run_review(cfg: ReviewConfig) -> dict:
     chosen = ranked_rows(table, cfg.by, cfg.n, cfg.per_class)
     chosen = chosen.append_column("rank", pa.array(np.arange(1, chosen.num_rows + 1, dtype=np.int32)))
     rows = chosen.to_pylist()
-    thumbs = thumbnails([r["path"] for r in rows])
+    root = cfg.root if cfg.root is not None else default_root(cfg.labels)
+    if root is None:  # nothing to judge paths by: no thumbnail is read
+        thumbs = [(None, f"{NOT_READ}\nno --root") for _ in rows]
+    else:
+        thumbs = thumbnails([r["path"] for r in rows], root, storage.max_object_bytes(cfg.max_object_mb))
     buf = io.BytesIO()
     pq.write_table(chosen, buf)
     storage.write_bytes(storage.join_uri(cfg.out, "review.parquet"), buf.getvalue())
     storage.write_bytes(storage.join_uri(cfg.out, "contact_sheet.png"), contact_sheet(rows, thumbs, ORDER[cfg.by][0]))
     storage.write_text(storage.join_uri(cfg.out, "index.html"), page(rows, thumbs, cfg))
     unreadable = sum(1 for thumb, _ in thumbs if thumb is None)
-    return {"rows": len(rows), "of": table.num_rows, "unreadable": unreadable, "out": cfg.out}
+    not_read = sum(1 for thumb, why in thumbs if thumb is None and why.startswith(NOT_READ))
+    return {"rows": len(rows), "of": table.num_rows, "unreadable": unreadable, "not_read": not_read, "root": root, "out": cfg.out}
