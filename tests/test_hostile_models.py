@@ -1,6 +1,7 @@
-"""Model directories written by someone else (issue 16, items 1-3). Whoever can write the model bucket also
-writes the sha256 in distcls.json, so every export here carries a correct hash: the refusals must come from
-what the file would do when loaded (run code, read other files), not from the integrity check.
+"""Model directories written by someone else (issue 16, items 1-3; issue 28: every place ONNX has for a
+tensor, and the compile cache). Whoever can write the model bucket also writes the sha256 in distcls.json, so
+every export here carries a correct hash: the refusals must come from what the file would do when loaded
+(run code, read other files), not from the integrity check.
 
 Each attack is first shown to work when the file reaches torch or onnxruntime directly (a canary file is
 overwritten, or its bytes become the model's weights), then shown refused by the loader, in one line."""
@@ -10,6 +11,7 @@ import io
 import json
 import os
 import pathlib
+import re
 import subprocess
 import sys
 
@@ -20,9 +22,10 @@ import yaml
 from PIL import Image
 
 from distcls import DistclsError
+from distcls.checkpoint import read_meta
 from distcls.cli import main
-from distcls.infer import load_model, model_file_uri, verify_model
-from distcls.infer.modelfile import TRUST_ENV, TRUSTED_MODELS_ENV
+from distcls.infer import load_model, model_file_uri, onnxrt, verify_model
+from distcls.infer.modelfile import TRUST_ENV, TRUSTED_MODELS_ENV, model_tensors
 from distcls.runtime import forwarded_env
 from distcls.transforms import PreprocessSpec
 
@@ -333,12 +336,30 @@ def function_body(location: str) -> bytes:
     return classifier([helper.make_node("Weights", [], ["w"], domain="x")], [], functions=[weights])
 
 
+def function_default(location: str) -> bytes:
+    """The weight is a Constant in a function whose value is the function's attribute `weights`; the caller
+    leaves it unset, so the default in FunctionProto.attribute_proto (the external tensor) is used."""
+    constant = helper.make_node("Constant", [], ["w"])
+    constant.attribute.append(helper.make_attribute_ref("value", onnx.AttributeProto.TENSOR, ref_attr_name="weights"))
+    weights = helper.make_function(
+        "x",
+        "Weights",
+        [],
+        ["w"],
+        [constant],
+        [helper.make_opsetid("", 17)],
+        attribute_protos=[helper.make_attribute("weights", external("default", location))],
+    )
+    return classifier([helper.make_node("Weights", [], ["w"], domain="x")], [], functions=[weights])
+
+
 PLACES = {
     "initializer": lambda loc: classifier([], [external("w", loc)]),
     "constant-node": lambda loc: classifier([helper.make_node("Constant", [], ["w"], value=external("w", loc))], []),
     "if-subgraph": if_subgraph,
     "sparse-initializer": sparse_initializer,
     "function": function_body,
+    "function-default-attribute": function_default,
 }
 
 
@@ -363,7 +384,7 @@ def stolen_location(request, tmp_path, monkeypatch) -> str:
 
 def test_onnxruntime_reads_external_data_outside_the_model(stolen_location):
     """The attack itself, without distcls: the canary's bytes become the weights."""
-    for make in (PLACES["initializer"], PLACES["constant-node"]):
+    for make in (PLACES["initializer"], PLACES["constant-node"], PLACES["function-default-attribute"]):
         session = ort.InferenceSession(make(stolen_location), providers=["CPUExecutionProvider"])
         logits = session.run(None, {"image": np.ones((1, 3, SIZE, SIZE), np.uint8)})[0]
         assert logits.tolist() == STOLEN_LOGITS
@@ -381,6 +402,119 @@ def test_onnx_external_data_is_refused_anywhere_in_the_model(stolen_location, tm
     assert main(["evaluate", "--checkpoint", directory, "--data", str(tmp_path), "--out", str(tmp_path / "r")]) == 2
     (line,) = capsys.readouterr().err.splitlines()
     assert line.startswith("distcls: error: export: ") and "external file" in line
+
+
+def test_a_function_default_attribute_cannot_leak_a_file(tmp_path, monkeypatch, capsys):
+    """Issue 28: a FunctionProto's default attribute value was the one place the old, listed walk missed;
+    onnxruntime then read ./leak.txt from the worker's working directory and returned its bytes as scores."""
+    weights = np.concatenate([np.full(WEIGHT_COUNT // 2, 1.0), np.full(WEIGHT_COUNT // 2, 2.0)])
+    weights.astype(np.float32).tofile(tmp_path / "leak.txt")
+    monkeypatch.chdir(tmp_path)
+    data = function_default("leak.txt")
+    model = onnx.load_model_from_string(data)
+    assert not model.graph.initializer and model.functions[0].attribute_proto[0].t.data_location == TensorProto.EXTERNAL
+    session = ort.InferenceSession(data, providers=["CPUExecutionProvider"])  # the attack, without distcls
+    assert session.run(None, {"image": np.ones((1, 3, SIZE, SIZE), np.uint8)})[0].tolist() == STOLEN_LOGITS
+
+    directory = write_export(tmp_path / "onnx-export", "onnx", data)
+    for load in (verify_model, load_model):
+        with pytest.raises(DistclsError) as exc_info:
+            load(directory)
+        assert "keeps tensor 'default' (functions[0].attribute_proto[0].t) in the external file 'leak.txt'; " in (
+            one_line_error(exc_info)
+        )
+    assert main(["label", "--checkpoint", directory, "--input", str(tmp_path), "--output", str(tmp_path / "out")]) == 2
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line.startswith("distcls: error: export: ") and "'leak.txt'" in line
+
+
+def tensor_field_paths() -> list[tuple[str, ...]]:
+    """Every chain of message fields from ModelProto to a field of type TensorProto, through each message
+    type at most once, read from the installed onnx's protobuf descriptors: a field a new ONNX adds (a new
+    place for a tensor, a new message that holds one) is in this list without anyone writing it here."""
+    from google.protobuf.descriptor import FieldDescriptor
+
+    paths = []
+
+    def walk(descriptor, path: tuple[str, ...], seen: frozenset) -> None:
+        for field in descriptor.fields:
+            if field.type not in (FieldDescriptor.TYPE_MESSAGE, FieldDescriptor.TYPE_GROUP):
+                continue
+            kind = field.message_type.full_name
+            if kind == "onnx.TensorProto":
+                paths.append((*path, field.name))
+            elif kind not in seen:
+                walk(field.message_type, (*path, field.name), seen | {kind})
+
+    walk(onnx.ModelProto.DESCRIPTOR, (), frozenset({"onnx.ModelProto"}))
+    return paths
+
+
+TENSOR_FIELD_PATHS = tensor_field_paths()
+
+
+def model_with_tensor_at(path: tuple[str, ...], tensor: TensorProto) -> tuple[bytes, str]:
+    """(a ModelProto holding `tensor` at `path`, the place the checker should name), one element per
+    repeated field. Not a runnable model: the checker parses, it does not run."""
+    from google.protobuf.message import Message
+
+    model = onnx.ModelProto(ir_version=10)
+    message, place = model, []
+    for name in path:
+        value = getattr(message, name)
+        single = isinstance(value, Message)
+        message = value if single else value.add()
+        place.append(name if single else f"{name}[0]")
+    message.CopyFrom(tensor)
+    return model.SerializeToString(), ".".join(place)
+
+
+def test_the_descriptor_walk_finds_every_known_place():
+    """The list below is built from the descriptors; here, that it is not empty or shallow by mistake."""
+    names = {".".join(p) for p in TENSOR_FIELD_PATHS}
+    for known in (
+        "graph.initializer",
+        "graph.sparse_initializer.values",
+        "graph.sparse_initializer.indices",
+        "graph.node.attribute.t",
+        "graph.node.attribute.tensors",
+        "graph.node.attribute.sparse_tensors.values",
+        "functions.node.attribute.g.initializer",
+        "functions.attribute_proto.t",
+        "functions.attribute_proto.graphs.sparse_initializer.indices",
+        "training_info.algorithm.node.attribute.sparse_tensor.values",
+        "training_info.initialization.initializer",
+    ):
+        assert known in names
+    assert len(names) == len(TENSOR_FIELD_PATHS) >= 40
+
+
+@pytest.mark.parametrize("path", TENSOR_FIELD_PATHS, ids=".".join)
+def test_an_external_tensor_is_refused_at_every_place_onnx_has_for_one(tmp_path, path):
+    """Every place, by the descriptors: the refusal comes from a generic walk of the model, not a list."""
+    data, place = model_with_tensor_at(path, external("hidden", "leak.txt"))
+    assert list(model_tensors(onnx.load_model_from_string(data))) == [(place, external("hidden", "leak.txt"))]
+    directory = write_export(tmp_path / "onnx-export", "onnx", data)
+    with pytest.raises(DistclsError) as exc_info:
+        verify_model(directory)
+    assert f"keeps tensor 'hidden' ({place}) in the external file 'leak.txt'; refusing" in one_line_error(exc_info)
+    marked_only = TensorProto(name="hidden", data_type=TensorProto.FLOAT, dims=[1], data_location=TensorProto.EXTERNAL)
+    with pytest.raises(DistclsError, match=f"keeps tensor 'hidden' \\({re.escape(place)}\\) in the external file ''"):
+        verify_model(write_export(tmp_path / "marked", "onnx", model_with_tensor_at(path, marked_only)[0]))
+
+
+def test_a_field_this_onnx_does_not_know_is_refused(tmp_path):
+    """A newer ONNX's field arrives as an unknown protobuf field, which no walk can look into: refused."""
+    hidden = external("hidden", "leak.txt").SerializeToString()
+    graph = onnx.GraphProto(name="g").SerializeToString() + bytes([0xBA, 0x3E, len(hidden)]) + hidden  # field 999
+    model = onnx.ModelProto(ir_version=10)
+    model.graph.ParseFromString(graph)
+    directory = write_export(tmp_path / "onnx-export", "onnx", model.SerializeToString())
+    with pytest.raises(DistclsError) as exc_info:
+        verify_model(directory)
+    message = one_line_error(exc_info)
+    assert f"model.onnx has a field unknown to onnx {onnx.__version__} (number 999 in graph)" in message
+    assert "upgrade onnx, or export the checkpoint again" in message
 
 
 def test_self_contained_onnx_still_loads(tmp_path):
@@ -448,3 +582,96 @@ def test_export_format_must_be_known(tmp_path):
     meta_file.write_text(json.dumps(meta))
     with pytest.raises(DistclsError, match="unknown export format 'pickle' in distcls.json; expected onnx or torch"):
         load_model(directory)
+
+
+# --- 4. The ONNX compile cache decides which model runs ---------------------------------------------------
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch) -> pathlib.Path:
+    """A compile cache of the test's own (not yet made), and a checkpoint whose cache entry it would hold."""
+    from distcls.checkpoint import from_pretrained
+
+    path = tmp_path / "cache"
+    monkeypatch.setenv(onnxrt.CACHE_ENV, str(path))
+    from_pretrained(out=str(tmp_path / "ckpt"), model="mobilenet_v3_small", weights="none", image_size=SIZE)
+    return path
+
+
+def plant_cache_entry(ckpt: str, data: bytes) -> pathlib.Path:
+    """What someone who can write the cache does: the model, and a compiled.json whose sha256 matches."""
+    key = onnxrt.cache_key(read_meta(ckpt))
+    record = {"onnx_sha256": hashlib.sha256(data).hexdigest(), "compile_seconds": 0.0}
+    assert onnxrt.write_cached(key, data, record) is None
+    return pathlib.Path(onnxrt.cache_root(), "onnx", key)
+
+
+def test_a_cached_model_with_external_data_is_refused_before_onnxruntime(cache, tmp_path, monkeypatch):
+    ckpt = str(tmp_path / "ckpt")
+    stolen = np.concatenate([np.full(WEIGHT_COUNT // 2, 1.0), np.full(WEIGHT_COUNT // 2, 2.0)])
+    stolen.astype(np.float32).tofile(tmp_path / "leak.txt")
+    monkeypatch.chdir(tmp_path)
+    entry = plant_cache_entry(ckpt, function_default("leak.txt"))
+    for attempt in (lambda: onnxrt.read_cached(entry.name), lambda: load_model(ckpt, "onnx", "cpu")):
+        with pytest.raises(DistclsError) as exc_info:
+            attempt()
+        message = one_line_error(exc_info)
+        assert message.startswith(f"infer: compile cache: {entry / 'model.onnx'} keeps tensor 'default' (functions[0]")
+        assert message.endswith(
+            f"in the external file 'leak.txt'; refusing to read files outside the model (distcls "
+            f"never writes external data): delete {entry} (distcls never caches such a model; "
+            "find out who wrote it)"
+        )
+    # a self-contained cached model is still used as it is (this one: the hand-made 2-class graph)
+    plant_cache_entry(ckpt, classifier([], [inline("w")]))
+    model = load_model(ckpt, "onnx", "cpu")
+    assert model.note.startswith("compiled ONNX from the cache") and model.predict(
+        np.ones((1, 3, SIZE, SIZE), np.uint8)
+    ).shape == (1, 2)
+
+
+@pytest.mark.parametrize("where", ["root", "onnx", "entry", "model.onnx"])
+@pytest.mark.parametrize("mode", [0o777, 0o770, 0o722], ids=lambda m: f"mode-{m:o}")
+def test_a_cache_others_can_write_is_refused(cache, tmp_path, where, mode):
+    ckpt = str(tmp_path / "ckpt")
+    entry = plant_cache_entry(ckpt, classifier([], [inline("w")]))
+    target = {"root": cache, "onnx": cache / "onnx", "entry": entry, "model.onnx": entry / "model.onnx"}[where]
+    os.chmod(target, mode)
+    for attempt in (lambda: onnxrt.read_cached(entry.name), lambda: load_model(ckpt, "auto", "cpu")):
+        with pytest.raises(DistclsError) as exc_info:
+            attempt()
+        assert one_line_error(exc_info) == (
+            f"infer: the ONNX compile cache {target} can be written by other users (mode {mode:o}), refusing to "
+            f"use it; chmod go-w {target}, or set {onnxrt.CACHE_ENV} to a folder of your own"
+        )
+    os.chmod(target, 0o700)
+    assert onnxrt.read_cached(entry.name) is not None
+
+
+def test_a_cache_another_user_owns_is_refused(cache, tmp_path, monkeypatch):
+    ckpt = str(tmp_path / "ckpt")
+    if os.geteuid() == 0:  # root: give a cache to nobody
+        plant_cache_entry(ckpt, classifier([], [inline("w")]))
+        os.chown(cache, 65534, 65534)
+        target, owner = cache, 65534
+    else:  # anyone else: a folder root owns
+        target, owner = pathlib.Path("/usr"), 0
+        monkeypatch.setenv(onnxrt.CACHE_ENV, str(target))
+    with pytest.raises(DistclsError) as exc_info:
+        load_model(ckpt, "auto", "cpu")
+    assert one_line_error(exc_info) == (
+        f"infer: the ONNX compile cache {target} is owned by user id {owner}, not by this user ({os.geteuid()}), "
+        f"refusing to use it; set {onnxrt.CACHE_ENV} to a folder of your own"
+    )
+
+
+def test_the_cache_is_made_private(cache, tmp_path):
+    old = os.umask(0o002)  # a group-writable umask, common with per-user groups
+    try:
+        entry = plant_cache_entry(str(tmp_path / "ckpt"), classifier([], [inline("w")]))
+    finally:
+        os.umask(old)
+    for path in (cache, cache / "onnx", entry):
+        assert os.stat(path).st_mode & 0o777 == 0o700
+    assert os.stat(entry / "model.onnx").st_mode & 0o777 == 0o600
+    assert onnxrt.read_cached(entry.name)[0] == classifier([], [inline("w")])

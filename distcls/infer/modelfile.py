@@ -99,62 +99,86 @@ def check_torchscript_trusted(uri: str, sha256: str) -> None:
     )
 
 
-def graph_tensors(graph, where: str):
-    """(place, TensorProto) for every tensor an ONNX graph holds, its subgraphs' included."""
-    for t in graph.initializer:
-        yield where, t
-    for sparse in graph.sparse_initializer:
-        yield where, sparse.values
-        yield where, sparse.indices
-    for node in graph.node:
-        yield from node_tensors(node, f"{where}/{node.op_type} {node.name!r}")
+def message_children(message, where: str):
+    """(place, message) for each message directly inside a protobuf message, in field order: every
+    message-typed field, read from the descriptors, so that a field a new ONNX adds is walked as well."""
+    from collections.abc import Mapping
+
+    from google.protobuf.message import Message
+
+    for field, value in message.ListFields():
+        if field.type not in (field.TYPE_MESSAGE, field.TYPE_GROUP):
+            continue
+        place = f"{where}.{field.name}" if where else field.name
+        if isinstance(value, Message):
+            yield place, value
+            continue
+        for key, item in value.items() if isinstance(value, Mapping) else enumerate(value):
+            if isinstance(item, Message):
+                yield f"{place}[{key!r}]", item
 
 
-def node_tensors(node, where: str):
-    """Tensors in a node's attributes (Constant values, sparse tensors) and in its subgraphs (If/Loop/Scan)."""
-    for a in node.attribute:
-        tensors = ([a.t] if a.HasField("t") else []) + list(a.tensors)
-        for sparse in ([a.sparse_tensor] if a.HasField("sparse_tensor") else []) + list(a.sparse_tensors):
-            tensors += [sparse.values, sparse.indices]
-        for t in tensors:
-            yield where, t
-        for g in ([a.g] if a.HasField("g") else []) + list(a.graphs):
-            yield from graph_tensors(g, f"{where}.{a.name}")
+def model_messages(model):
+    """(place, message) for every message in an ONNX model, the model first (place ''), depth first in field
+    order; a TensorProto is yielded but not entered. Places read like `functions[0].attribute_proto[0].t`."""
+    stack = [("", model)]
+    while stack:  # a loop, not recursion: nesting depth is the file's to choose
+        where, message = stack.pop()
+        yield where, message
+        if message.DESCRIPTOR.full_name != "onnx.TensorProto":
+            stack.extend(reversed(list(message_children(message, where))))
 
 
 def model_tensors(model):
-    yield from graph_tensors(model.graph, "graph")
-    for f in model.functions:
-        for node in f.node:
-            yield from node_tensors(node, f"function {f.name}")
-    for info in model.training_info:
-        yield from graph_tensors(info.initialization, "training_info")
-        yield from graph_tensors(info.algorithm, "training_info")
+    """(place, TensorProto) for every tensor anywhere in an ONNX model: initializers, sparse tensors' values
+    and indices, node attributes, functions' bodies and default attributes, subgraphs, training info, and
+    whatever field holds one next."""
+    for where, message in model_messages(model):
+        if message.DESCRIPTOR.full_name == "onnx.TensorProto":
+            yield where, message
 
 
-def refuse_external_data(data: bytes, file_uri: str) -> None:
-    """ONNX tensors may name a file to read their bytes from (external data, relative paths like
-    `../../etc/x` included); parse the model without loading any and refuse such a tensor, before
-    onnxruntime sees the model. `distcls export` never writes external data."""
+def parse_onnx(data: bytes, file_uri: str, origin: str, fix: str):
+    """The ModelProto of `data`, parsed only: no external data is read."""
     try:
         import onnx
         from google.protobuf.message import DecodeError
     except ImportError:
         raise DistclsError(
-            "export: checking an ONNX model needs the onnx package, a dependency of distcls; "
+            f"{origin}: checking an ONNX model needs the onnx package, a dependency of distcls; "
             "reinstall distcls (pip install distcls)"
         ) from None
     try:
-        model = onnx.load_model_from_string(data)
+        return onnx.load_model_from_string(data)
     except DecodeError as exc:
-        raise DistclsError(f"export: {file_uri} is not an ONNX model ({exc}); export the checkpoint again") from None
-    for where, t in model_tensors(model):
-        if t.data_location == onnx.TensorProto.EXTERNAL or len(t.external_data):
-            location = {e.key: e.value for e in t.external_data}.get("location", "")
+        raise DistclsError(f"{origin}: {file_uri} is not an ONNX model ({exc}); {fix}") from None
+
+
+def refuse_external_data(data: bytes, file_uri: str, origin: str = "export", fix: str = "export the checkpoint again") -> None:
+    """ONNX tensors may name a file to read their bytes from (external data, relative paths like
+    `../../etc/x` included, or onnxruntime's in-memory addresses); parse the model without loading any and
+    refuse such a tensor wherever it sits, before onnxruntime sees the model. distcls never writes external
+    data. A field this onnx package does not know (a newer ONNX's, which onnxruntime may read a tensor
+    from) is refused too, rather than skipped. `origin` and `fix` phrase the error for the caller."""
+    model = parse_onnx(data, file_uri, origin, fix)
+    import onnx  # parse_onnx imported it
+    from google.protobuf.unknown_fields import UnknownFieldSet
+
+    for where, message in model_messages(model):
+        if unknown := UnknownFieldSet(message):
             raise DistclsError(
-                f"export: {file_uri} keeps tensor {t.name!r} ({where}) in the external file "
-                f"{location!r}; refusing to read files outside the model (`distcls export` never "
-                "writes external data): export the checkpoint again"
+                f"{origin}: {file_uri} has a field unknown to onnx {onnx.__version__} (number "
+                f"{unknown[0].field_number} in {where or 'the model'}), which could hold a tensor kept in "
+                f"another file; refusing to load it: upgrade onnx, or {fix}"
+            )
+        if message.DESCRIPTOR.full_name != "onnx.TensorProto":
+            continue
+        if message.data_location != message.DEFAULT or len(message.external_data):
+            location = {e.key: e.value for e in message.external_data}.get("location", "")
+            raise DistclsError(
+                f"{origin}: {file_uri} keeps tensor {message.name!r} ({where}) in the external file "
+                f"{location!r}; refusing to read files outside the model (distcls never writes "
+                f"external data): {fix}"
             )
 
 

@@ -7,7 +7,9 @@ keyed by the checkpoint's weights sha256 and everything else the graph depends o
 preprocessing, number of classes, torch version, opset), so that every actor and replica on a machine
 after the first loads it in milliseconds. The cache lives in $DISTCLS_CACHE_DIR, else
 $XDG_CACHE_HOME/distcls, else ~/.cache/distcls; each entry's model file is verified against its recorded
-sha256 when read, and a damaged entry is compiled again.
+sha256 when read, and a damaged entry is compiled again. The cache decides which model runs, so a cache
+folder (or file) that another user owns or can write is refused, and so is a cached model that would read
+other files (ONNX external data), before onnxruntime sees it.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import numpy as np
 import torch
 
 from distcls import DistclsError, __version__
+from distcls.infer.modelfile import refuse_external_data
 
 CACHE_ENV = "DISTCLS_CACHE_DIR"
 OPSET = 18
@@ -134,18 +137,56 @@ def cache_key(meta: dict) -> str:
     return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:32]
 
 
+def check_private(path: str, st: os.stat_result) -> None:
+    """A cache folder or file only this user can write: anyone else who could would choose the model that
+    every distcls process of this user on the machine runs (the sha256 in compiled.json is written by the
+    same hand as the model, so it proves nothing about who wrote it)."""
+    if st.st_uid != os.geteuid():
+        raise DistclsError(
+            f"infer: the ONNX compile cache {path} is owned by user id {st.st_uid}, not by this user "
+            f"({os.geteuid()}), refusing to use it; set {CACHE_ENV} to a folder of your own"
+        )
+    if st.st_mode & 0o022:
+        raise DistclsError(
+            f"infer: the ONNX compile cache {path} can be written by other users (mode {st.st_mode & 0o777:o}), "
+            f"refusing to use it; chmod go-w {path}, or set {CACHE_ENV} to a folder of your own"
+        )
+
+
+def cache_dir(*parts: str, create: bool = False) -> str:
+    """The cache root joined with `parts`, each folder on the way checked (and made, private, with `create`)."""
+    path = cache_root()
+    if create:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    for level in range(len(parts) + 1):
+        folder = os.path.join(path, *parts[:level])
+        if create:
+            with contextlib.suppress(FileExistsError):
+                os.mkdir(folder, 0o700)
+        try:
+            check_private(folder, os.stat(folder))
+        except FileNotFoundError:
+            break  # nothing there yet, so nothing anyone planted
+    return os.path.join(path, *parts)
+
+
 def read_cached(key: str) -> tuple[bytes, dict] | None:
-    """(model bytes, record) of a complete, undamaged cache entry, else None."""
-    entry = os.path.join(cache_root(), "onnx", key)
+    """(model bytes, record) of a complete, undamaged cache entry, else None. The cache is checked to be this
+    user's alone, and an entry whose model would read other files (ONNX external data, which distcls never
+    writes) is refused whatever its record says: the record is written by the same hand as the model."""
+    entry = cache_dir("onnx", key)
     try:
         with open(os.path.join(entry, "compiled.json")) as f:
             record = json.load(f)
         with open(os.path.join(entry, "model.onnx"), "rb") as f:
+            check_private(f.name, os.fstat(f.fileno()))
             data = f.read()
     except (OSError, ValueError):
         return None
     if hashlib.sha256(data).hexdigest() != record.get("onnx_sha256"):
         return None
+    fix = f"delete {entry} (distcls never caches such a model; find out who wrote it)"
+    refuse_external_data(data, os.path.join(entry, "model.onnx"), origin="infer: compile cache", fix=fix)
     return data, record
 
 
@@ -153,9 +194,9 @@ def write_cached(key: str, data: bytes, record: dict) -> str | None:
     """Store an entry (model first, record last, each atomically); returns why not when the cache is unwritable."""
     entry = os.path.join(cache_root(), "onnx", key)
     try:
-        os.makedirs(entry, exist_ok=True)
+        entry = cache_dir("onnx", key, create=True)
         for name, payload in (("model.onnx", data), ("compiled.json", json.dumps(record, indent=2).encode())):
-            fd, tmp = tempfile.mkstemp(dir=entry, prefix=f".{name}.")
+            fd, tmp = tempfile.mkstemp(dir=entry, prefix=f".{name}.")  # mode 0600
             with os.fdopen(fd, "wb") as f:
                 f.write(payload)
             os.replace(tmp, os.path.join(entry, name))
@@ -168,8 +209,7 @@ def write_cached(key: str, data: bytes, record: dict) -> str | None:
 def compile_lock(key: str):
     """One compile per cache entry per machine at a time (actors starting together wait for the first)."""
     try:
-        os.makedirs(os.path.join(cache_root(), "onnx"), exist_ok=True)
-        fd = os.open(os.path.join(cache_root(), "onnx", f".{key}.lock"), os.O_WRONLY | os.O_CREAT, 0o644)
+        fd = os.open(os.path.join(cache_dir("onnx", create=True), f".{key}.lock"), os.O_WRONLY | os.O_CREAT, 0o600)
     except OSError:
         yield  # an unwritable cache: compile without it
         return
@@ -190,6 +230,9 @@ def compile_checkpoint(model: torch.nn.Module, meta: dict, sample: np.ndarray | 
             export_onnx(model.cpu().eval(), os.path.join(tmp, "model.onnx"), size)
             with open(os.path.join(tmp, "model.onnx"), "rb") as f:
                 data = f.read()
+        # a graph too big for one file keeps its weights beside it, which the bytes alone would look for in
+        # the working directory: never load such a graph
+        refuse_external_data(data, "the compiled graph", origin="infer", fix="run it on --runtime torch")
         session = OnnxSession(data, torch.device("cpu"))
     except Exception as exc:
         raise CompileError(
