@@ -40,7 +40,8 @@ K_NEIGHBOURS = 16
 
 def load_embeddings(uri: str) -> tuple[list[str], list[str | None], np.ndarray, np.ndarray | None]:
     """(paths, labels, unit-norm float32 embeddings, thumbnails (N, 256) uint8 or None) of a labels folder's
-    good rows."""
+    good rows. Rows whose embedding holds a NaN or an infinity are left out (and counted on stdout); a
+    folder with embeddings of two sizes (a rerun with another model) is refused."""
     import pyarrow.compute as pc
 
     from distcls.label import read_labels
@@ -51,15 +52,47 @@ def load_embeddings(uri: str) -> tuple[list[str], list[str | None], np.ndarray, 
     table = table.filter(pc.and_(pc.is_null(table["error"]), pc.invert(pc.is_null(table["embedding"]))))
     if table.num_rows == 0:
         raise DistclsError(f"dedup: {uri} has no rows with an embedding")
+    d = check_one_size(uri, table)
     flat = table["embedding"].combine_chunks()
-    d = len(flat[0])
     vectors = np.asarray(flat.flatten().to_numpy(zero_copy_only=False), dtype=np.float32).reshape(-1, d)
+    finite = np.isfinite(vectors).all(axis=1)
+    if not finite.all():
+        print(f"dedup: {int((~finite).sum())} row(s) of {uri} have a NaN or infinite embedding; left out", flush=True)
+        table, vectors = table.filter(pa_mask(finite)), vectors[finite]
+        if table.num_rows == 0:
+            raise DistclsError(f"dedup: {uri} has no rows with a finite embedding")
     vectors /= np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
     thumbs = None
     if "thumb" in table.column_names and table["thumb"].null_count == 0:
         raw = b"".join(table["thumb"].to_pylist())
         thumbs = np.frombuffer(raw, dtype=np.uint8).reshape(table.num_rows, -1)
     return table["path"].to_pylist(), table["label"].to_pylist(), vectors, thumbs
+
+
+def pa_mask(keep: np.ndarray):
+    import pyarrow as pa
+
+    return pa.array(keep, type=pa.bool_())
+
+
+def check_one_size(uri: str, table) -> int:
+    """The embeddings' one dimension; two sizes in one folder come from two models, whose features cannot be
+    compared: refused, naming a model of each size."""
+    import pyarrow.compute as pc
+
+    sizes = np.asarray(pc.list_value_length(table["embedding"]).to_numpy(zero_copy_only=False))
+    found = np.unique(sizes)
+    if len(found) == 1 and found[0] > 0:
+        return int(found[0])
+    if len(found) == 1:
+        raise DistclsError(f"dedup: {uri} has empty embeddings; label it again with `distcls label --embeddings`")
+    models = table["model"].to_pylist() if "model" in table.column_names else [None] * table.num_rows
+    first = {int(n): models[int(np.argmax(sizes == n))] for n in found[:2]}
+    (d1, m1), (d2, m2) = first.items()
+    raise DistclsError(
+        f"dedup: {uri} mixes {d1}-d embeddings (model {m1}) and {d2}-d ones (model {m2}), the rows of two labeling "
+        "runs with different models; label again into a new --output with one model and dedup that"
+    )
 
 
 def block_rows(n: int) -> int:

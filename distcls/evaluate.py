@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import json
+import sys
 from dataclasses import dataclass
 
 import numpy as np
@@ -114,19 +115,32 @@ def run_evaluation(cfg: EvaluateConfig) -> dict:
 
 
 def write_reports(out: str, report: dict, rows: dict) -> None:
+    """The records first (report.json, predictions.parquet, report.md), then the figures: a figure that
+    cannot be drawn is reported in one line and never costs the records or the other figure."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     storage.write_text(storage.join_uri(out, "report.json"), json.dumps(report, indent=2))
-    storage.write_text(storage.join_uri(out, "report.md"), render_markdown(report))
-    storage.write_bytes(storage.join_uri(out, "calibration.png"), plot_reliability(report))
-    storage.write_bytes(
-        storage.join_uri(out, "confusion_matrix.png"),
-        plot_confusion(np.asarray(report["confusion_matrix"]), report["class_names"]),
-    )
     buf = io.BytesIO()
     pq.write_table(pa.table(rows), buf)
     storage.write_bytes(storage.join_uri(out, "predictions.parquet"), buf.getvalue())
+    storage.write_text(storage.join_uri(out, "report.md"), render_markdown(report))
+    figures = {
+        "calibration.png": lambda: plot_reliability(report),
+        "confusion_matrix.png": lambda: plot_confusion(np.asarray(report["confusion_matrix"]), report["class_names"]),
+    }
+    for name, draw in figures.items():
+        try:
+            png = draw()
+        except Exception as exc:  # matplotlib on data it was not made for: the numbers above are what matters
+            print(f"evaluate: {name} not written ({type(exc).__name__}: {first_line(exc)})", file=sys.stderr, flush=True)
+            continue
+        storage.write_bytes(storage.join_uri(out, name), png)
+
+
+def first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return lines[0][:200] if lines else ""
 
 
 def render_markdown(report: dict) -> str:

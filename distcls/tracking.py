@@ -9,6 +9,9 @@ What is logged, per run (one MLflow run per training run, one per Tune trial):
 - at the end: `curves.png` and `result.json` as artifacts, the best checkpoint's URI as the tag
   `checkpoint`, and the run's status (FINISHED, or FAILED when the job raised).
 
+Every param and tag value goes through `distcls.redact.redact_uri` first: a password in a URI
+(`--tracking-uri https://user:pw@host`, `--storage`, `--data`) or a presigned URL's signature is logged as `***`.
+
 Where: `--tracking-uri` is either a local path (no scheme, or `file://`), which becomes a local MLflow file
 store at that absolute path and needs no server, or any URI MLflow understands (`http(s)://` server,
 `databricks`, `sqlite://`...), passed through as is. MLflow 3 refuses the file store ("maintenance mode")
@@ -32,6 +35,7 @@ import time
 from urllib.parse import urlparse
 
 from distcls import DistclsError
+from distcls.redact import redact_uri, redact_values
 
 log = logging.getLogger(__name__)
 
@@ -118,7 +122,7 @@ class Tracker:
         """Create `experiment` if missing, open a run named `run_name` in it and log `params` (flattened)."""
         client = _client(tracking_uri)
         experiment_id = _experiment_id(client, experiment)
-        run_tags = {key: _text(value, MAX_TAG_VALUE) for key, value in (tags or {}).items()}
+        run_tags = {key: _text(redact_values(value), MAX_TAG_VALUE) for key, value in (tags or {}).items()}
         run = client.create_run(experiment_id, tags=run_tags, run_name=run_name)
         tracker = cls(tracking_uri, run.info.run_id)
         tracker.log_params(params)
@@ -127,7 +131,7 @@ class Tracker:
     def log_params(self, params: dict) -> None:
         from mlflow.entities import Param
 
-        items = [Param(key, _text(value, MAX_PARAM_VALUE)) for key, value in flatten(params).items()]
+        items = [Param(key, _text(redact_values(value), MAX_PARAM_VALUE)) for key, value in flatten(params).items()]
         for i in range(0, len(items), BATCH):
             self._client.log_batch(self.run_id, params=items[i : i + BATCH])
 
@@ -148,7 +152,7 @@ class Tracker:
         """Tag the run with its best checkpoint's URI (when there is one) and end it with `status`
         (FINISHED, or FAILED when the job raised)."""
         if checkpoint_uri:
-            self._client.set_tag(self.run_id, "checkpoint", checkpoint_uri)
+            self._client.set_tag(self.run_id, "checkpoint", redact_uri(checkpoint_uri))
         self._client.set_terminated(self.run_id, status=status)
 
 

@@ -17,8 +17,11 @@ Search directory `<storage>/<name>/`:
     best.json             the best trial: parameters, val accuracy, checkpoint URI
     soup/                 with --soup: the greedy soup of the top trials' best checkpoints (distcls soup)
 
-Tune's own state (for --resume) lives beside them. A resumed search keeps finished trials and continues the
-others from their latest checkpoints (each trial's run resumes as `distcls train --resume` does).
+Tune's own state (for --resume) lives beside them; it is pickles (tuner.pkl, the cloudpickle blobs inside
+experiment_state-*.json, basic-variant-state-*.json, a failed trial's error.pkl), so --resume loads it only with
+--trust-tune-state (TuneConfig refuses it otherwise) and says so on stderr. A resumed search keeps finished
+trials and continues the others from their latest checkpoints (each trial's run resumes as `distcls train
+--resume` does).
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ import datetime as dt
 import io
 import json
 import os
+import sys
 
 import numpy as np
 
@@ -124,6 +128,7 @@ def run_tune(cfg: TuneConfig) -> dict:
     )
     storage_path, fs = storage_for_ray(cfg.storage)
     if cfg.resume:
+        warn_trusted_state(run)
         tuner = ray.tune.Tuner.restore(
             storage_path.rstrip("/") + "/" + name, trainable, resume_unfinished=True, resume_errored=True, storage_filesystem=fs
         )
@@ -229,6 +234,17 @@ def check_search_dir(cfg: TuneConfig, run: str) -> None:
         raise DistclsError(f"tune: search {run} already exists; pass --resume to continue it or choose another --name")
     if cfg.resume and not exists:
         raise DistclsError(f"tune: nothing to resume at {run}; drop --resume to start a new search")
+
+
+def warn_trusted_state(run: str) -> None:
+    """--resume --trust-tune-state: said on stderr, every time, that Tune's pickles are about to be loaded."""
+    print(
+        f"distcls: WARNING: --trust-tune-state: resuming unpickles Ray Tune's state in {run} (tuner.pkl, "
+        "experiment_state-*.json, basic-variant-state-*.json, trials' error.pkl), which runs code as you: anyone "
+        "who can write that folder can run code here",
+        file=sys.stderr,
+        flush=True,
+    )
 
 
 def local_cpus(cfg: TuneConfig) -> int:

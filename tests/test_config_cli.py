@@ -74,3 +74,55 @@ def test_user_error_is_one_line_and_non_zero(capsys):
     assert code == 2
     assert err.startswith("distcls: error: ") and err.count("\n") == 1
     assert "--limit-per-class -1" in err
+
+
+def test_tune_resume_needs_trust_tune_state(capsys):
+    """Resuming unpickles Ray Tune's state (tuner.pkl...): only when the folder is declared trusted."""
+    from distcls.config import ConfigError, TuneConfig
+
+    with pytest.raises(ConfigError, match="--resume True: unpickles .*give --trust-tune-state"):
+        TuneConfig(data="x", name="search", resume=True)
+    assert TuneConfig(data="x", name="search", resume=True, trust_tune_state=True).trust_tune_state
+    assert main(["tune", "--data", "x", "--name", "search", "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("distcls: error: tune: ") and err.count("\n") == 1 and "--trust-tune-state" in err
+
+
+@pytest.mark.parametrize("command", ["train", "tune"])
+@pytest.mark.parametrize("name", ["..", ".", "a/b", "../up", "a\\b", "", "a b", "x" * 201])
+def test_run_name_is_one_safe_path_segment(command, name, capsys):
+    """--name becomes a folder under --storage: never `..`, `.`, a path or an odd character."""
+    from distcls.config import ConfigError, TrainConfig, TuneConfig
+
+    cls = {"train": TrainConfig, "tune": TuneConfig}[command]
+    with pytest.raises(ConfigError, match="--name .*: must be one path segment"):
+        cls(data="x", name=name)
+    if not name:
+        return  # on the command line an empty --name is no name: the run gets a dated one
+    assert main([command, "--data", "x", "--name", name]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--name" in err and "one path segment" in err
+
+
+@pytest.mark.parametrize("command", ["train", "tune"])
+def test_run_name_accepts_letters_digits_dot_dash_underscore(command):
+    from distcls.config import TrainConfig, TuneConfig
+
+    assert {"train": TrainConfig, "tune": TuneConfig}[command](data="x", name="run-1.2_x").name == "run-1.2_x"
+
+
+def test_calibrate_out_must_not_be_the_checkpoint(tmp_path, capsys):
+    """Calibrating in place would drop the record of train_state.pt's sha256, and the run could no longer
+    resume from that checkpoint: refused before anything is read, the checkpoint left as it was."""
+    from distcls.config import CalibrateConfig, ConfigError
+    from tests.conftest import make_checkpoint
+
+    ckpt = make_checkpoint(str(tmp_path / "ckpt"), 3)
+    for out in (ckpt, ckpt + "/"):
+        with pytest.raises(ConfigError, match="--out .*: must be a new directory, not --checkpoint"):
+            CalibrateConfig(checkpoint=ckpt, data="x", out=out)
+    record = (tmp_path / "ckpt" / "distcls.json").read_bytes()
+    assert main(["calibrate", "--checkpoint", ckpt, "--data", str(tmp_path / "val"), "--out", ckpt]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("distcls: error: calibrate: ") and err.count("\n") == 1 and "not --checkpoint" in err
+    assert (tmp_path / "ckpt" / "distcls.json").read_bytes() == record

@@ -139,3 +139,77 @@ def test_callback_in_ray_train_run(ray_local, tmp_path):
 
     history = read_client(store).get_metric_history(tracker.run_id, "val_accuracy")
     assert [(m.step, m.value) for m in history] == [(1, 0.0), (2, pytest.approx(0.1)), (3, pytest.approx(0.2))]
+
+
+def test_redact_uri_masks_passwords_and_signed_query_values():
+    from distcls.redact import redact_uri, redact_values
+
+    assert redact_uri("https://alice:hunter2@mlflow.example:5000/x") == "https://alice:***@mlflow.example:5000/x"
+    presigned = (
+        "https://s3.example/b/k.csv?X-Amz-Algorithm=AWS4&X-Amz-Credential=AKIA%2F1&X-Amz-Security-Token=tok&X-Amz-Signature=ab12"
+    )
+    assert redact_uri(presigned) == (
+        "https://s3.example/b/k.csv?X-Amz-Algorithm=AWS4&X-Amz-Credential=***&X-Amz-Security-Token=***&X-Amz-Signature=***"
+    )
+    assert redact_uri("http://h/p?sig=x&key=y&secret=z&password=w&token=v&page=2#top") == (
+        "http://h/p?sig=***&key=***&secret=***&password=***&token=***&page=2#top"
+    )
+    for unchanged in (
+        "s3://bucket/runs",
+        "file:///tmp/mlruns",
+        "/local/path",
+        "databricks",
+        "sqlite:///db.sqlite",
+        "http://h:1/p?a=1",
+    ):
+        assert redact_uri(unchanged) == unchanged
+    assert redact_values({"a": ["https://u:p@h"], "b": ("s3://x?token=t",), "c": 1, "d": None}) == {
+        "a": ["https://u:***@h"],
+        "b": ("s3://x?token=***",),
+        "c": 1,
+        "d": None,
+    }
+
+
+def test_tracker_logs_no_credentials(tmp_path):
+    """Params, tags and the checkpoint tag with a password and a signature in them: read back from the real
+    file store, and no file of the store holds either secret."""
+    store = tmp_path / "mlruns"
+    params = {
+        "tracking_uri": "https://alice:hunter2@mlflow.example",
+        "data": "https://s3.example/b/train.csv?X-Amz-Signature=deadbeef42",
+        "sources": ["https://bob:swordfish@h/a"],
+    }
+    tracker = Tracker.start(str(store), "exp-r", "r", params, tags={"run": "https://carol:opensesame@h/run"})
+    tracker.finish("https://h/ckpt?token=letmein")
+    run = read_client(store).get_run(tracker.run_id)
+    assert run.data.params["tracking_uri"] == "https://alice:***@mlflow.example"
+    assert run.data.params["data"] == "https://s3.example/b/train.csv?X-Amz-Signature=***"
+    assert run.data.params["sources"] == "['https://bob:***@h/a']"
+    assert run.data.tags["run"] == "https://carol:***@h/run"
+    assert run.data.tags["checkpoint"] == "https://h/ckpt?token=***"
+    written = b"".join(p.read_bytes() for p in store.rglob("*") if p.is_file())
+    for secret in (b"hunter2", b"deadbeef42", b"swordfish", b"opensesame", b"letmein"):
+        assert secret not in written
+
+
+def test_training_run_records_no_credentials(ray_local, tmp_path):
+    """A real `distcls train` run whose --tracking-uri carries a token: every checkpoint's distcls.json and
+    the MLflow run hold `***` where the token was."""
+    from distcls.checkpoint import read_meta
+    from distcls.train.trainer import run_training
+    from tests.conftest import tiny_fashion_mnist, tiny_train_config
+
+    fm = tiny_fashion_mnist(str(tmp_path / "data"))
+    store = tmp_path / "mlruns"
+    uri = f"file://{store}?token=s3cret-t0ken"  # the file store at `store` (the query is not part of its path)
+    cfg = tiny_train_config(fm, str(tmp_path / "runs"), "redact", tracking_uri=uri, epochs=1, num_workers=1)
+    result = run_training(cfg)
+    meta = read_meta(result["checkpoint"])
+    assert meta["config"]["tracking_uri"] == f"file://{store}?token=***"
+    for record in (tmp_path / "runs" / "redact").rglob("distcls.json"):
+        assert "s3cret-t0ken" not in record.read_text()
+    client = read_client(store)
+    (run,) = client.search_runs([client.get_experiment_by_name("distcls").experiment_id])
+    assert run.data.params["tracking_uri"] == f"file://{store}?token=***"
+    assert not any(b"s3cret-t0ken" in p.read_bytes() for p in store.rglob("*") if p.is_file())

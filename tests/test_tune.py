@@ -49,7 +49,8 @@ def test_tune_runs_asha_trials_resumes_them_and_soups(ray_local, tmp_path, monke
 
     with pytest.raises(DistclsError, match="already exists; pass --resume"):
         run_tune(tune_config(fm, runs))
-    resumed = run_tune(tune_config(fm, runs, resume=True))
+    capsys.readouterr()
+    resumed = run_tune(tune_config(fm, runs, resume=True, trust_tune_state=True))
     rows = resumed["trials"]
     before = {r["trial"]: r["status"] for r in first["trials"]}
     assert {r["trial"] for r in rows} == set(before)  # the same trials, continued
@@ -58,7 +59,10 @@ def test_tune_runs_asha_trials_resumes_them_and_soups(ray_local, tmp_path, monke
             assert (r["status"], r["epochs_run"]) == ("completed", 2)
         else:
             assert (r["status"], r["epochs_run"]) == ("stopped early (ASHA)", 1)
-    assert "resuming from" in capsys.readouterr().out
+    printed = capsys.readouterr()
+    assert "resuming from" in printed.out
+    # the loaded pickles are announced on stderr, once, naming the folder
+    assert printed.err.count("WARNING: --trust-tune-state") == 1 and str(tmp_path / "runs" / "search") in printed.err
 
     search = tmp_path / "runs" / "search"
     table = pq.read_table(search / "results.parquet").to_pylist()
@@ -90,7 +94,7 @@ def test_tune_config_refusals(tmp_path):
     from distcls.tune import run_tune
 
     with pytest.raises(DistclsError, match="nothing to resume"):
-        run_tune(TuneConfig(data=str(tmp_path), storage=str(tmp_path / "runs"), name="none", resume=True))
+        run_tune(TuneConfig(data=str(tmp_path), storage=str(tmp_path / "runs"), name="none", resume=True, trust_tune_state=True))
 
 
 def test_without_val_data_trials_train_and_are_scored_on_two_disjoint_parts(tmp_path):

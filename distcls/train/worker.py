@@ -21,6 +21,7 @@ from distcls.datasets import ErrorTally, LabeledIndex, build_dataset
 from distcls.device import DevicePolicy
 from distcls.metrics import summarize
 from distcls.models import create_model, freeze_backbone, get_model_info, head_parameter_names
+from distcls.redact import redact_values
 from distcls.train.loop import EpochStats, Mixer, WeightEma, build_optimizer, evaluate, train_one_epoch, warmup_cosine
 from distcls.train.objectives import build_objective
 from distcls.train.resume import TRAIN_STATE, find_restorable, latest_registered
@@ -396,8 +397,9 @@ def report(metrics: dict, w: Worker, config: dict, train_tally: ErrorTally, val_
             w.evaluated,
             w.class_names,
             metrics=metrics,
-            config=config["train"],
-            extra={"history": w.history, "run": config["run_uri"], **config.get("extra_meta", {})},
+            # no credentials in the record: a password or signature in any URI of the config becomes ***
+            config=redact_values(config["train"]),
+            extra=redact_values({"history": w.history, "run": config["run_uri"], **config.get("extra_meta", {})}),
             files={TRAIN_STATE: buffer.getvalue()},
         )
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
