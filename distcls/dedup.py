@@ -254,18 +254,26 @@ def run_dedup(cfg: DedupConfig) -> dict:
         "seconds": round(time.perf_counter() - started, 2),
     }
     storage.write_text(storage.join_uri(cfg.out, "dedup.json"), json.dumps(summary, indent=2))
-    storage.write_bytes(storage.join_uri(cfg.out, "contact_sheet.png"), groups_sheet(groups, all_paths))
+    from distcls.review import default_root
+
+    roots = (default_root(cfg.embeddings), default_root(cfg.against) if cfg.against else None)
+    roots_of = [roots[0]] * len(paths) + [roots[1]] * (len(all_paths) - len(paths))
+    storage.write_bytes(storage.join_uri(cfg.out, "contact_sheet.png"), groups_sheet(groups, all_paths, roots_of))
     return summary
 
 
-def groups_sheet(groups: list[list[int]], paths: list[str], max_groups: int = 20, max_members: int = 8) -> bytes:
-    """The largest groups, one row of thumbnails each."""
+def groups_sheet(
+    groups: list[list[int]], paths: list[str], roots: list[str | None], max_groups: int = 20, max_members: int = 8
+) -> bytes:
+    """The largest groups, one row of thumbnails each; a path is read only under its labels folder's root (the
+    input its _plan.json names), as `distcls review` reads them."""
     from PIL import Image
 
-    from distcls.review import THUMB, thumbnails, tile
+    from distcls.review import NO_ROOT, THUMB, map_interruptible, thumbnail, tile
 
     shown = [g[:max_members] for g in groups[:max_groups]]
-    thumbs = iter(thumbnails([paths[m] for g in shown for m in g]))
+    members = [m for g in shown for m in g]
+    thumbs = iter(map_interruptible(lambda m: thumbnail(paths[m], roots[m]) if roots[m] else (None, NO_ROOT), members, 16))
     cell = THUMB + 8
     sheet = Image.new("RGB", (max(1, max((len(g) for g in shown), default=1)) * cell, max(1, len(shown)) * cell), "white")
     for r, g in enumerate(shown):

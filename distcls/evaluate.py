@@ -1,4 +1,4 @@
-"""`distcls evaluate` and `distcls checkpoint from-pretrained`.
+"""`distcls evaluate`: a model directory (checkpoint or export) over a whole labeled split.
 
 Evaluation runs over the whole split with Ray Data (no sampling): decode/preprocess in tasks, predict in
 an actor pool that loads the checkpoint once per actor, aggregate the confusion matrix on the driver.
@@ -44,15 +44,17 @@ def predict_labeled(
     num_gpus: float = 0,
     runtime: str = "auto",
     announce: str | None = None,
+    max_bytes: int | None = None,
 ) -> Predictions:
-    """Run a verified model over a labeled index with the inference engine (Ray Data actors)."""
+    """Run a verified model over a labeled index with the inference engine (Ray Data actors); image objects
+    over `max_bytes` (default: storage.DEFAULT_MAX_OBJECT_BYTES) are too_large error rows."""
     meta = read_meta(uri)
     spec = PreprocessSpec.from_dict(meta["preprocessing"])
-    runtime, note = prepare_runtime(uri, runtime, num_gpus > 0, decode_sample(index.paths, spec))
+    runtime, note = prepare_runtime(uri, runtime, num_gpus > 0, decode_sample(index.paths, spec, max_bytes=max_bytes))
     if announce:
         print(f"{announce}: runtime {runtime} ({note})", flush=True)
     init_ray()
-    ds = predict_dataset(build_dataset(index, spec), uri, batch_size, concurrency, num_gpus, runtime=runtime)
+    ds = predict_dataset(build_dataset(index, spec, max_bytes=max_bytes), uri, batch_size, concurrency, num_gpus, runtime=runtime)
     tally, logits, labels, paths = ErrorTally(), [], [], []
     for batch in ds.iter_batches(batch_size=1024, batch_format="numpy"):
         batch = tally.drop_errors(batch)
@@ -71,7 +73,8 @@ def run_evaluation(cfg: EvaluateConfig) -> dict:
     meta = verify_model(cfg.checkpoint)  # tampered or incomplete: one line, before Ray starts
     class_names = meta["class_names"]
     index = load_labeled_index(cfg.data, class_names=class_names)
-    p = predict_labeled(cfg.checkpoint, index, cfg.batch_size, cfg.concurrency, cfg.num_gpus, cfg.runtime, "evaluate")
+    max_bytes = storage.max_object_bytes(cfg.max_object_mb)
+    p = predict_labeled(cfg.checkpoint, index, cfg.batch_size, cfg.concurrency, cfg.num_gpus, cfg.runtime, "evaluate", max_bytes)
     k = len(class_names)
     calibration = Calibration.of(meta)
     cm = confusion_matrix(p.labels, p.logits.argmax(1), k) if len(p.labels) else np.zeros((k, k), np.int64)

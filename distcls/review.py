@@ -40,6 +40,7 @@ ORDER = {  # --by -> (column, ascending)
 }
 THUMB = 112  # px, the longer side
 NOT_READ = "not read"  # a tile's first line for an object that was refused (outside --root, not a file, too large)
+NO_ROOT = f"{NOT_READ}\nno --root"  # the tile when no root is known: nothing is read
 SHEET_COLUMNS = 10
 SHEET_MAX = 200
 
@@ -210,7 +211,7 @@ def run_review(cfg: ReviewConfig) -> dict:
     rows = chosen.to_pylist()
     root = cfg.root if cfg.root is not None else default_root(cfg.labels)
     if root is None:  # nothing to judge paths by: no thumbnail is read
-        thumbs = [(None, f"{NOT_READ}\nno --root") for _ in rows]
+        thumbs = [(None, NO_ROOT) for _ in rows]
     else:
         thumbs = thumbnails([r["path"] for r in rows], root, storage.max_object_bytes(cfg.max_object_mb))
     buf = io.BytesIO()

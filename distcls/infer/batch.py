@@ -22,6 +22,7 @@ class BatchPredictor:
         threads: int | None = None,
         expected_model: str | None = None,
         embeddings: bool = False,
+        max_bytes: int | None = None,
     ):
         from distcls.infer.engine import load_model
 
@@ -36,6 +37,7 @@ class BatchPredictor:
             )
         self.num_classes = len(self.predictor.meta["class_names"])
         self.embeddings = embeddings
+        self.max_bytes = max_bytes  # image objects read by DecodeAndPredict (None: storage's default limit)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         ok = np.fromiter((not e for e in batch["error"]), dtype=bool, count=len(batch["error"]))
@@ -63,7 +65,7 @@ class DecodeAndPredict(BatchPredictor):
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         from distcls.datasets import load_images
 
-        return super().__call__(load_images(batch, self.predictor.spec))
+        return super().__call__(load_images(batch, self.predictor.spec, max_bytes=self.max_bytes))
 
 
 THUMB_SIDE = 16
@@ -93,11 +95,13 @@ def predict_dataset(
     decode: bool = False,
     expected_model: str | None = None,
     embeddings: bool = False,
+    max_bytes: int | None = None,
 ):
     """Add `logits` with an actor pool of `concurrency` replicas (an int, or (MIN, MAX) to autoscale).
     `runtime` should be what `prepare_runtime` chose in the driver, so actors never compile. With `decode`
     the rows are paths and the actors read and decode them too (DecodeAndPredict). `expected_model`: the
-    weights sha256 the driver verified; an actor that loads other weights (the model replaced mid-run) refuses."""
+    weights sha256 the driver verified; an actor that loads other weights (the model replaced mid-run) refuses.
+    `max_bytes`: the largest image object the decoding actors read (too_large rows past it)."""
     return ds.map_batches(
         DecodeAndPredict if decode else BatchPredictor,
         fn_constructor_kwargs={
@@ -106,6 +110,7 @@ def predict_dataset(
             "threads": max(1, int(cpus_per_replica)),
             "expected_model": expected_model,
             "embeddings": embeddings,
+            "max_bytes": max_bytes,
         },
         batch_size=batch_size,
         batch_format="numpy",

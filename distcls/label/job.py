@@ -10,6 +10,7 @@ again ends with every object exactly once. A finished job writes OUTPUT/_SUCCESS
 from __future__ import annotations
 
 import datetime as dt
+import itertools
 import json
 import os
 import resource
@@ -30,10 +31,14 @@ from distcls.label.plan import (
     TEST_BLOCK_BYTES,
     Source,
     StoredPlan,
+    UnreadablePlan,
+    confine,
     iter_keys,
     make_listers,
     now,
     plan_datasource,
+    plan_dir,
+    source_root,
 )
 from distcls.runtime import init_ray
 from distcls.scores import UNKNOWN, Calibration, resolve_unknown, score
@@ -106,9 +111,13 @@ def source_of(cfg: LabelConfig) -> Source:
 
 
 def open_plan(cfg: LabelConfig) -> tuple[StoredPlan, str]:
-    """The stored plan when it is for this source and not --replan, else a new one; and a line on which."""
+    """The stored plan when it is for this source and not --replan, else a new one; and a line on which. The
+    stored plan is used as it is (its keys are confined to the job's root when read)."""
     source = source_of(cfg)
-    stored = StoredPlan.read(cfg.output)
+    try:
+        stored, unreadable = StoredPlan.read(cfg.output), False
+    except UnreadablePlan:
+        stored, unreadable = StoredPlan(plan_dir(cfg.output), None, [], {}), True
     if stored.listers and stored.source == source and not cfg.replan:
         if stored.complete:
             return stored, f"the stored plan ({stored.keys} objects; --replan lists again)"
@@ -116,21 +125,43 @@ def open_plan(cfg: LabelConfig) -> tuple[StoredPlan, str]:
     elif stored.listers and not cfg.replan:
         why = "the stored plan was for another input or --include"
     else:
-        why = "--replan" if cfg.replan else "no plan yet"
+        why = "--replan" if cfg.replan else ("the stored plan is unreadable" if unreadable else "no plan yet")
     listers = make_listers(source)
     return StoredPlan.start(cfg.output, source, listers), f"listing ({why}) with {len(listers)} lister(s)"
 
 
-def peek_paths(plan: StoredPlan, n: int = 256) -> list[str]:
-    """The first few keys of the first listers: images for the runtime's compile check, before the pipeline."""
-    out: list[str] = []
-    for lister in plan.listers:
-        for path, error in iter_keys(lister, plan.source):
-            if not error:
-                out.append(path)
-            if len(out) >= n:
-                return out
-    return out
+def confinement(cfg: LabelConfig) -> str | None:
+    """The root every planned path must be under (plan.source_root), or None with --allow-any-path; printed
+    when it is not simply --input."""
+    if cfg.allow_any_path:
+        print("label: --allow-any-path: manifest and plan paths are read wherever they point", flush=True)
+        return None
+    root = source_root(source_of(cfg))
+    if cfg.manifest and not cfg.input:
+        print(
+            f"label: every manifest path must be under {root or '(none: the manifest is empty)'}; others get "
+            "outside_input rows (--input narrows this, --allow-any-path lifts it)",
+            flush=True,
+        )
+    return root
+
+
+def peek_paths(plan: StoredPlan, root: str | None, n: int = 256) -> list[str]:
+    """The first few keys of the first listers, confined to `root`: images for the runtime's compile check,
+    before the pipeline."""
+    import pyarrow as pa
+
+    keys = (path for lister in plan.listers for path, error in iter_keys(lister, plan.source) if not error)
+    table = pa.table({"path": pa.array(itertools.islice(keys, n), pa.string())})
+    return sample_of(confine(table.append_column("error", pa.array([""] * len(table), pa.string())), root), n)
+
+
+def sample_of(todo, n: int = 64) -> list[str]:
+    """About `n` paths spread over the (path, error) rows without an error: a row with one is never read."""
+    import pyarrow.compute as pc
+
+    ok = todo.filter(pc.equal(pc.fill_null(todo.column("error"), ""), "")).column("path")
+    return ok.take(np.arange(0, len(ok), max(1, len(ok) // n))).to_pylist() if len(ok) else []
 
 
 def run_labeling(cfg: LabelConfig, progress: bool = True) -> dict:
@@ -149,6 +180,7 @@ def run_labeling(cfg: LabelConfig, progress: bool = True) -> dict:
         )
     check_not_nested(cfg.output)
     storage.ensure_bucket(cfg.output)
+    root = confinement(cfg)
     plan, how = open_plan(cfg)
     snap, duplicates = done_snapshot(cfg.output)
     done = snap.table.column("path")
@@ -164,13 +196,13 @@ def run_labeling(cfg: LabelConfig, progress: bool = True) -> dict:
     }
     removed = f"; removed {duplicates} duplicate rows" if duplicates else ""
     if plan.complete:
-        todo = plan_todo(plan, done)
+        todo = plan_todo(plan, done, root)
         total = plan.keys
         print(
             f"label: {total} objects planned ({how}); {total - len(todo)} already labeled, {len(todo)} to do" + removed,
             flush=True,
         )
-        sample_paths = todo.column("path").to_pylist()[:: max(1, len(todo) // 64)] if len(todo) else []
+        sample_paths = sample_of(todo)
     else:
         todo, total = None, None
         print(
@@ -178,7 +210,7 @@ def run_labeling(cfg: LabelConfig, progress: bool = True) -> dict:
             f"starts as keys arrive{removed}",
             flush=True,
         )
-        sample_paths = peek_paths(plan)
+        sample_paths = peek_paths(plan, root)
         if not sample_paths and plan.source.input and not cfg.manifest:
             raise DistclsError(f"label: no image objects under {cfg.input}; check the URI or widen --include")
     summary["plan_seconds"] = time.perf_counter() - started
@@ -189,7 +221,7 @@ def run_labeling(cfg: LabelConfig, progress: bool = True) -> dict:
         print(f"label: runtime {runtime} ({note})", flush=True)
         unknown = "off" if unknown_above is None else f"label `unknown` above energy {unknown_above:.3f}"
         print(f"label: scores {calibration.describe()}; {unknown}", flush=True)
-        run_pipeline(cfg, meta, spec, runtime, plan, todo, done, summary, started, progress, unknown_above)
+        run_pipeline(cfg, meta, spec, runtime, plan, todo, done, summary, started, progress, unknown_above, root)
         snap, more = done_snapshot(cfg.output)  # a write task retried after its commit leaves a second copy
         summary["duplicates_removed"] += more
         plan = StoredPlan.read(cfg.output)
@@ -205,7 +237,8 @@ def prepare_in_ray(cfg: LabelConfig, sample_paths: list[str], spec: PreprocessSp
         from distcls.infer.engine import prepare_runtime
 
         runtime = "torch" if cfg.embeddings else cfg.runtime  # the pooled features come from the torch model
-        return prepare_runtime(cfg.checkpoint, runtime, cfg.num_gpus > 0, decode_sample(sample_paths, spec))
+        sample = decode_sample(sample_paths, spec, max_bytes=storage.max_object_bytes(cfg.max_object_mb))
+        return prepare_runtime(cfg.checkpoint, runtime, cfg.num_gpus > 0, sample)
 
     try:
         return ray.get(ray.remote(num_cpus=1)(prepare).remote())
@@ -215,11 +248,12 @@ def prepare_in_ray(cfg: LabelConfig, sample_paths: list[str], spec: PreprocessSp
         raise
 
 
-def plan_todo(plan: StoredPlan, done):
-    """The planned (path, error) rows without a row in the output: Arrow compute, no Python loop."""
+def plan_todo(plan: StoredPlan, done, root: str | None):
+    """The planned (path, error) rows without a row in the output, confined to `root` (the shards are not
+    trusted: see plan.confine): Arrow compute, no Python loop."""
     import pyarrow.compute as pc
 
-    table = plan.table().select(["path", "error"])
+    table = confine(plan.table().select(["path", "error"]), root)
     if len(done) and len(table):
         table = table.filter(pc.invert(pc.is_in(table.column("path"), value_set=done.combine_chunks())))
     return table
@@ -237,6 +271,7 @@ def run_pipeline(
     started: float,
     progress: bool,
     unknown_above: float | None = None,
+    root: str | None = None,
 ) -> None:
     import ray
     import ray.data
@@ -249,7 +284,7 @@ def run_pipeline(
         hold = cfg.output if os.environ.get(LIST_HOLD_ENV) == "1" else None
         block_bytes = TEST_BLOCK_BYTES if hold else BLOCK_BYTES
         ds = ray.data.read_datasource(
-            plan_datasource(plan.listers, plan.source, plan.uri, done_ref, block_bytes, hold), num_cpus=0.25
+            plan_datasource(plan.listers, plan.source, plan.uri, done_ref, block_bytes, hold, root), num_cpus=0.25
         )
         ds.context.target_max_block_size = block_bytes  # each listed block goes on at once (see plan.py)
     fused = cfg.pipeline == "fused" or (cfg.pipeline == "auto" and not cfg.num_gpus)
@@ -257,7 +292,11 @@ def run_pipeline(
         from distcls.datasets import DECODE_CPUS, ROWS_PER_BLOCK
 
         ds = ds.map_batches(
-            load_images, fn_kwargs={"spec": spec}, batch_size=ROWS_PER_BLOCK, batch_format="numpy", num_cpus=DECODE_CPUS
+            load_images,
+            fn_kwargs={"spec": spec, "max_bytes": storage.max_object_bytes(cfg.max_object_mb)},
+            batch_size=ROWS_PER_BLOCK,
+            batch_format="numpy",
+            num_cpus=DECODE_CPUS,
         )
     ds = predict_dataset(
         ds,
@@ -270,6 +309,7 @@ def run_pipeline(
         decode=fused,
         expected_model=checkpoint_id(meta),
         embeddings=cfg.embeddings,
+        max_bytes=storage.max_object_bytes(cfg.max_object_mb),
     )
     ds = ds.map_batches(
         write_part,
@@ -344,6 +384,23 @@ def peak_rss_mb() -> float:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def read_success(output: str) -> dict | None:
+    """OUTPUT/_SUCCESS.json, or None when there is none; one line when it is not a job's record."""
+    uri = storage.join_uri(output, SUCCESS)
+    if not storage.exists(uri):
+        return None
+    try:
+        record = json.loads(storage.read_text(uri))
+    except ValueError:
+        record = None
+    if not isinstance(record, dict) or not isinstance(record.get("model"), str | None):
+        raise DistclsError(
+            f"label --status: {uri} is not the record a finished job writes (a JSON object with its counts); "
+            "delete it and run the same `distcls label` again to check the output and write it anew"
+        )
+    return record
+
+
 def label_status(output: str, print_it: bool = True) -> dict:
     """`distcls label --status`: objects planned, rows written, errors by kind, complete or not."""
     if not storage.exists(output):
@@ -351,8 +408,7 @@ def label_status(output: str, print_it: bool = True) -> dict:
     plan = StoredPlan.read(output)
     snap, _ = done_snapshot(output, repair=False)
     stats = OutputStats.of(snap)
-    success = storage.join_uri(output, SUCCESS)
-    record = json.loads(storage.read_text(success)) if storage.exists(success) else None
+    record = read_success(output)
     planned = plan.keys if plan.listers else None
     complete = bool(plan.complete and record and stats.distinct >= plan.keys)
     status = {

@@ -10,6 +10,10 @@ The plan is complete when every lister has its done marker. A lister lists one t
 (several when there are many), the files directly under the input, or one manifest file; listers run in
 parallel and each streams its keys, so the driver never holds the key list and labeling starts with the
 first page.
+
+Nothing in a manifest or in OUTPUT/_plan is trusted: every path is confined (`confine`, vectorised on the
+Arrow column) to the job's root before it can be read: --input; without it an S3 Inventory's sourceBucket,
+or the scheme and bucket of a manifest's first path. A path outside gets an `outside_input` error row.
 """
 
 from __future__ import annotations
@@ -22,11 +26,14 @@ import hashlib
 import io
 import json
 import os
+import posixpath
 import time
 import urllib.parse
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
+
+import numpy as np
 
 from distcls import DistclsError, storage
 from distcls.images import IMAGE_EXTENSIONS
@@ -43,6 +50,8 @@ MAX_LISTERS = 32  # top-level prefixes are grouped onto at most this many lister
 MAX_TOP_LEVEL = 10_000  # a top level wider than this (a flat bucket) is listed by one lister, page by page
 S3_PAGE = 1000  # keys per LIST request (the S3 maximum)
 BAD_NAME = "bad_name: the file name is not valid UTF-8 (shown with \\x escapes); rename it to label it"
+OUTSIDE = "outside_input"
+DOT_SEGMENT = r"/\.\.?(/|$)"  # a `.` or `..` segment: such paths are normalised (in Python) before the check
 # Test hook, not a user option: "1" makes each lister, after its first block, wait (up to HOLD_S) until the
 # output has a part, so a test can see labeling start while listing runs. Read in the driver, passed on.
 LIST_HOLD_ENV = "DISTCLS_TEST_LIST_HOLD"
@@ -164,7 +173,8 @@ def manifest_listers(uri: str) -> list[Lister]:
     )
 
 
-def inventory_listers(uri: str) -> list[Lister]:
+def read_inventory(uri: str) -> tuple[str, str, list[str], list[str], str]:
+    """An S3 Inventory manifest.json -> (format, destination bucket, data file keys, schema, source bucket)."""
     try:
         manifest = json.loads(storage.read_text(uri))
         fmt = manifest["fileFormat"].lower()
@@ -172,13 +182,90 @@ def inventory_listers(uri: str) -> list[Lister]:
         files = [f["key"] for f in manifest["files"]]
         schema = [c.strip() for c in manifest.get("fileSchema", "").split(",")]
         source_bucket = manifest["sourceBucket"]
+        if not isinstance(source_bucket, str) or not source_bucket or "/" in source_bucket:
+            raise ValueError(f"sourceBucket {source_bucket!r} is not a bucket name")
     except (ValueError, KeyError, TypeError, AttributeError) as exc:
         raise DistclsError(f"label: --manifest {uri} is not an S3 Inventory manifest.json ({exc!r}); check the file") from None
     if fmt not in ("csv", "parquet"):
         raise DistclsError(f"label: --manifest {uri}: inventory format {fmt!r} is not supported; use CSV or Parquet")
+    return fmt, dest, files, schema, source_bucket
+
+
+def inventory_listers(uri: str) -> list[Lister]:
+    fmt, dest, files, schema, source_bucket = read_inventory(uri)
     # The schema rides in the format string so that each lister reads its file alone.
     detail = json.dumps({"schema": schema, "bucket": source_bucket})
     return [Lister("manifest", (f"s3://{dest}/{key}",), f"inventory-{fmt}:{detail}") for key in files]
+
+
+# ---- confinement: the paths a job may read -----------------------------------------------------------------
+
+
+def source_root(source: Source) -> str | None:
+    """The prefix every path of the job must be under: --input; without it, an S3 Inventory's sourceBucket,
+    or the scheme and bucket of a manifest's first path (any local path when that is local: one scheme); None
+    when a manifest holds no path. An inventory with an --input outside its sourceBucket is refused. Cheap:
+    the driver reads manifest.json, or a key list's first batch."""
+    inventory = bool(source.manifest) and source.manifest.endswith("manifest.json")
+    bucket = read_inventory(source.manifest)[4] if inventory else None
+    if source.input:
+        root = storage.to_uri(*storage.split_uri(source.input))
+        if bucket and not root_prefix(root).startswith(f"s3://{bucket}/"):
+            raise DistclsError(
+                f"label: --input {source.input} is outside the S3 Inventory's sourceBucket s3://{bucket} "
+                f"({source.manifest}); give an --input under s3://{bucket}, or leave --input out"
+            )
+        return root
+    if bucket:
+        return f"s3://{bucket}"
+    listers = manifest_listers(source.manifest)
+    first = next((p for lister in listers for p in iter_manifest(lister.uris[0], lister.format, None)), None)
+    if first is None:
+        return None
+    scheme, path = storage.split_uri(first)
+    return "/" if scheme == "file" else f"{scheme}://{path.split('/', 1)[0]}"
+
+
+def root_prefix(root: str) -> str:
+    """What every path under `root` starts with: 's3://b/in/' for s3://b/in, '/data/in/' for a local root."""
+    scheme, path = storage.split_uri(root)
+    return path.rstrip("/") + "/" if scheme == "file" else f"{scheme}://{path}/"
+
+
+def paths_under_root(paths, root: str) -> np.ndarray:
+    """Which of `paths` (an Arrow string column) are under `root`, segment by segment (s3://b/in does not
+    admit s3://b/input2/x), as a bool array. Arrow compute does the work; the rare path with a `.` or `..`
+    segment is normalised (with duplicate slashes) in Python and must stay below the root too. A local root
+    admits absolute paths and file:// URIs only (a relative path would resolve against a worker's folder)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    paths = pa.chunked_array([paths]) if isinstance(paths, pa.Array) else paths
+    prefix = root_prefix(root)
+    if storage.split_uri(root)[0] == "file":
+        paths = pc.replace_substring_regex(paths, pattern="^file://", replacement="", max_replacements=1)
+    ok = np.array(pc.fill_null(pc.starts_with(paths, prefix), False).to_numpy(zero_copy_only=False), dtype=bool)
+    dotted = np.asarray(pc.fill_null(pc.match_substring_regex(paths, DOT_SEGMENT), False).to_numpy(zero_copy_only=False))
+    rows = np.flatnonzero(ok & dotted.astype(bool))
+    for i, path in zip(rows, paths.take(pa.array(rows, pa.int64())).to_pylist(), strict=True):
+        ok[i] = posixpath.normpath("r/" + path[len(prefix) :]).startswith("r/")  # `r`: the root itself
+    return ok
+
+
+def confine(table, root: str | None):
+    """(path, error) rows -> the same rows, those not under `root` with an `outside_input` error instead (a row
+    with an error is never read). `root` None (--allow-any-path) confines nothing."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    if root is None or not len(table):
+        return table
+    outside = ~paths_under_root(table.column("path"), root)
+    if not outside.any():
+        return table
+    message = f"{OUTSIDE}: not under {root}, where this job's paths must be; not read (--allow-any-path reads it)"
+    error = pc.if_else(pa.array(outside), message, table.column("error").combine_chunks())
+    return table.set_column(table.schema.get_field_index("error"), "error", error)
 
 
 # ---- listing (inside the read tasks) ----------------------------------------------------------------------
@@ -253,21 +340,28 @@ def iter_manifest(uri: str, fmt: str, root: str | None) -> Iterator[str]:
 
 
 def iter_manifest_columns(uri: str, fmt: str) -> Iterator[tuple[str, list[str]]]:
-    """(column name, values) per batch of a CSV / Parquet / JSONL key list."""
+    """(column name, values) per batch of a CSV / Parquet / JSONL key list, read as a stream: the first
+    batch (what `source_root` reads) does not read the whole file."""
+    fs, path = storage.get_filesystem(uri)
+    with storage.storage_errors(uri), fs.open(path, "rb") as raw:
+        stream = gzip.GzipFile(fileobj=raw) if uri.endswith(".gz") else raw
+        if stream is not raw and fmt == "parquet":  # the footer is at the end, where gzip cannot seek
+            stream = io.BytesIO(stream.read())
+        yield from manifest_batches(uri, fmt, stream)
+
+
+def manifest_batches(uri: str, fmt: str, stream) -> Iterator[tuple[str, list[str]]]:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    data = storage.read_bytes(uri)
-    if uri.endswith(".gz"):
-        data = gzip.decompress(data)
     if fmt == "parquet":
-        reader = pq.ParquetFile(io.BytesIO(data))
+        reader = pq.ParquetFile(stream)
         column = pick_column(uri, reader.schema_arrow.names)
         for batch in reader.iter_batches(columns=[column], batch_size=BLOCK_ROWS):
             yield column, batch.column(0).cast(pa.string()).to_pylist()
         return
     if fmt == "csv":
-        rows = csv.reader(io.TextIOWrapper(io.BytesIO(data), encoding="utf-8", newline=""))
+        rows = csv.reader(io.TextIOWrapper(stream, encoding="utf-8", newline=""))
         header = next(rows, None) or []
         column = pick_column(uri, [h.strip() for h in header])
         index = [h.strip() for h in header].index(column)
@@ -281,7 +375,7 @@ def iter_manifest_columns(uri: str, fmt: str) -> Iterator[tuple[str, list[str]]]
         yield column, batch
         return
     batch, column = [], None
-    for n, line in enumerate(io.TextIOWrapper(io.BytesIO(data), encoding="utf-8"), 1):
+    for n, line in enumerate(io.TextIOWrapper(stream, encoding="utf-8"), 1):
         if not line.strip():
             continue
         try:
@@ -331,10 +425,19 @@ def iter_inventory(uri: str, fmt: str) -> Iterator[str]:
 # ---- the read tasks ---------------------------------------------------------------------------------------
 
 
-def plan_blocks(lister: Lister, source: Source, plan_uri: str, done, block_bytes: int = BLOCK_BYTES, hold_for: str | None = None):
-    """Ray Data read function: list, write each block as a plan shard, yield the keys not in `done` (an
-    Arrow array of labeled paths, or None), and mark the lister done. A retried task rewrites the same shards.
-    `hold_for` (the test hook): after the first block, wait until that output has a part."""
+def plan_blocks(
+    lister: Lister,
+    source: Source,
+    plan_uri: str,
+    done,
+    block_bytes: int = BLOCK_BYTES,
+    hold_for: str | None = None,
+    root: str | None = None,
+):
+    """Ray Data read function: list, confine each block to `root` (see `confine`), write it as a plan shard,
+    yield the keys not in `done` (an Arrow array of labeled paths, or None), and mark the lister done. A
+    retried task rewrites the same shards. `hold_for` (the test hook): after the first block, wait until that
+    output has a part."""
     import pyarrow as pa
     import pyarrow.compute as pc
 
@@ -346,6 +449,7 @@ def plan_blocks(lister: Lister, source: Source, plan_uri: str, done, block_bytes
         nonlocal seq, total, size
         size = 0
         table = pa.table({"path": pa.array(paths, pa.string()), "error": pa.array(errors, pa.string())})
+        table = confine(table, root)
         write_table(storage.join_uri(plan_uri, f"{lister.id}-{seq:06d}.parquet"), table)
         seq, total = seq + 1, total + len(table)
         paths.clear()
@@ -388,8 +492,10 @@ def write_table(uri: str, table) -> None:
     storage.write_bytes(uri, buf.getvalue())
 
 
-def plan_datasource(listers: list[Lister], source: Source, plan_uri: str, done_ref, block_bytes: int, hold_for: str | None):
-    """A Ray Data datasource with one streaming read task per lister."""
+def plan_datasource(
+    listers: list[Lister], source: Source, plan_uri: str, done_ref, block_bytes: int, hold_for: str | None, root: str | None
+):
+    """A Ray Data datasource with one streaming read task per lister, each confining its keys to `root`."""
     import pyarrow as pa
     import ray
     from ray.data.block import BlockMetadata
@@ -403,7 +509,7 @@ def plan_datasource(listers: list[Lister], source: Source, plan_uri: str, done_r
             def read(lister):
                 def fn():
                     done = ray.get(done_ref) if done_ref is not None else None
-                    yield from plan_blocks(lister, source, plan_uri, done, block_bytes, hold_for)
+                    yield from plan_blocks(lister, source, plan_uri, done, block_bytes, hold_for, root)
 
                 return fn
 
@@ -418,6 +524,10 @@ def plan_datasource(listers: list[Lister], source: Source, plan_uri: str, done_r
 
 
 # ---- the stored plan --------------------------------------------------------------------------------------
+
+
+class UnreadablePlan(DistclsError):
+    """OUTPUT/_plan holds a file that is not what a job writes (edited, truncated, or not from distcls)."""
 
 
 @dataclass
@@ -439,19 +549,33 @@ class StoredPlan:
 
     @classmethod
     def read(cls, output: str) -> StoredPlan:
+        """The plan under `output` (an empty one when there is none). UnreadablePlan when _plan.json or a done
+        marker is not what a job writes."""
         uri = plan_dir(output)
         meta_uri = storage.join_uri(uri, PLAN_META)
         if not storage.exists(meta_uri):
             return cls(uri, None, [], {})
-        meta = json.loads(storage.read_text(meta_uri))
-        listers = [Lister(lst["kind"], tuple(lst["uris"]), lst.get("format", "")) for lst in meta["listers"]]
-        finished = {}
         markers = [p for p in storage.list_files(uri) if p.endswith(".done.json")]
         with ThreadPoolExecutor(16) as pool:
-            for marker in pool.map(lambda p: json.loads(storage.read_text(p)), markers):
-                lister = Lister(marker["lister"]["kind"], tuple(marker["lister"]["uris"]), marker["lister"]["format"])
-                finished[lister.id] = marker
-        return cls(uri, Source(**meta["source"]), listers, finished)
+            texts = list(pool.map(storage.read_text, [meta_uri, *markers]))
+        try:
+            meta = json.loads(texts[0])
+            listers = [parse_lister(lst) for lst in meta["listers"]]
+            if not all(isinstance(v, str | None) for v in meta["source"].values()):
+                raise TypeError("the source's fields must be strings")
+            source = Source(**meta["source"])
+            finished = {}
+            for text in texts[1:]:
+                marker = json.loads(text)
+                if not isinstance(marker["keys"], int):
+                    raise TypeError("a done marker's keys must be a count")
+                finished[parse_lister(marker["lister"]).id] = marker
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise UnreadablePlan(
+                f"label: {uri} is not a plan this tool wrote ({type(exc).__name__}: {str(exc)[:80]}); run the "
+                "job again with --replan to list the input anew"
+            ) from None
+        return cls(uri, source, listers, finished)
 
     @classmethod
     def start(cls, output: str, source: Source, listers: list[Lister]) -> StoredPlan:
@@ -468,6 +592,23 @@ class StoredPlan:
 
     def table(self):
         """Every planned key (path, error) as one Arrow table, the shards read in parallel."""
+        import pyarrow as pa
+
         from distcls.label.parts import read_tables
 
-        return read_tables(self.shards(), ["path", "error"])
+        try:
+            return read_tables(self.shards(), ["path", "error"])
+        except (pa.ArrowException, KeyError) as exc:
+            raise UnreadablePlan(
+                f"label: a shard under {self.uri} is not a plan shard ({str(exc)[:80]}); run the job again with "
+                "--replan to list the input anew"
+            ) from None
+
+
+def parse_lister(record: dict) -> Lister:
+    kind, uris, fmt = record["kind"], record["uris"], record.get("format", "")
+    if not (isinstance(kind, str) and isinstance(fmt, str) and isinstance(uris, list)):
+        raise TypeError("a lister is {kind, uris, format}")
+    if not all(isinstance(u, str) for u in uris):
+        raise TypeError("a lister's uris must be strings")
+    return Lister(kind, tuple(uris), fmt)

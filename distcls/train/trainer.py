@@ -81,14 +81,14 @@ def load_splits(cfg: TrainConfig) -> tuple[LabeledIndex, LabeledIndex]:
 RECIPE_FIELDS = ("backbone_lr_scale", "warmup_epochs", "label_smoothing", "random_crops", "crop_scale_min", "cache_data")
 
 
-def sample_native_size(index: LabeledIndex, n: int = 16) -> int | None:
+def sample_native_size(index: LabeledIndex, n: int = 16, max_bytes: int | None = None) -> int | None:
     """Median shorter side of up to `n` training images (headers only), or None when none opens."""
     from distcls.images import ImageDecodeError, open_image
 
     sides = []
     for path in index.paths[:: max(1, len(index) // n)][:n]:
         try:
-            sides.append(min(open_image(storage.read_bytes(path)).size))
+            sides.append(min(open_image(storage.read_object(path, max_bytes)).size))
         except (ImageDecodeError, OSError, DistclsError):
             continue
     return int(np.median(sides)) if sides else None
@@ -104,7 +104,7 @@ def resolve_recipe(cfg: TrainConfig, train: LabeledIndex) -> tuple[TrainConfig, 
         num_workers=cfg.num_workers,
         image_size=spec.image_size,
         resize_size=spec.resize_size,
-        native_size=sample_native_size(train),
+        native_size=sample_native_size(train, max_bytes=storage.max_object_bytes(cfg.max_object_mb)),
         pretrained=cfg.weights != "none",
         given={name: getattr(cfg, name) for name in RECIPE_FIELDS},
     )
@@ -167,7 +167,11 @@ def build_trainer(cfg: TrainConfig, train: LabeledIndex, val: LabeledIndex, extr
 
     spec = train_spec(cfg)
     train_ds = build_dataset(
-        balance(train, cfg.seed) if cfg.sampler == "balanced" else train, spec, train=cfg.random_crops, shuffle_seed=cfg.seed
+        balance(train, cfg.seed) if cfg.sampler == "balanced" else train,
+        spec,
+        train=cfg.random_crops,
+        shuffle_seed=cfg.seed,
+        max_bytes=storage.max_object_bytes(cfg.max_object_mb),
     )
     if cfg.cache_data:
         train_ds = train_ds.materialize()  # decoded once into the object store; epochs read from memory

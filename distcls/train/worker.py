@@ -127,11 +127,11 @@ def maybe_inject_failure(fault: dict | None, run_uri: str, step: int, rank: int,
     raise RuntimeError(f"fault injection: worker failed at step {step} (DISTCLS_TEST_FAULT)")
 
 
-def val_batches(index: LabeledIndex, spec: PreprocessSpec, batch_size: int, tally: ErrorTally):
+def val_batches(index: LabeledIndex, spec: PreprocessSpec, batch_size: int, tally: ErrorTally, max_bytes: int | None = None):
     """This worker's share of the validation split (every image is evaluated by exactly one worker)."""
     if len(index) == 0:
         return
-    for batch in build_dataset(index, spec).iter_batches(batch_size=batch_size, batch_format="numpy"):
+    for batch in build_dataset(index, spec, max_bytes=max_bytes).iter_batches(batch_size=batch_size, batch_format="numpy"):
         good = tally.drop_errors(batch)
         if len(good["label"]):
             yield good
@@ -214,7 +214,7 @@ def train_func(config: dict) -> None:
         val_tally = ErrorTally()
         val = evaluate(
             w.evaluated,
-            val_batches(w.val_index, w.spec, w.cfg.batch_size * 2, val_tally),
+            val_batches(w.val_index, w.spec, w.cfg.batch_size * 2, val_tally, storage.max_object_bytes(w.cfg.max_object_mb)),
             len(w.class_names),
             w.device,
             loss_fn=torch.nn.CrossEntropyLoss(),
