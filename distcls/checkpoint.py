@@ -15,6 +15,7 @@ import os
 from typing import TYPE_CHECKING
 
 from distcls import DistclsError, __version__, storage
+from distcls.scores import Calibration
 from distcls.transforms import PreprocessSpec
 
 if TYPE_CHECKING:  # reading and verifying a checkpoint needs no torch (a labeling driver never imports it)
@@ -105,7 +106,14 @@ def read_meta(uri: str) -> dict:
     missing = [k for k in ("architecture", "class_names", "preprocessing", "weights_sha256") if k not in meta]
     if missing:
         raise DistclsError(f"checkpoint: {meta_uri} lacks {', '.join(missing)}")
+    check_calibration(meta, meta_uri)
     return meta
+
+
+def check_calibration(meta: dict, meta_uri: str) -> None:
+    """Refuse (one line naming the file) a calibration record that would make every score NaN or meaningless:
+    a temperature outside [1e-3, 1e3] (a subnormal one included), a non-finite threshold, a malformed record."""
+    Calibration.of(meta, meta_uri)
 
 
 def read_verified_weights(uri: str) -> tuple[bytes, dict]:

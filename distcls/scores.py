@@ -24,6 +24,18 @@ from distcls import DistclsError
 UNKNOWN = "unknown"
 KEEP_IN_DISTRIBUTION = 0.95  # share of validation images the auto threshold keeps
 ECE_BINS = 15
+# The temperatures a calibration may have: a fit searches well inside them, and a record outside them (a
+# subnormal T makes every logits / T infinite, every score NaN) is refused when a checkpoint is read.
+TEMPERATURE_MIN, TEMPERATURE_MAX = 1e-3, 1e3
+
+
+def recalibrate_hint(meta: dict) -> str:
+    """How to replace a bad calibration record: from the model it was calibrated from, when it says which."""
+    source = meta.get("calibrated_from")
+    model = source.get("model") if isinstance(source, dict) else None
+    if isinstance(model, str) and model:
+        return f"recalibrate from the model it came from: `distcls calibrate --checkpoint {model} --data VAL --out NEW`"
+    return "delete its `calibration` record from distcls.json, then recalibrate with `distcls calibrate`"
 
 
 @dataclass(frozen=True)
@@ -35,23 +47,28 @@ class Calibration:
     calibrated: bool = False
 
     @classmethod
-    def of(cls, meta: dict) -> Calibration:
+    def of(cls, meta: dict, where: str = "") -> Calibration:
+        """The calibration a checkpoint's metadata records (uncalibrated without a record); a malformed record,
+        or one whose temperature is outside [TEMPERATURE_MIN, TEMPERATURE_MAX] or whose threshold is not finite,
+        is refused in one line naming `where` (the distcls.json it came from, when the caller knows it)."""
         record = meta.get("calibration")
         if not isinstance(record, dict):
             return cls()
+        source = f"the calibration record in {where}" if where else "the checkpoint's calibration record"
+        fix = recalibrate_hint(meta)
         try:
             temperature = float(record["temperature"])
             threshold = record.get("ood_threshold")
             threshold = None if threshold is None else float(threshold)
-        except (KeyError, TypeError, ValueError) as exc:
+        except (KeyError, TypeError, ValueError, OverflowError) as exc:
+            raise DistclsError(f"scores: {source} is malformed ({exc}); {fix}") from None
+        if not TEMPERATURE_MIN <= temperature <= TEMPERATURE_MAX:  # NaN fails this too
             raise DistclsError(
-                f"scores: the checkpoint's calibration record is malformed ({exc}); recalibrate it with `distcls calibrate`"
-            ) from None
-        if not (math.isfinite(temperature) and temperature > 0) or (threshold is not None and not math.isfinite(threshold)):
-            raise DistclsError(
-                f"scores: the checkpoint's calibration has temperature {temperature} and threshold "
-                f"{threshold}; recalibrate it with `distcls calibrate`"
+                f"scores: {source} has temperature {temperature!r}, outside [{TEMPERATURE_MIN:g}, {TEMPERATURE_MAX:g}] "
+                f"(scores would be NaN or meaningless); {fix}"
             )
+        if threshold is not None and not math.isfinite(threshold):
+            raise DistclsError(f"scores: {source} has threshold {threshold!r}, not a finite energy; {fix}")
         return cls(temperature, threshold, True)
 
     def describe(self) -> str:
@@ -178,11 +195,18 @@ def ece(probs: np.ndarray, labels: np.ndarray, bins: int = ECE_BINS) -> float:
 
 def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
     """The T > 0 minimising the NLL of softmax(logits / T). The NLL is convex in 1/T, so a golden-section
-    search over log(1/T) in [1/100, 100] finds the minimum (to 1e-6 in log space)."""
+    search over log(1/T) in [1/100, 100] finds the minimum (to 1e-6 in log space); the result always lies in
+    [TEMPERATURE_MIN, TEMPERATURE_MAX]. Non-finite logits (a broken model) are refused."""
     logits = np.asarray(logits, dtype=np.float64)
     labels = np.asarray(labels, dtype=np.int64)
     if len(labels) == 0:
         raise DistclsError("calibrate: no labeled images to fit a temperature on")
+    bad = int((~np.isfinite(logits)).any(axis=1).sum())
+    if bad:
+        raise DistclsError(
+            f"calibrate: the model gave non-finite logits (NaN or infinity) for {bad} of {len(labels)} images; "
+            "its weights are broken (retrain, or use another checkpoint): no temperature fits them"
+        )
     picked = logits[np.arange(len(labels)), labels]
 
     def loss(log_beta: float) -> float:
@@ -202,7 +226,8 @@ def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
             lo, a, fa = a, b, fb
             b = lo + ratio * (hi - lo)
             fb = loss(b)
-    return 1.0 / math.exp((lo + hi) / 2)
+    t = 1.0 / math.exp((lo + hi) / 2)
+    return min(max(t, TEMPERATURE_MIN), TEMPERATURE_MAX)
 
 
 def fit_calibration(logits: np.ndarray, labels: np.ndarray, keep: float = KEEP_IN_DISTRIBUTION) -> dict:

@@ -17,6 +17,7 @@ import hmac
 import ipaddress
 import json
 import logging
+import math
 import os
 import sys
 import time
@@ -50,7 +51,23 @@ class RequestError(Exception):
 
 
 def token_digest(token: str) -> str:
-    return hashlib.sha256(token.encode()).hexdigest()
+    """The sha256 the endpoint compares tokens by, of the token without surrounding whitespace (a Secret file's
+    final newline): the server's own token and the one a client sends are stripped alike."""
+    return hashlib.sha256(token.strip().encode()).hexdigest()
+
+
+def env_token() -> str | None:
+    """DISTCLS_API_TOKEN without surrounding whitespace, None when unset; set but empty or only whitespace
+    (an empty Secret) is refused, so that a token meant to be required never leaves the endpoint open."""
+    raw = os.environ.get(TOKEN_ENV)
+    if raw is None:
+        return None
+    if not raw.strip():
+        raise DistclsError(
+            f"serve: {TOKEN_ENV} is set but empty (or only whitespace); set it to the API token, or unset it "
+            "to serve without authentication on a loopback --host"
+        )
+    return raw.strip()
 
 
 def is_loopback(host: str) -> bool:
@@ -64,6 +81,8 @@ def is_loopback(host: str) -> bool:
 def check_auth(cfg: ServeConfig, token: str | None) -> str | None:
     """The sha256 of the API token the endpoint will require, or None for an open endpoint, which only a
     loopback host or an explicit --no-auth gets. Refuses (before anything starts) what would be open by accident."""
+    if token and not token.strip():
+        raise DistclsError(f"serve: the API token ({TOKEN_ENV}) is only whitespace; set it to the token, or unset it")
     if token and cfg.no_auth:
         raise DistclsError(
             f"serve: --no-auth is given but {TOKEN_ENV} is set; unset {TOKEN_ENV} to serve "
@@ -92,6 +111,78 @@ def warn_no_auth(cfg: ServeConfig) -> None:
     )
 
 
+def host_names(cfg: ServeConfig, token_sha256: str | None, declarative: bool = False) -> tuple[str, ...] | None:
+    """The Host header names the endpoint answers (besides loopback addresses), or None: no Host check.
+
+    A loopback endpoint without a token is reachable from any web page this machine's browser opens, through
+    DNS rebinding (a name of the attacker's that resolves to 127.0.0.1): it answers only its own names. With
+    a token, on another --host, or in an app that `serve deploy` or a RayService builds (`declarative`, names
+    unknown here), there is no check unless --allowed-hosts names the hosts.
+    """
+    if not cfg.allowed_hosts and (token_sha256 is not None or declarative or not is_loopback(cfg.host)):
+        return None
+    names = {host_of(name) for name in (cfg.host, "localhost", *cfg.allowed_hosts)}
+    return tuple(sorted(names - {"", "0.0.0.0", "::"}))
+
+
+def host_of(header: str) -> str:
+    """The name in a Host header (or an --allowed-hosts entry): lowercased, without the port, the brackets of
+    an IPv6 literal ([::1]:8000) or a final dot."""
+    host = header.strip().lower()
+    if host.startswith("["):
+        host = host[1:].partition("]")[0]
+    elif host.count(":") == 1:
+        host = host.partition(":")[0]
+    return host.rstrip(".")
+
+
+def check_host(header: str | None, names: tuple[str, ...] | None) -> None:
+    """Refuse (403) a request whose Host is not one of `names` or a loopback address (None: no check)."""
+    if names is None or not header:  # every browser sends Host; a client without one is no rebinding page
+        return
+    host = host_of(header)
+    if host in names or is_loopback(host):
+        return
+    shown = host[:100]
+    raise RequestError(
+        403,
+        "host_not_allowed",
+        f"Host {shown!r} is not a name of this endpoint (a loopback endpoint without a token answers localhost, "
+        f"its own address and --allowed-hosts only, against DNS rebinding); use http://localhost, or restart "
+        f"the server with --allowed-hosts {shown or 'NAME'} (or with {TOKEN_ENV} set)",
+    )
+
+
+def non_finite(value) -> bool:
+    """Whether a response holds a NaN or an infinity anywhere (JSON has neither)."""
+    if isinstance(value, float):
+        return not math.isfinite(value)
+    if isinstance(value, dict):
+        return any(non_finite(v) for v in value.values())
+    if isinstance(value, list | tuple):
+        return any(non_finite(v) for v in value)
+    return False
+
+
+def calibration_numbers(meta: dict) -> dict | None:
+    """The calibration record's finite numbers (temperature, threshold, ECE...), never its strings (the
+    data URI it was fitted on names buckets)."""
+    record = meta.get("calibration")
+    if not isinstance(record, dict):
+        return None
+    return {k: v for k, v in record.items() if isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)}
+
+
+def model_failure(model: dict) -> RequestError:
+    """500 for a model whose output is not finite, naming it (by id, as every response does: not its URI)."""
+    return RequestError(
+        500,
+        "non_finite_output",
+        f"model {model['id'][:12]}... ({model['architecture']}) gave non-finite scores (NaN or infinity); its "
+        "checkpoint is broken (weights or calibration): deploy another checkpoint",
+    )
+
+
 # --- the classifier -----------------------------------------------------------------------------------
 
 
@@ -114,6 +205,7 @@ class ImageClassifier:
         self.threads, self.runtime, self.unknown = max(1, threads), runtime, unknown
         self.loaded = None  # an infer.Predictor
         self.scoring: dict[str, tuple] = {}  # model id -> (Calibration, unknown threshold or None)
+        self.uris: dict[str, str] = {}  # model id -> its URI (logged, never sent to clients)
         self.predict_batch.set_max_batch_size(max_batch_size)
         self.predict_batch.set_batch_wait_timeout_s(batch_wait_timeout_s)
 
@@ -134,6 +226,7 @@ class ImageClassifier:
             print(f"distcls: {exc}; serving {uri} with --unknown off", flush=True)
             threshold = None
         self.scoring[loaded.id] = (calibration, threshold)
+        self.uris[loaded.id] = uri
         self.loaded = loaded
 
     def check_health(self) -> None:
@@ -149,7 +242,7 @@ class ImageClassifier:
             "num_classes": len(m.class_names),
             "preprocessing": m.meta["preprocessing"],
             "created": m.meta.get("created_at"),
-            "calibration": m.meta.get("calibration"),
+            "calibration": calibration_numbers(m.meta),
             "unknown_above": self.scoring[m.id][1],
             **m.describe(),
         }
@@ -166,8 +259,14 @@ class ImageClassifier:
         except ImageDecodeError as exc:
             return {"error": {"kind": exc.kind, "message": exc.message}}
         logits = await self.predict_batch((loaded, image))
-        prediction = top_prediction(logits, loaded.class_names, top_k, *self.scoring[loaded.id])
-        prediction["model"] = {"id": loaded.id, "architecture": loaded.meta["architecture"]}
+        with np.errstate(invalid="ignore", over="ignore"):  # a broken model's NaN is answered below, not warned
+            prediction = top_prediction(logits, loaded.class_names, top_k, *self.scoring[loaded.id])
+        model = {"id": loaded.id, "architecture": loaded.meta["architecture"]}
+        if non_finite(prediction):
+            err = model_failure(model)
+            print(f"distcls: serve: {self.uris.get(loaded.id)}: {err.message}", flush=True)
+            return {"error": {"kind": err.kind, "message": err.message, "status": 500, "model": model}}
+        prediction["model"] = model
         return prediction
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.01)
@@ -379,6 +478,7 @@ class Ingress:
         token_sha256: str | None = None,
         max_running: int = 256,
         max_waiting: int = 256,
+        host_names: tuple[str, ...] | None = None,
     ):
         from ray.serve.metrics import Counter, Histogram
 
@@ -387,8 +487,9 @@ class Ingress:
         self.max_request_bytes = max_request_bytes
         self.max_images = max_images
         self.default_top_k = default_top_k
-        env_token = os.environ.get(TOKEN_ENV)
+        env_token = os.environ.get(TOKEN_ENV, "").strip()
         self.token_sha256 = token_sha256 or (token_digest(env_token) if env_token else None)
+        self.host_names = None if host_names is None else tuple(host_names)
         self.page = PAGE.read_text()
         self.predictions = Counter("distcls_predictions", "images classified", tag_keys=("model",))
         self.errors = Counter("distcls_errors", "refused requests and images, by kind", tag_keys=("kind",))
@@ -397,6 +498,7 @@ class Ingress:
         )
 
     def authorize(self, request: Request) -> None:
+        check_host(request.headers.get("host"), self.host_names)
         if self.token_sha256 is None:
             return
         scheme, _, given = request.headers.get("authorization", "").partition(" ")
@@ -438,21 +540,35 @@ class Ingress:
                     ) from None
                 await asyncio.sleep(0.1 * (attempt + 1))
 
+    def respond(self, content: dict, model: dict) -> JSONResponse:
+        """200 with `content`, or 500 naming the model when a NaN or an infinity got into it (never in JSON)."""
+        if non_finite(content):
+            return self.refuse(model_failure(model))
+        return JSONResponse(content)
+
+    def host_refused(self, request: Request) -> JSONResponse | None:
+        try:
+            check_host(request.headers.get("host"), self.host_names)
+        except RequestError as err:
+            return self.refuse(err)
+        return None
+
     @api.get("/healthz")
-    async def healthz(self) -> dict:
-        return {"status": "ok"}
+    async def healthz(self, request: Request):
+        return self.host_refused(request) or {"status": "ok"}
 
     @api.get("/", response_class=HTMLResponse)
-    async def page(self) -> HTMLResponse:
-        return HTMLResponse(self.page)
+    async def page(self, request: Request):
+        return self.host_refused(request) or HTMLResponse(self.page)
 
     @api.get("/v1/model")
     async def model(self, request: Request):
         try:
             self.authorize(request)
-            return await self.call_classifier("info")
+            info = await self.call_classifier("info")
         except RequestError as err:
             return self.refuse(err)
+        return self.respond(info, info)
 
     @api.post("/v1/classify")
     async def classify(self, request: Request):
@@ -491,27 +607,25 @@ class Ingress:
         results = await asyncio.gather(*(self.call_classifier("classify", data, top_k) for data in images))
         bad = [(i, r["error"]) for i, r in enumerate(results) if "error" in r]
         if bad:
-            for _, e in bad:
-                self.errors.inc(tags={"kind": e["kind"]})
-            i, e = bad[0]
-            where = f"image {i}" if len(images) > 1 else "the image"
-            return JSONResponse(
-                {
-                    "error": {
-                        "kind": e["kind"],
-                        "message": f"{where}: {e['message']}",
-                        "image": i,
-                        "bad_images": [j for j, _ in bad],
-                    }
-                },
-                status_code=422,
-            )
+            return self.refuse_images(bad, len(images))
         models = [r.pop("model") for r in results]
         if any(m["id"] != models[0]["id"] for m in models):  # answered across a model switch: say so
             for r, m in zip(results, models):
                 r["model_id"] = m["id"]
         self.predictions.inc(len(results), tags={"model": models[0]["id"][:12]})
-        return JSONResponse({"model": models[0], "predictions": results})
+        return self.respond({"model": models[0], "predictions": results}, models[0])
+
+    def refuse_images(self, bad: list[tuple[int, dict]], count: int) -> JSONResponse:
+        """422 naming the first image that could not be classified; 500 (naming the model) when the model failed."""
+        for _, e in bad:
+            self.errors.inc(tags={"kind": e["kind"]})
+        failed = [(i, e) for i, e in bad if e.get("status") == 500]
+        i, e = (failed or bad)[0]
+        where = f"image {i}" if count > 1 else "the image"
+        error = {"kind": e["kind"], "message": f"{where}: {e['message']}", "image": i, "bad_images": [j for j, _ in bad]}
+        if "model" in e:
+            error["model"] = e["model"]
+        return JSONResponse({"error": error}, status_code=500 if failed else 422)
 
 
 # --- building and running the application ---------------------------------------------------------------
@@ -529,8 +643,9 @@ def autoscaling_delays(cfg: ServeConfig) -> dict:
     return delays
 
 
-def application(cfg: ServeConfig, token_sha256: str | None = None):
-    """The Serve application for `cfg` (a bound Ingress in front of an autoscaling classifier)."""
+def application(cfg: ServeConfig, token_sha256: str | None = None, declarative: bool = False):
+    """The Serve application for `cfg` (a bound Ingress in front of an autoscaling classifier); `declarative`:
+    built by build_app (`serve deploy`, a RayService), where the Host check is --allowed-hosts only."""
     classifier = ImageClassifier.options(
         name="ImageClassifier",
         ray_actor_options={"num_cpus": cfg.cpus_per_replica, "num_gpus": cfg.num_gpus},
@@ -577,6 +692,7 @@ def application(cfg: ServeConfig, token_sha256: str | None = None):
         token_sha256=token_sha256,
         max_running=running,
         max_waiting=cfg.max_queued_requests,
+        host_names=host_names(cfg, token_sha256, declarative),
     )
 
 
@@ -585,7 +701,7 @@ def build_app(args: dict):
     fields. The API token comes from DISTCLS_API_TOKEN where the app is built, never from the config; args
     without a `host` count as a public address, so such an app needs the token or `no_auth: true`."""
     cfg = load_config(ServeConfig, overrides={"host": "0.0.0.0", **args})
-    return application(cfg, check_auth(cfg, os.environ.get(TOKEN_ENV)))
+    return application(cfg, check_auth(cfg, env_token()), declarative=True)
 
 
 APP_ARGS_EXCLUDED = ("port", "name", "detach")  # `host` stays: build_app decides on auth by it
@@ -621,7 +737,7 @@ def start(cfg: ServeConfig, route_prefix: str = "/", token: str | None = None, a
     from distcls.runtime import init_ray
     from distcls.scores import Calibration, resolve_unknown
 
-    token_sha256 = check_auth(cfg, token if token is not None else os.environ.get(TOKEN_ENV))
+    token_sha256 = check_auth(cfg, token if token is not None else env_token())
     resolve_unknown(cfg.unknown, Calibration.of(read_meta(cfg.checkpoint)), "serve")  # refused here, before Ray
     # Compile once here (replicas on this machine read the cache); after a fallback replicas go straight to torch.
     runtime, note = prepare_runtime(cfg.checkpoint, cfg.runtime, cfg.num_gpus > 0)

@@ -1,13 +1,17 @@
 """distcls.scores: temperature fitting against a hand computation, the calibration metrics, OOD scores,
 "unknown" thresholds. NumPy only, no Ray."""
 
+import json
 import math
 
 import numpy as np
 import pytest
 
 from distcls import DistclsError
+from distcls.checkpoint import read_meta
 from distcls.scores import (
+    TEMPERATURE_MAX,
+    TEMPERATURE_MIN,
     Calibration,
     auroc,
     brier,
@@ -103,3 +107,39 @@ def test_old_checkpoints_are_uncalibrated_and_bad_records_are_refused():
     for bad in ({"temperature": -1}, {"temperature": "hot"}, {"ood_threshold": 1.0}, {"temperature": float("nan")}):
         with pytest.raises(DistclsError, match="calibrat"):
             Calibration.of({"calibration": bad})
+
+
+def test_temperature_outside_the_bounds_is_refused_when_a_checkpoint_is_read(tmp_path):
+    """A subnormal temperature (1e-310) is finite and positive, yet logits / T overflow to inf and every score
+    is NaN: refused at load, in one line naming the file, like 0, NaN, inf or 1e4; the bounds themselves load."""
+    for t in (1e-310, 0.0, 9e-4, 1.1e3, 1e4, float("inf"), float("nan")):
+        with pytest.raises(DistclsError, match=r"outside \[0.001, 1000\]"):
+            Calibration.of({"calibration": {"temperature": t, "ood_threshold": -3.0}})
+    assert Calibration.of({"calibration": {"temperature": TEMPERATURE_MIN}}).temperature == 1e-3
+    assert Calibration.of({"calibration": {"temperature": TEMPERATURE_MAX}}).temperature == 1e3
+    meta = {"architecture": "efficientnet_lite0", "class_names": ["a", "b"], "preprocessing": {}, "weights_sha256": "0" * 64}
+    for temperature, origin in ((1e-310, None), (float("nan"), "s3://models/original")):
+        ck = tmp_path / f"ck-{origin is None}"
+        ck.mkdir()
+        record = {**meta, "calibration": {"temperature": temperature, "ood_threshold": -3.0, "data": "s3://val"}}
+        if origin:
+            record["calibrated_from"] = {"model": origin, "id": "0" * 64}
+        (ck / "distcls.json").write_text(json.dumps(record))  # NaN written as the JSON literal Python reads back
+        with pytest.raises(DistclsError) as err:
+            read_meta(str(ck))
+        message = str(err.value)
+        assert "\n" not in message and str(ck / "distcls.json") in message and "outside [0.001, 1000]" in message
+        assert (f"--checkpoint {origin}" if origin else "delete its `calibration` record") in message
+
+
+def test_fit_stays_in_the_bounds_and_refuses_non_finite_logits():
+    rng = np.random.default_rng(2)
+    labels = rng.integers(0, 3, 200)
+    separable = np.eye(3)[labels] * 1e6  # perfectly separated: the NLL falls as T -> 0
+    wrong = -np.eye(3)[labels] * 50.0  # always wrong: the NLL falls as T -> inf
+    for logits in (separable, wrong, np.zeros((200, 3))):
+        assert TEMPERATURE_MIN <= fit_temperature(logits, labels) <= TEMPERATURE_MAX
+    broken = rng.normal(size=(200, 3))
+    broken[5, 1], broken[7, 0] = np.inf, np.nan
+    with pytest.raises(DistclsError, match=r"non-finite logits \(NaN or infinity\) for 2 of 200 images"):
+        fit_temperature(broken, labels)

@@ -4,6 +4,7 @@ env, and a SIGTERM that stops everything a command started."""
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import secrets
 import signal
@@ -19,9 +20,22 @@ import requests
 from distcls import DistclsError
 from distcls.cli import main
 from distcls.config import ServeConfig
-from distcls.serving import TOKEN_ENV, build_app, check_auth, is_loopback, serve_config, token_digest
+from distcls.serving import (
+    TOKEN_ENV,
+    RequestError,
+    application,
+    build_app,
+    check_auth,
+    check_host,
+    env_token,
+    host_names,
+    host_of,
+    is_loopback,
+    serve_config,
+    token_digest,
+)
 from distcls.tools.s3server import free_port
-from tests.conftest import make_checkpoint
+from tests.conftest import encode, make_checkpoint
 
 ROOT = Path(__file__).resolve().parent.parent
 DISTCLS = str(Path(sys.executable).with_name("distcls"))
@@ -137,6 +151,167 @@ def test_serve_on_a_public_host_without_token_refuses_before_starting(tiny_check
     assert "--host 0.0.0.0 is reachable" in line and TOKEN_ENV in line
 
 
+# --- issue 28 (7, 13, 15): calibration bounds, no NaN in JSON, Host check, /v1/model, token whitespace ---------
+
+PRIVATE_DATA = "s3://private-validation-bucket/val"
+CALIBRATION = {
+    "temperature": 1.5,
+    "ece_before": 0.2,
+    "ece_after": 0.05,
+    "ood_score": "energy",
+    "ood_threshold": -3.0,
+    "ood_keep": 0.95,
+    "images": 40,
+    "data": PRIVATE_DATA,
+}
+
+
+@pytest.fixture(scope="module")
+def broken_checkpoint(tmp_path_factory) -> str:
+    """A calibrated 3-class Lite0 whose head gives class `a` an infinite logit: every score is NaN."""
+    import torch
+
+    from distcls.checkpoint import save_checkpoint
+    from distcls.models import create_model
+
+    model = create_model("efficientnet_lite0", 3, "none", image_size=32).eval()
+    with torch.no_grad():
+        model.net._fc.bias[0] = float("inf")
+    path = str(tmp_path_factory.mktemp("ck") / "broken")
+    save_checkpoint(path, model, ["a", "b", "c"], extra={"calibration": CALIBRATION})
+    return path
+
+
+@pytest.fixture(scope="module")
+def cat_jpeg(photo) -> bytes:
+    from PIL import Image
+
+    return encode(Image.fromarray(photo), "JPEG", quality=92)
+
+
+@pytest.fixture(scope="module")
+def guarded_apps(ray_local, broken_checkpoint):
+    """Three apps on one Serve instance: loopback without a token (Host checked), the same with --allowed-hosts
+    evil.example, and one whose token comes from DISTCLS_API_TOKEN="secret \\n" (no Host check)."""
+    from ray import serve
+
+    port = free_port()
+    quiet = {"log_level": "WARNING", "enable_access_log": False}
+    serve.start(http_options={"host": "127.0.0.1", "port": port}, logging_config=quiet)
+    common = dict(checkpoint=broken_checkpoint, port=port, max_replicas=1, cpus_per_replica=0.25, runtime="torch")
+    serve.run(application(ServeConfig(**common)), name="loopback", route_prefix="/loopback", logging_config=quiet)
+    allowed = ServeConfig(**common, allowed_hosts=("evil.example",))
+    serve.run(application(allowed), name="allowed", route_prefix="/allowed", logging_config=quiet)
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv(TOKEN_ENV, "secret \n")  # a Secret file's final newline
+        keyed = ServeConfig(**common)
+        serve.run(application(keyed, check_auth(keyed, env_token())), name="keyed", route_prefix="/keyed", logging_config=quiet)
+    yield port
+    serve.shutdown()
+
+
+def test_host_names_and_host_header_parsing():
+    assert [host_of(h) for h in ("evil.example:8000", "[::1]:8000", "[::1]", "::1", "LocalHost.", "127.0.0.1")] == [
+        "evil.example",
+        "::1",
+        "::1",
+        "::1",
+        "localhost",
+        "127.0.0.1",
+    ]
+    loopback = host_names(ServeConfig(checkpoint="x"), None)
+    for ok in ("127.0.0.1:8000", "localhost:8000", "[::1]:8000", "localhost", None, ""):
+        check_host(ok, loopback)
+    with pytest.raises(RequestError, match="--allowed-hosts evil.example") as err:
+        check_host("evil.example:8000", loopback)
+    assert err.value.status == 403 and "\n" not in err.value.message
+    check_host("evil.example:8000", host_names(ServeConfig(checkpoint="x", allowed_hosts=("Evil.Example:80",)), None))
+    assert host_names(ServeConfig(checkpoint="x"), token_digest(TOKEN)) is None  # a token: no Host check
+    assert host_names(ServeConfig(checkpoint="x"), None, declarative=True) is None  # serve deploy / a RayService
+    assert host_names(ServeConfig(checkpoint="x", host="0.0.0.0", no_auth=True), None) is None
+    given = host_names(ServeConfig(checkpoint="x", host="0.0.0.0", allowed_hosts=("api.example",)), token_digest(TOKEN))
+    assert given == ("api.example", "localhost")  # given: checked even with a token (the wildcard bind is no name)
+
+
+def test_subnormal_temperature_is_refused_before_serving(tiny_checkpoint, tmp_path):
+    """Temperature 1e-310 passed validation and gave NaN scores (first class for every row, a 500): refused at
+    load, one line naming the file, nothing started."""
+    import shutil
+
+    bad = tmp_path / "bad"
+    shutil.copytree(tiny_checkpoint, bad)
+    meta = json.loads((bad / "distcls.json").read_text())
+    (bad / "distcls.json").write_text(json.dumps({**meta, "calibration": {**CALIBRATION, "temperature": 1e-310}}))
+    out = run_cli([DISTCLS, "serve", "--checkpoint", str(bad), "--port", str(free_port())], clean_env(), 90)
+    assert out.returncode == 2 and out.stdout == "", out.stderr[-2000:]
+    (line,) = out.stderr.strip().splitlines()
+    assert str(bad / "distcls.json") in line and "temperature 1e-310" in line and "outside [0.001, 1000]" in line
+
+
+def test_nan_scores_are_a_json_500_naming_the_model(guarded_apps, broken_checkpoint, cat_jpeg):
+    """A model whose logits are infinite: 500 with a JSON error naming the model (its id), never NaN in JSON."""
+    from distcls.checkpoint import checkpoint_id, read_meta
+
+    r = requests.post(
+        f"http://127.0.0.1:{guarded_apps}/loopback/v1/classify", data=cat_jpeg, headers={"Content-Type": "image/jpeg"}, timeout=60
+    )
+    assert r.status_code == 500, r.text
+    error = json.loads(r.text, parse_constant=lambda c: pytest.fail(f"{c} in the JSON body: {r.text}"))["error"]
+    model_id = checkpoint_id(read_meta(broken_checkpoint))
+    assert error["kind"] == "non_finite_output" and error["model"]["id"] == model_id and model_id[:12] in error["message"]
+
+
+def test_model_info_has_calibration_numbers_only(guarded_apps):
+    r = requests.get(f"http://127.0.0.1:{guarded_apps}/loopback/v1/model", timeout=30)
+    assert r.status_code == 200, r.text
+    calibration = r.json()["calibration"]
+    assert calibration == {k: v for k, v in CALIBRATION.items() if k not in ("data", "ood_score")}
+    assert "private-validation-bucket" not in r.text and "s3://" not in r.text
+
+
+def get_model(port: int, app: str, host: str, **headers) -> requests.Response:
+    return requests.get(f"http://127.0.0.1:{port}/{app}/v1/model", headers={"Host": host, **headers}, timeout=30)
+
+
+def test_dns_rebinding_host_is_refused_on_an_open_loopback_endpoint(guarded_apps):
+    port = guarded_apps
+    for host in (f"127.0.0.1:{port}", f"localhost:{port}", f"[::1]:{port}"):
+        assert get_model(port, "loopback", host).status_code == 200, host
+    r = get_model(port, "loopback", "evil.example:8000")
+    assert r.status_code == 403 and len(r.text.splitlines()) == 1
+    error = r.json()["error"]
+    assert error["kind"] == "host_not_allowed" and "'evil.example'" in error["message"]
+    assert "--allowed-hosts evil.example" in error["message"]
+    assert get_model(port, "allowed", "evil.example:8000").status_code == 200  # --allowed-hosts evil.example
+    assert get_model(port, "allowed", "other.example:8000").status_code == 403
+    assert get_model(port, "allowed", f"localhost:{port}").status_code == 200
+
+
+def test_token_with_trailing_whitespace_and_no_host_check(guarded_apps):
+    """DISTCLS_API_TOKEN="secret \\n": a client sending `Bearer secret` gets in (both sides stripped alike), and
+    with a token the Host is not checked."""
+    port = guarded_apps
+    assert get_model(port, "keyed", "evil.example:8000", Authorization="Bearer secret").status_code == 200
+    assert get_model(port, "keyed", f"127.0.0.1:{port}", Authorization="Bearer secret \t").status_code == 200
+    assert get_model(port, "keyed", f"127.0.0.1:{port}").status_code == 401
+    assert get_model(port, "keyed", f"127.0.0.1:{port}", Authorization="Bearer secre").status_code == 401
+
+
+def test_blank_token_is_refused_at_start(tiny_checkpoint, monkeypatch):
+    monkeypatch.setenv(TOKEN_ENV, " \t\n")
+    args = serve_config(ServeConfig(checkpoint="s3://models/ck", host="0.0.0.0"))["applications"][0]["args"]
+    with pytest.raises(DistclsError, match="set but empty"):
+        build_app(args)
+    with pytest.raises(DistclsError, match="only whitespace"):
+        check_auth(ServeConfig(checkpoint="x"), " \n")
+    out = run_cli(
+        [DISTCLS, "serve", "--checkpoint", tiny_checkpoint, "--port", str(free_port())], clean_env(**{TOKEN_ENV: "  \n"}), 90
+    )
+    assert out.returncode == 2, out.stderr[-2000:]
+    (line,) = out.stderr.strip().splitlines()
+    assert line.startswith("distcls: error: serve: DISTCLS_API_TOKEN is set but empty") and out.stdout == ""
+
+
 # --- item 8: no credentials in Ray's runtime env ----------------------------------------------------------
 
 
@@ -144,8 +319,6 @@ def test_runtime_env_carries_no_credentials(ray_local, s3_server):
     """The S3 server's credentials are in the driver's environment; Ray's runtime env (which it logs and
     returns from its APIs) has the endpoint but no key, and a worker still reads the bucket's credentials
     from its own environment (a local worker inherits it)."""
-    import json
-
     from ray.util.state import list_jobs
 
     from distcls.runtime import FORWARDED_ENV, forwarded_env
