@@ -389,7 +389,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     from distcls import storage
-    from distcls.config import FashionMnistConfig
+    from distcls.tools.config import FashionMnistConfig
     from distcls.tools.fmnist import write_fashion_mnist
     from distcls.tools.s3server import S3Server, restore_env, use_server_env
 

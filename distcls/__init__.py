@@ -22,7 +22,7 @@ class DistclsError(Exception):
 
 _API = {  # public name -> (module, attribute)
     "run_training": ("distcls.train.trainer", "run_training"),
-    "run_distillation": ("distcls.distill", "run_distillation"),
+    "run_distillation": ("distcls.train.distill", "run_distillation"),
     "run_evaluation": ("distcls.evaluate", "run_evaluation"),
     "run_labeling": ("distcls.label", "run_labeling"),
     "read_labels": ("distcls.label", "read_labels"),

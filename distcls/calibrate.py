@@ -19,8 +19,8 @@ from distcls import DistclsError, storage
 from distcls.checkpoint import META, WEIGHTS, checkpoint_id, read_meta
 from distcls.config import CalibrateConfig
 from distcls.datasets import LabeledIndex, load_labeled_index
-from distcls.evaluate import predict_labeled
 from distcls.infer import is_export, verify_model
+from distcls.infer.labeled import predict_labeled
 from distcls.infer.modelfile import export_file_name
 from distcls.scores import KEEP_IN_DISTRIBUTION, fit_calibration
 

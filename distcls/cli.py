@@ -11,20 +11,16 @@ from collections.abc import Callable
 
 from distcls import DistclsError, __version__
 from distcls.config import (
-    BenchConfig,
     CalibrateConfig,
     CompareConfig,
     DedupConfig,
-    DemoConfig,
     DistillConfig,
     EvaluateConfig,
     ExportConfig,
-    FashionMnistConfig,
     FindLabelIssuesConfig,
     FromPretrainedConfig,
     LabelConfig,
     ReviewConfig,
-    S3ServerConfig,
     ServeConfig,
     SoupConfig,
     TrainConfig,
@@ -32,6 +28,7 @@ from distcls.config import (
     add_arguments,
     config_from_args,
 )
+from distcls.tools.config import BenchConfig, DemoConfig, FashionMnistConfig, S3ServerConfig
 
 Handler = Callable[[argparse.Namespace], int]
 
@@ -82,7 +79,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_distill(args: argparse.Namespace) -> int:
-    from distcls.distill import run_distillation
+    from distcls.train.distill import run_distillation
 
     result = run_distillation(config_from_args(DistillConfig, args))
     m, d = result["metrics"], result["distillation"]
@@ -96,7 +93,7 @@ def cmd_distill(args: argparse.Namespace) -> int:
 
 
 def cmd_tune(args: argparse.Namespace) -> int:
-    from distcls.tune import run_tune
+    from distcls.train.tune import run_tune
 
     result = run_tune(config_from_args(TuneConfig, args))
     best = result["best"]
@@ -109,7 +106,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
 
 
 def cmd_soup(args: argparse.Namespace) -> int:
-    from distcls.soup import run_soup
+    from distcls.train.soup import run_soup
 
     run_soup(config_from_args(SoupConfig, args))
     return 0
@@ -236,7 +233,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 
 
 def cmd_review(args: argparse.Namespace) -> int:
-    from distcls.review import run_review
+    from distcls.curate.review import run_review
 
     cfg = config_from_args(ReviewConfig, args)
     result = run_review(cfg)
@@ -250,7 +247,7 @@ def cmd_review(args: argparse.Namespace) -> int:
 
 
 def cmd_dedup(args: argparse.Namespace) -> int:
-    from distcls.dedup import run_dedup
+    from distcls.curate.dedup import run_dedup
 
     cfg = config_from_args(DedupConfig, args)
     s = run_dedup(cfg)
@@ -265,7 +262,7 @@ def cmd_dedup(args: argparse.Namespace) -> int:
 
 
 def cmd_find_label_issues(args: argparse.Namespace) -> int:
-    from distcls.label_issues import run_find_label_issues
+    from distcls.curate.label_issues import run_find_label_issues
 
     cfg = config_from_args(FindLabelIssuesConfig, args)
     s = run_find_label_issues(cfg)

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from distcls import DistclsError, storage
+from distcls import DistclsError, objects, storage
 from distcls.images import IMAGE_EXTENSIONS, ImageDecodeError
 from distcls.transforms import PreprocessSpec, preprocess_bytes
 
@@ -192,8 +192,8 @@ def load_images(
 ) -> dict[str, np.ndarray]:
     """Ray Data map_batches function: read + decode + preprocess each path; never raises for a bad object.
 
-    Reads go through storage.read_object: a non-regular file is a `not_a_file` row, an object over
-    `max_bytes` (None: storage.DEFAULT_MAX_OBJECT_BYTES) a `too_large` row."""
+    Reads go through objects.read_object: a non-regular file is a `not_a_file` row, an object over
+    `max_bytes` (None: objects.DEFAULT_MAX_OBJECT_BYTES) a `too_large` row."""
     paths = batch["path"]
     preset = batch.get("error")  # rows that arrive with an error (e.g. a file name that is not UTF-8) stay so
 
@@ -202,8 +202,8 @@ def load_images(
         if preset is not None and preset[i]:
             return None, str(preset[i])
         try:
-            data = storage.read_object(path, max_bytes)
-        except storage.ObjectReadError as exc:
+            data = objects.read_object(path, max_bytes)
+        except objects.ObjectReadError as exc:
             return None, exc.row
         except DistclsError as exc:
             return None, f"read_error: {exc}"

@@ -9,63 +9,17 @@ from __future__ import annotations
 import io
 import json
 import sys
-from dataclasses import dataclass
 
 import numpy as np
 
-from distcls import storage
-from distcls.checkpoint import checkpoint_id, read_meta
+from distcls import objects, storage
+from distcls.checkpoint import checkpoint_id
 from distcls.config import EvaluateConfig
-from distcls.datasets import ErrorTally, LabeledIndex, build_dataset, decode_sample, load_labeled_index
-from distcls.infer import predict_dataset, prepare_runtime, verify_model
+from distcls.datasets import load_labeled_index
+from distcls.infer import verify_model
+from distcls.infer.labeled import predict_labeled
 from distcls.metrics import confusion_matrix, summarize, topk_correct
-from distcls.runtime import init_ray
 from distcls.scores import Calibration, brier, ece, nll, probabilities, reliability
-from distcls.transforms import PreprocessSpec
-
-
-@dataclass
-class Predictions:
-    """A model's logits over a labeled index (undecodable images counted in `skipped`, not returned)."""
-
-    logits: np.ndarray  # (N, C) float32
-    labels: np.ndarray  # (N,) int64
-    paths: list[str]
-    skipped: ErrorTally
-    runtime: str
-    note: str
-
-
-def predict_labeled(
-    uri: str,
-    index: LabeledIndex,
-    batch_size: int = 64,
-    concurrency: int = 1,
-    num_gpus: float = 0,
-    runtime: str = "auto",
-    announce: str | None = None,
-    max_bytes: int | None = None,
-) -> Predictions:
-    """Run a verified model over a labeled index with the inference engine (Ray Data actors); image objects
-    over `max_bytes` (default: storage.DEFAULT_MAX_OBJECT_BYTES) are too_large error rows."""
-    meta = read_meta(uri)
-    spec = PreprocessSpec.from_dict(meta["preprocessing"])
-    runtime, note = prepare_runtime(uri, runtime, num_gpus > 0, decode_sample(index.paths, spec, max_bytes=max_bytes))
-    if announce:
-        print(f"{announce}: runtime {runtime} ({note})", flush=True)
-    init_ray()
-    ds = predict_dataset(build_dataset(index, spec, max_bytes=max_bytes), uri, batch_size, concurrency, num_gpus, runtime=runtime)
-    tally, logits, labels, paths = ErrorTally(), [], [], []
-    for batch in ds.iter_batches(batch_size=1024, batch_format="numpy"):
-        batch = tally.drop_errors(batch)
-        if len(batch["label"]):
-            logits.append(np.asarray(batch["logits"], dtype=np.float32))
-            labels.append(np.asarray(batch["label"], dtype=np.int64))
-            paths += [str(p) for p in batch["path"]]
-    k = len(meta["class_names"])
-    if not logits:
-        return Predictions(np.zeros((0, k), np.float32), np.zeros(0, np.int64), [], tally, runtime, note)
-    return Predictions(np.concatenate(logits), np.concatenate(labels), paths, tally, runtime, note)
 
 
 def run_evaluation(cfg: EvaluateConfig) -> dict:
@@ -73,7 +27,7 @@ def run_evaluation(cfg: EvaluateConfig) -> dict:
     meta = verify_model(cfg.checkpoint)  # tampered or incomplete: one line, before Ray starts
     class_names = meta["class_names"]
     index = load_labeled_index(cfg.data, class_names=class_names)
-    max_bytes = storage.max_object_bytes(cfg.max_object_mb)
+    max_bytes = objects.max_object_bytes(cfg.max_object_mb)
     p = predict_labeled(cfg.checkpoint, index, cfg.batch_size, cfg.concurrency, cfg.num_gpus, cfg.runtime, "evaluate", max_bytes)
     k = len(class_names)
     calibration = Calibration.of(meta)

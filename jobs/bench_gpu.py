@@ -76,11 +76,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     from distcls import init_ray, storage
-    from distcls.config import BenchConfig
     from distcls.tools.bench import table
     from distcls.tools.bench.harness import machine
     from distcls.tools.bench.label import bench_label
     from distcls.tools.bench.train import bench_train
+    from distcls.tools.config import BenchConfig
     from distcls.tools.s3server import S3Server, restore_env, use_server_env
 
     started = time.perf_counter()

@@ -134,7 +134,7 @@ def alive_replicas(app: str, deployment: str = "ImageClassifier") -> dict[int, o
 def tiny_fashion_mnist(bucket: str, train_per_class: int = 8, val_per_class: int = 4) -> dict[str, str]:
     """The tests' Fashion-MNIST (real images) under `bucket`: a few training images per class from the train
     split, a few validation images per class from the test split. -> {"train": URI, "val": URI}."""
-    from distcls.config import FashionMnistConfig
+    from distcls.tools.config import FashionMnistConfig
     from distcls.tools.fmnist import write_fashion_mnist
 
     write_fashion_mnist(

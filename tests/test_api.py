@@ -172,7 +172,7 @@ def test_a_bad_image_raises_naming_it_or_returns_an_error_item(model, png, bad_i
 
 
 def test_paths_are_read_as_the_jobs_read_objects(ckpt, png, tmp_path):
-    """storage.read_object's checks: regular files only, within max_object_mb."""
+    """objects.read_object's checks: regular files only, within max_object_mb."""
     (tmp_path / "cat.png").write_bytes(png)
     small = distcls.load_model(ckpt, "torch", device="cpu", max_object_mb=len(png) / 2**20 / 2)
     results = small.classify([str(tmp_path), tmp_path / "cat.png", png], errors="return")

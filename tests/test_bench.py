@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from distcls.config import FASHION_MNIST_DEFAULT_DIR
+from distcls.tools.config import FASHION_MNIST_DEFAULT_DIR
 
 
 @pytest.mark.slow  # ~4 min: every benchmark in miniature (train, label, serve, autoscale, transfer, recipe)

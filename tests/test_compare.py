@@ -6,7 +6,8 @@ import os
 import pytest
 
 from distcls.cli import main
-from distcls.config import FASHION_MNIST_DEFAULT_DIR, CompareConfig, ConfigError
+from distcls.config import CompareConfig, ConfigError
+from distcls.tools.config import FASHION_MNIST_DEFAULT_DIR
 from distcls.tools.fmnist import CLASS_NAMES
 from tests.conftest import make_checkpoint, tiny_fashion_mnist
 

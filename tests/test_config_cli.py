@@ -7,7 +7,8 @@ import pytest
 
 from distcls import DistclsError
 from distcls.cli import build_parser, main
-from distcls.config import FashionMnistConfig, S3ServerConfig, load_config
+from distcls.config import load_config
+from distcls.tools.config import FashionMnistConfig, S3ServerConfig
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:

@@ -8,7 +8,7 @@ import sys
 import pyarrow.parquet as pq
 import pytest
 
-from distcls.config import FASHION_MNIST_DEFAULT_DIR
+from distcls.tools.config import FASHION_MNIST_DEFAULT_DIR
 
 
 @pytest.mark.skipif(not os.path.isdir(FASHION_MNIST_DEFAULT_DIR), reason="needs dataset-fashion-mnist")

@@ -14,10 +14,11 @@ from torchvision.transforms import functional as TF
 from distcls import DistclsError, storage
 from distcls.checkpoint import load_checkpoint, read_meta
 from distcls.cli import main
-from distcls.config import FASHION_MNIST_DEFAULT_DIR, ConfigError, DistillConfig, load_config
-from distcls.distill import run_distillation
+from distcls.config import ConfigError, DistillConfig, load_config
 from distcls.models import create_model
+from distcls.tools.config import FASHION_MNIST_DEFAULT_DIR
 from distcls.tools.fmnist import CLASS_NAMES
+from distcls.train.distill import run_distillation
 from distcls.train.loop import masked_loss, train_one_epoch
 from distcls.train.objectives import Teacher, distillation_loss, soft_target_loss
 from distcls.transforms import PreprocessSpec, preprocess_bytes

@@ -13,7 +13,8 @@ import pytest
 
 from distcls import DistclsError, storage
 from distcls.checkpoint import META, WEIGHTS, verify_checkpoint
-from distcls.config import FASHION_MNIST_DEFAULT_DIR, TrainConfig
+from distcls.config import TrainConfig
+from distcls.tools.config import FASHION_MNIST_DEFAULT_DIR
 from distcls.train.trainer import run_training
 from tests.conftest import tiny_fashion_mnist, tiny_train_config
 

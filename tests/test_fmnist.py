@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from distcls import DistclsError, storage
-from distcls.config import FASHION_MNIST_DEFAULT_DIR, FashionMnistConfig
+from distcls.tools.config import FASHION_MNIST_DEFAULT_DIR, FashionMnistConfig
 from distcls.tools.fmnist import CLASS_NAMES, existing_copy, load_split, parse_idx, write_fashion_mnist
 
 pytestmark = pytest.mark.skipif(

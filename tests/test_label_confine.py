@@ -14,9 +14,11 @@ import pytest
 from distcls import DistclsError, storage
 from distcls.cli import main
 from distcls.config import LabelConfig
+from distcls.label.confine import OUTSIDE, paths_under_root, source_root
 from distcls.label.job import open_plan
+from distcls.label.manifest import Source
 from distcls.label.parts import PART_PREFIX
-from distcls.label.plan import OUTSIDE, Source, StoredPlan, make_listers, paths_under_root, plan_blocks, source_root
+from distcls.label.plan import StoredPlan, make_listers, plan_blocks
 from tests.conftest import make_checkpoint
 from tests.test_label_scale import crops, read_rows
 from tests.test_label_scale import write_part as write_fake_part

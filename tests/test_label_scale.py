@@ -18,8 +18,9 @@ from distcls import DistclsError, storage
 from distcls.cli import main
 from distcls.config import LabelConfig
 from distcls.label import done_paths, existing_parts, label_status, output_schema, run_labeling
+from distcls.label.manifest import Source, manifest_listers
 from distcls.label.parts import PART_PREFIX
-from distcls.label.plan import LIST_HOLD_ENV, Source, iter_keys, manifest_listers
+from distcls.label.plan import LIST_HOLD_ENV, iter_keys
 
 
 @pytest.fixture(scope="module")
@@ -137,7 +138,7 @@ def test_manifest_formats_give_the_same_keys(tmp_path):
         listers = manifest_listers(str(tmp_path / "inv" / "manifest.json"))
         assert [lst.uris[0] for lst in listers] == [f"s3://inventory/data/{f}" for f in files]
     # Inventory data files are read from the destination bucket: check the readers on the local copies.
-    from distcls.label.plan import iter_inventory
+    from distcls.label.manifest import iter_inventory
 
     schema = json.dumps({"schema": ["Bucket", "Key", "Size"], "bucket": "bkt"})
     assert list(iter_inventory(str(data / "one.csv.gz"), "inventory-csv:" + schema)) == [f"s3://bkt/in/{k}" for k in keys[:3]]

@@ -1,4 +1,4 @@
-"""Reads of image objects (storage.read_object): only under a root when one is given, only regular files
+"""Reads of image objects (objects.read_object): only under a root when one is given, only regular files
 (a FIFO never blocks, a device is never read), never past the byte limit (on S3 judged before the body);
 and `distcls review`, which reads what a labels file names, on such inputs: real files, FIFOs, symlinks, the
 real S3 server and the real CLI in a process of its own (SIGTERM included)."""
@@ -25,9 +25,10 @@ from PIL import Image
 
 from distcls import storage
 from distcls.datasets import decode_sample, load_images
+from distcls.label.manifest import Source
 from distcls.label.parts import output_schema
-from distcls.label.plan import Source, StoredPlan
-from distcls.storage import ObjectReadError, read_object
+from distcls.label.plan import StoredPlan
+from distcls.objects import ObjectReadError, read_object
 from distcls.transforms import PreprocessSpec
 from tests.conftest import encode
 
@@ -211,7 +212,7 @@ def test_review_reads_only_under_the_plans_source(tree, tmp_path):
 
 
 def test_review_tile_for_a_path_outside_the_root():
-    from distcls.review import thumbnail
+    from distcls.plots import thumbnail
 
     for path in ("/etc/hostname", "/nonexistent/a.png"):
         assert thumbnail(path, root="/nonexistent-root") == (None, "not read\noutside root")
@@ -219,7 +220,7 @@ def test_review_tile_for_a_path_outside_the_root():
 
 def test_review_without_a_plan_reads_nothing(tree, tmp_path):
     from distcls.config import ReviewConfig
-    from distcls.review import run_review
+    from distcls.curate.review import run_review
 
     root, _ = tree
     labels = write_labels(tmp_path / "labels", [str(root / "a.png")], None)

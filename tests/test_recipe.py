@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from distcls.config import ConfigError, TrainConfig
-from distcls.recipe import (
+from distcls.train.recipe import (
     CACHE_BUDGET_BYTES,
     FULL_AUGMENT_STEPS,
     FULL_CROP_MIN,

@@ -11,8 +11,9 @@ import pytest
 from distcls import DistclsError, storage
 from distcls.checkpoint import WEIGHTS, verify_checkpoint
 from distcls.cli import main
-from distcls.config import FASHION_MNIST_DEFAULT_DIR, TrainConfig
+from distcls.config import TrainConfig
 from distcls.models import default_spec
+from distcls.tools.config import FASHION_MNIST_DEFAULT_DIR
 from distcls.train.resume import TRAIN_STATE, compare_with_checkpoint, list_checkpoints
 from distcls.train.trainer import run_training
 from tests.conftest import tiny_fashion_mnist

@@ -16,7 +16,7 @@ import pytest
 
 from distcls import storage
 from distcls.cli import main
-from distcls.config import FASHION_MNIST_DEFAULT_DIR
+from distcls.tools.config import FASHION_MNIST_DEFAULT_DIR
 from tests.conftest import tiny_fashion_mnist
 from tests.faultproxy import FAULTS, FaultProxy
 

@@ -13,10 +13,11 @@ import torch
 from distcls import DistclsError, storage
 from distcls.checkpoint import checkpoint_id, load_checkpoint, read_meta, save_checkpoint
 from distcls.cli import main
-from distcls.config import FASHION_MNIST_DEFAULT_DIR, SoupConfig
+from distcls.config import SoupConfig
 from distcls.datasets import load_images, load_labeled_index
 from distcls.models import Classifier, create_model
-from distcls.soup import average_state_dicts, run_soup
+from distcls.tools.config import FASHION_MNIST_DEFAULT_DIR
+from distcls.train.soup import average_state_dicts, run_soup
 from distcls.transforms import normalize
 from tests.conftest import make_checkpoint, tiny_fashion_mnist
 

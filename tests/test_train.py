@@ -11,8 +11,9 @@ import torch
 from distcls import DistclsError, storage
 from distcls.checkpoint import checkpoint_id, load_checkpoint, read_meta
 from distcls.cli import main
-from distcls.config import FASHION_MNIST_DEFAULT_DIR, TrainConfig
+from distcls.config import TrainConfig
 from distcls.models import create_model
+from distcls.tools.config import FASHION_MNIST_DEFAULT_DIR
 from distcls.train.trainer import run_training
 from tests.conftest import tiny_fashion_mnist, tiny_train_config
 

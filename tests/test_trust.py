@@ -17,9 +17,10 @@ from PIL import Image
 from distcls import read_labels, storage
 from distcls.checkpoint import checkpoint_id, read_meta
 from distcls.cli import main
-from distcls.config import FASHION_MNIST_DEFAULT_DIR, ServeConfig
+from distcls.config import ServeConfig
 from distcls.scores import Calibration
 from distcls.serving import start
+from distcls.tools.config import FASHION_MNIST_DEFAULT_DIR
 from distcls.tools.s3server import free_port
 from tests.conftest import make_checkpoint, tiny_fashion_mnist
 
@@ -219,7 +220,7 @@ def test_dedup_finds_planted_copies_and_leakage(fm, tmp_path):
 def test_find_label_issues_ranks_planted_flips_first(tmp_path, ray_local):
     """Three easy Fashion-MNIST classes, 24 images each; 6 labels flipped to another class (seeded). Two
     folds of a short fine-tune: the flips get lower label quality and cleanlab flags some of them."""
-    from distcls.config import FashionMnistConfig
+    from distcls.tools.config import FashionMnistConfig
     from distcls.tools.fmnist import write_fashion_mnist
 
     write_fashion_mnist(FashionMnistConfig(out=str(tmp_path / "fm"), limit_per_class=24, splits=("train",)), progress=False)

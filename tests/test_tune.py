@@ -34,7 +34,7 @@ def tune_config(fm: dict, storage: str, **kw) -> TuneConfig:
 
 
 def test_tune_runs_asha_trials_resumes_them_and_soups(ray_local, tmp_path, monkeypatch, capsys):
-    from distcls.tune import run_tune
+    from distcls.train.tune import run_tune
 
     fm = tiny_fashion_mnist(str(tmp_path / "data"))
     runs = str(tmp_path / "runs")
@@ -91,7 +91,7 @@ def test_tune_config_refusals(tmp_path):
         TuneConfig(data="x", epochs=(2, 3), grace_period=4)
     with pytest.raises(ConfigError, match="--resume True: needs --name"):
         TuneConfig(data="x", resume=True)
-    from distcls.tune import run_tune
+    from distcls.train.tune import run_tune
 
     with pytest.raises(DistclsError, match="nothing to resume"):
         run_tune(TuneConfig(data=str(tmp_path), storage=str(tmp_path / "runs"), name="none", resume=True, trust_tune_state=True))
@@ -99,7 +99,7 @@ def test_tune_config_refusals(tmp_path):
 
 def test_without_val_data_trials_train_and_are_scored_on_two_disjoint_parts(tmp_path):
     from distcls.datasets import load_labeled_index
-    from distcls.tune import base_train_config, split_manifests
+    from distcls.train.tune import base_train_config, split_manifests
 
     fm = tiny_fashion_mnist(str(tmp_path / "data"))
     cfg = TuneConfig(data=fm["train"], storage=str(tmp_path / "runs"), name="s")

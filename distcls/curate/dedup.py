@@ -254,7 +254,7 @@ def run_dedup(cfg: DedupConfig) -> dict:
         "seconds": round(time.perf_counter() - started, 2),
     }
     storage.write_text(storage.join_uri(cfg.out, "dedup.json"), json.dumps(summary, indent=2))
-    from distcls.review import default_root
+    from distcls.curate.review import default_root
 
     roots = (default_root(cfg.embeddings), default_root(cfg.against) if cfg.against else None)
     roots_of = [roots[0]] * len(paths) + [roots[1]] * (len(all_paths) - len(paths))
@@ -269,7 +269,7 @@ def groups_sheet(
     input its _plan.json names), as `distcls review` reads them."""
     from PIL import Image
 
-    from distcls.review import NO_ROOT, THUMB, map_interruptible, thumbnail, tile
+    from distcls.plots import NO_ROOT, THUMB, map_interruptible, thumbnail, tile
 
     shown = [g[:max_members] for g in groups[:max_groups]]
     members = [m for g in shown for m in g]

@@ -27,7 +27,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 from distcls import DistclsError, storage
-from distcls.config import FindLabelIssuesConfig, TrainConfig
+from distcls.config import FindLabelIssuesConfig, TrainConfig, from_config
 from distcls.datasets import LabeledIndex, load_labeled_index
 
 SHEET_MAX = 60
@@ -55,17 +55,13 @@ def write_manifest(uri: str, index: LabeledIndex, rows: np.ndarray) -> str:
 
 
 def fold_config(cfg: FindLabelIssuesConfig, train_manifest: str, val_manifest: str, k: int) -> TrainConfig:
-    return TrainConfig(
+    """Fold k's `distcls train` run: the training fields of `cfg` (model, weights, epochs, image_size, batch_size,
+    num_workers, lr, seed), on the other folds, scored on fold k."""
+    return from_config(
+        TrainConfig,
+        cfg,
         data=train_manifest,
         val_data=val_manifest,
-        model=cfg.model,
-        weights=cfg.weights,
-        epochs=cfg.epochs,
-        image_size=cfg.image_size,
-        batch_size=cfg.batch_size,
-        num_workers=cfg.num_workers,
-        lr=cfg.lr,
-        seed=cfg.seed,
         storage=storage.join_uri(cfg.out, "folds"),
         name=f"fold-{k}",
         keep=1,
@@ -75,7 +71,7 @@ def fold_config(cfg: FindLabelIssuesConfig, train_manifest: str, val_manifest: s
 def run_fold(cfg: FindLabelIssuesConfig, index: LabeledIndex, fold: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """Train on the other folds, predict fold k: (rows of fold k that decoded, calibrated probabilities)."""
     from distcls.checkpoint import read_meta
-    from distcls.evaluate import predict_labeled
+    from distcls.infer.labeled import predict_labeled
     from distcls.scores import Calibration, probabilities
     from distcls.train.trainer import run_training
 
@@ -198,7 +194,7 @@ def run_find_label_issues(cfg: FindLabelIssuesConfig) -> dict:
 
 
 def issues_sheet(rows: list[dict]) -> bytes:
-    from distcls.review import contact_sheet, thumbnails
+    from distcls.plots import contact_sheet, thumbnails
 
     thumbs = thumbnails([r["path"] for r in rows])
     return contact_sheet(rows, thumbs, "quality")

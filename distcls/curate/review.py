@@ -6,7 +6,7 @@ calibrated top-1 probability first). `--per-class` takes the N most doubtful row
 instead of N overall. Rows with an `error` have no prediction and are left out.
 
 Output in --out: review.parquet (the chosen rows, ranked, with `rank`), contact_sheet.png (thumbnails with
-label and score, in rank order; the first SHEET_MAX rows) and index.html (every chosen row; thumbnails
+label and score, in rank order; the first plots.SHEET_MAX rows) and index.html (every chosen row; thumbnails
 inlined, so the page opens from disk with no access to the bucket). Images are read and decoded with the
 same limits as labeling; one that cannot be read gets a grey tile saying so.
 
@@ -22,15 +22,12 @@ import base64
 import html
 import io
 import json
-import queue
-import threading
-from collections.abc import Callable
 
 import numpy as np
 
-from distcls import DistclsError, storage
+from distcls import DistclsError, objects, storage
 from distcls.config import ReviewConfig
-from distcls.images import ImageDecodeError, decode_image
+from distcls.plots import NO_ROOT, NOT_READ, contact_sheet, thumbnails, tile
 
 ORDER = {  # --by -> (column, ascending)
     "margin": ("margin", True),
@@ -38,11 +35,6 @@ ORDER = {  # --by -> (column, ascending)
     "ood": ("ood_score", False),
     "score": ("score", True),
 }
-THUMB = 112  # px, the longer side
-NOT_READ = "not read"  # a tile's first line for an object that was refused (outside --root, not a file, too large)
-NO_ROOT = f"{NOT_READ}\nno --root"  # the tile when no root is known: nothing is read
-SHEET_COLUMNS = 10
-SHEET_MAX = 200
 
 
 def ranked_rows(table, by: str, n: int, per_class: bool):
@@ -77,92 +69,11 @@ def default_root(labels: str) -> str | None:
 
     uri = storage.join_uri(labels, PLAN_DIR, PLAN_META)
     try:
-        source = json.loads(storage.read_object(uri, 1 << 20)).get("source") or {}  # bounded, never blocks
+        source = json.loads(objects.read_object(uri, 1 << 20)).get("source") or {}  # bounded, never blocks
     except (DistclsError, ValueError, AttributeError):
         return None
     root = source.get("input")
     return root if isinstance(root, str) and root else None
-
-
-def thumbnail(path: str, root: str | None = None, max_bytes: int | None = None) -> tuple[np.ndarray | None, str]:
-    """(RGB thumbnail, "") or (None, the tile's text) for one image URI (read only under `root` when given)."""
-    try:
-        img = decode_image(storage.read_object(path, max_bytes, root=root), draft_size=(THUMB * 2, THUMB * 2))
-    except ImageDecodeError as exc:
-        return None, f"unreadable\n{exc.kind}"
-    except storage.ObjectReadError as exc:
-        return None, f"{NOT_READ}\n{exc.kind.replace('_', ' ')}"
-    except DistclsError as exc:
-        return None, "unreadable\n" + str(exc).split(";")[0][:60]
-    img.thumbnail((THUMB, THUMB))
-    return np.asarray(img.convert("RGB")), ""
-
-
-def thumbnails(
-    paths: list[str], root: str | None = None, max_bytes: int | None = None, workers: int = 16
-) -> list[tuple[np.ndarray | None, str]]:
-    """thumbnail() of each path, read by `workers` threads (with `root`: only under it)."""
-    return map_interruptible(lambda p: thumbnail(p, root, max_bytes), paths, workers)
-
-
-def map_interruptible(fn: Callable, items: list, workers: int) -> list:
-    """[fn(x) for x in items] on daemon threads: Ctrl-C or SIGTERM stops the caller at once, even while a
-    read hangs (a ThreadPoolExecutor would wait for it on the way out, and again at exit)."""
-    todo: queue.SimpleQueue = queue.SimpleQueue()
-    for i in range(len(items)):
-        todo.put(i)
-    results: list = [None] * len(items)
-    failed: list[BaseException] = []
-
-    def work() -> None:
-        while not failed:
-            try:
-                i = todo.get_nowait()
-            except queue.Empty:
-                return
-            try:
-                results[i] = fn(items[i])
-            except BaseException as exc:  # handed to the caller
-                failed.append(exc)
-
-    threads = [threading.Thread(target=work, daemon=True) for _ in range(max(1, min(workers, len(items))))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    if failed:
-        raise failed[0]
-    return results
-
-
-def tile(thumb: np.ndarray | None, why: str):
-    from PIL import Image, ImageDraw
-
-    if thumb is not None:
-        return Image.fromarray(thumb)
-    img = Image.new("RGB", (THUMB, THUMB), (200, 200, 200))
-    ImageDraw.Draw(img).text((6, THUMB // 2 - 6), why[:40], fill=(60, 60, 60))
-    return img
-
-
-def contact_sheet(rows: list[dict], thumbs: list, column: str) -> bytes:
-    """A PNG grid: each cell the thumbnail, then rank, label and score, and the row's `column` value."""
-    from PIL import Image, ImageDraw
-
-    cells = list(zip(rows, thumbs))[:SHEET_MAX]
-    cols = min(SHEET_COLUMNS, max(1, len(cells)))
-    cell_w, cell_h = THUMB + 16, THUMB + 44
-    sheet = Image.new("RGB", (cols * cell_w, max(1, -(-len(cells) // cols)) * cell_h), "white")
-    draw = ImageDraw.Draw(sheet)
-    for i, (row, (thumb, why)) in enumerate(cells):
-        x, y = (i % cols) * cell_w + 8, (i // cols) * cell_h + 4
-        img = tile(thumb, why)
-        sheet.paste(img, (x + (THUMB - img.width) // 2, y + (THUMB - img.height) // 2))
-        draw.text((x, y + THUMB + 2), f"{row['rank']}. {str(row['label'])[:16]}", fill="black")
-        draw.text((x, y + THUMB + 16), f"{row['score']:.2f}  {column} {row[column]:.2f}", fill=(90, 90, 90))
-    buf = io.BytesIO()
-    sheet.save(buf, format="PNG", optimize=True)
-    return buf.getvalue()
 
 
 def data_uri(thumb: np.ndarray | None, why: str) -> str:
@@ -213,7 +124,7 @@ def run_review(cfg: ReviewConfig) -> dict:
     if root is None:  # nothing to judge paths by: no thumbnail is read
         thumbs = [(None, NO_ROOT) for _ in rows]
     else:
-        thumbs = thumbnails([r["path"] for r in rows], root, storage.max_object_bytes(cfg.max_object_mb))
+        thumbs = thumbnails([r["path"] for r in rows], root, objects.max_object_bytes(cfg.max_object_mb))
     buf = io.BytesIO()
     pq.write_table(chosen, buf)
     storage.write_bytes(storage.join_uri(cfg.out, "review.parquet"), buf.getvalue())

@@ -5,6 +5,7 @@ runs models through here.
 - `engine`: `load_model(uri, runtime, device, threads) -> Predictor` and the runtime/device policy.
 - `onnxrt`: the onnxruntime session, compiling checkpoints to ONNX, the compile cache.
 - `batch`: the Ray Data batch predictor; the endpoint's form of one prediction.
+- `labeled`: a model over a labeled index (`predict_labeled`), what evaluate, calibrate and find-label-issues run.
 """
 
 from distcls.infer.batch import BatchPredictor, predict_dataset, top_prediction

@@ -13,13 +13,14 @@ the numbers of POST /v1/classify, `info` those of GET /v1/model.
 
 from __future__ import annotations
 
+import math
 import os
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 from PIL import Image, ImageOps
 
-from distcls import DistclsError, storage
+from distcls import DistclsError, objects
 from distcls.images import ImageDecodeError, _to_rgb, out_of_memory
 from distcls.infer.batch import top_prediction
 from distcls.scores import Calibration, resolve_unknown
@@ -49,7 +50,7 @@ class Model:
         self.predictor = predictor
         self.calibration = Calibration.of(predictor.meta)
         self.unknown_above = unknown_above
-        self.max_object_bytes = storage.DEFAULT_MAX_OBJECT_BYTES if max_object_bytes is None else max_object_bytes
+        self.max_object_bytes = objects.DEFAULT_MAX_OBJECT_BYTES if max_object_bytes is None else max_object_bytes
 
     @property
     def class_names(self) -> list[str]:
@@ -137,11 +138,11 @@ def load_model(
 
     predictor = load_predictor(os.fspath(uri), runtime, device, threads)
     threshold = resolve_unknown(unknown, Calibration.of(predictor.meta), "load_model")
-    return Model(predictor, threshold, storage.max_object_bytes(max_object_mb))
+    return Model(predictor, threshold, objects.max_object_bytes(max_object_mb))
 
 
 def model_info(predictor, unknown_above: float | None) -> dict:
-    """A loaded model as GET /v1/model describes it."""
+    """A loaded model as GET /v1/model describes it (the endpoint's classifier answers with this)."""
     return {
         "id": predictor.id,
         "architecture": predictor.meta["architecture"],
@@ -149,10 +150,30 @@ def model_info(predictor, unknown_above: float | None) -> dict:
         "num_classes": len(predictor.class_names),
         "preprocessing": predictor.meta["preprocessing"],
         "created": predictor.meta.get("created_at"),
-        "calibration": predictor.meta.get("calibration"),
+        "calibration": calibration_numbers(predictor.meta),
         "unknown_above": unknown_above,
         **predictor.describe(),
     }
+
+
+def calibration_numbers(meta: dict) -> dict | None:
+    """The calibration record's finite numbers (temperature, threshold, ECE...), never its strings (the
+    data URI it was fitted on names buckets)."""
+    record = meta.get("calibration")
+    if not isinstance(record, dict):
+        return None
+    return {k: v for k, v in record.items() if isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)}
+
+
+def non_finite(value) -> bool:
+    """Whether a prediction or model description holds a NaN or an infinity anywhere (JSON has neither)."""
+    if isinstance(value, float):
+        return not math.isfinite(value)
+    if isinstance(value, dict):
+        return any(non_finite(v) for v in value.values())
+    if isinstance(value, list | tuple):
+        return any(non_finite(v) for v in value)
+    return False
 
 
 # --- inputs -> model inputs -------------------------------------------------------------------------------
@@ -208,7 +229,7 @@ def prepare_all(items: list, spec: PreprocessSpec, max_bytes: int) -> list[tuple
 def prepare(item, spec: PreprocessSpec, max_bytes: int) -> tuple[np.ndarray | None, tuple[str, str] | None]:
     try:
         if isinstance(item, (str, os.PathLike)):
-            item = storage.read_object(os.fspath(item), max_bytes)  # regular files only, within max_bytes
+            item = objects.read_object(os.fspath(item), max_bytes)  # regular files only, within max_bytes
         if isinstance(item, (bytes, bytearray, memoryview)):
             return preprocess_bytes(bytes(item), spec), None
         if isinstance(item, np.ndarray):
@@ -216,7 +237,7 @@ def prepare(item, spec: PreprocessSpec, max_bytes: int) -> tuple[np.ndarray | No
         return pil_input(item, spec), None
     except ImageDecodeError as exc:
         return None, (exc.kind, exc.message)
-    except storage.ObjectReadError as exc:  # not_a_file, too_large
+    except objects.ObjectReadError as exc:  # not_a_file, too_large
         return None, (exc.kind, str(exc))
     except DistclsError as exc:  # storage: missing, unreachable, denied
         return None, ("read_error", str(exc))

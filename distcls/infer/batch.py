@@ -37,7 +37,7 @@ class BatchPredictor:
             )
         self.num_classes = len(self.predictor.meta["class_names"])
         self.embeddings = embeddings
-        self.max_bytes = max_bytes  # image objects read by DecodeAndPredict (None: storage's default limit)
+        self.max_bytes = max_bytes  # image objects read by DecodeAndPredict (None: objects.DEFAULT_MAX_OBJECT_BYTES)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         ok = np.fromiter((not e for e in batch["error"]), dtype=bool, count=len(batch["error"]))

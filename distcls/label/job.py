@@ -19,26 +19,25 @@ from collections import Counter
 
 import numpy as np
 
-from distcls import DistclsError, storage
+from distcls import DistclsError, objects, storage
 from distcls.checkpoint import checkpoint_id
 from distcls.config import LabelConfig
 from distcls.datasets import decode_sample, load_images
 from distcls.infer import is_export, predict_dataset, verify_model
+from distcls.label.confine import confine, source_root
+from distcls.label.manifest import Source
 from distcls.label.parts import SUCCESS, OutputStats, check_not_nested, done_snapshot, output_schema, write_parts
 from distcls.label.plan import (
     BLOCK_BYTES,
     LIST_HOLD_ENV,
     TEST_BLOCK_BYTES,
-    Source,
     StoredPlan,
     UnreadablePlan,
-    confine,
     iter_keys,
     make_listers,
     now,
     plan_datasource,
     plan_dir,
-    source_root,
 )
 from distcls.runtime import init_ray
 from distcls.scores import UNKNOWN, Calibration, resolve_unknown, score
@@ -237,7 +236,7 @@ def prepare_in_ray(cfg: LabelConfig, sample_paths: list[str], spec: PreprocessSp
         from distcls.infer.engine import prepare_runtime
 
         runtime = "torch" if cfg.embeddings else cfg.runtime  # the pooled features come from the torch model
-        sample = decode_sample(sample_paths, spec, max_bytes=storage.max_object_bytes(cfg.max_object_mb))
+        sample = decode_sample(sample_paths, spec, max_bytes=objects.max_object_bytes(cfg.max_object_mb))
         return prepare_runtime(cfg.checkpoint, runtime, cfg.num_gpus > 0, sample)
 
     try:
@@ -293,7 +292,7 @@ def run_pipeline(
 
         ds = ds.map_batches(
             load_images,
-            fn_kwargs={"spec": spec, "max_bytes": storage.max_object_bytes(cfg.max_object_mb)},
+            fn_kwargs={"spec": spec, "max_bytes": objects.max_object_bytes(cfg.max_object_mb)},
             batch_size=ROWS_PER_BLOCK,
             batch_format="numpy",
             num_cpus=DECODE_CPUS,
@@ -309,7 +308,7 @@ def run_pipeline(
         decode=fused,
         expected_model=checkpoint_id(meta),
         embeddings=cfg.embeddings,
-        max_bytes=storage.max_object_bytes(cfg.max_object_mb),
+        max_bytes=objects.max_object_bytes(cfg.max_object_mb),
     )
     ds = ds.map_batches(
         write_part,

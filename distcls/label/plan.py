@@ -11,32 +11,24 @@ The plan is complete when every lister has its done marker. A lister lists one t
 parallel and each streams its keys, so the driver never holds the key list and labeling starts with the
 first page.
 
-Nothing in a manifest or in OUTPUT/_plan is trusted: every path is confined (`confine`, vectorised on the
-Arrow column) to the job's root before it can be read: --input; without it an S3 Inventory's sourceBucket,
-or the scheme and bucket of a manifest's first path. A path outside gets an `outside_input` error row.
+What a job lists (Source, Lister, the manifest readers) is in manifest.py; every block a lister writes is
+confined to the job's root first (confine.py): nothing in a manifest or in OUTPUT/_plan is trusted.
 """
 
 from __future__ import annotations
 
-import csv
 import datetime as dt
-import fnmatch
-import gzip
-import hashlib
 import io
 import json
 import os
-import posixpath
 import time
-import urllib.parse
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 
-import numpy as np
-
 from distcls import DistclsError, storage
-from distcls.images import IMAGE_EXTENSIONS
+from distcls.label.confine import confine
+from distcls.label.manifest import Lister, Source, iter_manifest, manifest_listers
 
 PLAN_DIR = "_plan"
 PLAN_META = "_plan.json"
@@ -45,47 +37,14 @@ PLAN_META = "_plan.json"
 # each block goes on as soon as it is listed (~16,000 keys of 80 bytes).
 BLOCK_BYTES = 1 << 20
 TEST_BLOCK_BYTES = 16 << 10  # with the test hook: blocks of a few hundred keys
-BLOCK_ROWS = 10_000  # rows per batch when a manifest is read
 MAX_LISTERS = 32  # top-level prefixes are grouped onto at most this many listers
 MAX_TOP_LEVEL = 10_000  # a top level wider than this (a flat bucket) is listed by one lister, page by page
 S3_PAGE = 1000  # keys per LIST request (the S3 maximum)
 BAD_NAME = "bad_name: the file name is not valid UTF-8 (shown with \\x escapes); rename it to label it"
-OUTSIDE = "outside_input"
-DOT_SEGMENT = r"/\.\.?(/|$)"  # a `.` or `..` segment: such paths are normalised (in Python) before the check
 # Test hook, not a user option: "1" makes each lister, after its first block, wait (up to HOLD_S) until the
 # output has a part, so a test can see labeling start while listing runs. Read in the driver, passed on.
 LIST_HOLD_ENV = "DISTCLS_TEST_LIST_HOLD"
 HOLD_S = 120
-
-
-@dataclass(frozen=True)
-class Source:
-    """What a job labels: everything under `input` (by extension, or `include`), or a manifest's keys."""
-
-    input: str | None
-    include: str | None = None
-    manifest: str | None = None
-
-    def wants(self, path: str) -> bool:
-        if self.include:
-            name = path.rsplit("/", 1)[-1]
-            below = path[len(self.input.rstrip("/")) + 1 :] if self.input and path.startswith(self.input) else path
-            return fnmatch.fnmatch(below, self.include) or fnmatch.fnmatch(name, self.include)
-        return path.lower().endswith(IMAGE_EXTENSIONS)
-
-
-@dataclass(frozen=True)
-class Lister:
-    """One read task of the plan: `kind` tree (everything below each uri), files (the files directly in uri),
-    or manifest (a key list: format csv, parquet, jsonl, inventory-csv, inventory-parquet)."""
-
-    kind: str
-    uris: tuple[str, ...]
-    format: str = ""
-
-    @property
-    def id(self) -> str:
-        return hashlib.sha256(json.dumps([self.kind, self.uris, self.format]).encode()).hexdigest()[:16]
 
 
 def plan_dir(output: str) -> str:
@@ -157,117 +116,6 @@ def top_level_s3(path: str) -> tuple[list[str] | None, bool]:
     return dirs, has_files
 
 
-def manifest_listers(uri: str) -> list[Lister]:
-    """A CSV, Parquet or JSONL key list (one lister), or an S3 Inventory manifest.json (one per data file)."""
-    if uri.endswith("manifest.json"):
-        return inventory_listers(uri)
-    name = uri.lower().removesuffix(".gz")
-    for ext, fmt in ((".csv", "csv"), (".parquet", "parquet"), (".jsonl", "jsonl"), (".ndjson", "jsonl"), (".json", "jsonl")):
-        if name.endswith(ext):
-            if not storage.exists(uri):
-                raise DistclsError(f"label: --manifest {uri} does not exist; check the URI")
-            return [Lister("manifest", (uri,), fmt)]
-    raise DistclsError(
-        f"label: --manifest {uri}: unknown format; give a .csv, .parquet or .jsonl key list "
-        "(a path or key column) or an S3 Inventory manifest.json"
-    )
-
-
-def read_inventory(uri: str) -> tuple[str, str, list[str], list[str], str]:
-    """An S3 Inventory manifest.json -> (format, destination bucket, data file keys, schema, source bucket)."""
-    try:
-        manifest = json.loads(storage.read_text(uri))
-        fmt = manifest["fileFormat"].lower()
-        dest = manifest["destinationBucket"].rsplit(":", 1)[-1]
-        files = [f["key"] for f in manifest["files"]]
-        schema = [c.strip() for c in manifest.get("fileSchema", "").split(",")]
-        source_bucket = manifest["sourceBucket"]
-        if not isinstance(source_bucket, str) or not source_bucket or "/" in source_bucket:
-            raise ValueError(f"sourceBucket {source_bucket!r} is not a bucket name")
-    except (ValueError, KeyError, TypeError, AttributeError) as exc:
-        raise DistclsError(f"label: --manifest {uri} is not an S3 Inventory manifest.json ({exc!r}); check the file") from None
-    if fmt not in ("csv", "parquet"):
-        raise DistclsError(f"label: --manifest {uri}: inventory format {fmt!r} is not supported; use CSV or Parquet")
-    return fmt, dest, files, schema, source_bucket
-
-
-def inventory_listers(uri: str) -> list[Lister]:
-    fmt, dest, files, schema, source_bucket = read_inventory(uri)
-    # The schema rides in the format string so that each lister reads its file alone.
-    detail = json.dumps({"schema": schema, "bucket": source_bucket})
-    return [Lister("manifest", (f"s3://{dest}/{key}",), f"inventory-{fmt}:{detail}") for key in files]
-
-
-# ---- confinement: the paths a job may read -----------------------------------------------------------------
-
-
-def source_root(source: Source) -> str | None:
-    """The prefix every path of the job must be under: --input; without it, an S3 Inventory's sourceBucket,
-    or the scheme and bucket of a manifest's first path (any local path when that is local: one scheme); None
-    when a manifest holds no path. An inventory with an --input outside its sourceBucket is refused. Cheap:
-    the driver reads manifest.json, or a key list's first batch."""
-    inventory = bool(source.manifest) and source.manifest.endswith("manifest.json")
-    bucket = read_inventory(source.manifest)[4] if inventory else None
-    if source.input:
-        root = storage.to_uri(*storage.split_uri(source.input))
-        if bucket and not root_prefix(root).startswith(f"s3://{bucket}/"):
-            raise DistclsError(
-                f"label: --input {source.input} is outside the S3 Inventory's sourceBucket s3://{bucket} "
-                f"({source.manifest}); give an --input under s3://{bucket}, or leave --input out"
-            )
-        return root
-    if bucket:
-        return f"s3://{bucket}"
-    listers = manifest_listers(source.manifest)
-    first = next((p for lister in listers for p in iter_manifest(lister.uris[0], lister.format, None)), None)
-    if first is None:
-        return None
-    scheme, path = storage.split_uri(first)
-    return "/" if scheme == "file" else f"{scheme}://{path.split('/', 1)[0]}"
-
-
-def root_prefix(root: str) -> str:
-    """What every path under `root` starts with: 's3://b/in/' for s3://b/in, '/data/in/' for a local root."""
-    scheme, path = storage.split_uri(root)
-    return path.rstrip("/") + "/" if scheme == "file" else f"{scheme}://{path}/"
-
-
-def paths_under_root(paths, root: str) -> np.ndarray:
-    """Which of `paths` (an Arrow string column) are under `root`, segment by segment (s3://b/in does not
-    admit s3://b/input2/x), as a bool array. Arrow compute does the work; the rare path with a `.` or `..`
-    segment is normalised (with duplicate slashes) in Python and must stay below the root too. A local root
-    admits absolute paths and file:// URIs only (a relative path would resolve against a worker's folder)."""
-    import pyarrow as pa
-    import pyarrow.compute as pc
-
-    paths = pa.chunked_array([paths]) if isinstance(paths, pa.Array) else paths
-    prefix = root_prefix(root)
-    if storage.split_uri(root)[0] == "file":
-        paths = pc.replace_substring_regex(paths, pattern="^file://", replacement="", max_replacements=1)
-    ok = np.array(pc.fill_null(pc.starts_with(paths, prefix), False).to_numpy(zero_copy_only=False), dtype=bool)
-    dotted = np.asarray(pc.fill_null(pc.match_substring_regex(paths, DOT_SEGMENT), False).to_numpy(zero_copy_only=False))
-    rows = np.flatnonzero(ok & dotted.astype(bool))
-    for i, path in zip(rows, paths.take(pa.array(rows, pa.int64())).to_pylist(), strict=True):
-        ok[i] = posixpath.normpath("r/" + path[len(prefix) :]).startswith("r/")  # `r`: the root itself
-    return ok
-
-
-def confine(table, root: str | None):
-    """(path, error) rows -> the same rows, those not under `root` with an `outside_input` error instead (a row
-    with an error is never read). `root` None (--allow-any-path) confines nothing."""
-    import pyarrow as pa
-    import pyarrow.compute as pc
-
-    if root is None or not len(table):
-        return table
-    outside = ~paths_under_root(table.column("path"), root)
-    if not outside.any():
-        return table
-    message = f"{OUTSIDE}: not under {root}, where this job's paths must be; not read (--allow-any-path reads it)"
-    error = pc.if_else(pa.array(outside), message, table.column("error").combine_chunks())
-    return table.set_column(table.schema.get_field_index("error"), "error", error)
-
-
 # ---- listing (inside the read tasks) ----------------------------------------------------------------------
 
 
@@ -321,105 +169,6 @@ def walk_s3(path: str, recursive: bool) -> Iterator[str]:
         for obj in page.get("Contents", []):
             if not obj["Key"].endswith("/"):
                 yield f"s3://{bucket}/{obj['Key']}"
-
-
-def iter_manifest(uri: str, fmt: str, root: str | None) -> Iterator[str]:
-    """Full URIs from a key list: a `path` column (full URIs), or a `key` column below --input."""
-    if fmt.startswith("inventory-"):
-        yield from iter_inventory(uri, fmt)
-        return
-    for column, values in iter_manifest_columns(uri, fmt):
-        if column == "key" and not root:
-            raise DistclsError(
-                f"label: --manifest {uri} has a key column; give --input, the prefix the keys are "
-                "under (or a path column of full URIs)"
-            )
-        for value in values:
-            if value:
-                yield storage.join_uri(root, value.lstrip("/")) if column == "key" else value
-
-
-def iter_manifest_columns(uri: str, fmt: str) -> Iterator[tuple[str, list[str]]]:
-    """(column name, values) per batch of a CSV / Parquet / JSONL key list, read as a stream: the first
-    batch (what `source_root` reads) does not read the whole file."""
-    fs, path = storage.get_filesystem(uri)
-    with storage.storage_errors(uri), fs.open(path, "rb") as raw:
-        stream = gzip.GzipFile(fileobj=raw) if uri.endswith(".gz") else raw
-        if stream is not raw and fmt == "parquet":  # the footer is at the end, where gzip cannot seek
-            stream = io.BytesIO(stream.read())
-        yield from manifest_batches(uri, fmt, stream)
-
-
-def manifest_batches(uri: str, fmt: str, stream) -> Iterator[tuple[str, list[str]]]:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    if fmt == "parquet":
-        reader = pq.ParquetFile(stream)
-        column = pick_column(uri, reader.schema_arrow.names)
-        for batch in reader.iter_batches(columns=[column], batch_size=BLOCK_ROWS):
-            yield column, batch.column(0).cast(pa.string()).to_pylist()
-        return
-    if fmt == "csv":
-        rows = csv.reader(io.TextIOWrapper(stream, encoding="utf-8", newline=""))
-        header = next(rows, None) or []
-        column = pick_column(uri, [h.strip() for h in header])
-        index = [h.strip() for h in header].index(column)
-        batch: list[str] = []
-        for row in rows:
-            if len(row) > index:
-                batch.append(row[index])
-            if len(batch) >= BLOCK_ROWS:
-                yield column, batch
-                batch = []
-        yield column, batch
-        return
-    batch, column = [], None
-    for n, line in enumerate(io.TextIOWrapper(stream, encoding="utf-8"), 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except ValueError:
-            raise DistclsError(f"label: --manifest {uri} line {n} is not JSON; fix the line") from None
-        column = column or pick_column(uri, list(record))
-        batch.append(record.get(column))
-        if len(batch) >= BLOCK_ROWS:
-            yield column, batch
-            batch = []
-    if column:
-        yield column, batch
-
-
-def pick_column(uri: str, names: list[str]) -> str:
-    for name in ("path", "key"):
-        if name in names:
-            return name
-    raise DistclsError(
-        f"label: --manifest {uri} has no path or key column (columns: {', '.join(names) or 'none'}); "
-        "name the column of URIs `path`, or of keys below --input `key`"
-    )
-
-
-def iter_inventory(uri: str, fmt: str) -> Iterator[str]:
-    """Keys of one S3 Inventory data file (CSV: gzip, no header, URL-encoded keys; Parquet: bucket/key columns)."""
-    import pyarrow.parquet as pq
-
-    detail = json.loads(fmt.split(":", 1)[1])
-    if fmt.startswith("inventory-parquet"):
-        table = pq.read_table(io.BytesIO(storage.read_bytes(uri)), columns=["bucket", "key"])
-        for bucket, key in zip(table.column("bucket").to_pylist(), table.column("key").to_pylist(), strict=True):
-            if key and not key.endswith("/"):
-                yield f"s3://{bucket}/{key}"
-        return
-    schema = [c.lower() for c in detail["schema"]]
-    b, k = schema.index("bucket"), schema.index("key")
-    data = storage.read_bytes(uri)
-    text = gzip.decompress(data) if data[:2] == b"\x1f\x8b" else data
-    for row in csv.reader(io.TextIOWrapper(io.BytesIO(text), encoding="utf-8", newline="")):
-        key = urllib.parse.unquote_plus(row[k])
-        if key and not key.endswith("/"):
-            yield f"s3://{row[b]}/{key}"
 
 
 # ---- the read tasks ---------------------------------------------------------------------------------------

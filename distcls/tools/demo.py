@@ -19,8 +19,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from distcls import storage
-from distcls.config import DemoConfig, FashionMnistConfig
 from distcls.datasets import LabeledIndex, load_labeled_index
+from distcls.tools.config import DemoConfig, FashionMnistConfig
 from distcls.tools.s3server import S3Server, free_port, restore_env, use_server_env
 
 CORRUPT_FILES = {  # name -> bytes: what a real "unlabeled" bucket also holds

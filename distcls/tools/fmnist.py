@@ -17,7 +17,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from distcls import DistclsError, storage
-from distcls.config import FASHION_MNIST_DEFAULT_DIR, FashionMnistConfig
+from distcls.tools.config import FASHION_MNIST_DEFAULT_DIR, FashionMnistConfig
 
 # The ten official class names (index order), made filesystem-safe.
 CLASS_NAMES = ("t-shirt_top", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "ankle_boot")

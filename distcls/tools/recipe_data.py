@@ -17,7 +17,7 @@ import numpy as np
 from PIL import Image
 
 from distcls import DistclsError, storage
-from distcls.config import FashionMnistConfig
+from distcls.tools.config import FashionMnistConfig
 
 DIGIT_NAMES = [str(i) for i in range(10)]
 

@@ -15,14 +15,14 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from distcls import DistclsError, storage
+from distcls import DistclsError, objects, storage
 from distcls.calibrate import calibrate_best_checkpoint
 from distcls.config import TrainConfig
 from distcls.datasets import LabeledIndex, build_dataset, format_counts, load_labeled_index, stratified_split
 from distcls.metrics import balanced_class_weights, effective_number_weights
 from distcls.models import default_spec
-from distcls.recipe import Recipe, choose_recipe
 from distcls.runtime import init_ray
+from distcls.train.recipe import Recipe, choose_recipe
 from distcls.train.resume import compare_with_checkpoint, find_restorable, latest_registered
 
 SCORE = "val_accuracy"
@@ -88,14 +88,14 @@ def sample_native_size(index: LabeledIndex, n: int = 16, max_bytes: int | None =
     sides = []
     for path in index.paths[:: max(1, len(index) // n)][:n]:
         try:
-            sides.append(min(open_image(storage.read_object(path, max_bytes)).size))
+            sides.append(min(open_image(objects.read_object(path, max_bytes)).size))
         except (ImageDecodeError, OSError, DistclsError):
             continue
     return int(np.median(sides)) if sides else None
 
 
 def resolve_recipe(cfg: TrainConfig, train: LabeledIndex) -> tuple[TrainConfig, Recipe]:
-    """The config with every adaptive flag the user left unset filled in (see distcls.recipe)."""
+    """The config with every adaptive flag the user left unset filled in (see distcls.train.recipe)."""
     spec = default_spec(cfg.model, cfg.image_size)
     recipe = choose_recipe(
         num_train=len(train),
@@ -104,7 +104,7 @@ def resolve_recipe(cfg: TrainConfig, train: LabeledIndex) -> tuple[TrainConfig, 
         num_workers=cfg.num_workers,
         image_size=spec.image_size,
         resize_size=spec.resize_size,
-        native_size=sample_native_size(train, max_bytes=storage.max_object_bytes(cfg.max_object_mb)),
+        native_size=sample_native_size(train, max_bytes=objects.max_object_bytes(cfg.max_object_mb)),
         pretrained=cfg.weights != "none",
         given={name: getattr(cfg, name) for name in RECIPE_FIELDS},
     )
@@ -171,7 +171,7 @@ def build_trainer(cfg: TrainConfig, train: LabeledIndex, val: LabeledIndex, extr
         spec,
         train=cfg.random_crops,
         shuffle_seed=cfg.seed,
-        max_bytes=storage.max_object_bytes(cfg.max_object_mb),
+        max_bytes=objects.max_object_bytes(cfg.max_object_mb),
     )
     if cfg.cache_data:
         train_ds = train_ds.materialize()  # decoded once into the object store; epochs read from memory

@@ -365,7 +365,7 @@ def summary_lines(rows: list[dict]) -> list[str]:
 
 def soup_top_trials(cfg: TuneConfig, run: str, rows: list[dict], val_data: str) -> dict | None:
     """--soup: the greedy soup of the best checkpoints of the top trials (best first), in <run>/soup."""
-    from distcls.soup import run_soup
+    from distcls.train.soup import run_soup
 
     top = [r["checkpoint"] for r in rows if r["checkpoint"]][: cfg.soup_top]
     out = storage.join_uri(run, "soup")

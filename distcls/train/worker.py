@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from safetensors.torch import load as load_safetensors
 
-from distcls import DistclsError, storage
+from distcls import DistclsError, objects, storage
 from distcls.checkpoint import write_local_checkpoint
 from distcls.config import DistillConfig, TrainConfig
 from distcls.datasets import ErrorTally, LabeledIndex, build_dataset
@@ -214,7 +214,7 @@ def train_func(config: dict) -> None:
         val_tally = ErrorTally()
         val = evaluate(
             w.evaluated,
-            val_batches(w.val_index, w.spec, w.cfg.batch_size * 2, val_tally, storage.max_object_bytes(w.cfg.max_object_mb)),
+            val_batches(w.val_index, w.spec, w.cfg.batch_size * 2, val_tally, objects.max_object_bytes(w.cfg.max_object_mb)),
             len(w.class_names),
             w.device,
             loss_fn=torch.nn.CrossEntropyLoss(),

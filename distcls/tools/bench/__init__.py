@@ -13,7 +13,7 @@ import os
 import tempfile
 
 from distcls import DistclsError, storage
-from distcls.config import BenchConfig
+from distcls.tools.config import BenchConfig
 from distcls.tools.s3server import S3Server, restore_env, use_server_env
 
 

@@ -22,8 +22,9 @@ import numpy as np
 import torch
 
 from distcls import storage
-from distcls.config import BenchConfig, LabelConfig
+from distcls.config import LabelConfig
 from distcls.infer import load_model, prepare_runtime
+from distcls.tools.config import BenchConfig
 from distcls.transforms import PreprocessSpec, preprocess_bytes
 
 RUNTIME_ROWS = ("torch", "onnx")

@@ -22,7 +22,8 @@ import time
 import numpy as np
 
 from distcls import storage
-from distcls.config import BenchConfig, EvaluateConfig, FashionMnistConfig, TrainConfig, TuneConfig
+from distcls.config import EvaluateConfig, TrainConfig, TuneConfig
+from distcls.tools.config import BenchConfig, FashionMnistConfig
 from distcls.tools.fmnist import CLASS_NAMES, encode_png, load_split, locate_source
 from distcls.tools.recipe_data import write_fashion_mnist_subset
 
@@ -160,7 +161,7 @@ def bench_modern(cfg: BenchConfig, root: str) -> dict:
 
 
 def bench_tune(cfg: BenchConfig, root: str) -> dict:
-    from distcls.tune import run_tune
+    from distcls.train.tune import run_tune
 
     data = f"{root}/fm{cfg.tune_per_class}"
     write_fashion_mnist_subset(data, cfg.tune_per_class, None)

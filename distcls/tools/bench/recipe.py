@@ -22,9 +22,10 @@ import numpy as np
 import torch
 
 from distcls import storage
-from distcls.config import BenchConfig, EvaluateConfig, TrainConfig
+from distcls.config import EvaluateConfig, TrainConfig
 from distcls.datasets import LabeledIndex, load_labeled_index, stratified_split
 from distcls.models import create_model, default_spec
+from distcls.tools.config import BenchConfig
 from distcls.tools.recipe_data import write_digits, write_faces, write_fashion_mnist_subset
 from distcls.transforms import preprocess_bytes
 

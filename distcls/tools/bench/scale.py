@@ -23,7 +23,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 from distcls import storage
-from distcls.config import BenchConfig
+from distcls.tools.config import BenchConfig
 
 PER_FOLDER = 1000
 DISTINCT = 512  # distinct crops; the objects cycle through them
@@ -166,7 +166,8 @@ def success(output: str) -> dict:
 
 def list_rate(input_uri: str) -> tuple[int, float]:
     """Keys listed per second by the plan's listers, run one after the other in this process."""
-    from distcls.label.plan import Source, iter_keys, make_listers
+    from distcls.label.manifest import Source
+    from distcls.label.plan import iter_keys, make_listers
 
     source = Source(input=input_uri)
     started = time.perf_counter()

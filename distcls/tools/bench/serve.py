@@ -13,10 +13,11 @@ import dataclasses
 import subprocess
 import sys
 
-from distcls.config import BenchConfig, ServeConfig, to_dict
+from distcls.config import ServeConfig, from_config, to_dict
 from distcls.infer import prepare_runtime
 from distcls.tools.bench.harness import imagenet_checkpoint, load_test, make_photos, wait_healthy
 from distcls.tools.bench.label import model_ceiling
+from distcls.tools.config import BenchConfig
 from distcls.tools.s3server import free_port
 
 PLAIN = ("torch", "onnx")
@@ -32,15 +33,15 @@ def start_distcls(cfg: BenchConfig, checkpoint: str, runtime: str, port: int) ->
     """An application at /<runtime> (Serve has one HTTP proxy: every application shares its port)."""
     from distcls.serving import start
 
-    settings = ServeConfig(
+    settings = from_config(  # the bench's serve_cpus_per_replica, serve_max_batch_size, serve_batch_wait_timeout_s
+        ServeConfig,
+        cfg,
+        prefix="serve_",
         checkpoint=checkpoint,
         port=port,
         min_replicas=cfg.serve_replicas,
         max_replicas=cfg.serve_replicas,
-        cpus_per_replica=cfg.serve_cpus_per_replica,
-        max_batch_size=cfg.serve_max_batch_size,
         runtime=runtime,
-        batch_wait_timeout_s=cfg.serve_batch_wait_timeout_s,
         name=f"bench-{runtime}",
     )
     return to_dict(settings), start(settings, route_prefix=f"/{runtime}", token="")

@@ -22,9 +22,10 @@ import numpy as np
 import torch
 
 from distcls import storage
-from distcls.config import BenchConfig, EvaluateConfig, FashionMnistConfig, TrainConfig
+from distcls.config import EvaluateConfig, TrainConfig, from_config
 from distcls.datasets import load_labeled_index
 from distcls.models import create_model, default_spec, get_model_info, head_parameter_names
+from distcls.tools.config import BenchConfig, FashionMnistConfig
 from distcls.tools.fmnist import write_fashion_mnist
 from distcls.train.loop import build_optimizer, masked_loss
 from distcls.transforms import augment_batch, preprocess_bytes
@@ -77,18 +78,15 @@ def plain_train_rate(cfg: BenchConfig, images: np.ndarray, labels: np.ndarray, t
 def distcls_train_rate(cfg: BenchConfig, data: str, storage_uri: str, workers: int, cache: bool) -> dict:
     from distcls.train.trainer import run_training
 
-    train_cfg = TrainConfig(
+    train_cfg = from_config(  # the bench's model, epochs, batch_size, image_size, backbone_lr_scale, use_gpu
+        TrainConfig,
+        cfg,
         data=data,
         val_fraction=0.1,
-        model=cfg.model,
         weights="bundled" if get_model_info(cfg.model).bundled else "none",
-        epochs=cfg.epochs,
-        batch_size=cfg.batch_size,
-        image_size=cfg.image_size,
         num_workers=workers,
         storage=storage_uri,
         cache_data=cache,
-        use_gpu=cfg.use_gpu,
         name=f"bench-train-w{workers}-{'cache' if cache else 'stream'}-{os.getpid()}",
     )
     result = run_training(train_cfg)

@@ -26,14 +26,8 @@ import numpy as np
 from PIL import Image
 
 from distcls import storage
-from distcls.config import (
-    DedupConfig,
-    EvaluateConfig,
-    FashionMnistConfig,
-    FindLabelIssuesConfig,
-    LabelConfig,
-    TrainConfig,
-)
+from distcls.config import DedupConfig, EvaluateConfig, FindLabelIssuesConfig, LabelConfig, TrainConfig
+from distcls.tools.config import FashionMnistConfig
 
 PARTS = ("calibration", "ood", "label_issues", "dedup", "dedup_scale")
 
@@ -134,7 +128,7 @@ def bench_ood(checkpoint: str, test: str, root: str) -> dict:
 
 
 def bench_label_issues(root: str, per_class: int = 200, flip: float = 0.1, folds: int = 5, epochs: int = 5) -> dict:
-    from distcls.label_issues import run_find_label_issues
+    from distcls.curate.label_issues import run_find_label_issues
     from distcls.tools.fmnist import CLASS_NAMES, write_fashion_mnist
 
     data = f"{root}/li"
@@ -202,7 +196,7 @@ def bench_label_issues(root: str, per_class: int = 200, flip: float = 0.1, folds
 
 def bench_dedup(checkpoint: str, test: str, root: str, n: int = 5000) -> dict:
     from distcls import run_labeling
-    from distcls.dedup import run_dedup
+    from distcls.curate.dedup import run_dedup
 
     paths = sorted(p for p in storage.list_files(test) if p.endswith(".png"))[:n]
     rng = np.random.default_rng(0)
@@ -268,7 +262,7 @@ def pixel_diff(paths: list[str]) -> float:
 
 def bench_dedup_scale(n: int = 1_000_000, d: int = 1280, planted: int = 1000) -> dict:
     """IVF search on n synthetic unit vectors (clustered, like real embeddings) with `planted` near-copies."""
-    from distcls.dedup import ivf_pairs
+    from distcls.curate.dedup import ivf_pairs
 
     rng = np.random.default_rng(0)
     centers = rng.normal(size=(1000, d)).astype(np.float32)

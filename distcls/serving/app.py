@@ -1,0 +1,199 @@
+"""The Serve application: built from a ServeConfig, deployed, printed as a config file, taken down.
+
+`application` binds the `Ingress` in front of an autoscaling `ImageClassifier` (a traffic split between
+classifiers would be bound here); `build_app` is the import path (`distcls.serving:build_app`) that
+`serve deploy` and a KubeRay RayService use, and `serve_config` prints the config that names it. `start`
+deploys on the Ray cluster, `run_serve` is `distcls serve` (deploy, print, serve until stopped), `stop_app`
+takes the application down.
+"""
+
+import dataclasses
+import logging
+import os
+import time
+
+from ray import serve
+
+from distcls import DistclsError
+from distcls.config import ServeConfig, load_config, to_dict
+from distcls.serving.auth import TOKEN_ENV, check_auth, env_token, host_names
+from distcls.serving.classifier import ImageClassifier
+from distcls.serving.ingress import Ingress
+
+# Requests an Ingress replica takes beyond its own admission limit (health checks, the page, /v1/model, and
+# /v1/classify requests on their way to a JSON 503), so that Ray's proxy never has to queue or refuse them.
+INGRESS_HEADROOM = 64
+APP_ARGS_EXCLUDED = ("port", "name", "detach")  # `host` stays: build_app decides on auth by it
+
+
+def autoscaling_delays(cfg: ServeConfig) -> dict:
+    """The classifier's autoscaling timing: how fast it follows load up, down and to zero."""
+    delays = {
+        "upscale_delay_s": cfg.upscale_delay_s,
+        "downscale_delay_s": cfg.downscale_delay_s,
+        "look_back_period_s": cfg.look_back_period_s,
+    }
+    if cfg.downscale_to_zero_delay_s is not None:
+        delays["downscale_to_zero_delay_s"] = cfg.downscale_to_zero_delay_s
+    return delays
+
+
+def bind_classifier(cfg: ServeConfig):
+    """The autoscaling classifier deployment for `cfg`, its checkpoint as `user_config`."""
+    return ImageClassifier.options(
+        name="ImageClassifier",
+        ray_actor_options={"num_cpus": cfg.cpus_per_replica, "num_gpus": cfg.num_gpus},
+        autoscaling_config={
+            "min_replicas": cfg.min_replicas,
+            "max_replicas": cfg.max_replicas,
+            "initial_replicas": max(1, cfg.min_replicas),
+            "target_ongoing_requests": cfg.target_ongoing_requests,
+            **autoscaling_delays(cfg),
+        },
+        max_ongoing_requests=cfg.max_ongoing_requests,
+        max_queued_requests=cfg.max_queued_requests,
+        user_config={"checkpoint": cfg.checkpoint},
+        health_check_period_s=10,
+    ).bind(
+        max_batch_size=cfg.max_batch_size,
+        batch_wait_timeout_s=cfg.batch_wait_timeout_s,
+        threads=max(1, int(cfg.cpus_per_replica)),
+        runtime=cfg.runtime,
+        unknown=cfg.unknown,
+    )
+
+
+def application(cfg: ServeConfig, token_sha256: str | None = None, declarative: bool = False):
+    """The Serve application for `cfg` (a bound Ingress in front of an autoscaling classifier); `declarative`:
+    built by build_app (`serve deploy`, a RayService), where the Host check is --allowed-hosts only."""
+    classifier = bind_classifier(cfg)
+    running = cfg.max_ongoing_requests * cfg.max_replicas
+    return Ingress.options(
+        name="Ingress",
+        ray_actor_options={"num_cpus": 0.5},
+        autoscaling_config={
+            "min_replicas": 1,
+            "max_replicas": cfg.max_replicas,
+            "target_ongoing_requests": 4 * cfg.target_ongoing_requests,
+            "upscale_delay_s": cfg.upscale_delay_s,
+            "downscale_delay_s": cfg.downscale_delay_s,
+            "look_back_period_s": cfg.look_back_period_s,
+        },
+        # Admission is the Ingress's own (JSON 503s). Ray's limits sit above it, the proxy's queue included
+        # (it also holds requests while their replica is being chosen): only a flood of more concurrent
+        # requests than both together reaches them, and gets Ray's plain-text 503.
+        max_ongoing_requests=running + cfg.max_queued_requests + INGRESS_HEADROOM,
+        max_queued_requests=running + cfg.max_queued_requests + INGRESS_HEADROOM,
+    ).bind(
+        classifier,
+        max_request_bytes=int(cfg.max_request_mb * 1e6),
+        max_images=cfg.max_images_per_request,
+        default_top_k=cfg.top_k,
+        token_sha256=token_sha256,
+        max_running=running,
+        max_waiting=cfg.max_queued_requests,
+        host_names=host_names(cfg, token_sha256, declarative),
+    )
+
+
+def build_app(args: dict):
+    """Ray Serve application builder (`import_path: distcls.serving:build_app`); `args` are ServeConfig
+    fields. The API token comes from DISTCLS_API_TOKEN where the app is built, never from the config; args
+    without a `host` count as a public address, so such an app needs the token or `no_auth: true`."""
+    cfg = load_config(ServeConfig, overrides={"host": "0.0.0.0", **args})
+    return application(cfg, check_auth(cfg, env_token()), declarative=True)
+
+
+def serve_config(cfg: ServeConfig) -> dict:
+    """A Ray Serve config file (`serve deploy`, a RayService's serveConfigV2) for this configuration.
+
+    The checkpoint is also the classifier's `user_config` override: change only that value and Serve
+    reloads the model inside the running replicas. Changing `args` (the checkpoint there included) gives
+    the application a new code version, so Serve replaces every replica (also without failed requests).
+    """
+    args = {k: v for k, v in to_dict(cfg).items() if k not in APP_ARGS_EXCLUDED}
+    return {
+        "proxy_location": "EveryNode",
+        "http_options": {"host": cfg.host, "port": cfg.port},
+        "applications": [
+            {
+                "name": cfg.name,
+                "route_prefix": "/",
+                "import_path": "distcls.serving:build_app",
+                "args": args,
+                "deployments": [{"name": "ImageClassifier", "user_config": {"checkpoint": cfg.checkpoint}}],
+            }
+        ],
+    }
+
+
+def start(cfg: ServeConfig, route_prefix: str = "/", token: str | None = None, access_log: bool = False) -> str:
+    """Deploy on the Ray cluster (RAY_ADDRESS, else a local instance); returns the endpoint's base URL."""
+    from distcls.checkpoint import read_meta
+    from distcls.infer import prepare_runtime
+    from distcls.runtime import init_ray
+    from distcls.scores import Calibration, resolve_unknown
+
+    token_sha256 = check_auth(cfg, token if token is not None else env_token())
+    resolve_unknown(cfg.unknown, Calibration.of(read_meta(cfg.checkpoint)), "serve")  # refused here, before Ray
+    # Compile once here (replicas on this machine read the cache); after a fallback replicas go straight to torch.
+    runtime, note = prepare_runtime(cfg.checkpoint, cfg.runtime, cfg.num_gpus > 0)
+    print(f"serve: runtime {runtime} ({note})", flush=True)
+    if runtime == "torch" and cfg.runtime != "torch":
+        cfg = dataclasses.replace(cfg, runtime="torch")
+    init_ray()
+    logging_config = {"log_level": "INFO" if access_log else "WARNING", "enable_access_log": access_log}
+    # This process's Serve logger (set to INFO when ray.serve is imported) said "Started Serve", "Connecting
+    # to existing Serve app" and "Application ready" on every start; `distcls serve` prints its own lines.
+    logging.getLogger("ray.serve").setLevel(logging.INFO if access_log else logging.WARNING)
+    serve.start(http_options={"host": cfg.host, "port": cfg.port}, logging_config=logging_config)
+    serve.run(application(cfg, token_sha256), name=cfg.name, route_prefix=route_prefix, logging_config=logging_config)
+    host = "127.0.0.1" if cfg.host in ("0.0.0.0", "::") else cfg.host
+    return f"http://{host}:{cfg.port}{route_prefix.rstrip('/')}"
+
+
+def run_serve(cfg: ServeConfig) -> None:
+    """`distcls serve`: deploy, print where it listens, serve until Ctrl-C or SIGTERM, then take the app down
+    (cli.main prints the one line that says why and shuts down the Ray instance it started)."""
+    from distcls.infer import verify_model
+
+    meta = verify_model(cfg.checkpoint)  # a bad or tampered checkpoint fails here, in one line, before Ray
+    if cfg.detach and not os.environ.get("RAY_ADDRESS"):
+        raise DistclsError(
+            "serve: --detach needs a running cluster (RAY_ADDRESS, or run it with "
+            "`ray job submit`); a local Ray instance would stop when this command ends"
+        )
+    url = start(cfg)
+    auth = (
+        f"on ({TOKEN_ENV})"
+        if os.environ.get(TOKEN_ENV)
+        else "OFF (--no-auth)"
+        if cfg.no_auth
+        else f"off: loopback only (set {TOKEN_ENV} to require a token)"
+    )
+    print(
+        f"serving {meta['architecture']} ({len(meta['class_names'])} classes, model {meta['weights_sha256'][:12]}...) at {url}/",
+        flush=True,
+    )
+    print(f"  POST {url}/v1/classify   GET {url}/v1/model   GET {url}/healthz   page: {url}/", flush=True)
+    print(
+        f"  replicas {cfg.min_replicas}..{cfg.max_replicas}, batch <= {cfg.max_batch_size}, auth {auth}; "
+        + ("deployed; `serve status` shows it, `serve shutdown` removes it" if cfg.detach else "Ctrl-C stops it"),
+        flush=True,
+    )
+    if cfg.detach:
+        return
+    try:
+        while True:
+            time.sleep(3600)
+    finally:
+        stop_app(cfg.name)
+
+
+def stop_app(name: str) -> None:
+    """Take the application down; on a cluster (RAY_ADDRESS) also Serve, if no other application runs on
+    it. A local instance goes with Ray itself (cli.main), so nothing else is needed there."""
+    logging.getLogger("ray.serve").setLevel(logging.WARNING)  # no INFO lines while stopping
+    serve.delete(name)
+    if os.environ.get("RAY_ADDRESS") and not serve.status().applications:
+        serve.shutdown()
