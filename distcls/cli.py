@@ -1,13 +1,19 @@
-"""`distcls` console script: subcommand -> one config dataclass -> one library call."""
+"""`distcls` console script: one table of commands, each a config dataclass -> one library call -> a summary.
+
+A row of COMMANDS names the subcommand, its config class, the library function (imported when the command
+runs, so `distcls --help` stays light) and the printer of its summary. Everything a command does lives in
+the library; this module parses, calls and prints.
+"""
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import signal
 import sys
 import threading
-import time
 from collections.abc import Callable
+from typing import Any, NamedTuple
 
 from distcls import DistclsError, __version__
 from distcls.config import (
@@ -30,94 +36,56 @@ from distcls.config import (
 )
 from distcls.tools.config import BenchConfig, DemoConfig, FashionMnistConfig, S3ServerConfig
 
-Handler = Callable[[argparse.Namespace], int]
+Printer = Callable[[Any, Any], "int | None"]
 
 
-def cmd_data_fashion_mnist(args: argparse.Namespace) -> int:
-    from distcls.tools.fmnist import write_fashion_mnist
+class Command(NamedTuple):
+    """One subcommand: `run` ("module:function") is called with the config; `printer(cfg, result)` prints the
+    summary and may return the exit code (default 0)."""
 
-    cfg = config_from_args(FashionMnistConfig, args)
-    summary = write_fashion_mnist(cfg)
+    path: tuple[str, ...]
+    config: type | None
+    run: str
+    help: str
+    description: str | None = None
+    printer: Printer | None = None
+
+
+# --- summaries -----------------------------------------------------------------------------------------
+
+
+def out_of(cfg: Any) -> str:
+    return cfg.out.rstrip("/")
+
+
+def print_fashion_mnist(cfg: FashionMnistConfig, summary: dict) -> None:
     for split, counts in summary["counts"].items():
-        print(
-            f"{split}: {sum(counts.values())} images in {len(counts)} classes -> "
-            f"{cfg.out.rstrip('/')}/{split}/<class>/<index>.png"
-        )
+        print(f"{split}: {sum(counts.values())} images in {len(counts)} classes -> {out_of(cfg)}/{split}/<class>/<index>.png")
     print(f"wrote {summary['total']} PNGs in {summary['seconds']:.1f}s from {summary['source']}")
-    return 0
 
 
-def cmd_s3_server(args: argparse.Namespace) -> int:
-    from distcls.tools.s3server import S3Server
-
-    cfg = config_from_args(S3ServerConfig, args)
-    server = S3Server(host=cfg.host, port=cfg.port).start()
-    print(f"S3-compatible server (moto) listening on {server.endpoint_url}; Ctrl-C stops it.")
-    print("Point clients at it with:")
-    for key, value in server.env().items():
-        print(f"  export {key}={value}")
-    sys.stdout.flush()
-    try:
-        while True:
-            time.sleep(3600)
-    except KeyboardInterrupt:
-        print("stopping S3 server")
-    finally:
-        server.stop()
-    return 0
-
-
-def cmd_train(args: argparse.Namespace) -> int:
-    from distcls.train.trainer import run_training
-
-    result = run_training(config_from_args(TrainConfig, args))
+def print_run(cfg: TrainConfig, result: dict) -> None:
     m = result["metrics"]
     print(f"best checkpoint: {result['checkpoint']}")
-    print(f"  epoch {m['epoch']}: val_accuracy {m['val_accuracy']:.4f}  val_macro_f1 {m['val_macro_f1']:.4f}")
+    line = f"  epoch {m['epoch']}: val_accuracy {m['val_accuracy']:.4f}  val_macro_f1 {m['val_macro_f1']:.4f}"
+    if "distillation" in result:
+        d = result["distillation"]
+        line += f"  (teacher {d['teacher_architecture']} {d['teacher_id'][:12]}..., T={d['temperature']}, alpha={d['alpha']})"
+    print(line)
     print(f"run: {result['run']} (result.json, curves.png)")
-    return 0
 
 
-def cmd_distill(args: argparse.Namespace) -> int:
-    from distcls.train.distill import run_distillation
-
-    result = run_distillation(config_from_args(DistillConfig, args))
-    m, d = result["metrics"], result["distillation"]
-    print(f"best checkpoint: {result['checkpoint']}")
-    print(
-        f"  epoch {m['epoch']}: val_accuracy {m['val_accuracy']:.4f}  val_macro_f1 {m['val_macro_f1']:.4f}  "
-        f"(teacher {d['teacher_architecture']} {d['teacher_id'][:12]}..., T={d['temperature']}, alpha={d['alpha']})"
-    )
-    print(f"run: {result['run']} (result.json, curves.png)")
-    return 0
-
-
-def cmd_tune(args: argparse.Namespace) -> int:
-    from distcls.train.tune import run_tune
-
-    result = run_tune(config_from_args(TuneConfig, args))
+def print_tune(cfg: TuneConfig, result: dict) -> None:
     best = result["best"]
     print(f"best trial {best['trial']}: val_accuracy {best['val_accuracy']:.4f} -> {best['checkpoint']}")
     if result.get("soup"):
         soup = result["soup"]
         print(f"soup ({len(soup['kept'])} ingredients): val_accuracy {soup['val_accuracy']:.4f} -> {soup['checkpoint']}")
     print(f"search: {result['run']} (results.parquet, results.md, trials.png, best.json)")
-    return 0
 
 
-def cmd_soup(args: argparse.Namespace) -> int:
-    from distcls.train.soup import run_soup
-
-    run_soup(config_from_args(SoupConfig, args))
-    return 0
-
-
-def cmd_export(args: argparse.Namespace) -> int:
-    from distcls.export import run_export
-
-    meta = run_export(config_from_args(ExportConfig, args))
-    e = meta["export"]
-    a = e["agreement"]
+def print_export(cfg: ExportConfig, meta: dict) -> None:
+    e, a = meta["export"], meta["export"]["agreement"]
     print(
         f"wrote {e['out']}: {e['format']}{' int8' if e['quantization'] else ''}, {e['file']} "
         f"{e['file_bytes'] / 1e6:.1f} MB, model {meta['weights_sha256'][:12]}..."
@@ -126,37 +94,22 @@ def cmd_export(args: argparse.Namespace) -> int:
         f"  top-1 agrees with the checkpoint on {a['agree']}/{a['images']} real images ({a['rate']:.2%}); "
         f"max |logit diff| {a['max_abs_logit_diff']:.4f}"
     )
-    return 0
 
 
-def cmd_compare(args: argparse.Namespace) -> int:
-    from distcls.compare import run_compare
-
-    cfg = config_from_args(CompareConfig, args)
-    table = run_compare(cfg)
+def print_compare(cfg: CompareConfig, table: dict) -> None:
     print(table["text"])
-    print(f"wrote {cfg.out.rstrip('/')}/compare.json, compare.md, compare.png")
-    return 0
+    print(f"wrote {out_of(cfg)}/compare.json, compare.md, compare.png")
 
 
-def cmd_evaluate(args: argparse.Namespace) -> int:
-    from distcls.evaluate import run_evaluation
-
-    cfg = config_from_args(EvaluateConfig, args)
-    report = run_evaluation(cfg)
+def print_evaluate(cfg: EvaluateConfig, report: dict) -> None:
     print(
         f"accuracy {report['accuracy']:.4f}  macro_f1 {report['macro_f1']:.4f}  "
         f"on {report['num_samples']} images (skipped {report['skipped']})"
     )
-    print(f"wrote {cfg.out.rstrip('/')}/report.json, report.md, confusion_matrix.png")
-    return 0
+    print(f"wrote {out_of(cfg)}/report.json, report.md, confusion_matrix.png")
 
 
-def cmd_label(args: argparse.Namespace) -> int:
-    from distcls.label import run_labeling
-
-    cfg = config_from_args(LabelConfig, args)
-    s = run_labeling(cfg)
+def print_label(cfg: LabelConfig, s: dict) -> int:
     if cfg.status:
         return 0 if s["complete"] else 1
     kinds = ", ".join(f"{k} {n}" for k, n in sorted(s["errors_by_kind"].items())) or "none"
@@ -170,253 +123,216 @@ def cmd_label(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_serve(args: argparse.Namespace) -> int:
-    from distcls.serving import run_serve
-
-    run_serve(config_from_args(ServeConfig, args))
-    return 0
-
-
-def cmd_serve_config(args: argparse.Namespace) -> int:
-    import yaml
-
-    from distcls.infer.modelfile import trust_env
-    from distcls.serving import is_loopback, serve_config, warn_no_auth
-
-    cfg = config_from_args(ServeConfig, args)
-    if cfg.no_auth and not is_loopback(cfg.host):
-        warn_no_auth(cfg)
-    doc = serve_config(cfg)
-    if trust_env():  # --trust-torchscript / DISTCLS_TRUSTED_MODELS must reach the replicas where they run
-        doc["applications"][0]["runtime_env"] = {"env_vars": trust_env()}
-    print("# Ray Serve config for distcls: `serve deploy FILE`, or a KubeRay RayService's serveConfigV2.")
-    print("# The API token is read from DISTCLS_API_TOKEN on the cluster, never from this file; on a host other")
-    print("# than loopback the application refuses to start without it, unless no_auth is true.")
-    print(yaml.safe_dump(doc, sort_keys=False), end="")
-    return 0
-
-
-def cmd_models(args: argparse.Namespace) -> int:
-    from distcls.models import list_models
-
-    for m in list_models():
+def print_models(cfg: None, models: list[dict]) -> None:
+    for m in models:
         print(f"{m['name']:<20} {m['parameters'] / 1e6:6.1f}M params  weights: {', '.join(m['weights'])}")
-    return 0
 
 
-def cmd_from_pretrained(args: argparse.Namespace) -> int:
-    from distcls.checkpoint import from_pretrained
-
-    cfg = config_from_args(FromPretrainedConfig, args)
-    meta = from_pretrained(cfg.out, cfg.model, cfg.weights, cfg.image_size)
+def print_from_pretrained(cfg: FromPretrainedConfig, meta: dict) -> None:
     print(
         f"wrote {cfg.out} ({meta['architecture']}, {meta['num_classes']} ImageNet classes, "
         f"sha256 {meta['weights_sha256'][:12]}...)"
     )
-    return 0
 
 
-def cmd_bench(args: argparse.Namespace) -> int:
-    from distcls.tools.bench import run_bench
-
-    cfg = config_from_args(BenchConfig, args)
-    run_bench(cfg)
-    print(f"wrote {cfg.out}")
-    return 0
-
-
-def cmd_calibrate(args: argparse.Namespace) -> int:
-    from distcls.calibrate import run_calibrate
-
-    run_calibrate(config_from_args(CalibrateConfig, args))
-    return 0
-
-
-def cmd_review(args: argparse.Namespace) -> int:
-    from distcls.curate.review import run_review
-
-    cfg = config_from_args(ReviewConfig, args)
-    result = run_review(cfg)
+def print_review(cfg: ReviewConfig, result: dict) -> None:
     print(
         f"review: {result['rows']} of {result['of']} rows by {cfg.by}{' per class' if cfg.per_class else ''}"
         + (f" ({result['unreadable']} images unreadable)" if result["unreadable"] else "")
+        + (f" ({result['not_read']} not read: outside {result['root']})" if result.get("not_read") and result.get("root") else "")
     )
-    out = cfg.out.rstrip("/")
-    print(f"  {out}/review.parquet  {out}/contact_sheet.png  {out}/index.html")
-    return 0
+    if result.get("root") is None:
+        print("  no thumbnails read: the labels' _plan.json names no --input; pass --root PREFIX to read them")
+    print(f"  {out_of(cfg)}/review.parquet  {out_of(cfg)}/contact_sheet.png  {out_of(cfg)}/index.html")
 
 
-def cmd_dedup(args: argparse.Namespace) -> int:
-    from distcls.curate.dedup import run_dedup
-
-    cfg = config_from_args(DedupConfig, args)
-    s = run_dedup(cfg)
+def print_dedup(cfg: DedupConfig, s: dict) -> None:
     what = f"{s['images']} images" + (f" against {s['against_images']}" if cfg.against else "")
     print(
         f"dedup: {what}, {s['dimension']}-d embeddings: {s['candidates']} candidates (cosine >= {s['threshold']}), "
         f"{s['pairs']} near-duplicate pairs in {s['groups']} groups ({s['images_in_groups']} images); {s['method']} "
         f"search, {s['seconds']:.1f}s"
     )
-    print(f"  {cfg.out.rstrip('/')}/groups.parquet, pairs.parquet, dedup.json, contact_sheet.png")
-    return 0
+    print(f"  {out_of(cfg)}/groups.parquet, pairs.parquet, dedup.json, contact_sheet.png")
 
 
-def cmd_find_label_issues(args: argparse.Namespace) -> int:
-    from distcls.curate.label_issues import run_find_label_issues
-
-    cfg = config_from_args(FindLabelIssuesConfig, args)
-    s = run_find_label_issues(cfg)
+def print_label_issues(cfg: FindLabelIssuesConfig, s: dict) -> None:
     print(
         f"find-label-issues: {s['issues']} likely label issues among {s['predicted']} images "
         f"(out-of-sample accuracy {s['out_of_sample_accuracy']:.4f}; {s['seconds']:.0f}s)"
     )
-    print(f"  {cfg.out.rstrip('/')}/label_issues.parquet (ranked), contact_sheet.png, summary.json")
-    return 0
+    print(f"  {out_of(cfg)}/label_issues.parquet (ranked), contact_sheet.png, summary.json")
 
 
-def cmd_demo(args: argparse.Namespace) -> int:
-    from distcls.tools.demo import run_demo
-
-    run_demo(config_from_args(DemoConfig, args))
-    return 0
+def print_bench(cfg: BenchConfig, result: Any) -> None:
+    print(f"wrote {cfg.out}")
 
 
-# (subcommand path, config class, handler, help, description); None config = no options.
+# --- commands that are not one library call ----------------------------------------------------------------
+
+
+def run_from_pretrained(cfg: FromPretrainedConfig) -> dict:
+    from distcls.checkpoint import from_pretrained
+
+    return from_pretrained(cfg.out, cfg.model, cfg.weights, cfg.image_size)
+
+
+def run_models(cfg: None) -> list[dict]:
+    from distcls.models import list_models
+
+    return list_models()
+
+
+# --- the table -------------------------------------------------------------------------------------------
+
 COMMANDS = (
-    (
+    Command(
         ("data", "fashion-mnist"),
         FashionMnistConfig,
-        cmd_data_fashion_mnist,
+        "distcls.tools.fmnist:write_fashion_mnist",
         "Fashion-MNIST as PNGs in URI/{train,test}/<class>/",
         "Write Fashion-MNIST as PNGs in URI/{train,test}/<class>/<index>.png.",
+        print_fashion_mnist,
     ),
-    (
+    Command(
         ("s3-server",),
         S3ServerConfig,
-        cmd_s3_server,
+        "distcls.tools.s3server:serve_until_interrupted",
         "run an S3-compatible server on loopback until interrupted",
         "Run moto's S3-compatible server until Ctrl-C; prints AWS_ENDPOINT_URL.",
     ),
-    (
+    Command(
         ("train",),
         TrainConfig,
-        cmd_train,
+        "distcls.train.trainer:run_training",
         "fine-tune a pretrained model with Ray Train",
         "Fine-tune a pretrained classifier on images in storage (Ray Train, DDP).",
+        print_run,
     ),
-    (
+    Command(
         ("distill",),
         DistillConfig,
-        cmd_distill,
+        "distcls.train.distill:run_distillation",
         "train a small student on a teacher's soft targets (Ray Train)",
         "Knowledge distillation: a student trained on a teacher checkpoint's soft targets plus the labels, "
         "with everything `distcls train` has.",
+        print_run,
     ),
-    (
+    Command(
         ("tune",),
         TuneConfig,
-        cmd_tune,
+        "distcls.train.tune:run_tune",
         "search hyperparameters over train runs (Ray Tune, ASHA)",
         "A Ray Tune search over `distcls train` runs (lr, weight decay, backbone lr scale, augmentation, mixup, "
         "epochs) with ASHA early stopping; results table, best.json, optional soup of the top trials.",
+        print_tune,
     ),
-    (
+    Command(
         ("soup",),
         SoupConfig,
-        cmd_soup,
+        "distcls.train.soup:run_soup",
         "average fine-tuned checkpoints into one model (uniform or greedy soup)",
         "Model soup (Wortsman et al. 2022): average the weights of checkpoints of one architecture; greedy keeps an "
         "ingredient only if validation accuracy rises.",
     ),
-    (
+    Command(
         ("export",),
         ExportConfig,
-        cmd_export,
+        "distcls.export:run_export",
         "export a checkpoint to ONNX or TorchScript (optionally int8)",
         "Export a checkpoint for label and serve (ONNX via onnxruntime, or TorchScript), checked on real images.",
+        print_export,
     ),
-    (
+    Command(
         ("compare",),
         CompareConfig,
-        cmd_compare,
+        "distcls.compare:run_compare",
         "accuracy, F1, size and images/s of checkpoints and exports",
         "Evaluate checkpoints and exports on one test split: a table and a plot of accuracy against images/s.",
+        print_compare,
     ),
-    (
+    Command(
         ("evaluate",),
         EvaluateConfig,
-        cmd_evaluate,
+        "distcls.evaluate:run_evaluation",
         "evaluate a checkpoint over a whole labeled split",
         "Accuracy, top-5, precision/recall/F1, confusion matrix over every image.",
+        print_evaluate,
     ),
-    (
+    Command(
         ("calibrate",),
         CalibrateConfig,
-        cmd_calibrate,
+        "distcls.calibrate:run_calibrate",
         "fit a temperature (and the `unknown` threshold) for a checkpoint",
         "Temperature scaling on labeled data the model did not train on: a new model directory, weights untouched.",
     ),
-    (
+    Command(
         ("review",),
         ReviewConfig,
-        cmd_review,
+        "distcls.curate.review:run_review",
         "the labeled rows most worth a look: Parquet, contact sheet, web page",
         "Rank a labeling job's rows by margin, entropy, OOD score or score; write the top N for a person to check.",
+        print_review,
     ),
-    (
+    Command(
         ("find-label-issues",),
         FindLabelIssuesConfig,
-        cmd_find_label_issues,
+        "distcls.curate.label_issues:run_find_label_issues",
         "likely mislabeled training images (K-fold fine-tuning + cleanlab)",
         "Out-of-sample probabilities from K fine-tuning runs on Ray, ranked by cleanlab's confident learning.",
+        print_label_issues,
     ),
-    (
+    Command(
         ("dedup",),
         DedupConfig,
-        cmd_dedup,
+        "distcls.curate.dedup:run_dedup",
         "near-duplicate groups and train/test leakage from label embeddings",
         "Near-duplicates by cosine similarity of `distcls label --embeddings` output (exact or faiss IVF search).",
+        print_dedup,
     ),
-    (
+    Command(
         ("label",),
         LabelConfig,
-        cmd_label,
+        "distcls.label:run_labeling",
         "label every image under a prefix into Parquet (batch inference)",
         "Offline labeling: one Parquet row per object; reruns add only what is missing.",
+        print_label,
     ),
-    (
+    Command(
         ("serve",),
         ServeConfig,
-        cmd_serve,
+        "distcls.serving:run_serve",
         "serve a checkpoint over HTTP with Ray Serve (until Ctrl-C)",
         "Online classification endpoint: autoscaling replicas with request batching.",
     ),
-    (
+    Command(
         ("serve-config",),
         ServeConfig,
-        cmd_serve_config,
+        "distcls.serving.app:print_serve_config",
         "print a Ray Serve config file for `serve deploy`",
         "Print a Ray Serve config (serve deploy, KubeRay RayService serveConfigV2) for these flags.",
     ),
-    (("models",), None, cmd_models, "list model architectures and their weights", None),
-    (
+    Command(("models",), None, "distcls.cli:run_models", "list model architectures and their weights", None, print_models),
+    Command(
         ("checkpoint", "from-pretrained"),
         FromPretrainedConfig,
-        cmd_from_pretrained,
+        "distcls.cli:run_from_pretrained",
         "the pretrained ImageNet classifier as a checkpoint",
         "Write a checkpoint of a pretrained ImageNet classifier, as it is.",
+        print_from_pretrained,
     ),
-    (
+    Command(
         ("bench",),
         BenchConfig,
-        cmd_bench,
+        "distcls.tools.bench:run_bench",
         "benchmarks against plain PyTorch (train, label, serve, transfer, recipe, all)",
         "Measured ratios against plain PyTorch baselines, side by side in one run.",
+        print_bench,
     ),
-    (
+    Command(
         ("demo",),
         DemoConfig,
-        cmd_demo,
+        "distcls.tools.demo:run_demo",
         "run the whole product end to end on real data (local Ray + S3)",
         "Fashion-MNIST into the embedded S3 server, through every job.",
     ),
@@ -425,6 +341,28 @@ GROUPS = {
     "data": ("dataset", "put a real dataset into storage (fashion-mnist)"),
     "checkpoint": ("action", "make checkpoints (from-pretrained)"),
 }
+LOADS_MODELS = (CompareConfig, EvaluateConfig, LabelConfig, ServeConfig)  # the commands with --trust-torchscript
+
+
+def resolve(target: str) -> Callable:
+    module, _, name = target.partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def handler_for(command: Command) -> Callable[[argparse.Namespace], int]:
+    """Parse the config, make the one library call, print its summary; the exit code is the printer's or 0."""
+
+    def handle(args: argparse.Namespace) -> int:
+        if getattr(args, "trust_torchscript", False):
+            from distcls.infer.modelfile import trust_torchscript
+
+            trust_torchscript()  # before Ray starts, so its workers inherit it
+        cfg = config_from_args(command.config, args) if command.config is not None else None
+        result = resolve(command.run)(cfg)
+        code = command.printer(cfg, result) if command.printer is not None else None
+        return code or 0
+
+    return handle
 
 
 TRUST_HELP = (
@@ -434,17 +372,18 @@ TRUST_HELP = (
 )
 
 
-def with_trust(handler: Handler) -> Handler:
-    """Apply --trust-torchscript before the command runs (and starts Ray, whose workers then inherit it)."""
-
-    def run(args: argparse.Namespace) -> int:
-        if args.trust_torchscript:
-            from distcls.infer.modelfile import trust_torchscript
-
-            trust_torchscript()
-        return handler(args)
-
-    return run
+def add_positionals(cmd: argparse.ArgumentParser, cfg_cls: type) -> tuple[str, ...]:
+    """The few fields given as positional arguments (or named otherwise); returns the fields not to add as flags."""
+    if cfg_cls is BenchConfig:
+        which = BenchConfig.__dataclass_fields__["which"].metadata["choices"]
+        cmd.add_argument("which", nargs="?", choices=which, default=None, help="which benchmark (default: train)")
+        return ("which",)
+    if cfg_cls is CompareConfig:
+        cmd.add_argument("models", nargs="+", metavar="CKPT_OR_EXPORT", help="checkpoint or export directory URIs to compare")
+        return ("models",)
+    if cfg_cls is DistillConfig:
+        return ("model",)  # --student names the architecture
+    return ()
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -455,31 +394,21 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"distcls {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     groups: dict[str, argparse._SubParsersAction] = {}
-    for path, cfg_cls, handler, help_text, description in COMMANDS:
+    for command in COMMANDS:
         where = sub
-        if len(path) == 2:
-            if path[0] not in groups:
-                dest, group_help = GROUPS[path[0]]
-                group = sub.add_parser(path[0], help=group_help)
-                groups[path[0]] = group.add_subparsers(dest=dest, metavar=dest.upper(), required=True)
-            where = groups[path[0]]
-        cmd = where.add_parser(path[-1], help=help_text, description=description or help_text)
-        skip = ()
-        if cfg_cls is BenchConfig:
-            which = BenchConfig.__dataclass_fields__["which"].metadata["choices"]
-            cmd.add_argument("which", nargs="?", choices=which, default=None, help="which benchmark (default: train)")
-            skip = ("which",)
-        if cfg_cls is DistillConfig:
-            skip = ("model",)  # --student names the architecture
-        if cfg_cls is CompareConfig:
-            cmd.add_argument("models", nargs="+", metavar="CKPT_OR_EXPORT", help="checkpoint or export directory URIs to compare")
-            skip = ("models",)
-        if cfg_cls is not None:
-            add_arguments(cmd, cfg_cls, skip=skip)
-        if cfg_cls in (CompareConfig, EvaluateConfig, LabelConfig, ServeConfig):  # the commands that load models
+        if len(command.path) == 2:
+            group_name = command.path[0]
+            if group_name not in groups:
+                dest, group_help = GROUPS[group_name]
+                group = sub.add_parser(group_name, help=group_help)
+                groups[group_name] = group.add_subparsers(dest=dest, metavar=dest.upper(), required=True)
+            where = groups[group_name]
+        cmd = where.add_parser(command.path[-1], help=command.help, description=command.description or command.help)
+        if command.config is not None:
+            add_arguments(cmd, command.config, skip=add_positionals(cmd, command.config))
+        if command.config in LOADS_MODELS:
             cmd.add_argument("--trust-torchscript", action="store_true", help=TRUST_HELP)
-            handler = with_trust(handler)
-        cmd.set_defaults(handler=handler)
+        cmd.set_defaults(handler=handler_for(command))
     return parser
 
 

@@ -197,3 +197,21 @@ def stop_app(name: str) -> None:
     serve.delete(name)
     if os.environ.get("RAY_ADDRESS") and not serve.status().applications:
         serve.shutdown()
+
+
+def print_serve_config(cfg: ServeConfig) -> None:
+    """Print the Ray Serve config (serve deploy, RayService serveConfigV2) for these flags."""
+    import yaml
+
+    from distcls.infer.modelfile import trust_env
+    from distcls.serving.auth import is_loopback, warn_no_auth
+
+    if cfg.no_auth and not is_loopback(cfg.host):
+        warn_no_auth(cfg)
+    doc = serve_config(cfg)
+    if trust_env():  # --trust-torchscript / DISTCLS_TRUSTED_MODELS must reach the replicas where they run
+        doc["applications"][0]["runtime_env"] = {"env_vars": trust_env()}
+    print("# Ray Serve config for distcls: `serve deploy FILE`, or a KubeRay RayService's serveConfigV2.")
+    print("# The API token is read from DISTCLS_API_TOKEN on the cluster, never from this file; on a host other")
+    print("# than loopback the application refuses to start without it, unless no_auth is true.")
+    print(yaml.safe_dump(doc, sort_keys=False), end="")

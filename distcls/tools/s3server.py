@@ -137,3 +137,21 @@ if __name__ == "__main__":  # the child process of S3Server: python -m distcls.t
         pass
     finally:
         moto.stop()
+
+
+def serve_until_interrupted(cfg) -> None:
+    """`distcls s3-server`: an S3Server for an S3ServerConfig until Ctrl-C (or SIGTERM), printing the variables
+    that point clients at it."""
+    server = S3Server(host=cfg.host, port=cfg.port).start()
+    print(f"S3-compatible server (moto) listening on {server.endpoint_url}; Ctrl-C stops it.")
+    print("Point clients at it with:")
+    for key, value in server.env().items():
+        print(f"  export {key}={value}")
+    sys.stdout.flush()
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        print("stopping S3 server")
+    finally:
+        server.stop()
