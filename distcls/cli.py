@@ -26,6 +26,7 @@ from distcls.config import (
     FindLabelIssuesConfig,
     FromPretrainedConfig,
     LabelConfig,
+    PackConfig,
     ReviewConfig,
     ServeConfig,
     SoupConfig,
@@ -62,6 +63,12 @@ def print_fashion_mnist(cfg: FashionMnistConfig, summary: dict) -> None:
     for split, counts in summary["counts"].items():
         print(f"{split}: {sum(counts.values())} images in {len(counts)} classes -> {out_of(cfg)}/{split}/<class>/<index>.png")
     print(f"wrote {summary['total']} PNGs in {summary['seconds']:.1f}s from {summary['source']}")
+
+
+def print_pack(cfg: PackConfig, s: dict) -> None:
+    from distcls.pack import summary_line
+
+    print(summary_line(s))
 
 
 def print_run(cfg: TrainConfig, result: dict) -> None:
@@ -200,6 +207,16 @@ COMMANDS = (
         "distcls.tools.s3server:serve_until_interrupted",
         "run an S3-compatible server on loopback until interrupted",
         "Run moto's S3-compatible server until Ctrl-C; prints AWS_ENDPOINT_URL.",
+    ),
+    Command(
+        ("pack",),
+        PackConfig,
+        "distcls.pack:run_pack",
+        "pack labeled images into Parquet shards (+ _dataset.json) for training at scale",
+        "An ImageFolder prefix or a labeled manifest -> Parquet shards of encoded images (Hugging Face `datasets` "
+        "image convention), an optional stratified val split, bad objects in _rejected.parquet; --resume continues "
+        "a killed pack.",
+        print_pack,
     ),
     Command(
         ("train",),

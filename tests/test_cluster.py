@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from distcls.config import EvaluateConfig, LabelConfig, ServeConfig, TrainConfig, TuneConfig, load_config
+from distcls.config import EvaluateConfig, LabelConfig, PackConfig, ServeConfig, TrainConfig, TuneConfig, load_config
 from distcls.serving import serve_config
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -237,7 +237,14 @@ def test_job_entrypoints_help(script):
 
 @pytest.mark.parametrize(
     "name,cls",
-    [("train", TrainConfig), ("evaluate", EvaluateConfig), ("label", LabelConfig), ("serve", ServeConfig), ("tune", TuneConfig)],
+    [
+        ("train", TrainConfig),
+        ("evaluate", EvaluateConfig),
+        ("label", LabelConfig),
+        ("serve", ServeConfig),
+        ("tune", TuneConfig),
+        ("pack", PackConfig),
+    ],
 )
 def test_job_configs_load_with_the_cli_loader(name, cls):
     cfg = load_config(cls, str(ROOT / "jobs" / "configs" / f"{name}.yaml"))

@@ -7,6 +7,7 @@ The tools' configs (bench, demo, data, s3-server) live in `distcls.tools.config`
 """
 
 from distcls.config.curate import DedupConfig, FindLabelIssuesConfig, ReviewConfig
+from distcls.config.data import PackConfig
 from distcls.config.infer import (
     EXPORT_FORMATS,
     RUNTIME_HELP,
@@ -62,6 +63,7 @@ from distcls.config.train import (
 )
 
 __all__ = [
+    "PackConfig",
     "AUGMENT_POLICIES",
     "CLASS_WEIGHTS",
     "EXPORT_FORMATS",
