@@ -18,11 +18,11 @@ import numpy as np
 from distcls import DistclsError, storage
 from distcls.checkpoint import META, WEIGHTS, checkpoint_id, read_meta
 from distcls.config import CalibrateConfig
-from distcls.datasets import LabeledIndex, load_labeled_index
 from distcls.infer import is_export, verify_model
 from distcls.infer.labeled import predict_labeled
 from distcls.infer.modelfile import export_file_name
 from distcls.scores import KEEP_IN_DISTRIBUTION, fit_calibration
+from distcls.splits import HELD_OUT_SPLITS, LabeledSplit, open_labeled
 
 
 def calibration_record(logits: np.ndarray, labels: np.ndarray, data: str, keep: float = KEEP_IN_DISTRIBUTION) -> dict:
@@ -41,7 +41,7 @@ def summary_line(record: dict) -> str:
     )
 
 
-def calibrate_best_checkpoint(uri: str, val: LabeledIndex, val_data: str, num_gpus: float = 0) -> dict | None:
+def calibrate_best_checkpoint(uri: str, val: LabeledSplit, val_data: str, num_gpus: float = 0) -> dict | None:
     """The end of `train`/`distill`: fit on the validation split, record it in the checkpoint's distcls.json
     (weights untouched); None when there are too few validation images to fit on."""
     if len(val) < 10:
@@ -66,6 +66,11 @@ def calibrate_best_checkpoint(uri: str, val: LabeledIndex, val_data: str, num_gp
     return record
 
 
+def data_label(uri: str, data: LabeledSplit) -> str:
+    """What a record names as its data: the URI, and the split read of packed data."""
+    return f"{uri} ({data.split} split)" if data.split else uri
+
+
 def model_files(uri: str, meta: dict) -> list[str]:
     """The file(s) that make the model: the export's model file, or the checkpoint's weights (training state
     and other extras are not needed to run it and are not copied)."""
@@ -77,14 +82,14 @@ def run_calibrate(cfg: CalibrateConfig) -> dict:
     meta = verify_model(cfg.checkpoint)  # tampered or incomplete: one line, before Ray starts
     if storage.exists(storage.join_uri(cfg.out, META)) and cfg.out.rstrip("/") != cfg.checkpoint.rstrip("/"):
         raise DistclsError(f"calibrate: {cfg.out} already holds a model ({META}); choose a new --out")
-    index = load_labeled_index(cfg.data, class_names=meta["class_names"])
-    p = predict_labeled(cfg.checkpoint, index, cfg.batch_size, cfg.concurrency, cfg.num_gpus, cfg.runtime, "calibrate")
+    data = open_labeled(cfg.data, meta["class_names"], HELD_OUT_SPLITS)
+    p = predict_labeled(cfg.checkpoint, data, cfg.batch_size, cfg.concurrency, cfg.num_gpus, cfg.runtime, "calibrate")
     if len(p.labels) < 10:
         raise DistclsError(
-            f"calibrate: {cfg.data} gave {len(p.labels)} decodable images ({p.skipped.count} skipped); fitting a "
+            f"calibrate: {data.source} gave {len(p.labels)} decodable images ({p.skipped.count} skipped); fitting a "
             "temperature needs at least 10 labeled images, a few hundred for a trustworthy one"
         )
-    record = calibration_record(p.logits, p.labels, cfg.data, cfg.keep)
+    record = calibration_record(p.logits, p.labels, data_label(cfg.data, data), cfg.keep)
     new_meta = {k: v for k, v in meta.items() if k != "files_sha256"}
     new_meta.update({"calibration": record, "calibrated_from": {"model": cfg.checkpoint, "id": checkpoint_id(meta)}})
     storage.ensure_bucket(cfg.out)

@@ -18,9 +18,9 @@ import torch
 from distcls import DistclsError, storage
 from distcls.checkpoint import read_meta
 from distcls.config import CompareConfig
-from distcls.datasets import LabeledIndex, load_images, load_labeled_index
 from distcls.infer import Predictor, is_export, load_model, model_file_uri
 from distcls.metrics import confusion_matrix, summarize
+from distcls.splits import TEST_SPLITS, LabeledSplit, limit_batches, open_labeled
 from distcls.transforms import PreprocessSpec
 
 COLUMNS = (
@@ -35,28 +35,21 @@ COLUMNS = (
 )
 
 
-def limit_index(index: LabeledIndex, per_class: int | None) -> LabeledIndex:
-    """The first `per_class` images of each class (in listing order), or all."""
-    if per_class is None:
-        return index
-    seen: dict[int, int] = {}
-    rows = []
-    for i, label in enumerate(index.labels):
-        if seen.get(label, 0) < per_class:
-            seen[label] = seen.get(label, 0) + 1
-            rows.append(i)
-    return index.subset(np.asarray(rows))
-
-
-def decode_split(index: LabeledIndex, spec: PreprocessSpec) -> tuple[np.ndarray, np.ndarray, int]:
-    """(uint8 NCHW images, labels, skipped) for the whole split; undecodable images are skipped."""
+def decode_split(data: LabeledSplit, spec: PreprocessSpec, per_class: int | None) -> tuple[np.ndarray, np.ndarray, int]:
+    """(uint8 NCHW images, labels, skipped) for the whole split (packed data: its first `per_class` rows of each
+    class, in shard order); undecodable images are skipped."""
     images, labels, skipped = [], [], 0
-    for start in range(0, len(index), 256):
-        batch = load_images({"path": np.asarray(index.paths[start : start + 256], dtype=object)}, spec)
+    batches = data.iter_decoded(spec)
+    if data.is_packed:
+        batches = limit_batches(batches, per_class, len(data.class_names))
+    for batch in batches:
         ok = np.array([not e for e in batch["error"]], dtype=bool)
         images.append(batch["image"][ok])
-        labels.append(np.asarray(index.labels[start : start + 256])[ok])
+        labels.append(np.asarray(batch["label"], dtype=np.int64)[ok])
         skipped += int((~ok).sum())
+    size = spec.image_size
+    if not images:
+        return np.zeros((0, 3, size, size), np.uint8), np.zeros(0, np.int64), skipped
     return np.concatenate(images), np.concatenate(labels), skipped
 
 
@@ -89,21 +82,21 @@ def describe(uri: str, meta: dict) -> tuple[str, str]:
     return name, kind
 
 
-def evaluate_one(uri: str, name: str | None, index: LabeledIndex, cache: dict, cfg: CompareConfig) -> dict:
+def evaluate_one(uri: str, name: str | None, data: LabeledSplit, cache: dict, cfg: CompareConfig) -> dict:
     model = load_model(uri, cfg.runtime, "cpu", threads=cfg.threads)
     meta = model.meta
-    if list(meta["class_names"]) != list(index.class_names):
+    if list(meta["class_names"]) != list(data.class_names):
         raise DistclsError(
             f"compare: {uri} was trained on other classes ({len(meta['class_names'])}: "
-            f"{meta['class_names'][:3]}...) than {cfg.data} has ({index.class_names[:3]}...); "
+            f"{meta['class_names'][:3]}...) than {cfg.data} has ({data.class_names[:3]}...); "
             "compare models of one task on its test split"
         )
     key = json.dumps(meta["preprocessing"], sort_keys=True)
     if key not in cache:
-        cache[key] = decode_split(index, PreprocessSpec.from_dict(meta["preprocessing"]))
+        cache[key] = decode_split(data, PreprocessSpec.from_dict(meta["preprocessing"]), cfg.limit_per_class)
     images, labels, skipped = cache[key]
     logits = predict(model, images, cfg.batch_size)
-    summary = summarize(confusion_matrix(labels, logits.argmax(1), len(index.class_names)), index.class_names)
+    summary = summarize(confusion_matrix(labels, logits.argmax(1), len(data.class_names)), data.class_names)
     default_name, kind = describe(uri, meta)
     row = {
         "name": name or default_name,
@@ -168,17 +161,22 @@ def run_compare(cfg: CompareConfig) -> dict:
     """Evaluate and time every model; write compare.json, compare.md, compare.png; return the record."""
     torch.set_num_threads(cfg.threads)
     class_names = read_meta(cfg.models[0])["class_names"]  # the split in the models' class order
-    index = limit_index(load_labeled_index(cfg.data, class_names=class_names), cfg.limit_per_class)
+    data = open_labeled(cfg.data, class_names, TEST_SPLITS).limit_per_class(cfg.limit_per_class)
     cache: dict = {}
     names = list(cfg.names) or [None] * len(cfg.models)
-    print(f"compare: {len(cfg.models)} models on {len(index)} images of {cfg.data}", flush=True)
+    if data.is_packed:
+        limit = f", at most {cfg.limit_per_class} per class" if cfg.limit_per_class else ""
+        print(f"compare: {len(cfg.models)} models on {data.source}{limit}", flush=True)
+    else:
+        print(f"compare: {len(cfg.models)} models on {len(data)} images of {cfg.data}", flush=True)
     rows = []
     for uri, name in zip(cfg.models, names):
-        rows.append(evaluate_one(uri, name, index, cache, cfg))
+        rows.append(evaluate_one(uri, name, data, cache, cfg))
         r = rows[-1]
         print(f"  {r['name']}: accuracy {r['accuracy']:.4f}, {r['images_per_s']:.1f} images/s", flush=True)
     setup = {
         "data": cfg.data,
+        "split": data.split,  # the split read of packed data (None for an ImageFolder or a manifest)
         "images": rows[0]["num_samples"],
         "batch_size": cfg.batch_size,
         "threads": cfg.threads,

@@ -15,20 +15,22 @@ import numpy as np
 from distcls import objects, storage
 from distcls.checkpoint import checkpoint_id
 from distcls.config import EvaluateConfig
-from distcls.datasets import load_labeled_index
 from distcls.infer import verify_model
 from distcls.infer.labeled import predict_labeled
 from distcls.metrics import confusion_matrix, summarize, topk_correct
 from distcls.scores import Calibration, brier, ece, nll, probabilities, reliability
+from distcls.splits import TEST_SPLITS, open_labeled
 
 
 def run_evaluation(cfg: EvaluateConfig) -> dict:
     """Write report.json, report.md, confusion_matrix.png, calibration.png and predictions.parquet to cfg.out."""
     meta = verify_model(cfg.checkpoint)  # tampered or incomplete: one line, before Ray starts
     class_names = meta["class_names"]
-    index = load_labeled_index(cfg.data, class_names=class_names)
+    data = open_labeled(cfg.data, class_names, TEST_SPLITS, data_names=list(cfg.class_names) or None)
+    if data.is_packed:
+        print(f"evaluate: {data.source}", flush=True)
     max_bytes = objects.max_object_bytes(cfg.max_object_mb)
-    p = predict_labeled(cfg.checkpoint, index, cfg.batch_size, cfg.concurrency, cfg.num_gpus, cfg.runtime, "evaluate", max_bytes)
+    p = predict_labeled(cfg.checkpoint, data, cfg.batch_size, cfg.concurrency, cfg.num_gpus, cfg.runtime, "evaluate", max_bytes)
     k = len(class_names)
     calibration = Calibration.of(meta)
     cm = confusion_matrix(p.labels, p.logits.argmax(1), k) if len(p.labels) else np.zeros((k, k), np.int64)
@@ -56,6 +58,7 @@ def run_evaluation(cfg: EvaluateConfig) -> dict:
             "checkpoint": cfg.checkpoint,
             "model_id": checkpoint_id(meta),
             "data": cfg.data,
+            "split": data.split,  # the split read of packed data (None for an ImageFolder or a manifest)
             "runtime": p.runtime,
             "runtime_note": p.note,
             "class_names": class_names,
@@ -106,7 +109,7 @@ def render_markdown(report: dict) -> str:
         "# Evaluation report",
         "",
         f"- checkpoint: `{report['checkpoint']}`",
-        f"- data: `{report['data']}`",
+        f"- data: `{report['data']}`" + (f" ({report['split']} split)" if report.get("split") else ""),
         f"- images: {report['num_samples']} evaluated, {report['skipped']} skipped (could not be decoded)",
         f"- scores: {scores} (ECE {report['ece']:.4f}; {report['ece_uncalibrated']:.4f} before calibration)",
         "",

@@ -47,6 +47,20 @@ def sample_paths(uri: str, n: int, seed: int = 0) -> list[str]:
     return [paths[i] for i in order[:n]]
 
 
+def sample_images(uri: str, n: int, spec: PreprocessSpec) -> np.ndarray:
+    """Up to `n` decoded sample images of --sample: packed data's first rows (of its val split, else test, else
+    train), or images spread over a listing (sample_paths)."""
+    from distcls.splits import HELD_OUT_SPLITS, open_packed_split
+
+    packed = open_packed_split(uri, HELD_OUT_SPLITS)
+    if packed is None:
+        return read_sample(sample_paths(uri, n), spec)
+    images = packed.sample_images(spec, n)
+    if images is None:
+        raise DistclsError(f"export: none of the first {n} images of {packed.source} could be decoded; give other --sample data")
+    return images
+
+
 def read_sample(paths: list[str], spec: PreprocessSpec) -> np.ndarray:
     """Decoded uint8 NCHW images (through the one preprocessing path); undecodable ones are left out."""
     from distcls.datasets import load_images
@@ -148,8 +162,7 @@ def run_export(cfg: ExportConfig) -> dict:
         raise DistclsError(f"export: {cfg.checkpoint} is already an export; pass the PyTorch checkpoint")
     spec = PreprocessSpec.from_dict(source_meta["preprocessing"])
     calibrate = cfg.quantize == "int8" and cfg.calibration == "static"
-    paths = sample_paths(cfg.sample, cfg.sample_size + (cfg.calibration_size if calibrate else 0))
-    images = read_sample(paths, spec)
+    images = sample_images(cfg.sample, cfg.sample_size + (cfg.calibration_size if calibrate else 0), spec)
     check_images = images[: cfg.sample_size]
     # Calibrate on images the check does not use, when the sample has enough of them.
     calibration = images[cfg.sample_size :] if len(images) > cfg.sample_size else images[: cfg.calibration_size]

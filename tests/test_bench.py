@@ -167,3 +167,94 @@ def test_bench_scale_tiny(tmp_path):
     assert scale["rows"] == scale["distinct_paths"] == scale["rows_after_kill_and_rerun"] == 300
     for key in ("list_keys_per_s", "time_to_first_part_s", "driver_peak_rss_mb", "images_per_s", "rerun_done_s", "resume_half_s"):
         assert scale[key] > 0, key
+
+
+def test_plain_ingest_decodes_as_the_training_transform():
+    """The plain script's own PIL code (draft mode, resize, center square) gives distcls's training base input
+    pixel for pixel: on the bench photos, on them re-encoded smaller (as `pack --max-side` stores them), on PNGs."""
+    import io
+
+    from PIL import Image
+
+    from distcls.models import default_spec
+    from distcls.tools.bench.harness import make_photos
+    from distcls.tools.bench.scale import small_pngs
+    from distcls.tools.plain_ingest import decode
+    from distcls.transforms import preprocess_bytes
+
+    photos = make_photos(6)
+    smaller = []
+    for data in photos[:3]:
+        buf = io.BytesIO()
+        Image.open(io.BytesIO(data)).resize((256, 192)).save(buf, format="JPEG", quality=90)
+        smaller.append(buf.getvalue())
+    for size in (64, 224):
+        spec = default_spec("efficientnet_lite0", size)
+        for data in photos + smaller + small_pngs(3):
+            ours = preprocess_bytes(data, spec, train=True)
+            plain = decode(data, spec.resize_size, spec.interpolation)
+            assert plain.shape == ours.shape == (3, spec.resize_size, spec.resize_size)
+            assert (plain == ours).all()
+
+
+def test_plain_ingest_deals_every_unit_to_one_rank_and_ranks_take_equal_steps():
+    from distcls.tools.plain_ingest import deal, steps_of
+
+    units = [(f"s{i}", g, rows) for i, rows in enumerate([300, 120, 500, 64, 64, 250, 7]) for g in range(2)]
+    for world in (1, 2, 3):
+        for epoch in range(3):
+            shares = deal(units, world, seed=0, epoch=epoch)
+            assert sorted(u for share in shares for u in share) == sorted(units)
+            rows = [sum(u[2] for u in share) for share in shares]
+            assert max(rows) - min(rows) <= 500  # no rank gets more than one unit's rows beyond another
+        assert deal(units, world, 0, 1) == deal(units, world, 0, 1) and deal(units, 2, 0, 1) != deal(units, 2, 0, 2)
+    share = [("a", 0, 70), ("b", 0, 10), ("c", 0, 33)]
+    assert steps_of(share, 0, 32) == 4  # one stream of 113 rows
+    assert steps_of(share, 2, 32) == 4 + 1  # loader worker 0 batches a and c (103 rows), worker 1 b (10 rows)
+
+
+def test_million_writer_makes_a_pack_that_the_readers_open(tmp_path):
+    """The 1M set of `bench ingest` is written without a file per image; at 3,000 rows: the readers take it as a
+    distcls pack (every footer, row count and class name checked), with a 1% val split and pack's columns."""
+    import pyarrow.parquet as pq
+
+    from distcls.packed import open_packed
+    from distcls.tools.bench.ingest_million import CLASS_NAMES, TINY_SIDE, write_million
+
+    made = write_million(str(tmp_path / "tiny"), 3000)
+    packed = open_packed(str(tmp_path / "tiny"))
+    assert packed is not None and packed.kind == "distcls" and packed.class_names == list(CLASS_NAMES)
+    assert packed.num_rows("train") + packed.num_rows("val") == made["images"] == 3000
+    assert packed.num_rows("val") == 30 and sum(packed.counts("val").values()) == 30
+    shard = pq.read_table(packed.shards("train")[0].uri)
+    assert shard.column_names == ["image", "label", "width", "height", "sha256"]
+    assert set(shard.column("width").to_pylist()) == {TINY_SIDE}
+    ids, labels = packed.paths_and_labels("train")
+    assert len(set(ids)) == len(ids) == packed.num_rows("train") and set(labels) == set(range(len(CLASS_NAMES)))
+
+
+@pytest.mark.slow  # ~12 min on a busy 2-core machine: a pack, four distcls train runs, the plain script, the driver
+def test_bench_ingest_tiny(tmp_path):
+    """`bench ingest` in miniature fills every key of its bench.json section and prints its table lines."""
+    out = tmp_path / "bench.json"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "RAY_ADDRESS"))}
+    args = ["--ingest-images", "40", "--ingest-epochs", "1", "--ingest-shards", "4", "--ingest-loader-workers", "1"]
+    args += ["--ingest-million", "2000", "--workers", "1", "--image-size", "32", "--batch-size", "8", "--out", str(out)]
+    result = subprocess.run(
+        [sys.executable, "-m", "distcls.cli", "bench", "ingest", *args], capture_output=True, text=True, timeout=1500, env=env
+    )
+    assert result.returncode == 0, (result.stdout[-3000:], result.stderr[-3000:])
+    ingest = json.loads(out.read_text())["ingest"]
+    assert ingest["pack"]["images"] + ingest["pack"]["rejected"] == 40 and ingest["pack"]["images_per_s"] > 0
+    for row in ("per_object_s3_1w", "packed_s3_1w", "packed_local_1w", "cached_1w", "plain_s3_1w"):
+        assert ingest["runs"][row]["images_per_s_per_worker"] > 0, row
+        assert 0 <= ingest["runs"][row]["data_wait_fraction"] <= 1, row
+    assert ingest["runs"]["plain_s3_1w"]["loader_workers"] == 1
+    for key in ("ratio_packed_s3_vs_cached", "ratio_packed_vs_plain_loader", "ratio_packed_vs_per_object_s3"):
+        assert ingest[key] > 0, key
+    assert 0 <= ingest["data_wait_fraction_packed_s3"] <= 1
+    assert ingest["per_worker_scaling_2w"] is None  # one worker count asked for
+    assert ingest["million"]["pack"]["images"] == 2000
+    assert 0 < ingest["driver_peak_rss_mb_1m"] < 100_000 and 0 < ingest["first_step_s_1m"] < 900
+    assert "ingest: packed S3 / plain DataLoader script, 1 worker" in result.stdout
+    assert "ingest: seconds to the first step (2,000 images)" in result.stdout

@@ -66,7 +66,10 @@ class FindLabelIssuesConfig(Config):
 
     command = "find-label-issues"
 
-    data: str = opt(help="labeled data: an ImageFolder prefix or a manifest file")
+    data: str = opt(
+        help="labeled data: an ImageFolder prefix, a manifest file or packed data (its train split; folds by a hash of "
+        "the sample id)"
+    )
     out: str = opt(help="folder for label_issues.parquet, pred_probs.parquet, summary.json, contact_sheet.png, folds/")
     folds: int = opt(5, min=2, help="K: each image is predicted by a model fine-tuned on the other K-1 folds")
     max_concurrent: int | None = opt(None, min=1, help="folds trained at once (default: as many as the cluster's CPUs allow)")

@@ -72,7 +72,8 @@ class ExportConfig(Config):
     out: str = opt(help="export directory URI to write (distcls.json + model.onnx or model.ts)")
     sample: str = opt(
         help="real images to check the export against the checkpoint (and calibrate int8): an "
-        "ImageFolder prefix, a manifest, or any prefix of images"
+        "ImageFolder prefix, a manifest, any prefix of images, or packed data (the first rows of its val split, else test, "
+        "else train)"
     )
     format: str = opt("onnx", help="onnx (run by onnxruntime) or torchscript (run by torch)", choices=EXPORT_FORMATS)
     quantize: str = opt("none", help="none, or int8 weights and activations (ONNX only)", choices=("none", "int8"))
@@ -108,7 +109,7 @@ class CompareConfig(RuntimeFields):
     command = "compare"
 
     models: tuple[str, ...] = opt(help="checkpoint or export directory URIs")
-    data: str = opt(help="labeled test data: an ImageFolder prefix or a manifest file")
+    data: str = opt(help="labeled test data: an ImageFolder prefix, a manifest file or packed data (its test split, else val)")
     out: str = opt("compare", help="folder (or URI) for compare.json, compare.md and compare.png")
     names: tuple[str, ...] = opt((), help="display names, one per model, comma-separated (default: derived)")
     limit_per_class: int | None = opt(None, min=1, help="evaluate at most N images per class (default: all)")
@@ -134,9 +135,16 @@ class EvaluateConfig(PoolFields):
 
     command = "evaluate"
 
-    data: str = opt(help="labeled data: an ImageFolder prefix or a manifest file")
+    data: str = opt(
+        help="labeled data: an ImageFolder prefix, a manifest file, or packed data (its test split, else val, else train)"
+    )
     out: str = opt(help="folder (or URI) for report.json, report.md and confusion_matrix.png")
     max_object_mb: float = max_object_mb()
+    class_names: tuple[str, ...] = opt(
+        (),
+        help="the names of a WebDataset's `cls` integers (comma-separated, in index order) when it has no classes.txt "
+        "(default: the checkpoint's class names, in its order)",
+    )
 
     def validate(self, p: Problems) -> None:
         super().validate(p)
@@ -149,7 +157,10 @@ class CalibrateConfig(PoolFields):
 
     command = "calibrate"
 
-    data: str = opt(help="labeled data it was not trained on (its validation split): ImageFolder prefix or manifest")
+    data: str = opt(
+        help="labeled data it was not trained on (its validation split): ImageFolder prefix, manifest or packed data "
+        "(its val split, else test)"
+    )
     out: str = opt(help="new model directory: the model file copied as it is, distcls.json with the calibration")
     keep: float = opt(0.95, min=0.5, lt=1, help="share of --data images the `unknown` threshold keeps")
 
@@ -177,7 +188,8 @@ class LabelConfig(BatchFields):
     input: str = opt(
         "",
         help="prefix to label, recursively (jpg, jpeg, png, webp, bmp, gif, tif, tiff); with "
-        "--manifest, the prefix its `key` column is relative to",
+        "--manifest, the prefix its `key` column is relative to; or packed data (a `distcls pack` folder, found by its "
+        "_dataset.json, or one .parquet / .tar shard): every row of every split, read from the shards",
     )
     manifest: str | None = opt(
         None,

@@ -34,9 +34,22 @@ def check_model(problems: Problems, name: str, value: str) -> None:
 class TrainingFields(Config):
     """The fields `train` (and `distill`) and `tune` share: the data, the model, the workers, the run's folder."""
 
-    data: str = opt(help="training data: an ImageFolder prefix (URI/<class>/<image>) or a manifest file")
-    val_data: str | None = opt(None, help="validation data (same forms); else a stratified split of --data")
-    val_fraction: float = opt(0.1, help="share of --data held out for validation when --val-data is not given")
+    data: str = opt(
+        help="training data: an ImageFolder prefix (URI/<class>/<image>), a manifest file, or packed data (a `distcls "
+        "pack` output, found by its _dataset.json; Parquet written by Hugging Face `datasets`; WebDataset tars), whose "
+        "train split it reads"
+    )
+    val_data: str | None = opt(
+        None,
+        help="validation data (same forms; of packed data its val split); else a stratified split of --data, or "
+        "packed --data's own val split",
+    )
+    val_fraction: float = opt(0.1, help="share of per-object --data held out for validation when --val-data is not given")
+    class_names: tuple[str, ...] = opt(
+        (),
+        help="class names in label-index order (comma-separated): the names of a WebDataset's `cls` integers when it "
+        "has no classes.txt; for other data, the order of the classes",
+    )
     model: str = opt("efficientnet_lite0", help="architecture (see `distcls models`)")
     weights: str = opt("bundled", help="bundled, none, a torchvision weights name, or a .safetensors/.pt URI")
     image_size: int | None = opt(None, min=16, max=1024, help="model input size (default: the model's own, 224)")
@@ -213,7 +226,10 @@ class SoupConfig(Config):
     command = "soup"
 
     checkpoints: tuple[str, ...] = opt(help="checkpoint directory URIs (the ingredients), comma-separated or repeated")
-    data: str = opt(help="labeled validation data the greedy soup is chosen on and every soup is scored on")
+    data: str = opt(
+        help="labeled validation data the greedy soup is chosen on and every soup is scored on (packed data: its val "
+        "split, else test, else train)"
+    )
     out: str = opt(help="checkpoint directory URI to write the soup to")
     method: str = opt(
         "greedy",

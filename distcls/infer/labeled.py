@@ -1,5 +1,6 @@
-"""A model over a labeled index: logits, labels and paths of every image that decoded, with the inference
-engine on Ray Data (what evaluate, calibrate and find-label-issues' folds run).
+"""A model over labeled data (a per-object index or a split of packed data): logits, labels and paths of every
+image that decoded, with the inference engine on Ray Data (what evaluate, calibrate and find-label-issues' folds
+run).
 """
 
 from __future__ import annotations
@@ -9,16 +10,17 @@ from dataclasses import dataclass
 import numpy as np
 
 from distcls.checkpoint import read_meta
-from distcls.datasets import ErrorTally, LabeledIndex, build_dataset, decode_sample
+from distcls.datasets import ErrorTally, LabeledIndex
 from distcls.infer.batch import predict_dataset
 from distcls.infer.engine import prepare_runtime
 from distcls.runtime import init_ray
+from distcls.splits import LabeledSplit, as_split
 from distcls.transforms import PreprocessSpec
 
 
 @dataclass
 class Predictions:
-    """A model's logits over a labeled index (undecodable images counted in `skipped`, not returned)."""
+    """A model's logits over labeled data (undecodable images counted in `skipped`, not returned)."""
 
     logits: np.ndarray  # (N, C) float32
     labels: np.ndarray  # (N,) int64
@@ -30,7 +32,7 @@ class Predictions:
 
 def predict_labeled(
     uri: str,
-    index: LabeledIndex,
+    data: LabeledSplit | LabeledIndex,
     batch_size: int = 64,
     concurrency: int = 1,
     num_gpus: float = 0,
@@ -38,15 +40,16 @@ def predict_labeled(
     announce: str | None = None,
     max_bytes: int | None = None,
 ) -> Predictions:
-    """Run a verified model over a labeled index with the inference engine (Ray Data actors); image objects
-    over `max_bytes` (default: objects.DEFAULT_MAX_OBJECT_BYTES) are too_large error rows."""
+    """Run a verified model over labeled data with the inference engine (Ray Data actors); images over
+    `max_bytes` (default: objects.DEFAULT_MAX_OBJECT_BYTES) are too_large error rows."""
     meta = read_meta(uri)
     spec = PreprocessSpec.from_dict(meta["preprocessing"])
-    runtime, note = prepare_runtime(uri, runtime, num_gpus > 0, decode_sample(index.paths, spec, max_bytes=max_bytes))
+    data = as_split(data)
+    runtime, note = prepare_runtime(uri, runtime, num_gpus > 0, data.sample_images(spec, max_bytes=max_bytes))
     if announce:
         print(f"{announce}: runtime {runtime} ({note})", flush=True)
     init_ray()
-    ds = predict_dataset(build_dataset(index, spec, max_bytes=max_bytes), uri, batch_size, concurrency, num_gpus, runtime=runtime)
+    ds = predict_dataset(data.dataset(spec, max_bytes=max_bytes), uri, batch_size, concurrency, num_gpus, runtime=runtime)
     tally, logits, labels, paths = ErrorTally(), [], [], []
     for batch in ds.iter_batches(batch_size=1024, batch_format="numpy"):
         batch = tally.drop_errors(batch)

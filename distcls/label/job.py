@@ -4,7 +4,8 @@ Ray Data pipeline: plan (listing read tasks, or the stored plan minus what is do
 preprocess] -> predict (actor pool, the model loaded once per actor and checked against the driver's) ->
 write (Parquet parts of --part-rows rows / --part-mb MB, each written atomically). A part is the unit of
 progress: a rerun subtracts the labeled paths (Arrow) from the stored plan, so a job killed halfway and run
-again ends with every object exactly once. A finished job writes OUTPUT/_SUCCESS.json.
+again ends with every object exactly once. A finished job writes OUTPUT/_SUCCESS.json. Packed --input (a
+`distcls pack`, a Parquet or tar shard): its rows, read from the shards (label/packed.py).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from distcls.datasets import decode_sample, load_images
 from distcls.infer import is_export, predict_dataset, verify_model
 from distcls.label.confine import confine, source_root
 from distcls.label.manifest import Source
+from distcls.label.packed import packed_input, packed_plan, packed_rows, packed_sample
 from distcls.label.parts import SUCCESS, OutputStats, check_not_nested, done_snapshot, output_schema, write_parts
 from distcls.label.plan import (
     BLOCK_BYTES,
@@ -179,8 +181,9 @@ def run_labeling(cfg: LabelConfig, progress: bool = True) -> dict:
         )
     check_not_nested(cfg.output)
     storage.ensure_bucket(cfg.output)
-    root = confinement(cfg)
-    plan, how = open_plan(cfg)
+    packed = packed_input(cfg)
+    root = None if packed is not None else confinement(cfg)  # packed rows are read from the set's own shards
+    plan, how = open_plan(cfg) if packed is None else packed_plan(cfg, packed)
     snap, duplicates = done_snapshot(cfg.output)
     done = snap.table.column("path")
     summary = {
@@ -194,7 +197,14 @@ def run_labeling(cfg: LabelConfig, progress: bool = True) -> dict:
         "unknown_above": unknown_above,
     }
     removed = f"; removed {duplicates} duplicate rows" if duplicates else ""
-    if plan.complete:
+    max_bytes = objects.max_object_bytes(cfg.max_object_mb)
+    decoded = None
+    if packed is not None:
+        todo, total = None, plan.keys
+        print(f"label: {total} rows in {how}; {len(done)} rows already in the output" + removed, flush=True)
+        sample_paths = packed_sample(packed, spec, max_bytes)
+        decoded = packed_rows(packed, spec, done, max_bytes) if len(done) < total else None
+    elif plan.complete:
         todo = plan_todo(plan, done, root)
         total = plan.keys
         print(
@@ -213,30 +223,32 @@ def run_labeling(cfg: LabelConfig, progress: bool = True) -> dict:
         if not sample_paths and plan.source.input and not cfg.manifest:
             raise DistclsError(f"label: no image objects under {cfg.input}; check the URI or widen --include")
     summary["plan_seconds"] = time.perf_counter() - started
-    if todo is None or len(todo):
+    if (todo is None or len(todo)) and (packed is None or decoded is not None):
         init_ray()
         runtime, note = prepare_in_ray(cfg, sample_paths, spec)
         summary.update(runtime=runtime, runtime_note=note)
         print(f"label: runtime {runtime} ({note})", flush=True)
         unknown = "off" if unknown_above is None else f"label `unknown` above energy {unknown_above:.3f}"
         print(f"label: scores {calibration.describe()}; {unknown}", flush=True)
-        run_pipeline(cfg, meta, spec, runtime, plan, todo, done, summary, started, progress, unknown_above, root)
+        run_pipeline(cfg, meta, spec, runtime, plan, todo, done, summary, started, progress, unknown_above, root, decoded)
         snap, more = done_snapshot(cfg.output)  # a write task retried after its commit leaves a second copy
         summary["duplicates_removed"] += more
         plan = StoredPlan.read(cfg.output)
     return finish(cfg, plan, snap, summary, started)
 
 
-def prepare_in_ray(cfg: LabelConfig, sample_paths: list[str], spec: PreprocessSpec) -> tuple[str, str]:
+def prepare_in_ray(cfg: LabelConfig, sample_paths: list[str] | np.ndarray | None, spec: PreprocessSpec) -> tuple[str, str]:
     """prepare_runtime (decode a sample, compile to ONNX into the cache) in a Ray task: torch and the compile's
-    memory stay out of the driver, which only plans."""
+    memory stay out of the driver, which only plans. `sample_paths`: paths, or images already decoded."""
     import ray
 
     def prepare() -> tuple[str, str]:
         from distcls.infer.engine import prepare_runtime
 
         runtime = "torch" if cfg.embeddings else cfg.runtime  # the pooled features come from the torch model
-        sample = decode_sample(sample_paths, spec, max_bytes=objects.max_object_bytes(cfg.max_object_mb))
+        sample = sample_paths
+        if isinstance(sample_paths, list):
+            sample = decode_sample(sample_paths, spec, max_bytes=objects.max_object_bytes(cfg.max_object_mb))
         return prepare_runtime(cfg.checkpoint, runtime, cfg.num_gpus > 0, sample)
 
     try:
@@ -271,11 +283,15 @@ def run_pipeline(
     progress: bool,
     unknown_above: float | None = None,
     root: str | None = None,
+    decoded=None,
 ) -> None:
+    """Label the planned keys not yet in the output; `decoded`: rows already read and decoded instead (packed data)."""
     import ray
     import ray.data
 
-    if todo is not None:
+    if decoded is not None:
+        ds = decoded
+    elif todo is not None:
         step = max(64, min(TODO_BLOCK_ROWS, -(-len(todo) // 16)))
         ds = ray.data.from_arrow([todo.slice(i, step) for i in range(0, len(todo), step)])
     else:
@@ -286,8 +302,8 @@ def run_pipeline(
             plan_datasource(plan.listers, plan.source, plan.uri, done_ref, block_bytes, hold, root), num_cpus=0.25
         )
         ds.context.target_max_block_size = block_bytes  # each listed block goes on at once (see plan.py)
-    fused = cfg.pipeline == "fused" or (cfg.pipeline == "auto" and not cfg.num_gpus)
-    if not fused:
+    fused = decoded is None and (cfg.pipeline == "fused" or (cfg.pipeline == "auto" and not cfg.num_gpus))
+    if not fused and decoded is None:
         from distcls.datasets import DECODE_CPUS, ROWS_PER_BLOCK
 
         ds = ds.map_batches(

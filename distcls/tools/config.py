@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from distcls.config import Config, Problems, check_model, opt
 
 FASHION_MNIST_DEFAULT_DIR = "/usr/share/datasets/fashion-mnist"
+INGEST_PARTS = ("per_object_s3", "packed_s3", "packed_local", "cached", "plain", "million")
 
 
 @dataclass
@@ -94,6 +95,7 @@ class BenchConfig(Config):
             "imbalance",
             "modern",
             "tune",
+            "ingest",
             "all",
         ),
     )
@@ -179,6 +181,32 @@ class BenchConfig(Config):
     tune_per_class: int = opt(200, help="tune benchmark (not in `all`): Fashion-MNIST training images per class")
     tune_trials: int = opt(8, help="tune benchmark: trials of the search")
     tune_epochs: tuple[int, ...] = opt((3, 5), help="tune benchmark: epoch counts the search chooses from")
+    ingest_images: int = opt(
+        2000, min=10, help="ingest benchmark (not in `all`): JPEGs of 500x375 (crops of real photos) it trains on"
+    )
+    ingest_max_side: int | None = opt(
+        256,
+        min=8,
+        help="ingest benchmark: distcls pack --max-side for its packed set (256: JPEG draft decoding for a 64 px "
+        "input reads 250x188 of a 500x375 original anyway)",
+    )
+    ingest_epochs: int = opt(3, min=1, help="ingest benchmark: epochs of every training run (the first is warm-up)")
+    ingest_shards: int = opt(16, min=1, help="ingest benchmark: about this many train shards in the packed set")
+    ingest_loader_workers: tuple[int, ...] = opt(
+        (1, 2, 4), help="ingest benchmark: DataLoader worker counts the plain script tries (its best is kept)"
+    )
+    ingest_million: int = opt(
+        1_000_000, min=10, help="ingest benchmark: tiny images of the packed set the training driver is measured on"
+    )
+    ingest_dir: str | None = opt(
+        None,
+        help="ingest benchmark: folder for the tiny-image packed set, kept for the next run of the same "
+        "--ingest-million (default: a temporary folder, removed after)",
+    )
+    ingest_parts: tuple[str, ...] = opt(
+        INGEST_PARTS,
+        help="ingest benchmark: parts to run, comma-separated, of " + ", ".join(INGEST_PARTS) + " (default: all)",
+    )
     work_dir: str | None = opt(
         None, help="imbalance, modern and tune benchmarks: folder for their data and runs (default: a temporary folder)"
     )
@@ -188,6 +216,18 @@ class BenchConfig(Config):
         known = ("calibration", "ood", "label_issues", "dedup", "dedup_scale")
         p.check(set(self.trust_parts) <= set(known), "trust_parts", ",".join(self.trust_parts), f"must be of {', '.join(known)}")
         p.check(all(w >= 1 for w in self.workers), "workers", self.workers, "worker counts must be >= 1")
+        p.check(
+            bool(self.ingest_parts) and set(self.ingest_parts) <= set(INGEST_PARTS),
+            "ingest_parts",
+            ",".join(self.ingest_parts),
+            f"must be of {', '.join(INGEST_PARTS)}",
+        )
+        p.check(
+            bool(self.ingest_loader_workers) and min(self.ingest_loader_workers) >= 0,
+            "ingest_loader_workers",
+            self.ingest_loader_workers,
+            "give DataLoader worker counts >= 0, e.g. 1,2,4",
+        )
         p.check(
             bool(self.train_data) and set(self.train_data) <= {"streamed", "cached"},
             "train_data",

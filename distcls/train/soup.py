@@ -14,8 +14,9 @@ from the same pretrained weights, on the same classes in the same order, seeing 
 way. Anything else averages unrelated weights into noise, so it is refused, one line per cause.
 
 Every candidate soup is scored with a plain forward pass over validation images decoded once into memory
-(uint8 NCHW at the checkpoint's eval size); no Ray. The written soup is a new model, so its temperature and
-"unknown" threshold are fitted anew on the same images (distcls.calibrate, on Ray Data) and recorded with it.
+(uint8 NCHW at the checkpoint's eval size); no Ray for per-object data (packed data streams in through Ray Data).
+The written soup is a new model, so its temperature and "unknown" threshold are fitted anew on the same images
+(distcls.calibrate, on Ray Data) and recorded with it.
 """
 
 from __future__ import annotations
@@ -29,14 +30,13 @@ from distcls import DistclsError, storage
 from distcls.calibrate import calibrate_best_checkpoint
 from distcls.checkpoint import META, checkpoint_id, load_checkpoint, read_meta, save_checkpoint
 from distcls.config import SoupConfig
-from distcls.datasets import ErrorTally, LabeledIndex, load_images, load_labeled_index
+from distcls.datasets import ErrorTally
 from distcls.device import DevicePolicy
 from distcls.infer import is_export
 from distcls.models import Classifier
+from distcls.splits import HELD_OUT_SPLITS, LabeledSplit, open_labeled
 from distcls.train.resume import SPEC_FIELDS_COMPARED
 from distcls.transforms import PreprocessSpec
-
-DECODE_CHUNK = 256  # images read and decoded per call while the validation set is loaded into memory
 
 State = dict[str, torch.Tensor]
 
@@ -55,7 +55,7 @@ class ValImages:
 
     images: np.ndarray
     labels: np.ndarray
-    index: LabeledIndex
+    data: LabeledSplit
     skipped: ErrorTally
 
 
@@ -120,19 +120,17 @@ def load_ingredients(uris: tuple[str, ...], device: torch.device) -> tuple[Class
 
 def load_val_images(data: str, class_names: list[str], spec: PreprocessSpec) -> ValImages:
     """Every decodable image of `data` in memory (error rows counted and dropped)."""
-    index = load_labeled_index(data, class_names=class_names)
+    split = open_labeled(data, class_names, HELD_OUT_SPLITS)
     tally, images, labels = ErrorTally(), [], []
-    for start in range(0, len(index), DECODE_CHUNK):
-        rows = slice(start, start + DECODE_CHUNK)
-        batch = {"path": np.array(index.paths[rows], dtype=object), "label": np.array(index.labels[rows], dtype=np.int64)}
-        batch = tally.drop_errors(load_images(batch, spec))
+    for batch in split.iter_decoded(spec):
+        batch = tally.drop_errors(batch)
         images.append(batch["image"])
-        labels.append(batch["label"])
+        labels.append(np.asarray(batch["label"], dtype=np.int64))
     size = spec.image_size
     val = ValImages(
         np.concatenate(images) if images else np.zeros((0, 3, size, size), np.uint8),
         np.concatenate(labels) if labels else np.zeros(0, np.int64),
-        index,
+        split,
         tally,
     )
     if tally.count:
@@ -218,7 +216,7 @@ def run_soup(cfg: SoupConfig) -> dict:
         config=meta0.get("config", {}),
         extra={"soup": record},
     )
-    calibration = calibrate_best_checkpoint(cfg.out, val.index, cfg.data, num_gpus=1 if cfg.use_gpu else 0)
+    calibration = calibrate_best_checkpoint(cfg.out, val.data, cfg.data, num_gpus=1 if cfg.use_gpu else 0)
     print(f"wrote {cfg.out} (model {checkpoint_id(read_meta(cfg.out))[:12]}..., {cfg.method} soup of {len(kept)})", flush=True)
     return {
         "checkpoint": cfg.out,

@@ -18,10 +18,13 @@ import numpy as np
 from distcls import DistclsError, objects, storage
 from distcls.calibrate import calibrate_best_checkpoint
 from distcls.config import TrainConfig
-from distcls.datasets import LabeledIndex, build_dataset, format_counts, load_labeled_index, stratified_split
+from distcls.datasets import format_counts
 from distcls.metrics import balanced_class_weights, effective_number_weights
 from distcls.models import default_spec
 from distcls.runtime import init_ray
+from distcls.splits import LabeledSplit
+from distcls.train.data import CONSUMPTION_ENV, EveryRowConfig, load_splits, sample_native_size, training_datasets
+from distcls.train.data import balance as balance  # re-exported: its old home
 from distcls.train.recipe import Recipe, choose_recipe
 from distcls.train.resume import compare_with_checkpoint, find_restorable, latest_registered
 
@@ -71,30 +74,10 @@ def check_resume(cfg: TrainConfig, class_names: list[str]) -> None:
         print(found.fallback_line(run), flush=True)
 
 
-def load_splits(cfg: TrainConfig) -> tuple[LabeledIndex, LabeledIndex]:
-    train = load_labeled_index(cfg.data)
-    if cfg.val_data:
-        return train, load_labeled_index(cfg.val_data, class_names=train.class_names)
-    return stratified_split(train, cfg.val_fraction, cfg.seed)
-
-
 RECIPE_FIELDS = ("backbone_lr_scale", "warmup_epochs", "label_smoothing", "random_crops", "crop_scale_min", "cache_data")
 
 
-def sample_native_size(index: LabeledIndex, n: int = 16, max_bytes: int | None = None) -> int | None:
-    """Median shorter side of up to `n` training images (headers only), or None when none opens."""
-    from distcls.images import ImageDecodeError, open_image
-
-    sides = []
-    for path in index.paths[:: max(1, len(index) // n)][:n]:
-        try:
-            sides.append(min(open_image(objects.read_object(path, max_bytes)).size))
-        except (ImageDecodeError, OSError, DistclsError):
-            continue
-    return int(np.median(sides)) if sides else None
-
-
-def resolve_recipe(cfg: TrainConfig, train: LabeledIndex) -> tuple[TrainConfig, Recipe]:
+def resolve_recipe(cfg: TrainConfig, train: LabeledSplit) -> tuple[TrainConfig, Recipe]:
     """The config with every adaptive flag the user left unset filled in (see distcls.train.recipe)."""
     spec = default_spec(cfg.model, cfg.image_size)
     recipe = choose_recipe(
@@ -118,24 +101,7 @@ def train_spec(cfg: TrainConfig):
     return dataclasses.replace(spec, crop_scale=(cfg.crop_scale_min, 1.0), hflip=cfg.augment != "none")
 
 
-def balance(index: LabeledIndex, seed: int) -> LabeledIndex:
-    """--sampler balanced: an epoch of the same size in which every present class has an equal share. Each
-    class's share cycles through its images in a seeded order (a rare class repeats each of its images
-    evenly; a common one contributes that many distinct images, not repeats). The draw is made once on the
-    driver, so it streams and shards like any index."""
-    labels = np.asarray(index.labels)
-    present = np.flatnonzero(np.bincount(labels, minlength=len(index.class_names)))
-    rng = np.random.default_rng(seed)
-    shares = np.full(len(present), len(labels) // len(present))
-    shares[rng.permutation(len(present))[: len(labels) - shares.sum()]] += 1
-    rows = []
-    for c, share in zip(present, shares):
-        members = rng.permutation(np.flatnonzero(labels == c))
-        rows.append(np.resize(members, share))  # np.resize repeats the sequence to the share's length
-    return index.subset(np.sort(np.concatenate(rows)))
-
-
-def loss_class_weights(cfg: TrainConfig, train: LabeledIndex) -> list[float] | None:
+def loss_class_weights(cfg: TrainConfig, train: LabeledSplit) -> list[float] | None:
     """Per-class loss weights from the training counts: inverse frequency (--class-weights balanced) or
     the effective number of samples (--loss class-balanced); None for unweighted."""
     counts = list(train.counts().values())
@@ -158,7 +124,7 @@ def fault_from_env() -> dict | None:
     return {"at_step": int(step), "mode": mode or "raise"}
 
 
-def build_trainer(cfg: TrainConfig, train: LabeledIndex, val: LabeledIndex, extra_meta: dict | None = None, callbacks=()):
+def build_trainer(cfg: TrainConfig, train: LabeledSplit, val: LabeledSplit, extra_meta: dict | None = None, callbacks=()):
     import ray.train
     import ray.train.v2.api.config
     from ray.train.torch import TorchTrainer
@@ -166,26 +132,18 @@ def build_trainer(cfg: TrainConfig, train: LabeledIndex, val: LabeledIndex, extr
     from distcls.train.worker import train_func
 
     spec = train_spec(cfg)
-    train_ds = build_dataset(
-        balance(train, cfg.seed) if cfg.sampler == "balanced" else train,
-        spec,
-        train=cfg.random_crops,
-        shuffle_seed=cfg.seed,
-        max_bytes=objects.max_object_bytes(cfg.max_object_mb),
-    )
-    if cfg.cache_data:
-        train_ds = train_ds.materialize()  # decoded once into the object store; epochs read from memory
+    datasets = training_datasets(cfg, spec, train, val, objects.max_object_bytes(cfg.max_object_mb))
     loop_config = {
         "train": dataclasses.asdict(cfg),
         "class_names": train.class_names,
         "preprocessing": spec.to_dict(),
         "num_train": len(train),
-        "val_paths": val.paths,
-        "val_labels": val.labels,
+        "has_val": "val" in datasets,  # validation is a dataset the workers split, like training's
         "class_weights": loss_class_weights(cfg, train),
         "run_uri": run_uri_of(cfg),
         "extra_meta": extra_meta or {},  # more fields for every checkpoint's distcls.json (e.g. the teacher)
         "fault": fault_from_env(),
+        "consumption_log": os.environ.get(CONSUMPTION_ENV) or None,
     }
     storage_path, fs = storage_for_ray(cfg.storage)
     return TorchTrainer(
@@ -208,8 +166,8 @@ def build_trainer(cfg: TrainConfig, train: LabeledIndex, val: LabeledIndex, extr
                 num_to_keep=cfg.keep, checkpoint_score_attribute=SCORE, checkpoint_score_order="max"
             ),
         ),
-        datasets={"train": train_ds},
-        dataset_config=ray.train.DataConfig(datasets_to_split=["train"], execution_options=ingest_options(cfg.ordered_ingest)),
+        datasets=datasets,
+        dataset_config=EveryRowConfig(ingest_options(cfg.ordered_ingest), run_uri_of(cfg)),
     )
 
 
@@ -237,21 +195,25 @@ def run_training(
     check_classes: Callable[[list[str]], None] | None = None,
     callbacks: Sequence = (),
     announce: bool = True,
+    splits: tuple[LabeledSplit, LabeledSplit] | None = None,
 ) -> dict:
     """Fine-tune as configured; returns the content of result.json. `check_classes(class_names)` may
     refuse the data before Ray starts; `extra_meta` goes into every checkpoint's distcls.json; `callbacks`
-    are Ray Train UserCallbacks (Tune's report callback); `announce` prints the class counts."""
+    are Ray Train UserCallbacks (Tune's report callback); `announce` prints the class counts; `splits`:
+    (train, validation) instead of the ones --data and --val-data name (find-label-issues' folds)."""
     if cfg.name is None:
         cfg = dataclasses.replace(cfg, name="train-" + dt.datetime.now().strftime("%Y%m%d-%H%M%S"))
     check_run_dir(cfg)
-    train, val = load_splits(cfg)
+    train, val = splits or load_splits(cfg)
+    if train.is_packed or val.is_packed:  # a set without stored counts is counted by a Ray Data pass
+        init_ray(num_cpus=local_cpus(cfg))
     cfg, recipe = resolve_recipe(cfg, train)
     check_resume(cfg, train.class_names)
     if check_classes is not None:
         check_classes(train.class_names)
     if announce:
         print(format_counts(train, f"train {cfg.data}"))
-        print(format_counts(val, f"validation {cfg.val_data or f'({cfg.val_fraction:.0%} of --data)'}"))
+        print(format_counts(val, f"validation {cfg.val_data or val_title(cfg, val)}"))
     print(recipe.line(), flush=True)
     tracker = start_tracking(cfg, recipe)
     if tracker is not None:
@@ -272,7 +234,7 @@ def run_training(
     history = [dict(m) for m in read_history(cfg, result)]
     seconds = time.perf_counter() - started  # training only: the calibration below is not part of it
     calibration = calibrate_best_checkpoint(
-        best_uri, val, cfg.val_data or f"{cfg.data} (validation split)", num_gpus=1 if cfg.use_gpu else 0
+        best_uri, val, cfg.val_data or f"{cfg.data} ({val.split or 'validation'} split)", num_gpus=1 if cfg.use_gpu else 0
     )
     out = {
         "checkpoint": best_uri,
@@ -291,6 +253,10 @@ def run_training(
         tracker.log_artifact_bytes("curves.png", curves)
         tracker.finish(best_uri)
     return out
+
+
+def val_title(cfg: TrainConfig, val: LabeledSplit) -> str:
+    return f"{cfg.data} (its {val.split} split)" if val.is_packed else f"({cfg.val_fraction:.0%} of --data)"
 
 
 def start_tracking(cfg: TrainConfig, recipe: Recipe):

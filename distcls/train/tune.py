@@ -10,7 +10,8 @@ Search directory `<storage>/<name>/`:
 
     trials/<trial>/       each trial's run directory (checkpoints, result.json, curves.png)
     train.csv, val.csv    without --val-data: one stratified split of --data, the same for every trial (manifests;
-                          the trials train on train.csv, are scored on val.csv, and so is the soup)
+                          the trials train on train.csv, are scored on val.csv, and so is the soup); packed --data
+                          has none: the trials read its train split and are scored on its val split
     results.parquet       one row per trial: its parameters, epochs run, status, best and last val accuracy,
     results.md            best checkpoint (Parquet and a markdown table)
     trials.png            validation accuracy per epoch, one line per trial
@@ -65,12 +66,14 @@ def search_space(cfg: TuneConfig) -> dict:
     }
 
 
-def base_train_config(cfg: TuneConfig, train_manifest: str, val_manifest: str) -> dict:
+def base_train_config(cfg: TuneConfig, train_manifest: str | None, val_manifest: str | None) -> dict:
     """The TrainConfig fields every trial shares (the searched ones come from the trial's config). Without
-    --val-data the trials train on train.csv and are scored on val.csv, the two parts of one split of --data."""
+    --val-data the trials train on train.csv and are scored on val.csv, the two parts of one split of --data
+    (packed --data: its train and val splits)."""
     return {
-        "data": cfg.data if cfg.val_data else train_manifest,
+        "data": cfg.data if cfg.val_data or train_manifest is None else train_manifest,
         "val_data": cfg.val_data or val_manifest,
+        "class_names": cfg.class_names,
         "model": cfg.model,
         "weights": cfg.weights,
         "image_size": cfg.image_size,
@@ -176,7 +179,7 @@ def run_tune(cfg: TuneConfig) -> dict:
     storage.write_text(storage.join_uri(run, "best.json"), json.dumps(out, indent=2))
     for line in summary_lines(rows):
         print(line, flush=True)
-    soup = soup_top_trials(cfg, run, rows, base["val_data"]) if cfg.soup else None
+    soup = soup_top_trials(cfg, run, rows, base["val_data"] or cfg.data) if cfg.soup else None
     return {"best": out, "run": run, "trials": rows, "soup": soup}
 
 
@@ -253,15 +256,23 @@ def local_cpus(cfg: TuneConfig) -> int:
     return max(os.cpu_count() or 1, 4, cfg.max_concurrent * per_trial + 1)
 
 
-def split_manifests(cfg: TuneConfig, run: str) -> tuple[str, str]:
-    """<run>/train.csv and <run>/val.csv: without --val-data, one stratified split of --data (written once;
-    a resumed search reads them back), so that no trial trains on the images it is scored on."""
-    from distcls.train.trainer import load_splits
+def split_manifests(cfg: TuneConfig, run: str) -> tuple[str | None, str | None]:
+    """<run>/train.csv and <run>/val.csv: without --val-data, one stratified split of per-object --data (written
+    once; a resumed search reads them back), so that no trial trains on the images it is scored on. Packed --data
+    has its own val split: (None, None), the trials read the set as it is."""
+    from distcls.packed import open_packed
+    from distcls.train.data import load_splits
 
     train_manifest, val_manifest = storage.join_uri(run, "train.csv"), storage.join_uri(run, "val.csv")
-    if not cfg.val_data and not cfg.resume:
-        train, val = load_splits(TrainConfig(data=cfg.data, val_fraction=cfg.val_fraction, seed=cfg.seed))
-        for uri, part in ((train_manifest, train), (val_manifest, val)):
+    if cfg.val_data:
+        return train_manifest, val_manifest
+    split_cfg = TrainConfig(data=cfg.data, val_fraction=cfg.val_fraction, seed=cfg.seed, class_names=cfg.class_names)
+    if open_packed(cfg.data, list(cfg.class_names) or None) is not None:
+        load_splits(split_cfg)  # packed data without a val split is refused here, before any trial starts
+        return None, None
+    if not cfg.resume:
+        train, val = load_splits(split_cfg)
+        for uri, part in ((train_manifest, train.index), (val_manifest, val.index)):
             storage.write_text(uri, manifest_csv(part.paths, [part.class_names[i] for i in part.labels]))
     return train_manifest, val_manifest
 

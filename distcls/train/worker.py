@@ -14,61 +14,20 @@ import numpy as np
 import torch
 from safetensors.torch import load as load_safetensors
 
-from distcls import DistclsError, objects, storage
+from distcls import DistclsError, storage
 from distcls.checkpoint import write_local_checkpoint
 from distcls.config import DistillConfig, TrainConfig
-from distcls.datasets import ErrorTally, LabeledIndex, build_dataset
+from distcls.datasets import ErrorTally
 from distcls.device import DevicePolicy
 from distcls.metrics import summarize
 from distcls.models import create_model, freeze_backbone, get_model_info, head_parameter_names
 from distcls.redact import redact_values
+from distcls.train.batches import allreduce, lockstep, log_consumption, placeholder_batch, train_batches, val_batches
+from distcls.train.batches import pad_single as pad_single  # re-exported: its old home
 from distcls.train.loop import EpochStats, Mixer, WeightEma, build_optimizer, evaluate, train_one_epoch, warmup_cosine
 from distcls.train.objectives import build_objective
 from distcls.train.resume import TRAIN_STATE, find_restorable, latest_registered
 from distcls.transforms import PreprocessSpec, train_augment
-
-
-def train_batches(shard, batch_size: int, tally: ErrorTally, seed: int | None = None):
-    """Numpy batches from the Ray Data shard with bad images dropped (and counted), locally shuffled.
-
-    A batch made only of bad images is kept with mask 0, so that every DDP worker takes the same steps. A
-    batch of one image (a shard's last, or the one good image of a batch) gets a masked copy of it: in
-    training mode BatchNorm needs more than one value per channel, which a single image whose feature map
-    has shrunk to 1x1 (small inputs) does not give.
-    """
-    for batch in shard.iter_batches(
-        batch_size=batch_size,
-        batch_format="numpy",
-        prefetch_batches=2,
-        local_shuffle_buffer_size=4 * batch_size,
-        local_shuffle_seed=seed,
-    ):
-        good = tally.drop_errors(batch)
-        if len(good["label"]):
-            good["mask"] = np.ones(len(good["label"]), dtype=np.float32)
-        else:
-            good = batch
-            good["mask"] = np.zeros(len(batch["label"]), dtype=np.float32)
-        yield pad_single(good)
-
-
-def pad_single(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """A one-row batch as two rows: the row and a copy of it with mask 0 (no loss, no gradient of its own)."""
-    if len(batch["label"]) != 1:
-        return batch
-    padded = {k: np.concatenate([v, v]) if isinstance(v, np.ndarray) and len(v) == 1 else v for k, v in batch.items()}
-    padded["mask"] = np.array([batch["mask"][0], 0.0], dtype=np.float32)
-    return padded
-
-
-def allreduce(values: list[float] | np.ndarray) -> np.ndarray:
-    """Sum a vector over all workers (gloo/nccl via torch.distributed); identity with one worker."""
-    tensor = torch.as_tensor(np.asarray(values, dtype=np.float64))
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        if torch.distributed.get_backend() == "nccl":
-            tensor = tensor.cuda()
-        torch.distributed.all_reduce(tensor)
-    return tensor.cpu().numpy()
 
 
 def sync_buffers(model: torch.nn.Module) -> None:
@@ -127,16 +86,6 @@ def maybe_inject_failure(fault: dict | None, run_uri: str, step: int, rank: int,
     raise RuntimeError(f"fault injection: worker failed at step {step} (DISTCLS_TEST_FAULT)")
 
 
-def val_batches(index: LabeledIndex, spec: PreprocessSpec, batch_size: int, tally: ErrorTally, max_bytes: int | None = None):
-    """This worker's share of the validation split (every image is evaluated by exactly one worker)."""
-    if len(index) == 0:
-        return
-    for batch in build_dataset(index, spec, max_bytes=max_bytes).iter_batches(batch_size=batch_size, batch_format="numpy"):
-        good = tally.drop_errors(batch)
-        if len(good["label"]):
-            yield good
-
-
 def quiet_worker_logs() -> None:
     import logging
     import warnings
@@ -183,7 +132,7 @@ class Worker:
     teacher: object
     loss_fn: object
     shard: object
-    val_index: LabeledIndex
+    val_shard: object  # None without validation images
     worker_nodes: list[str]
     ema: WeightEma | None = None  # with --ema: the weight average, evaluated and saved
     start_epoch: int = 0
@@ -214,7 +163,7 @@ def train_func(config: dict) -> None:
         val_tally = ErrorTally()
         val = evaluate(
             w.evaluated,
-            val_batches(w.val_index, w.spec, w.cfg.batch_size * 2, val_tally, objects.max_object_bytes(w.cfg.max_object_mb)),
+            val_batches(w.val_shard, w.cfg.batch_size * 2, val_tally),
             len(w.class_names),
             w.device,
             loss_fn=torch.nn.CrossEntropyLoss(),
@@ -255,7 +204,6 @@ def setup_worker(config: dict) -> Worker:
         print(f"{world} workers on nodes: " + ", ".join(f"rank {r} {n[:8]}" for r, n in enumerate(worker_nodes)), flush=True)
     weights = torch.tensor(config["class_weights"], dtype=torch.float32, device=device) if config["class_weights"] else None
     teacher, loss_fn = build_objective(cfg, class_names, spec, device, weights)  # a teacher loads once per worker
-    val_index = LabeledIndex(config["val_paths"][rank::world], config["val_labels"][rank::world], class_names)
     return Worker(
         cfg,
         config,
@@ -270,7 +218,7 @@ def setup_worker(config: dict) -> Worker:
         teacher,
         loss_fn,
         ray.train.get_dataset_shard("train"),
-        val_index,
+        ray.train.get_dataset_shard("val") if config.get("has_val") else None,
         worker_nodes,
         ema,
         start_epoch,
@@ -294,9 +242,11 @@ def train_epoch(w: Worker, epoch: int) -> tuple[EpochStats, ErrorTally]:
     tally = ErrorTally()
     total_steps = w.steps_per_epoch * cfg.epochs
     warmup_steps = int(cfg.warmup_epochs * w.steps_per_epoch)
+    size = w.spec.resize_size if cfg.random_crops else w.spec.image_size
+    batches = lockstep(train_batches(w.shard, cfg.batch_size, tally, seed=int(rng.integers(2**31))), placeholder_batch(size))
     stats = train_one_epoch(
         w.ddp_model,
-        train_batches(w.shard, cfg.batch_size, tally, seed=int(rng.integers(2**31))),
+        log_consumption(batches, w.config.get("consumption_log"), epoch, w.rank),
         w.optimizer,
         w.loss_fn,
         w.device,

@@ -1,6 +1,6 @@
 """Benchmarks: distcls against plain PyTorch, side by side in one run. Measured, never asserted.
 
-One module per benchmark: `train` (train and transfer), `label`, `serve`, `autoscale`, `recipe`, `scale`;
+One module per benchmark: `train` (train and transfer), `label`, `serve`, `autoscale`, `recipe`, `scale`, `ingest`;
 `harness` holds what they share (machine record, real photos, the ImageNet checkpoint, the load generator).
 `run_bench` runs the ones asked for on a loopback S3 server and writes bench.json; `table` prints the ratios.
 """
@@ -82,6 +82,10 @@ def table(results: dict) -> list[str]:
         ]
     if "trust" in results:
         rows += trust_rows(results["trust"])
+    if "ingest" in results:
+        from distcls.tools.bench.ingest import table_rows
+
+        rows += table_rows(results["ingest"])
     if "imbalance" in results:
         im = results["imbalance"]
         rows.append(
@@ -170,6 +174,10 @@ def run_bench(cfg: BenchConfig) -> dict:
 
                 init_ray(num_cpus=max(os.cpu_count() or 1, 4))
                 results[cfg.which] = bench_modern_all(cfg)
+            elif cfg.which == "ingest":  # starts and stops Ray itself: its plain script and 1M driver run without it
+                from distcls.tools.bench.ingest import bench_ingest
+
+                results["ingest"] = bench_ingest(cfg, "s3://bench")
             elif cfg.which == "scale":  # `distcls label` runs as its own process with its own Ray
                 from distcls.tools.bench.scale import bench_scale
 

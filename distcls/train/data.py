@@ -1,0 +1,178 @@
+"""A training run's data: its two splits, what the recipe reads from them, the Ray Datasets the workers read and
+how Ray Train deals them out.
+
+- Splits (`load_splits`): --data's train split; validation from --val-data, else a stratified split of
+  per-object data, else packed data's own `val` split (`distcls pack --val-fraction`).
+- Training dataset (`training_datasets`): per-object data is shuffled on the driver (paths only) and
+  --sampler balanced draws its epoch there (`balance`). Packed data is shuffled in the pipeline: the shard order
+  per epoch (Ray Data's FileShuffleConfig, seeded by (seed, epoch)), then the rows of each block of a shard
+  (`shuffle_rows`, seeded by (seed, epoch, the block's rows)); --sampler balanced repeats or drops each row there
+  with seeded stochastic rounding, so that every class has an equal expected share of an epoch. The workers add
+  a bounded local shuffle buffer.
+- Validation is a dataset too. `EveryRowConfig` splits both over the workers with equal=False (Ray Train's
+  default, equal=True, drops up to world-1 rows): every image is read once per epoch by one worker, and the
+  shards may differ by a few rows (the workers keep in step: see worker.lockstep).
+"""
+
+from __future__ import annotations
+
+import zlib
+
+import numpy as np
+from ray.train import DataConfig
+
+from distcls import DistclsError
+from distcls.config import TrainConfig
+from distcls.datasets import DECODE_CPUS, ROWS_PER_BLOCK, LabeledIndex, stratified_split
+from distcls.splits import HELD_OUT_SPLITS, LabeledSplit, ObjectSplit, open_labeled
+from distcls.transforms import PreprocessSpec
+
+CONSUMPTION_ENV = "DISTCLS_TEST_CONSUMPTION_LOG"  # test hook: a folder; each worker logs the sample ids it trained on
+
+
+def load_splits(cfg: TrainConfig) -> tuple[LabeledSplit, LabeledSplit]:
+    """(train, validation) of a run; packed data without a `val` split and without --val-data is refused."""
+    names = list(cfg.class_names) or None
+    train = open_labeled(cfg.data, data_names=names)
+    if cfg.val_data:
+        return train, open_labeled(cfg.val_data, train.class_names, HELD_OUT_SPLITS, data_names=names)
+    if train.is_packed:
+        val = train.other("val")
+        if val is None:
+            raise DistclsError(
+                f"train: packed data {cfg.data} has no val split ({', '.join(train.packed.splits)}); pack it with "
+                "--val-fraction (e.g. distcls pack --val-fraction 0.1) or pass --val-data"
+            )
+        return train, val
+    fit, held = stratified_split(train.index, cfg.val_fraction, cfg.seed)
+    return ObjectSplit(fit), ObjectSplit(held)
+
+
+def sample_native_size(train: LabeledSplit, n: int = 16, max_bytes: int | None = None) -> int | None:
+    """Median shorter side of up to `n` training images (headers only), or None when none opens. Packed data:
+    the first rows of its first shard."""
+    from distcls.images import ImageDecodeError, open_image
+
+    sides = []
+    for blob in train.sample_bytes(n, max_bytes):
+        try:
+            sides.append(min(open_image(blob).size))
+        except (ImageDecodeError, OSError):
+            continue
+    return int(np.median(sides)) if sides else None
+
+
+def balance(index: LabeledIndex, seed: int) -> LabeledIndex:
+    """--sampler balanced on per-object data: an epoch of the same size in which every present class has an
+    equal share. Each class's share cycles through its images in a seeded order (a rare class repeats each of
+    its images evenly; a common one contributes that many distinct images, not repeats). The draw is made
+    once on the driver, so it streams and shards like any index."""
+    labels = np.asarray(index.labels)
+    present = np.flatnonzero(np.bincount(labels, minlength=len(index.class_names)))
+    rng = np.random.default_rng(seed)
+    shares = np.full(len(present), len(labels) // len(present))
+    shares[rng.permutation(len(present))[: len(labels) - shares.sum()]] += 1
+    rows = []
+    for c, share in zip(present, shares):
+        members = rng.permutation(np.flatnonzero(labels == c))
+        rows.append(np.resize(members, share))  # np.resize repeats the sequence to the share's length
+    return index.subset(np.sort(np.concatenate(rows)))
+
+
+def balanced_copies(counts: list[int]) -> np.ndarray:
+    """Expected copies of a row of each class in a balanced epoch of the same size: N / (present classes * n_c)."""
+    n = np.asarray(counts, dtype=np.float64)
+    present = int((n > 0).sum())
+    return np.where(n > 0, n.sum() / max(1, present) / np.maximum(n, 1), 0.0)
+
+
+def execution_index() -> int:
+    """Which execution of its dataset a Ray Data task belongs to: the epoch (EveryRowConfig starts it at the
+    epoch the run resumes from). Ray's FileShuffleConfig seeds the shard order with the same number."""
+    from ray.data import DataContext
+
+    return int(getattr(DataContext.get_current(), "_execution_idx", 0))
+
+
+def shuffle_rows(batch: dict[str, np.ndarray], seed: int, copies: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    """Ray Data map_batches function over one block: its rows permuted, seeded by (seed, epoch, the block's first
+    and last sample ids); with `copies` (--sampler balanced), each row of class c first repeated floor(copies[c])
+    times plus once more with probability frac(copies[c]). Rows without a class (error rows) stay once."""
+    ids = batch["path"]
+    if not len(ids):
+        return batch
+    rng = np.random.default_rng([seed, execution_index(), zlib.crc32(f"{ids[0]}\n{ids[-1]}".encode())])
+    rows = np.arange(len(ids))
+    if copies is not None:
+        labels = np.asarray(batch["label"])
+        known = (labels >= 0) & (labels < len(copies))
+        expected = np.where(known, copies[np.clip(labels, 0, len(copies) - 1)], 1.0)
+        whole = np.floor(expected)
+        rows = np.repeat(rows, (whole + (rng.random(len(ids)) < expected - whole)).astype(np.int64))
+    rows = rng.permutation(rows)
+    return {k: np.asarray(v)[rows] for k, v in batch.items()}
+
+
+def dealt(ds, n: int, workers: int):
+    """`ds` in blocks small enough that each of the `workers` is dealt several (equal=False deals whole blocks):
+    the decoders' blocks of ROWS_PER_BLOCK rows as they are, smaller ones for a small split (n rows), which may
+    otherwise be read as one block."""
+    rows = int(max(1, -(-n // (4 * workers))))
+    if rows >= ROWS_PER_BLOCK:
+        return ds
+    return ds.repartition(target_num_rows_per_block=rows)  # streaming: splits and joins blocks as they pass
+
+
+def training_datasets(cfg: TrainConfig, spec: PreprocessSpec, train: LabeledSplit, val: LabeledSplit, max_bytes: int) -> dict:
+    """{"train": ..., "val": ...} for the TorchTrainer (no "val" when the validation split is empty)."""
+    if not train.is_packed:
+        source = ObjectSplit(balance(train.index, cfg.seed)) if cfg.sampler == "balanced" else train
+        ds = source.dataset(spec, train=cfg.random_crops, shuffle_seed=cfg.seed, max_bytes=max_bytes)
+    else:
+        copies = balanced_copies(list(train.counts().values())) if cfg.sampler == "balanced" else None
+        ds = train.dataset(spec, train=cfg.random_crops, shuffle_seed=cfg.seed, max_bytes=max_bytes).map_batches(
+            shuffle_rows, fn_kwargs={"seed": cfg.seed, "copies": copies}, batch_size=None, num_cpus=DECODE_CPUS
+        )
+    ds = dealt(ds, len(train), cfg.num_workers)
+    if cfg.cache_data:
+        ds = ds.materialize()  # decoded once into the object store; epochs read from memory
+    datasets = {"train": ds}
+    if len(val):
+        datasets["val"] = dealt(val.dataset(spec, max_bytes=max_bytes), len(val), cfg.num_workers)
+    return datasets
+
+
+class EveryRowConfig(DataConfig):
+    """Ray Train's DataConfig with every dataset split by streaming_split(equal=False): each row goes to exactly
+    one worker (equal=True truncates up to world-1 rows to make the shards equal). The training dataset's
+    execution index starts at the epoch the run continues from, so that a restored run reads epoch e's shards
+    in the order an uninterrupted run did."""
+
+    def __init__(self, train_options, run_uri: str):
+        super().__init__(datasets_to_split="all", execution_options={"train": train_options})
+        self.run_uri = run_uri
+
+    def configure(self, datasets, world_size, worker_handles, worker_node_ids, **kwargs):
+        output = [{} for _ in range(world_size)]
+        hints = worker_node_ids if self._enable_shard_locality else None
+        for name, ds in datasets.items():
+            if ds.name is None:
+                ds.set_name(name)
+            ds = ds.copy(ds)
+            ds.context.execution_options = self._resolve_execution_options(name)
+            if name == "train":
+                ds.context._execution_idx = resume_epoch(self.run_uri)
+            for i, split in enumerate(ds.streaming_split(world_size, equal=False, locality_hints=hints)):
+                output[i][name] = split
+        return output
+
+
+def resume_epoch(run_uri: str) -> int:
+    """The epoch the workers will start at: that of the checkpoint they restore (0 for a new run)."""
+    from distcls.train.resume import find_restorable, latest_registered
+
+    try:
+        found = find_restorable(run_uri, latest_registered(run_uri))
+    except Exception:  # the workers report an unusable checkpoint themselves
+        return 0
+    return int(found.meta.get("metrics", {}).get("epoch", 0)) if found is not None else 0
