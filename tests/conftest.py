@@ -177,3 +177,28 @@ def tiny_train_config(fm: dict, storage: str, name: str, **kw):
         data=fm["train"], val_data=fm["val"], image_size=32, batch_size=8, num_workers=2, storage=storage, name=name, epochs=2
     )
     return TrainConfig(**{**base, **kw})
+
+
+def label_rows(paths: list[str], model: str = "m", **extra):
+    """A table of `distcls label` output rows (every row labeled "x"), in the label job's own schema;
+    `extra` adds columns (embedding, thumb) and then the schema is the one with embeddings."""
+    import pyarrow as pa
+
+    from distcls.label import output_schema
+
+    n = len(paths)
+    columns = {
+        "path": paths,
+        "label": ["x"] * n,
+        "score": pa.array([1.0] * n, pa.float32()),
+        "topk_labels": [["x"]] * n,
+        "topk_scores": pa.array([[1.0]] * n, pa.list_(pa.float32())),
+        "margin": pa.array([1.0] * n, pa.float32()),
+        "entropy": pa.array([0.0] * n, pa.float32()),
+        "ood_score": pa.array([-10.0] * n, pa.float32()),
+        "error": pa.array([None] * n, pa.string()),
+        "model": [model] * n,
+        "labeled_at": pa.array([0] * n, pa.timestamp("us", tz="UTC")),
+        **extra,
+    }
+    return pa.table(columns, schema=output_schema(embeddings=bool(extra)))

@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 from distcls.cli import main
-from tests.conftest import make_checkpoint
+from tests.conftest import label_rows, make_checkpoint
 
 MATH_NAMES = ["$\\foo$", "a$b$c", "$x^$", "100%_\\n"]  # \foo: an unknown TeX command; x^: a dangling superscript
 
@@ -89,26 +89,11 @@ def test_a_figure_that_cannot_be_drawn_costs_no_record(tmp_path, capsys):
 
 def write_labels(folder, part: str, paths: list[str], vectors: np.ndarray, model: str, thumbs: list[bytes]) -> None:
     """One part of a `distcls label --embeddings` output, written with the label job's own schema."""
-    from distcls.label import output_schema
-
-    n = len(paths)
-    table = pa.table(
-        {
-            "path": paths,
-            "label": ["x"] * n,
-            "score": pa.array([1.0] * n, pa.float32()),
-            "topk_labels": [["x"]] * n,
-            "topk_scores": pa.array([[1.0]] * n, pa.list_(pa.float32())),
-            "margin": pa.array([1.0] * n, pa.float32()),
-            "entropy": pa.array([0.0] * n, pa.float32()),
-            "ood_score": pa.array([-10.0] * n, pa.float32()),
-            "error": pa.array([None] * n, pa.string()),
-            "model": [model] * n,
-            "labeled_at": pa.array([0] * n, pa.timestamp("us", tz="UTC")),
-            "embedding": pa.array([v.astype(np.float16).tolist() for v in vectors], pa.list_(pa.float16())),
-            "thumb": pa.array(thumbs, pa.binary(256)),
-        },
-        schema=output_schema(embeddings=True),
+    table = label_rows(
+        paths,
+        model,
+        embedding=pa.array([v.astype(np.float16).tolist() for v in vectors], pa.list_(pa.float16())),
+        thumb=pa.array(thumbs, pa.binary(256)),
     )
     folder.mkdir(exist_ok=True)
     pq.write_table(table, folder / f"part-{part}.parquet")

@@ -17,10 +17,11 @@ from PIL import Image
 from distcls import DistclsError, storage
 from distcls.cli import main
 from distcls.config import LabelConfig
-from distcls.label import done_paths, existing_parts, label_status, output_schema, run_labeling
+from distcls.label import done_paths, existing_parts, label_status, run_labeling
 from distcls.label.manifest import Source, manifest_listers
 from distcls.label.parts import PART_PREFIX
 from distcls.label.plan import LIST_HOLD_ENV, iter_keys
+from tests.conftest import label_rows
 
 
 @pytest.fixture(scope="module")
@@ -180,23 +181,7 @@ def test_label_from_an_inventory_manifest_on_s3(ray_local, ckpt32, photo, s3_ser
 
 
 def write_part(output, name: str, paths: list[str]) -> str:
-    n = len(paths)
-    table = pa.table(
-        {
-            "path": paths,
-            "label": ["x"] * n,
-            "score": pa.array([1.0] * n, pa.float32()),
-            "topk_labels": [["x"]] * n,
-            "topk_scores": pa.array([[1.0]] * n, pa.list_(pa.float32())),
-            "margin": pa.array([1.0] * n, pa.float32()),
-            "entropy": pa.array([0.0] * n, pa.float32()),
-            "ood_score": pa.array([-10.0] * n, pa.float32()),
-            "error": pa.array([None] * n, pa.string()),
-            "model": ["m"] * n,
-            "labeled_at": pa.array([0] * n, pa.timestamp("us", tz="UTC")),
-        },
-        schema=output_schema(),
-    )
+    table = label_rows(paths)
     uri = f"{output}/{name}"
     pq.write_table(table, uri)
     return uri
