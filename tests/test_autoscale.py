@@ -12,6 +12,9 @@ import pytest
 from distcls.tools.bench.autoscale import bench_autoscale
 from tests.conftest import make_checkpoint
 
+# ~150 s of real scale-up/down timing: in `make test-all` (CI's 30-minute budget).
+pytestmark = pytest.mark.slow
+
 OVERRIDES = {"batch_wait_timeout_s": 0.2, "runtime": "torch"}
 
 

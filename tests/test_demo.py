@@ -12,6 +12,7 @@ from distcls.tools.config import FASHION_MNIST_DEFAULT_DIR
 
 
 @pytest.mark.skipif(not os.path.isdir(FASHION_MNIST_DEFAULT_DIR), reason="needs dataset-fashion-mnist")
+@pytest.mark.slow  # ~180 s: the whole demo, in `make test-all` (CI's 30-minute budget)
 def test_demo_tiny(tmp_path):
     out = tmp_path / "demo"
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "RAY_ADDRESS"))}

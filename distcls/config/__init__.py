@@ -2,7 +2,8 @@
 
 Each config validates itself on construction (the bounds declared with its fields, then its own rules) and
 reports every problem at once, naming the flag, the value and the fix. `load_config` is the one loader used by
-the CLI, `jobs/*.py` and the tests. The machinery is in `options`; the configs in `train`, `infer` and `curate`.
+the CLI, `jobs/*.py` and the tests. The machinery is in `options`;
+the configs in `train`, `infer`, `label`, `serve`, `data` and `curate`.
 The tools' configs (bench, demo, data, s3-server) live in `distcls.tools.config`.
 """
 
@@ -18,13 +19,12 @@ from distcls.config.infer import (
     EvaluateConfig,
     ExportConfig,
     FromPretrainedConfig,
-    LabelConfig,
     PoolFields,
     ReplicaFields,
     RuntimeFields,
-    ServeConfig,
     check_unknown,
 )
+from distcls.config.label import LabelConfig
 from distcls.config.options import (
     MAX_OBJECT_MB_HELP,
     Config,
@@ -43,6 +43,7 @@ from distcls.config.options import (
     read_yaml,
     to_dict,
 )
+from distcls.config.serve import ServeConfig
 from distcls.config.train import (
     AUGMENT_POLICIES,
     CLASS_WEIGHTS,
