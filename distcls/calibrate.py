@@ -41,21 +41,25 @@ def summary_line(record: dict) -> str:
     )
 
 
+class CalibrationFailed(DistclsError):
+    """The end-of-training calibration failed; the checkpoint is complete but uncalibrated."""
+
+
 def calibrate_best_checkpoint(uri: str, val: LabeledSplit, val_data: str, num_gpus: float = 0) -> dict | None:
     """The end of `train`/`distill`: fit on the validation split, record it in the checkpoint's distcls.json
-    (weights untouched); None when there are too few validation images to fit on."""
+    (weights untouched); None when there are too few validation images to fit on. Raises CalibrationFailed (one
+    line: why, and the command that calibrates the checkpoint later) when it cannot be done."""
     if len(val) < 10:
         print(f"calibration: skipped ({len(val)} validation images; at least 10 are needed)", flush=True)
         return None
     try:
         p = predict_labeled(uri, val, num_gpus=num_gpus)
-    except Exception as exc:  # the run is done and its checkpoint good: a failed calibration must not lose it
-        print(
-            f"calibration: failed ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); the "
-            f"checkpoint is uncalibrated: run `distcls calibrate --checkpoint {uri} --data VAL --out NEW`",
-            flush=True,
-        )
-        return None
+    except Exception as exc:
+        raise CalibrationFailed(
+            f"calibration failed ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); the "
+            f"checkpoint {uri} is complete but uncalibrated: run `distcls calibrate --checkpoint {uri} --data VAL "
+            "--out NEW`, or train with --no-calibrate to skip this step"
+        ) from exc
     if len(p.labels) < 10:
         print(f"calibration: skipped ({len(p.labels)} decodable validation images)", flush=True)
         return None

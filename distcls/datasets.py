@@ -235,16 +235,19 @@ def build_dataset(
     train: bool = False,
     shuffle_seed: int | None = None,
     max_bytes: int | None = None,
+    path_stages: tuple = (),
 ):
     """A lazy Ray Dataset over `index`: one row per object, images preprocessed in Ray Data tasks.
 
     With `shuffle_seed`, file order is shuffled once on the driver (cheap: paths only) before streaming.
+    `path_stages`: (function, kwargs) pairs run as map_batches over the {path, label} blocks before any object
+    is read (the training run's per-epoch shuffle and its resume filter).
     """
     order = np.arange(len(index))
     if shuffle_seed is not None:
         order = np.random.default_rng(shuffle_seed).permutation(len(index))
     items = [{"path": index.paths[i], "label": index.labels[i]} for i in order]
-    return build_image_dataset(items, spec, train, max_bytes=max_bytes)
+    return build_image_dataset(items, spec, train, max_bytes=max_bytes, path_stages=path_stages)
 
 
 def build_path_dataset(items: list[dict]):
@@ -254,9 +257,14 @@ def build_path_dataset(items: list[dict]):
     return ray.data.from_items(items, override_num_blocks=max(1, -(-len(items) // ROWS_PER_BLOCK)))
 
 
-def build_image_dataset(items: list[dict], spec: PreprocessSpec, train: bool = False, max_bytes: int | None = None):
+def build_image_dataset(
+    items: list[dict], spec: PreprocessSpec, train: bool = False, max_bytes: int | None = None, path_stages: tuple = ()
+):
     """Rows {"path"[, "label"]} -> a lazy Ray Dataset of preprocessed images (read + decode in tasks)."""
-    return build_path_dataset(items).map_batches(
+    ds = build_path_dataset(items)
+    for fn, kwargs in path_stages:
+        ds = ds.map_batches(fn, fn_kwargs=kwargs, batch_size=None, batch_format="numpy", num_cpus=DECODE_CPUS)
+    return ds.map_batches(
         load_images,
         fn_kwargs={"spec": spec, "train": train, "max_bytes": max_bytes},
         batch_size=ROWS_PER_BLOCK,

@@ -61,8 +61,17 @@ class ObjectSplit:
     def counts(self) -> dict[str, int]:
         return self.index.counts()
 
-    def dataset(self, spec: PreprocessSpec, train: bool = False, shuffle_seed: int | None = None, max_bytes: int | None = None):
-        return build_dataset(self.index, spec, train=train, shuffle_seed=shuffle_seed, max_bytes=max_bytes)
+    def dataset(
+        self,
+        spec: PreprocessSpec,
+        train: bool = False,
+        shuffle_seed: int | None = None,
+        max_bytes: int | None = None,
+        path_stages: tuple = (),
+    ):
+        return build_dataset(
+            self.index, spec, train=train, shuffle_seed=shuffle_seed, max_bytes=max_bytes, path_stages=path_stages
+        )
 
     def sample_bytes(self, n: int = 16, max_bytes: int | None = None) -> list[bytes]:
         """Up to `n` encoded images spread over the listing (unreadable ones left out)."""

@@ -15,6 +15,7 @@ AUGMENT_POLICIES = ("none", "flip", "trivialaugment", "randaugment")
 LOSSES = ("ce", "focal", "class-balanced")
 SAMPLERS = ("uniform", "balanced")
 SOUP_METHODS = ("greedy", "uniform")
+ELASTIC_MAX_FAILURES = 3  # the default --max-failures of an elastic run (--num-workers MIN,MAX)
 NAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-")
 
 
@@ -147,16 +148,62 @@ class TrainConfig(TrainingFields):
         "checkpoint replays its lost epochs exactly (--no-ordered-ingest: Ray Data's "
         "unordered, sometimes faster, streaming)",
     )
-    num_workers: int = opt(2, min=1, help="Ray Train workers (DDP processes)")
+    num_workers: tuple[int, ...] = opt(
+        (2,),
+        help="Ray Train workers (DDP processes): N, or MIN,MAX for an elastic run that starts with what the cluster "
+        "has (at least MIN), goes on with fewer when a node is lost and grows again when it returns",
+    )
     placement_strategy: str = opt("PACK", help="where workers go: PACK or SPREAD over nodes", choices=PLACEMENT)
-    max_failures: int = opt(0, help="worker failures to recover from (from the latest checkpoint); -1 = unlimited")
+    max_failures: int | None = opt(
+        None,
+        help="worker failures (and lost nodes) to recover from, from the latest checkpoint; -1 = unlimited "
+        f"(default: 0, or {ELASTIC_MAX_FAILURES} with --num-workers MIN,MAX, so that losing a node shrinks the run "
+        "instead of failing it)",
+    )
     keep: int = opt(2, min=1, help="checkpoints to keep, best by validation accuracy (the latest is also kept)")
+    checkpoint_every_steps: int | None = opt(
+        None,
+        min=1,
+        help="also checkpoint every N optimizer steps, mid-epoch: a restore (after a failure, a preemption or "
+        "--resume) continues at the next unseen sample of the epoch",
+    )
+    checkpoint_every_minutes: float | None = opt(
+        None, gt=0, help="also checkpoint mid-epoch when this many minutes have passed since the last checkpoint"
+    )
+    keep_step_checkpoints: int = opt(
+        2, min=1, help="mid-epoch checkpoints to keep, the newest (besides --keep; never counted as the best)"
+    )
+    no_calibrate: bool = opt(
+        False, help="skip the temperature calibration after training (by default a failed calibration fails the run)"
+    )
     experiment: str = opt("distcls", help="MLflow experiment name (with --tracking-uri)")
 
     def __post_init__(self) -> None:
+        if isinstance(self.num_workers, int):  # TrainConfig(num_workers=2) in code, as YAML's `num_workers: 2`
+            self.num_workers = (self.num_workers,)
+        if self.max_failures is None:
+            self.max_failures = ELASTIC_MAX_FAILURES if self.elastic else 0
         super().__post_init__()
         if self.lr is None:
             self.lr = 0.05 if self.optimizer == "sgd" else 1e-3
+
+    @property
+    def min_workers(self) -> int:
+        return self.num_workers[0]
+
+    @property
+    def max_workers(self) -> int:
+        """The most workers the run has: its data is dealt, its CPUs reserved and its recipe chosen for this many."""
+        return self.num_workers[-1]
+
+    @property
+    def elastic(self) -> bool:
+        return len(self.num_workers) == 2 and self.num_workers[0] != self.num_workers[1]
+
+    @property
+    def scaling_workers(self) -> int | tuple[int, int]:
+        """ScalingConfig(num_workers=...): N, or (MIN, MAX) for Ray Train V2's elastic training."""
+        return (self.min_workers, self.max_workers) if self.elastic else self.max_workers
 
     def validate(self, p: Problems) -> None:
         super().validate(p)
@@ -171,6 +218,13 @@ class TrainConfig(TrainingFields):
             "--loss class-balanced brings its own class weights; drop --class-weights",
         )
         p.check(self.max_failures >= -1, "max_failures", self.max_failures, "must be -1 (unlimited) or >= 0")
+        w = self.num_workers
+        p.check(
+            len(w) in (1, 2) and min(w, default=0) >= 1 and w[0] <= w[-1],
+            "num_workers",
+            ",".join(map(str, w)),
+            "give N or MIN,MAX with 1 <= MIN <= MAX",
+        )
         p.check(
             not (self.freeze == "backbone" and self.weights == "none"),
             "freeze",

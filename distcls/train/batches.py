@@ -11,9 +11,12 @@ import torch
 
 from distcls.datasets import ErrorTally
 
+EMPTY_IDS = np.asarray([], dtype=object)  # a placeholder step consumes no sample
+
 
 def train_batches(shard, batch_size: int, tally: ErrorTally, seed: int | None = None):
-    """Numpy batches from the Ray Data shard with bad images dropped (and counted), locally shuffled.
+    """Numpy batches from the Ray Data shard with bad images dropped (and counted), locally shuffled when
+    given a `seed`. Each carries `ids`: the sample ids of every row it consumed.
 
     A batch made only of bad images is kept with mask 0, so that every DDP worker takes the same steps. A
     batch of one image (a shard's last, or the one good image of a batch) gets a masked copy of it: in
@@ -24,16 +27,19 @@ def train_batches(shard, batch_size: int, tally: ErrorTally, seed: int | None = 
         batch_size=batch_size,
         batch_format="numpy",
         prefetch_batches=2,
-        local_shuffle_buffer_size=4 * batch_size,
+        # Without a seed (--ordered-ingest) there is no local buffer: the rows come in the pipeline's seeded order
+        # (see train.data), so a run resumed mid-epoch gets the very batches an uninterrupted one has.
+        local_shuffle_buffer_size=4 * batch_size if seed is not None else None,
         local_shuffle_seed=seed,
     ):
+        ids = batch["path"]  # every row the step consumes, bad images included (the epoch's position)
         good = tally.drop_errors(batch)
         if len(good["label"]):
             good["mask"] = np.ones(len(good["label"]), dtype=np.float32)
         else:
             good = batch
             good["mask"] = np.zeros(len(batch["label"]), dtype=np.float32)
-        yield pad_single(good)
+        yield {**pad_single(good), "ids": ids}
 
 
 def lockstep(batches, placeholder: dict[str, np.ndarray]):
@@ -50,7 +56,7 @@ def lockstep(batches, placeholder: dict[str, np.ndarray]):
         if allreduce([batch is not None])[0] == 0:  # a small collective per step; the loss's .item() syncs anyway
             return
         if batch is None:
-            batch = {**last, "mask": np.zeros(len(last["label"]), dtype=np.float32)}
+            batch = {**last, "mask": np.zeros(len(last["label"]), dtype=np.float32), "ids": EMPTY_IDS}
         last = batch
         yield batch
 
@@ -63,6 +69,7 @@ def placeholder_batch(size: int) -> dict[str, np.ndarray]:
         "path": np.asarray(["", ""], dtype=object),
         "error": np.asarray(["", ""], dtype=object),
         "mask": np.zeros(2, dtype=np.float32),
+        "ids": EMPTY_IDS,
     }
 
 

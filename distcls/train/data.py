@@ -125,54 +125,84 @@ def dealt(ds, n: int, workers: int):
 
 def training_datasets(cfg: TrainConfig, spec: PreprocessSpec, train: LabeledSplit, val: LabeledSplit, max_bytes: int) -> dict:
     """{"train": ..., "val": ...} for the TorchTrainer (no "val" when the validation split is empty)."""
+    datasets = {"train": train_dataset(cfg, spec, train, max_bytes)}
+    if len(val):
+        datasets["val"] = dealt(val.dataset(spec, max_bytes=max_bytes), len(val), cfg.max_workers)
+    return datasets
+
+
+def train_dataset(cfg: TrainConfig, spec: PreprocessSpec, train: LabeledSplit, max_bytes: int, skip: tuple | None = None):
+    """The training dataset. Each epoch's rows come in an order seeded by (seed, epoch): per-object data's paths
+    are shuffled block by block before they are read (--ordered-ingest), packed data's shard order and rows as
+    described above. `skip`: (epoch, consumed hashes) of a step checkpoint: that epoch drops the samples already
+    trained on (per-object data before reading them; see distcls.train.position)."""
+    from distcls.train.position import drop_consumed
+
+    skipping = () if skip is None or cfg.cache_data else ((drop_consumed, {"epoch": skip[0], "consumed": skip[1]}),)
     if not train.is_packed:
         source = ObjectSplit(balance(train.index, cfg.seed)) if cfg.sampler == "balanced" else train
-        ds = source.dataset(spec, train=cfg.random_crops, shuffle_seed=cfg.seed, max_bytes=max_bytes)
+        stages = (((shuffle_rows, {"seed": cfg.seed}),) if cfg.ordered_ingest else ()) + skipping
+        ds = source.dataset(spec, train=cfg.random_crops, shuffle_seed=cfg.seed, max_bytes=max_bytes, path_stages=stages)
     else:
         copies = balanced_copies(list(train.counts().values())) if cfg.sampler == "balanced" else None
         ds = train.dataset(spec, train=cfg.random_crops, shuffle_seed=cfg.seed, max_bytes=max_bytes).map_batches(
             shuffle_rows, fn_kwargs={"seed": cfg.seed, "copies": copies}, batch_size=None, num_cpus=DECODE_CPUS
         )
-    ds = dealt(ds, len(train), cfg.num_workers)
+        for fn, kwargs in skipping:
+            ds = ds.map_batches(fn, fn_kwargs=kwargs, batch_size=None, num_cpus=DECODE_CPUS)
+    ds = dealt(ds, len(train), cfg.max_workers)
     if cfg.cache_data:
         ds = ds.materialize()  # decoded once into the object store; epochs read from memory
-    datasets = {"train": ds}
-    if len(val):
-        datasets["val"] = dealt(val.dataset(spec, max_bytes=max_bytes), len(val), cfg.num_workers)
-    return datasets
+        if skip is not None:
+            ds = ds.map_batches(drop_consumed, fn_kwargs={"epoch": skip[0], "consumed": skip[1]}, batch_size=None)
+    return ds
 
 
 class EveryRowConfig(DataConfig):
     """Ray Train's DataConfig with every dataset split by streaming_split(equal=False): each row goes to exactly
     one worker (equal=True truncates up to world-1 rows to make the shards equal). The training dataset's
     execution index starts at the epoch the run continues from, so that a restored run reads epoch e's shards
-    in the order an uninterrupted run did."""
+    in the order an uninterrupted run did. After a step checkpoint, the training dataset is built again
+    (`rebuild(skip)`) without the samples the interrupted epoch has consumed; configure runs at every (re)start
+    of the worker group, with however many workers it has."""
 
-    def __init__(self, train_options, run_uri: str):
+    def __init__(self, train_options, run_uri: str, rebuild=None):
         super().__init__(datasets_to_split="all", execution_options={"train": train_options})
-        self.run_uri = run_uri
+        self.run_uri, self.rebuild = run_uri, rebuild
 
     def configure(self, datasets, world_size, worker_handles, worker_node_ids, **kwargs):
         output = [{} for _ in range(world_size)]
         hints = worker_node_ids if self._enable_shard_locality else None
+        epoch, consumed = resume_position(self.run_uri)
         for name, ds in datasets.items():
+            if name == "train" and consumed is not None and self.rebuild is not None:
+                ds = self.rebuild((epoch, consumed))
             if ds.name is None:
                 ds.set_name(name)
             ds = ds.copy(ds)
             ds.context.execution_options = self._resolve_execution_options(name)
             if name == "train":
-                ds.context._execution_idx = resume_epoch(self.run_uri)
+                ds.context._execution_idx = epoch
             for i, split in enumerate(ds.streaming_split(world_size, equal=False, locality_hints=hints)):
                 output[i][name] = split
         return output
 
 
-def resume_epoch(run_uri: str) -> int:
-    """The epoch the workers will start at: that of the checkpoint they restore (0 for a new run)."""
+def resume_position(run_uri: str) -> tuple[int, np.ndarray | None]:
+    """The epoch the workers will start at (that of the checkpoint they restore; 0 for a new run) and, for a step
+    checkpoint, the hashes of the samples that epoch has consumed."""
+    from distcls.checkpoint import read_verified_file
+    from distcls.train.position import POSITION_FILE, read_position
     from distcls.train.resume import find_restorable, latest_registered
 
     try:
         found = find_restorable(run_uri, latest_registered(run_uri))
+        if found is None:
+            return 0, None
+        metrics = found.meta.get("metrics", {})
+        consumed = None
+        if metrics.get("mid_epoch"):
+            consumed = read_position(read_verified_file(found.uri, POSITION_FILE, found.meta))
+        return int(metrics.get("epoch", 0)), consumed
     except Exception:  # the workers report an unusable checkpoint themselves
-        return 0
-    return int(found.meta.get("metrics", {}).get("epoch", 0)) if found is not None else 0
+        return 0, None

@@ -199,6 +199,8 @@ def train_one_epoch(
     teacher: Callable[[torch.Tensor], torch.Tensor] | None = None,
     mixer: Mixer | None = None,
     after_step: Callable[[], None] | None = None,
+    stats: EpochStats | None = None,
+    on_step_end: Callable[[EpochStats, dict], None] | None = None,
 ) -> EpochStats:
     """One pass: forward, loss, backward, step. `schedule(global_step)` gives the LR multiplier. The device
     policy (distcls.device: bf16 autocast and channels_last on CUDA) follows from `device`.
@@ -207,10 +209,13 @@ def train_one_epoch(
     (distillation) it is `loss_fn(logits, labels, mask, teacher(images))`: the teacher sees the very
     images (augmentation included) the student sees. A `mixer` mixes each batch after augmentation (the loss
     is the mixed targets'); `after_step()` runs after each optimizer step (the weight average).
+
+    `stats`: the sums of the epoch so far (a run resumed mid-epoch continues them; `start_step` is the step the
+    epoch began at). `on_step_end(stats, batch)` runs after each step's sums are added (mid-epoch checkpoints).
     """
     policy = DevicePolicy.of(device)
-    stats = EpochStats()
-    step = start_step
+    stats = stats if stats is not None else EpochStats()
+    step = start_step + stats.steps
     waiting_since = time.perf_counter()
     for batch in batches:
         stats.data_seconds += time.perf_counter() - waiting_since
@@ -245,6 +250,8 @@ def train_one_epoch(
         stats.samples += n
         stats.steps += 1
         step += 1
+        if on_step_end is not None:
+            on_step_end(stats, batch)
         waiting_since = time.perf_counter()
     return stats
 

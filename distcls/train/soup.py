@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from distcls import DistclsError, storage
-from distcls.calibrate import calibrate_best_checkpoint
+from distcls.calibrate import CalibrationFailed, calibrate_best_checkpoint
 from distcls.checkpoint import META, checkpoint_id, load_checkpoint, read_meta, save_checkpoint
 from distcls.config import SoupConfig
 from distcls.datasets import ErrorTally
@@ -216,7 +216,11 @@ def run_soup(cfg: SoupConfig) -> dict:
         config=meta0.get("config", {}),
         extra={"soup": record},
     )
-    calibration = calibrate_best_checkpoint(cfg.out, val.data, cfg.data, num_gpus=1 if cfg.use_gpu else 0)
+    try:
+        calibration = calibrate_best_checkpoint(cfg.out, val.data, cfg.data, num_gpus=1 if cfg.use_gpu else 0)
+    except CalibrationFailed as exc:  # the soup is written and good: say how to calibrate it later
+        print(f"calibration: {exc}", flush=True)
+        calibration = None
     print(f"wrote {cfg.out} (model {checkpoint_id(read_meta(cfg.out))[:12]}..., {cfg.method} soup of {len(kept)})", flush=True)
     return {
         "checkpoint": cfg.out,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import functools
 import json
 import os
 import time
@@ -16,15 +17,23 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 from distcls import DistclsError, objects, storage
-from distcls.calibrate import calibrate_best_checkpoint
+from distcls.calibrate import CalibrationFailed, calibrate_best_checkpoint
 from distcls.config import TrainConfig
 from distcls.datasets import format_counts
 from distcls.metrics import balanced_class_weights, effective_number_weights
 from distcls.models import default_spec
 from distcls.runtime import init_ray
 from distcls.splits import LabeledSplit
-from distcls.train.data import CONSUMPTION_ENV, EveryRowConfig, load_splits, sample_native_size, training_datasets
+from distcls.train.data import (
+    CONSUMPTION_ENV,
+    EveryRowConfig,
+    load_splits,
+    sample_native_size,
+    train_dataset,
+    training_datasets,
+)
 from distcls.train.data import balance as balance  # re-exported: its old home
+from distcls.train.position import CHECKPOINT_RANK
 from distcls.train.recipe import Recipe, choose_recipe
 from distcls.train.resume import compare_with_checkpoint, find_restorable, latest_registered
 
@@ -84,7 +93,7 @@ def resolve_recipe(cfg: TrainConfig, train: LabeledSplit) -> tuple[TrainConfig, 
         num_train=len(train),
         epochs=cfg.epochs,
         batch_size=cfg.batch_size,
-        num_workers=cfg.num_workers,
+        num_workers=cfg.max_workers,
         image_size=spec.image_size,
         resize_size=spec.resize_size,
         native_size=sample_native_size(train, max_bytes=objects.max_object_bytes(cfg.max_object_mb)),
@@ -150,7 +159,7 @@ def build_trainer(cfg: TrainConfig, train: LabeledSplit, val: LabeledSplit, extr
         train_func,
         train_loop_config=loop_config,
         scaling_config=ray.train.ScalingConfig(
-            num_workers=cfg.num_workers,
+            num_workers=cfg.scaling_workers,
             use_gpu=cfg.use_gpu,
             placement_strategy=cfg.placement_strategy,
             resources_per_worker={"CPU": cfg.cpus_per_worker, **({"GPU": 1} if cfg.use_gpu else {})},
@@ -161,13 +170,21 @@ def build_trainer(cfg: TrainConfig, train: LabeledSplit, val: LabeledSplit, extr
             storage_filesystem=fs,
             callbacks=list(callbacks),
             logging_config=ray.train.v2.api.config.LoggingConfig(log_level="WARNING"),
+            # A node drained for preemption is retried without counting against --max-failures (Ray's default
+            # max_preemption_failures: unlimited); the step checkpoint taken at its notice is restored.
             failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(
-                num_to_keep=cfg.keep, checkpoint_score_attribute=SCORE, checkpoint_score_order="max"
+                num_to_keep=cfg.keep + cfg.keep_step_checkpoints,
+                checkpoint_score_attribute=CHECKPOINT_RANK,  # see distcls.train.position: epoch ones rank first
+                checkpoint_score_order="max",
             ),
         ),
         datasets=datasets,
-        dataset_config=EveryRowConfig(ingest_options(cfg.ordered_ingest), run_uri_of(cfg)),
+        dataset_config=EveryRowConfig(
+            ingest_options(cfg.ordered_ingest),
+            run_uri_of(cfg),
+            functools.partial(train_dataset, cfg, spec, train, objects.max_object_bytes(cfg.max_object_mb)),
+        ),
     )
 
 
@@ -230,29 +247,48 @@ def run_training(
         if not isinstance(exc, Exception):
             raise
         raise DistclsError(f"train: run {run_uri_of(cfg)} failed: {root_cause(exc)}") from exc
-    best_uri, best_metrics = pick_best([(checkpoint_uri(cfg, c), dict(m)) for c, m in result.best_checkpoints])
-    history = [dict(m) for m in read_history(cfg, result)]
-    seconds = time.perf_counter() - started  # training only: the calibration below is not part of it
-    calibration = calibrate_best_checkpoint(
-        best_uri, val, cfg.val_data or f"{cfg.data} ({val.split or 'validation'} split)", num_gpus=1 if cfg.use_gpu else 0
+    best_uri, best_metrics = pick_best(
+        [(checkpoint_uri(cfg, c), dict(m)) for c, m in result.best_checkpoints if not dict(m).get("mid_epoch")]
     )
+    latest_meta = read_latest_meta(cfg, result)
+    history = [dict(m) for m in latest_meta.get("history", [])]
+    seconds = time.perf_counter() - started  # training only: the calibration below is not part of it
+    calibration, failure = calibrate(cfg, best_uri, val)
     out = {
         "checkpoint": best_uri,
         "metrics": best_metrics,
         "calibration": calibration,
         "run": run_uri_of(cfg),
         "epochs": history,
+        "resizes": latest_meta.get("resizes", []),  # an elastic run's worker count changes: epoch, step, from, to
         "recipe": recipe.to_dict(),
         "seconds": seconds,
     }
+    if failure is not None:
+        out["calibration_error"] = str(failure)
     result_json, curves = json.dumps(out, indent=2), plot_curves(history)
     storage.write_text(storage.join_uri(run_uri_of(cfg), "result.json"), result_json)
     storage.write_bytes(storage.join_uri(run_uri_of(cfg), "curves.png"), curves)
     if tracker is not None:
         tracker.log_artifact_bytes("result.json", result_json.encode())
         tracker.log_artifact_bytes("curves.png", curves)
-        tracker.finish(best_uri)
+        tracker.finish(best_uri, "FAILED" if failure is not None else "FINISHED")
+    if failure is not None:  # result.json and the checkpoint are kept; the run is not done until calibrated
+        raise DistclsError(f"train: run {run_uri_of(cfg)}: {failure}")
     return out
+
+
+def calibrate(cfg: TrainConfig, best_uri: str, val: LabeledSplit) -> tuple[dict | None, Exception | None]:
+    """The best checkpoint's temperature, fitted on the validation split: (record, None), or (None, why it
+    failed). --no-calibrate skips it."""
+    if cfg.no_calibrate:
+        print("calibration: skipped (--no-calibrate)", flush=True)
+        return None, None
+    val_data = cfg.val_data or f"{cfg.data} ({val.split or 'validation'} split)"
+    try:
+        return calibrate_best_checkpoint(best_uri, val, val_data, num_gpus=1 if cfg.use_gpu else 0), None
+    except CalibrationFailed as exc:
+        return None, exc
 
 
 def val_title(cfg: TrainConfig, val: LabeledSplit) -> str:
@@ -290,15 +326,16 @@ def pick_best(checkpoints: list[tuple[str, dict]]) -> tuple[str, dict]:
 
 def local_cpus(cfg: TrainConfig) -> int:
     """Logical CPUs for a local Ray instance: room for the workers plus Ray Data's decode tasks."""
-    return max(os.cpu_count() or 1, int(np.ceil(cfg.num_workers * cfg.cpus_per_worker)) + 2)
+    return max(os.cpu_count() or 1, int(np.ceil(cfg.max_workers * cfg.cpus_per_worker)) + 2)
 
 
-def read_history(cfg: TrainConfig, result) -> list[dict]:
-    """Per-epoch metrics, from the latest checkpoint's record (it survives restarts and resumes)."""
+def read_latest_meta(cfg: TrainConfig, result) -> dict:
+    """The latest checkpoint's distcls.json: its per-epoch history and worker-count changes survive restarts
+    and resumes."""
     from distcls.checkpoint import read_meta
 
     latest = result.checkpoint
-    return read_meta(checkpoint_uri(cfg, latest)).get("history", []) if latest else []
+    return read_meta(checkpoint_uri(cfg, latest)) if latest else {}
 
 
 def root_cause(exc: BaseException) -> str:
