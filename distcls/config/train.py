@@ -167,8 +167,11 @@ class TrainConfig(TrainingFields):
         help="also checkpoint every N optimizer steps, mid-epoch: a restore (after a failure, a preemption or "
         "--resume) continues at the next unseen sample of the epoch",
     )
-    checkpoint_every_minutes: float | None = opt(
-        None, gt=0, help="also checkpoint mid-epoch when this many minutes have passed since the last checkpoint"
+    checkpoint_every_minutes: float = opt(
+        15.0,
+        min=0,
+        help="also checkpoint mid-epoch when this many minutes have passed since the last checkpoint (0: off); a "
+        "lost node or a preemption then costs at most this much training",
     )
     keep_step_checkpoints: int = opt(
         2, min=1, help="mid-epoch checkpoints to keep, the newest (besides --keep; never counted as the best)"

@@ -69,6 +69,9 @@ class DemoConfig(Config):
     epochs: int = opt(3, min=1, help="fine-tuning epochs")
     label_images: int = opt(200, min=1, help="test images copied without their folders to the 'unlabeled' prefix")
     serve_requests: int = opt(20, min=1, help="HTTP requests (one test image each) sent to the endpoint")
+    serve_split_requests: int = opt(
+        300, min=1, help="requests (4 clients) sent to the best/last checkpoints split 90/10, to see the split"
+    )
     bucket: str | None = opt(None, help="use this storage URI instead of the embedded S3 server")
     s3_port: int = opt(0, help="port of the embedded S3 server (0 picks a free one)")
     out: str = opt("demo-out", help="local folder for reports and labels")
@@ -96,6 +99,7 @@ class BenchConfig(Config):
             "modern",
             "tune",
             "ingest",
+            "resume",
             "all",
         ),
     )
@@ -148,6 +152,11 @@ class BenchConfig(Config):
     label_cpus_per_replica: float = opt(1.0, help="CPUs (runtime threads) per distcls label replica (distcls label's default)")
     loader_workers: int = opt(2, help="DataLoader worker processes of the label baseline")
     objects: int = opt(10_000, min=1, help="scale benchmark (not in `all`): 32x32 PNGs labeled by `distcls label`")
+    plan_only: bool = opt(
+        False,
+        help="scale benchmark: listing, planning, a half-done output and the rerun's subtraction on --objects synthetic "
+        "keys (generated listing pages, no files, no inference)",
+    )
     store: str = opt(
         "local",
         help="scale benchmark: where the objects live, local (a folder) or s3 (the embedded S3 server)",
@@ -190,6 +199,10 @@ class BenchConfig(Config):
         help="ingest benchmark: distcls pack --max-side for its packed set (256: JPEG draft decoding for a 64 px "
         "input reads 250x188 of a 500x375 original anyway)",
     )
+    resume_per_class: int = opt(
+        200, min=4, help="resume benchmark (not in `all`): Fashion-MNIST training images per class (2 epochs, 1 worker)"
+    )
+    resume_every_steps: int = opt(10, min=1, help="resume benchmark: --checkpoint-every-steps of its step-checkpoint runs")
     ingest_epochs: int = opt(3, min=1, help="ingest benchmark: epochs of every training run (the first is warm-up)")
     ingest_shards: int = opt(16, min=1, help="ingest benchmark: about this many train shards in the packed set")
     ingest_loader_workers: tuple[int, ...] = opt(

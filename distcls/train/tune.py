@@ -84,6 +84,7 @@ def base_train_config(cfg: TuneConfig, train_manifest: str | None, val_manifest:
         "seed": cfg.seed,
         "tracking_uri": cfg.tracking_uri,
         "experiment": cfg.experiment,
+        "checkpoint_every_minutes": 0,  # Tune's schedulers read every report as an epoch's: no mid-epoch reports
     }
 
 

@@ -167,6 +167,7 @@ class Worker:
     history: list = field(default_factory=list)
     resumed: Resumed = field(default_factory=Resumed)
     clock: CheckpointClock | None = None  # with --checkpoint-every-steps/-minutes, and for preemption notices
+    checkpoint_seconds: list = field(default_factory=list)  # the current epoch's step checkpoints, each's seconds
     reported: str | None = None  # rank 0: the folder name of the last checkpoint it reported (for the fault hook)
 
     @property
@@ -323,9 +324,7 @@ def train_epoch(w: Worker, epoch: int) -> tuple[EpochStats, ErrorTally]:
         teacher=w.teacher,
         mixer=mixer,
         after_step=(lambda: w.ema.update(w.model)) if w.ema is not None else None,
-        on_step=lambda s: maybe_inject_failure(
-            w.config.get("fault"), w.config["run_uri"], s, w.rank, reported=w.reported
-        ),
+        on_step=lambda s: maybe_inject_failure(w.config.get("fault"), w.config["run_uri"], s, w.rank, reported=w.reported),
         on_step_end=step_end,
     )
     w.step += stats.steps
@@ -362,6 +361,7 @@ def save_step_checkpoint(w: Worker, epoch: int, stats: EpochStats, position: Epo
     ranked below every epoch checkpoint, newest highest, so Ray's retention keeps the newest ones."""
     import dataclasses
 
+    started = time.perf_counter()
     consumed = position.merged()
     rngs = gather_objects(rng_states(rng))
     step = w.step + stats.steps
@@ -378,6 +378,7 @@ def save_step_checkpoint(w: Worker, epoch: int, stats: EpochStats, position: Epo
     extra_state = {"epoch": epoch, "step": step, "mid_epoch": True, "partial": dataclasses.asdict(stats), "rng": rngs}
     report_checkpoint(w, metrics, extra_state, {POSITION_FILE: position_bytes(consumed)})
     w.clock.taken()
+    w.checkpoint_seconds.append(time.perf_counter() - started)
 
 
 def epoch_metrics(
@@ -426,7 +427,10 @@ def epoch_metrics(
         # 0 for a run that started fresh; N when this worker group was restored from epoch N's checkpoint
         "restored_from_epoch": w.start_epoch,
         "workers": w.world,
+        "step_checkpoints": len(w.checkpoint_seconds),  # taken in this epoch (by this worker group)
+        "step_checkpoint_seconds": float(sum(w.checkpoint_seconds)),
     }
+    w.checkpoint_seconds.clear()
     if k >= 5:
         metrics["val_top5_accuracy"] = summary["top5_accuracy"]
     metrics = {key: int(v) if isinstance(v, (int, np.integer)) else float(v) for key, v in metrics.items()}

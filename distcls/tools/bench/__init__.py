@@ -54,6 +54,16 @@ def table(results: dict) -> list[str]:
             ("autoscale: failed requests", a["failed_requests"], "0"),
             ("autoscale: cold start from 0 replicas, seconds", a["cold_start_s"] or float("nan"), None),
         ]
+    if "resume" in results:
+        r = results["resume"]
+        rows += [
+            (f"resume: seconds lost to a mid-epoch kill, step checkpoints every {r['every_steps']}", r["steps"]["lost_s"], None),
+            ("resume: seconds lost to a mid-epoch kill, epoch checkpoints only", r["epochs"]["lost_s"], None),
+            ("resume: samples trained twice, step checkpoints", r["steps"]["repeated_samples"], None),
+            ("resume: samples trained twice, epoch checkpoints only", r["epochs"]["repeated_samples"], None),
+            ("resume: one step checkpoint, seconds", r["step_checkpoint_s"], None),
+            ("resume: step checkpoint cost / the steps between two", r["checkpoint_overhead_fraction"], None),
+        ]
     if "transfer" in results:
         rows.append(("transfer: pretrained minus scratch test accuracy", results["transfer"]["pretrained_minus_scratch"], None))
     if "recipe" in results:
@@ -66,7 +76,14 @@ def table(results: dict) -> list[str]:
             ("recipe: most points below the plain loop", results["recipe"]["max_points_below_plain"], "<= 2"),
             ("recipe: largest data wait share", results["recipe"]["max_data_wait_fraction"], "< 0.15"),
         ]
-    if "scale" in results:
+    if "plan_only" in results.get("scale", {}):
+        po = results["scale"]["plan_only"]
+        rows += [
+            (f"scale --plan-only: rerun driver peak RSS, MB ({po['objects']:,} keys)", po["driver_peak_rss_mb"], "<= 1024"),
+            ("scale --plan-only: rerun planning with half done, seconds", po["subtract_s"], "<= 300"),
+            ("scale --plan-only: listing into plan shards, keys/s", po["keys_per_s"], None),
+        ]
+    elif "scale" in results:
         sc = results["scale"]
         rows += [
             (f"scale: rows / objects ({sc['objects']} objects, {sc['store']})", sc["rows"] / sc["objects"], "1"),
@@ -178,6 +195,11 @@ def run_bench(cfg: BenchConfig) -> dict:
                 from distcls.tools.bench.ingest import bench_ingest
 
                 results["ingest"] = bench_ingest(cfg, "s3://bench")
+            elif cfg.which == "resume":
+                from distcls.tools.bench.resume import bench_resume
+
+                init_ray(num_cpus=max(os.cpu_count() or 1, 4))
+                results["resume"] = bench_resume(cfg)
             elif cfg.which == "scale":  # `distcls label` runs as its own process with its own Ray
                 from distcls.tools.bench.scale import bench_scale
 
