@@ -4,12 +4,12 @@
 
 1. starts the loopback S3 server and writes a slice of Fashion-MNIST into it;
 2. `ray start --head` (RAY_AUTH_MODE=token, dashboard on 127.0.0.1) and a second node with
-   `ray start --address`, each in its own temp dir and process group;
+   `ray start --address`, each in its own process group and --temp-dir (as on two machines; see common());
 3. shows that the cluster refuses a `ray job submit` and a third node's `ray start` that come with no token
    or a wrong one;
 4. submits `jobs/train.py` with `ray job submit --working-dir .` and STRICT_SPREAD placement, so its two
-   training workers land on different nodes; the job must end SUCCEEDED with a checkpoint, and the run's
-   result.json names the node of every worker;
+   training workers land on different nodes; the job must end SUCCEEDED with a calibrated checkpoint, its
+   log must show the epoch line once, and the run's result.json names the node of every worker;
 5. submits `jobs/label.py` the same way over the test images and counts the Parquet rows;
 6. with --lost-node: a 3-epoch training job (STRICT_SPREAD, --max-failures 2); after epoch 1's checkpoint the
    second node's raylet is SIGKILLed, a replacement node joins, and the job must finish from the checkpoint;
@@ -79,16 +79,21 @@ class Cluster:
                 str(self.dashboard_port),
                 "--include-dashboard",
                 "true",
-                "--temp-dir",
-                str(self.work / "ray"),
-                *self.common(),
+                *self.common("ray"),
             ],
             "head.log",
         )
         self.wait_nodes(1, "head")
         self.start_second()
 
-    def common(self) -> list[str]:
+    def common(self, temp_dir: str) -> list[str]:
+        # Each node its own --temp-dir, as on separate machines: a node started without one takes the head's
+        # and shares its session directory. Then (1) both nodes' runtime env agents unpack a job's working_dir
+        # into the same runtime_resources/working_dir_files/_ray_pkg_<hash>; the second one, on its cache miss,
+        # removes and re-extracts that directory (download_and_unpack_package(overwrite=True)) when the job's
+        # driver connects, so the driver, started in it on the head, runs on in a deleted directory: its next
+        # os.getcwd() (the calibration's imports after training) fails with FileNotFoundError; (2) both nodes'
+        # log monitors tail the same worker logs, and every line a worker prints reaches the job's log twice.
         # Free ports for each node's agents: Ray's fixed defaults (dashboard agent 52365, ...) collide with any
         # other Ray instance on this machine, and a head without its dashboard agent accepts no job.
         ports = {
@@ -101,6 +106,8 @@ class Cluster:
             )
         }
         return [
+            "--temp-dir",
+            str(self.work / temp_dir),
             "--node-ip-address",
             "127.0.0.1",
             "--num-cpus",
@@ -112,7 +119,7 @@ class Cluster:
     def start_second(self) -> None:
         """The second node (again, after it was lost: a replacement machine joining)."""
         self.second = len(self.procs)
-        self._start(["--address", f"127.0.0.1:{self.gcs_port}", *self.common()], f"worker{self.second}.log")
+        self._start(["--address", f"127.0.0.1:{self.gcs_port}", *self.common(f"ray{self.second}")], f"worker{self.second}.log")
         self.wait_nodes(2, "second node")
 
     def nodes(self) -> list[dict]:
@@ -266,8 +273,10 @@ def job_status(cluster: Cluster, job_id: str) -> str:
     return str(JobSubmissionClient(cluster.dashboard).get_job_status(job_id).value)
 
 
-def run_job(cluster: Cluster, job_id: str, entry: list[str], runtime_env: dict, what: str) -> None:
-    """`ray job submit` (blocks, streams the job's output); the job must end SUCCEEDED."""
+def run_job(cluster: Cluster, job_id: str, entry: list[str], runtime_env: dict, what: str) -> str:
+    """`ray job submit` (blocks, streams the job's output); the job must end SUCCEEDED. Returns its log."""
+    from ray.job_submission import JobSubmissionClient
+
     out = submit(cluster, job_id, entry, runtime_env)
     print(out.stdout[-3000:], out.stderr[-3000:], flush=True)
     status = job_status(cluster, job_id)
@@ -276,6 +285,29 @@ def run_job(cluster: Cluster, job_id: str, entry: list[str], runtime_env: dict, 
         f"{what} job SUCCEEDED (submit rc {out.returncode}, status {status})",
         out.stdout + out.stderr,
     )
+    return JobSubmissionClient(cluster.dashboard).get_job_logs(job_id)
+
+
+def check_training_log(checkpoint: str, logs: str, epochs: int) -> None:
+    """The run ended calibrated (a temperature in the checkpoint's distcls.json, the job log's `calibration:`
+    line says so) and each epoch's line is in the job log once (rank 0 prints it)."""
+    from distcls import storage
+    from distcls.checkpoint import META
+
+    meta = json.loads(storage.read_text(storage.join_uri(checkpoint, META)))
+    temperature = (meta.get("calibration") or {}).get("temperature")
+    said = next((line.strip() for line in logs.splitlines() if line.startswith("calibration:")), "none")
+    check(
+        temperature is not None and "temperature" in said,
+        f"the checkpoint is calibrated (temperature {temperature}; the job log's line: {said[:100]})",
+        logs,
+    )
+    for epoch in range(1, epochs + 1):
+        lines = [line for line in logs.splitlines() if f"epoch {epoch}/{epochs} " in line and "train_loss" in line]
+        check(lines != [], f"epoch {epoch}'s line is in the job log", logs)
+        # A restarted epoch (--lost-node) is printed again by its new rank 0, from another process.
+        pids = [line.split("pid=", 1)[-1].split(")", 1)[0] for line in lines]
+        check(len(set(pids)) == len(pids), f"epoch {epoch}'s line shows once per process ({len(lines)} lines)", logs)
 
 
 def check(ok: bool, what: str, details: str = "") -> None:
@@ -372,6 +404,7 @@ def lose_a_node(cluster: Cluster, runtime_env: dict, args: argparse.Namespace) -
         f"epochs {epochs}; restarted from its checkpoint (restored_from_epoch per epoch: {restored})",
         logs,
     )
+    check_training_log(result["checkpoint"], logs, epochs=3)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -471,10 +504,11 @@ def main(argv: list[str] | None = None) -> int:
                 "two-nodes",
             ]
             say("ray job submit --working-dir . -- python jobs/train.py ... --placement-strategy STRICT_SPREAD")
-            run_job(cluster, "train-two-nodes", train, runtime_env, "training")
+            logs = run_job(cluster, "train-two-nodes", train, runtime_env, "training")
             result = json.loads(storage.read_text(f"{BUCKET}/runs/two-nodes/result.json"))
             checkpoint = result["checkpoint"]
             check(storage.exists(storage.join_uri(checkpoint, "model.safetensors")), f"checkpoint at {checkpoint}")
+            check_training_log(checkpoint, logs, epochs=1)
             workers = result["metrics"]["worker_nodes"].split(",")
             alive = {n["node_id"] for n in nodes}
             check(

@@ -35,6 +35,7 @@ from distcls.config import (
     add_arguments,
     config_from_args,
 )
+from distcls.config.serve import RolloutSetConfig, RolloutStatusConfig
 from distcls.tools.config import BenchConfig, DemoConfig, FashionMnistConfig, S3ServerConfig
 
 Printer = Callable[[Any, Any], "int | None"]
@@ -169,6 +170,18 @@ def print_label_issues(cfg: FindLabelIssuesConfig, s: dict) -> None:
         f"(out-of-sample accuracy {s['out_of_sample_accuracy']:.4f}; {s['seconds']:.0f}s)"
     )
     print(f"  {out_of(cfg)}/label_issues.parquet (ranked), contact_sheet.png, summary.json")
+
+
+def print_rollout_set(cfg: RolloutSetConfig, status: dict) -> int:
+    from distcls.rollout import print_rollout_set
+
+    return print_rollout_set(cfg, status)
+
+
+def print_rollout_status(cfg: RolloutStatusConfig, status: dict) -> None:
+    from distcls.rollout import print_rollout_status
+
+    print_rollout_status(cfg, status)
 
 
 def print_bench(cfg: BenchConfig, result: Any) -> None:
@@ -329,6 +342,24 @@ COMMANDS = (
         "print a Ray Serve config file for `serve deploy`",
         "Print a Ray Serve config (serve deploy, KubeRay RayService serveConfigV2) for these flags.",
     ),
+    Command(
+        ("rollout", "set"),
+        RolloutSetConfig,
+        "distcls.rollout:run_rollout_set",
+        "change a running endpoint's traffic weights (admin token)",
+        "New weights for a running endpoint's variants, applied live through Serve by its admin route "
+        "(DISTCLS_ADMIN_TOKEN); waits until the endpoint routes by them.",
+        print_rollout_set,
+    ),
+    Command(
+        ("rollout", "status"),
+        RolloutStatusConfig,
+        "distcls.rollout:run_rollout_status",
+        "a running endpoint's variants and their comparison, as a table",
+        "Per variant requests, errors, latency, labels and mean score, and each variant's agreement with the "
+        "primary on mirrored requests (GET /v1/rollout).",
+        print_rollout_status,
+    ),
     Command(("models",), None, "distcls.cli:run_models", "list model architectures and their weights", None, print_models),
     Command(
         ("checkpoint", "from-pretrained"),
@@ -357,6 +388,7 @@ COMMANDS = (
 GROUPS = {
     "data": ("dataset", "put a real dataset into storage (fashion-mnist)"),
     "checkpoint": ("action", "make checkpoints (from-pretrained)"),
+    "rollout": ("action", "a running endpoint's traffic split between variants (set, status)"),
 }
 LOADS_MODELS = (CompareConfig, EvaluateConfig, LabelConfig, ServeConfig)  # the commands with --trust-torchscript
 
@@ -400,6 +432,11 @@ def add_positionals(cmd: argparse.ArgumentParser, cfg_cls: type) -> tuple[str, .
         return ("models",)
     if cfg_cls is DistillConfig:
         return ("model",)  # --student names the architecture
+    if cfg_cls is ServeConfig:  # repeatable NAME=URI flags
+        for name in ("variant", "shadow"):
+            help_text = ServeConfig.__dataclass_fields__[name].metadata["help"]
+            cmd.add_argument(f"--{name}", dest=name, action="append", default=None, metavar="NAME=URI", help=help_text)
+        return ("variant", "shadow")
     return ()
 
 

@@ -90,6 +90,16 @@ def test_rayservice_serve_config_is_what_serve_config_prints():
     command = re.search(r"#\s*(distcls serve-config .+)", text).group(1)
     args = build_parser().parse_args(shlex.split(command)[1:])
     assert embedded == serve_config(config_from_args(ServeConfig, args))
+    # the canary: its own deployment, the split in the Ingress's user_config, and build_app's args rebuild both
+    (app,) = embedded["applications"]
+    deployments = {d["name"]: d["user_config"] for d in app["deployments"]}
+    assert list(deployments) == ["ImageClassifier", "ImageClassifier-canary", "Ingress"]
+    assert deployments["Ingress"]["weights"] == {"main": 90.0, "canary": 10.0}
+    rebuilt = load_config(ServeConfig, overrides=app["args"])
+    assert [(s.name, s.checkpoint, s.weight) for s in rebuilt.variant_specs()] == [
+        ("main", deployments["ImageClassifier"]["checkpoint"], 90.0),
+        ("canary", deployments["ImageClassifier-canary"]["checkpoint"], 10.0),
+    ]
 
 
 def test_kuberay_versions_tokens_and_head():
@@ -265,6 +275,8 @@ def test_two_node_cluster_run():
         "a node joining with no token is refused",
         "a node joining with a wrong token is refused",
         "training job SUCCEEDED",
+        "the checkpoint is calibrated (temperature",  # its working_dir was deleted under the driver (issue 31)
+        "epoch 1's line shows once per process",
         "on 2 different nodes",
         "labeling job SUCCEEDED",
         "label rows",
@@ -292,6 +304,7 @@ def test_two_node_cluster_survives_a_lost_node():
         "a replacement node joined",
         "after the node was lost",
         "epochs [1, 2, 3]; restarted from its checkpoint",
+        "the checkpoint is calibrated (temperature",
         "all checks passed",
     ):
         assert line in out.stdout, line

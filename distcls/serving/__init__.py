@@ -3,8 +3,11 @@
 - `auth`: the API token (DISTCLS_API_TOKEN) and the Host check; no Ray.
 - `http`: request bodies and their limits, the three input forms (raw, multipart, JSON), admission, the
   JSON errors; no Ray.
-- `ingress`: the `Ingress` deployment, the HTTP API's routes (FastAPI).
+- `ingress`: the `Ingress` deployment, the HTTP API's routes (FastAPI), routing each request to a variant.
 - `classifier`: the `ImageClassifier` deployment, batched predictions; its checkpoint is its `user_config`.
+- `variants`: the routing rule (`pick_variant`: weights, sticky keys, forced variants); no Ray.
+- `shadow`, `stats`, `recorder`: mirrored requests, the live comparison, the `RolloutRecorder` deployment
+  (and the rollout log); `admin`: live weight changes through Serve; `page`: the page's rollout section.
 - `app`: the application (`build_app`, the import path of `serve deploy` and a RayService), `serve_config`,
   `start`, `run_serve`, `stop_app`.
 
@@ -39,6 +42,8 @@ EXPORTS = {  # module -> the names it gives `distcls.serving`
     "distcls.serving.classifier": ("ImageClassifier",),
     "distcls.serving.http": ("Admission", "RequestError", "parse_json_images", "read_body", "read_images"),
     "distcls.serving.ingress": ("Ingress", "api"),
+    "distcls.serving.recorder": ("RolloutRecorder",),
+    "distcls.serving.variants": ("KEY_HEADER", "VARIANT_HEADER", "pick_variant"),
 }
 MODULE_OF = {name: module for module, names in EXPORTS.items() for name in names}
 

@@ -17,6 +17,7 @@ from distcls.config import ServeConfig
 from distcls.serving.http import RequestError
 
 TOKEN_ENV = "DISTCLS_API_TOKEN"
+ADMIN_TOKEN_ENV = "DISTCLS_ADMIN_TOKEN"  # the admin routes' own token (POST /admin/rollout); unset: they are off
 
 
 def token_digest(token: str) -> str:
@@ -86,6 +87,12 @@ def replica_token_sha256(token_sha256: str | None) -> str | None:
     return token_sha256 or (token_digest(own) if own else None)
 
 
+def replica_admin_sha256(admin_sha256: str | None) -> str | None:
+    """The admin token digest an Ingress replica requires: the one it was built with, else its own DISTCLS_ADMIN_TOKEN."""
+    own = os.environ.get(ADMIN_TOKEN_ENV, "").strip()
+    return admin_sha256 or (token_digest(own) if own else None)
+
+
 def check_bearer(authorization: str, token_sha256: str | None) -> None:
     """Refuse (401) a request without 'Authorization: Bearer <token>' for the token (None: no token needed)."""
     if token_sha256 is None:
@@ -96,6 +103,41 @@ def check_bearer(authorization: str, token_sha256: str | None) -> None:
             401,
             "unauthorized",
             f"missing or wrong token; send 'Authorization: Bearer <token>' (the server's {TOKEN_ENV})",
+            headers={"WWW-Authenticate": "Bearer"},
+        )
+
+
+def admin_token_sha256(api_token_sha256: str | None) -> str | None:
+    """The sha256 of DISTCLS_ADMIN_TOKEN (None: the admin routes are off), refused when it is blank or the same
+    as the API token: clients must never be able to change the traffic."""
+    raw = os.environ.get(ADMIN_TOKEN_ENV)
+    if raw is None:
+        return None
+    if not raw.strip():
+        raise DistclsError(
+            f"serve: {ADMIN_TOKEN_ENV} is set but empty; set it to the admin token, or unset it to turn the admin route off"
+        )
+    digest = token_digest(raw)
+    if api_token_sha256 is not None and hmac.compare_digest(digest, api_token_sha256):
+        raise DistclsError(
+            f"serve: {ADMIN_TOKEN_ENV} is the same as {TOKEN_ENV}; the admin token must be one clients never get: set another"
+        )
+    return digest
+
+
+def check_admin(authorization: str, admin_sha256: str | None) -> None:
+    """Refuse an admin request: 404 when the admin routes are off, 401 without the admin token."""
+    if admin_sha256 is None:
+        raise RequestError(
+            404, "not_found", f"the admin routes are off; set {ADMIN_TOKEN_ENV} where the application runs to turn them on"
+        )
+    scheme, _, given = authorization.partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(token_digest(given.strip()), admin_sha256):
+        raise RequestError(
+            401,
+            "unauthorized",
+            f"missing or wrong admin token; send 'Authorization: Bearer <token>' (the server's {ADMIN_TOKEN_ENV}, "
+            "never the API token)",
             headers={"WWW-Authenticate": "Bearer"},
         )
 

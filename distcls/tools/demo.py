@@ -1,8 +1,9 @@
 """`distcls demo`: the whole product on a laptop, on the embedded S3 server and a local Ray instance.
 
 Fashion-MNIST into object storage -> fine-tune EfficientNet-Lite0 with Ray Train (2 workers) ->
-evaluate on the test split -> label an "unlabeled" prefix (with a few corrupt files) -> serve the
-checkpoint and send it real HTTP requests -> a summary of figures, stage times and artifacts.
+evaluate on the test split -> label an "unlabeled" prefix (with a few corrupt files) -> serve the best
+checkpoint with the run's last one as a 10% canary, send real HTTP requests and show the split and the two
+checkpoints' agreement -> a summary of figures, stage times and artifacts.
 """
 
 from __future__ import annotations
@@ -139,14 +140,14 @@ def run_demo(cfg: DemoConfig) -> dict:
         init_ray()
         try:
             with stages.stage("train: fine-tune EfficientNet-Lite0 (Ray Train, 2 workers)"):
-                checkpoint = train_stage(cfg, root, train_data)
+                checkpoint, last = train_stage(cfg, root, train_data)
             with stages.stage("evaluate: the best checkpoint on the test split"):
                 report = evaluate_stage(checkpoint, test_data, out)
             with stages.stage("label: an unlabeled prefix (with corrupt files) -> Parquet"):
                 test_index = load_labeled_index(test_data)  # listed once, for labeling and serving
                 labeled = label_stage(cfg, root, checkpoint, test_index, out)
-            with stages.stage("serve: the checkpoint on Ray Serve, real HTTP requests"):
-                served = serve_stage(cfg, checkpoint, test_index)
+            with stages.stage("serve: best and last checkpoints split 90/10 on Ray Serve, real HTTP"):
+                served = serve_stage(cfg, checkpoint, last, test_index)
         finally:
             ray.shutdown()
     summary = {
@@ -158,6 +159,8 @@ def run_demo(cfg: DemoConfig) -> dict:
         "serve_p50_ms": served["p50_ms"],
         "serve_p99_ms": served["p99_ms"],
         "serve_requests": len(served["rows"]),
+        "serve_split": served["split"],
+        "serve_agreement_last_vs_best": served["agreement"],
         "out": out,
         "kept_in": "embedded S3 (gone after the demo)" if not cfg.bucket else cfg.bucket,
         "stage_seconds": {k: round(v, 1) for k, v in stages.seconds.items()},
@@ -168,8 +171,8 @@ def run_demo(cfg: DemoConfig) -> dict:
     return summary
 
 
-def train_stage(cfg: DemoConfig, root: str, train_data: str) -> str:
-    """`distcls train` with the recipe's defaults, as a user gets them; -> the best checkpoint's URI."""
+def train_stage(cfg: DemoConfig, root: str, train_data: str) -> tuple[str, str]:
+    """`distcls train` with the recipe's defaults, as a user gets them; -> the best and the last checkpoints' URIs."""
     from distcls import run_training
     from distcls.config import TrainConfig
 
@@ -187,7 +190,13 @@ def train_stage(cfg: DemoConfig, root: str, train_data: str) -> str:
             name=f"demo-{time.strftime('%Y%m%d-%H%M%S')}",
         )
     )
-    return result["checkpoint"]
+    return result["checkpoint"], last_checkpoint(result["run"])
+
+
+def last_checkpoint(run: str) -> str:
+    """The run's latest checkpoint (Ray Train's checkpoint_NNNNNN folders sort by epoch)."""
+    folders = sorted({f.rsplit("/", 1)[0] for f in storage.list_files(run) if f.endswith("/distcls.json")})
+    return [f for f in folders if f.rsplit("/", 1)[-1].startswith("checkpoint_")][-1]
 
 
 def evaluate_stage(checkpoint: str, test_data: str, out: str) -> dict:
@@ -223,18 +232,30 @@ def label_stage(cfg: DemoConfig, root: str, checkpoint: str, test_index: Labeled
     }
 
 
-def serve_stage(cfg: DemoConfig, checkpoint: str, test_index: LabeledIndex) -> dict:
-    """Serve the checkpoint on Ray Serve and send it real HTTP requests; -> latencies and accuracy."""
+def serve_stage(cfg: DemoConfig, best: str, last: str, test_index: LabeledIndex) -> dict:
+    """Serve the best checkpoint (`main`, 90%) with the last one as a canary (`last`, 10%), send real HTTP
+    requests, and show the split and the comparison; -> latencies, accuracy, split and agreement."""
     from ray import serve
 
     from distcls import start_serving
     from distcls.config import ServeConfig
+    from distcls.rollout import call, format_status
 
-    url = start_serving(
-        ServeConfig(checkpoint=checkpoint, port=free_port(), min_replicas=1, max_replicas=1, name="demo"), token=""
+    settings = ServeConfig(
+        checkpoint=best,
+        variant=(f"last={last}",),
+        weights="main=90,last=10",
+        port=free_port(),
+        min_replicas=1,
+        max_replicas=1,
+        cpus_per_replica=0.5,
+        name="demo",
     )
+    url = start_serving(settings, token="")
     try:
         served = query_endpoint(url, test_index, cfg.serve_requests)
+        split = send_split(url, test_index, cfg.serve_split_requests)
+        status = wait_for_mirrors(url, call)
     finally:
         if os.environ.get("RAY_ADDRESS"):  # someone's cluster: remove only the demo's application
             serve.delete("demo")
@@ -247,7 +268,55 @@ def serve_stage(cfg: DemoConfig, checkpoint: str, test_index: LabeledIndex) -> d
         f"{len(served['rows'])} requests: accuracy {served['accuracy']:.2f}, latency p50 {served['p50_ms']:.0f} ms, "
         f"p99 {served['p99_ms']:.0f} ms"
     )
-    return served
+    total = sum(split.values())
+    print(
+        f"{total} more requests, 4 clients, weights main=90,last=10: "
+        + ", ".join(f"{k} {n} ({n / total:.1%})" for k, n in split.items())
+    )
+    print(f"`distcls rollout status --url {url}` (best = main, last = the run's last checkpoint):")
+    print(format_status(status))
+    agreement = status["comparison"]["last"]["agreement"]
+    return {**served, "split": split, "agreement": agreement}
+
+
+def send_split(url: str, index: LabeledIndex, n: int, clients: int = 4) -> dict[str, int]:
+    """POST n test images from `clients` threads; -> how many each variant answered (X-Distcls-Variant)."""
+    import collections
+    import threading
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    bodies = [storage.read_bytes(index.paths[i]) for i in range(min(n, len(index.paths)))]
+    answered: collections.Counter[str] = collections.Counter()
+
+    def client(k: int) -> None:
+        conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=60)
+        for j in range(k, n, clients):
+            conn.request("POST", f"{parts.path}/v1/classify", body=bodies[j % len(bodies)], headers={"Content-Type": "image/png"})
+            response = conn.getresponse()
+            response.read()
+            answered[
+                response.getheader("X-Distcls-Variant", "none") if response.status == 200 else f"HTTP {response.status}"
+            ] += 1
+        conn.close()
+
+    threads = [threading.Thread(target=client, args=(k,)) for k in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return dict(sorted(answered.items()))
+
+
+def wait_for_mirrors(url: str, call, seconds: float = 10) -> dict:
+    """GET /v1/rollout once the canary's requests mirrored to main have been compared (or after `seconds`)."""
+    deadline = time.monotonic() + seconds
+    while True:
+        status = call(f"{url}/v1/rollout", "DISTCLS_API_TOKEN")
+        canary = status["variants"]["last"]["images"]
+        if status["comparison"]["last"]["images"] >= canary or time.monotonic() > deadline:
+            return status
+        time.sleep(0.5)
 
 
 def print_summary(summary: dict, stages: Stages, out: str) -> None:
@@ -264,6 +333,10 @@ def print_summary(summary: dict, stages: Stages, out: str) -> None:
     print(
         f"  endpoint latency p50 {summary['serve_p50_ms']:.0f} ms, p99 {summary['serve_p99_ms']:.0f} ms over "
         f"{summary['serve_requests']} sequential requests"
+    )
+    split = ", ".join(f"{k} {n}" for k, n in summary["serve_split"].items())
+    print(
+        f"  canary split (weights main=90,last=10): {split}; last agrees with best on {summary['serve_agreement_last_vs_best']}"
     )
     for name, secs in stages.seconds.items():
         print(f"  {name:<62} {secs:7.1f}s")

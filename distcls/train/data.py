@@ -25,6 +25,7 @@ from distcls import DistclsError
 from distcls.config import TrainConfig
 from distcls.datasets import DECODE_CPUS, ROWS_PER_BLOCK, LabeledIndex, stratified_split
 from distcls.splits import HELD_OUT_SPLITS, LabeledSplit, ObjectSplit, open_labeled
+from distcls.train.position import POSITION_FILE, drop_consumed, execution_index, read_position
 from distcls.transforms import PreprocessSpec
 
 CONSUMPTION_ENV = "DISTCLS_TEST_CONSUMPTION_LOG"  # test hook: a folder; each worker logs the sample ids it trained on
@@ -86,14 +87,6 @@ def balanced_copies(counts: list[int]) -> np.ndarray:
     return np.where(n > 0, n.sum() / max(1, present) / np.maximum(n, 1), 0.0)
 
 
-def execution_index() -> int:
-    """Which execution of its dataset a Ray Data task belongs to: the epoch (EveryRowConfig starts it at the
-    epoch the run resumes from). Ray's FileShuffleConfig seeds the shard order with the same number."""
-    from ray.data import DataContext
-
-    return int(getattr(DataContext.get_current(), "_execution_idx", 0))
-
-
 def shuffle_rows(batch: dict[str, np.ndarray], seed: int, copies: np.ndarray | None = None) -> dict[str, np.ndarray]:
     """Ray Data map_batches function over one block: its rows permuted, seeded by (seed, epoch, the block's first
     and last sample ids); with `copies` (--sampler balanced), each row of class c first repeated floor(copies[c])
@@ -136,8 +129,6 @@ def train_dataset(cfg: TrainConfig, spec: PreprocessSpec, train: LabeledSplit, m
     are shuffled block by block before they are read (--ordered-ingest), packed data's shard order and rows as
     described above. `skip`: (epoch, consumed hashes) of a step checkpoint: that epoch drops the samples already
     trained on (per-object data before reading them; see distcls.train.position)."""
-    from distcls.train.position import drop_consumed
-
     skipping = () if skip is None or cfg.cache_data else ((drop_consumed, {"epoch": skip[0], "consumed": skip[1]}),)
     if not train.is_packed:
         source = ObjectSplit(balance(train.index, cfg.seed)) if cfg.sampler == "balanced" else train
@@ -192,7 +183,6 @@ def resume_position(run_uri: str) -> tuple[int, np.ndarray | None]:
     """The epoch the workers will start at (that of the checkpoint they restore; 0 for a new run) and, for a step
     checkpoint, the hashes of the samples that epoch has consumed."""
     from distcls.checkpoint import read_verified_file
-    from distcls.train.position import POSITION_FILE, read_position
     from distcls.train.resume import find_restorable, latest_registered
 
     try:

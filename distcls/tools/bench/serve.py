@@ -4,11 +4,14 @@ Servers, measured in turn at each client count with the same load generator, sam
 - plain torch: FastAPI + uvicorn + the PyTorch model, no batching (`distcls.tools.plain_server`);
 - plain onnx: the same server on onnxruntime (the same-runtime baseline);
 - distcls (default runtime) and distcls torch: Ray Serve, batching, N replicas.
-Ratios are taken at 16 clients against the plain servers.
+Ratios are taken at 16 clients against the plain servers. Then the shadow measurement (`bench_shadow`): the
+primary's errors and p99 at 16 clients with no shadow, a shadow that sleeps 1 s per image and one that fails
+on every image, the three applications measured in turn with the same load.
 """
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import subprocess
 import sys
@@ -58,6 +61,87 @@ def measure_servers(urls: dict[str, str], photos: list[bytes], cfg: BenchConfig)
     }
 
 
+class SlowShadow:
+    """A shadow that sleeps a second per image, then answers."""
+
+    async def classify(self, data: bytes, top_k: int) -> dict:
+        await asyncio.sleep(1.0)
+        return {"label": "slow", "score": 0.5, "topk": [], "model": {"id": "slow", "architecture": "sleep"}}
+
+
+class FailingShadow:
+    """A shadow that fails on every image."""
+
+    async def classify(self, data: bytes, top_k: int) -> dict:
+        raise RuntimeError("this shadow fails on every request")
+
+
+def shadow_app(settings: ServeConfig, shadow: type | None):
+    """The distcls application for `settings`, with `shadow` (a class above) mirrored every request, or none."""
+    from ray import serve
+
+    from distcls.serving import application
+    from distcls.serving.app import bind_classifier
+    from distcls.serving.ingress import Ingress
+    from distcls.serving.recorder import RolloutRecorder
+
+    if shadow is None:
+        return application(settings)
+    name = shadow.__name__.lower()
+    bound = serve.deployment(shadow, name=name, ray_actor_options={"num_cpus": 0}, max_ongoing_requests=1000).bind()
+    return Ingress.options(
+        name="Ingress", ray_actor_options={"num_cpus": 0.5}, user_config={"weights": {"main": 100.0}, "shadow_fraction": 1.0}
+    ).bind(
+        bind_classifier(settings),
+        max_request_bytes=int(settings.max_request_mb * 1e6),
+        max_images=settings.max_images_per_request,
+        default_top_k=settings.top_k,
+        shadows={name: bound},
+        recorder=RolloutRecorder.options(name="RolloutRecorder").bind("main", {"main": "primary", name: "shadow"}),
+        mirror_queue=settings.shadow_queue,
+    )
+
+
+def bench_shadow(cfg: BenchConfig, checkpoint: str, photos: list[bytes], port: int) -> dict:
+    """The primary at 16 clients with no shadow, a slow shadow and a failing one: errors and p99, in turn."""
+    from ray import serve
+
+    base = from_config(ServeConfig, cfg, prefix="serve_", checkpoint=checkpoint, port=port, name="shadow")
+    base = dataclasses.replace(base, min_replicas=cfg.serve_replicas, max_replicas=cfg.serve_replicas)
+    rows = {}
+    for label, shadow in (("none", None), ("slow", SlowShadow), ("failing", FailingShadow)):
+        serve.run(shadow_app(base, shadow), name="shadow", route_prefix="/shadow")
+        url = f"http://127.0.0.1:{port}/shadow"
+        wait_healthy(f"{url}/healthz")
+        load_test(f"{url}/v1/classify", photos, 4, 3)  # warm-up
+        rows[label] = load_test(f"{url}/v1/classify", photos, 16, cfg.serve_seconds)
+        rows[label]["rollout"] = requests_json(f"{url}/v1/rollout")
+        serve.delete("shadow")
+        print(
+            f"shadow {label}: {rows[label]['requests_per_s']:.1f} req/s, p99 {rows[label]['p99_ms']:.0f} ms, "
+            f"errors {errors_of(rows[label])}",
+            flush=True,
+        )
+    none = rows["none"]
+    return {
+        "rows": rows,
+        **{f"p99_ratio_{k}": rows[k]["p99_ms"] / max(none["p99_ms"], 1e-9) for k in ("slow", "failing")},
+        **{f"errors_{k}": errors_of(rows[k]) for k in rows},
+    }
+
+
+def errors_of(record: dict) -> int:
+    return sum(n for code, n in record.get("status_codes", {}).items() if code != "200")
+
+
+def requests_json(url: str) -> dict:
+    import json
+    import urllib.request
+
+    with urllib.request.urlopen(url, timeout=30) as response:
+        return json.loads(response.read())
+
+
 def print_row(row: dict) -> None:
     names = [k for k in row if k != "clients"]
     print(
@@ -94,6 +178,8 @@ def bench_serve(cfg: BenchConfig, root: str) -> dict:
         serve.delete(settings["name"])
         _, torch_url = start_distcls(cfg, checkpoint, "torch", port)
         measured_torch = measure_servers({"distcls_torch": torch_url}, photos, cfg)
+        serve.delete("bench-torch")
+        shadow = bench_shadow(cfg, checkpoint, photos, port)
     finally:
         for proc, _ in plain.values():
             proc.terminate()
@@ -114,6 +200,7 @@ def bench_serve(cfg: BenchConfig, root: str) -> dict:
         "ratio_rps_vs_plain_torch": ours["requests_per_s"] / max(at16["plain_torch"]["requests_per_s"], 1e-9),
         "ratio_p99_vs_plain_torch": ours["p99_ms"] / max(at16["plain_torch"]["p99_ms"], 1e-9),
         "ratio_rps_vs_plain_same_runtime": ours["requests_per_s"] / max(same["requests_per_s"], 1e-9),
+        "shadow": shadow,
     }
     print(
         f"distcls serve at {at16['clients']} clients: {result['ratio_rps_vs_plain_torch']:.2f}x the plain PyTorch "
