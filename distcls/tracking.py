@@ -12,18 +12,27 @@ What is logged, per run (one MLflow run per training run, one per Tune trial):
 Every param and tag value goes through `distcls.redact.redact_uri` first: a password in a URI
 (`--tracking-uri https://user:pw@host`, `--storage`, `--data`) or a presigned URL's signature is logged as `***`.
 
-Where: `--tracking-uri` is either a local path (no scheme, or `file://`), which becomes a local MLflow file
-store at that absolute path and needs no server, or any URI MLflow understands (`http(s)://` server,
-`databricks`, `sqlite://`...), passed through as is. MLflow 3 refuses the file store ("maintenance mode")
-unless `MLFLOW_ALLOW_FILE_STORE=true`; `tracking_uri_for` sets it (if unset) for local paths, in each process
-that opens the store.
+Where: `--tracking-uri` is either a local path (no scheme), which becomes an SQLite database
+`PATH/mlflow.db` with the artifacts under `PATH/artifacts/` (MLflow's recommended local backend: its own
+client and `mlflow ui` read it with no setting), or any URI MLflow understands (`http(s)://` server,
+`databricks`, `sqlite://`, `file:`...), used as given. Local paths are made absolute (Tune trials run in
+other working directories). A path that already holds an MLflow file store stays one, as does an explicit
+`file:` URI: MLflow 3 refuses those ("maintenance mode") unless `MLFLOW_ALLOW_FILE_STORE=true`, which
+`tracking_uri_for` sets (if unset) in each process that opens one.
+
+SQLite and concurrent writers (parallel Tune trials, the Ray Train controller): the first process to open
+a database creates MLflow's tables while holding a lock on the database's folder (two processes migrating
+one new database at once fail), and turns on SQLite's WAL mode, so that readers (`mlflow ui`) never block
+a writer; writers wait for each other (MLflow sets a 20 s busy timeout).
 
 Only `MlflowClient` is used, never MLflow's fluent global API: several runs can be live in one process
-(Tune trials). MLflow is imported only when tracking is on (extra `distcls[tracking]`, or `mlflow-skinny`).
+(Tune trials). MLflow is imported only when tracking is on (extra `distcls[tracking]`: `mlflow-skinny` and
+the SQL store's `sqlalchemy` and `alembic`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import numbers
@@ -40,27 +49,76 @@ from distcls.redact import redact_uri, redact_values
 log = logging.getLogger(__name__)
 
 MISSING_MLFLOW = "--tracking-uri needs MLflow: pip install 'distcls[tracking]' (or mlflow-skinny)"
+MISSING_SQL = (
+    "--tracking-uri {uri}: MLflow's SQLite store needs sqlalchemy and alembic: pip install 'distcls[tracking]' "
+    "(or pass a server URL)"
+)
 MAX_PARAM_VALUE = 6000  # mlflow.utils.validation.MAX_PARAM_VAL_LENGTH
 MAX_TAG_VALUE = 8000  # mlflow.utils.validation.MAX_TAG_VAL_LENGTH
 BATCH = 100  # params/tags per log_batch request (MAX_PARAMS_TAGS_PER_BATCH)
+DATABASE = "mlflow.db"  # a local --tracking-uri PATH -> PATH/mlflow.db, artifacts under PATH/artifacts
+ARTIFACTS = "artifacts"
 
 
 def tracking_uri_for(uri: str) -> str:
-    """`--tracking-uri` -> the URI for MlflowClient: a local path (no scheme, or file://) becomes
-    `file:///abs/path` and allows MLflow's file store in this process (MLFLOW_ALLOW_FILE_STORE=true unless
-    already set); anything else (http://, https://, databricks, sqlite://...) is returned unchanged."""
-    scheme = urlparse(uri).scheme
+    """`--tracking-uri` -> the URI for MlflowClient: a local path becomes `sqlite:////abs/PATH/mlflow.db`,
+    unless it already holds an MLflow file store; that one, or a `file:` URI, becomes `file:///abs/path`
+    and allows MLflow's file store in this process (MLFLOW_ALLOW_FILE_STORE=true unless already set); a
+    relative `sqlite:///` path is made absolute; anything else (http://, https://, databricks...) is
+    returned unchanged."""
+    parsed = urlparse(uri)
     if uri == "databricks":  # MLflow's name for the default Databricks workspace, not a folder
         return uri
-    if scheme == "file":
-        parsed = urlparse(uri)
-        path = parsed.netloc + parsed.path  # file://relative/x has the first part as netloc
-    elif len(scheme) <= 1:  # no scheme, or a Windows drive letter
-        path = uri
-    else:
+    if parsed.scheme == "file":
+        return _file_store(parsed.netloc + parsed.path)  # file://relative/x has the first part as netloc
+    if parsed.scheme == "sqlite":
+        return _absolute_sqlite(uri)
+    if len(parsed.scheme) > 1:  # not a Windows drive letter either
         return uri
+    path = os.path.abspath(os.path.expanduser(uri))
+    if not os.path.exists(os.path.join(path, DATABASE)) and holds_file_store(path):
+        return _file_store(path)
+    return "sqlite:///" + os.path.join(path, DATABASE)
+
+
+def _file_store(path: str) -> str:
     os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
     return "file://" + os.path.abspath(os.path.expanduser(path))
+
+
+def holds_file_store(path: str) -> bool:
+    """Whether the folder `path` is an MLflow file store (its `.trash` folder, or an experiment's meta.yaml)."""
+    if not os.path.isdir(path):
+        return False
+    if os.path.isdir(os.path.join(path, ".trash")):
+        return True
+    return any(os.path.isfile(os.path.join(path, entry, "meta.yaml")) for entry in os.listdir(path))
+
+
+def _absolute_sqlite(uri: str) -> str:
+    path = sqlite_path(uri)
+    if path is None or os.path.isabs(uri[len("sqlite:///") :].split("?")[0]):
+        return uri
+    query = uri.partition("?")[2]
+    return "sqlite:///" + path + ("?" + query if query else "")
+
+
+def sqlite_path(uri: str) -> str | None:
+    """The absolute path of the database file of a `sqlite:///` URI (None for any other URI, or in memory)."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    path = uri[len("sqlite:///") :].split("?")[0]
+    return os.path.abspath(path) if path and path != ":memory:" else None
+
+
+def artifact_location(tracking_uri: str, experiment: str) -> str | None:
+    """Where a new experiment's artifacts go: `artifacts/<experiment>` beside a local SQLite database (MLflow's
+    default would be ./mlruns of whichever process created the experiment); None: MLflow's default."""
+    path = sqlite_path(tracking_uri)
+    if path is None:
+        return None
+    folder = "".join(c if c.isalnum() or c in "._-" else "_" for c in experiment).lstrip(".") or "_"
+    return "file://" + os.path.join(os.path.dirname(path), ARTIFACTS, folder)
 
 
 def _client(tracking_uri: str):
@@ -69,7 +127,61 @@ def _client(tracking_uri: str):
     except ImportError:
         raise DistclsError(MISSING_MLFLOW) from None
     _quiet_mlflow()
-    return MlflowClient(tracking_uri_for(tracking_uri))
+    uri = tracking_uri_for(tracking_uri)
+    if sqlite_path(uri) is not None:
+        _prepare_database(uri)
+    return MlflowClient(uri)
+
+
+_prepared: set[str] = set()
+
+
+def _prepare_database(uri: str) -> None:
+    """Once per process: create the database's tables (or check them) holding an exclusive lock on its
+    folder, so that two processes never migrate one new database at once, and turn on WAL mode."""
+    from mlflow.tracking import MlflowClient
+
+    if uri in _prepared:
+        return
+    try:
+        import alembic  # noqa: F401  (mlflow-skinny alone lacks both; MLflow would say "unsupported URI")
+        import sqlalchemy  # noqa: F401
+    except ImportError:
+        raise DistclsError(MISSING_SQL.format(uri=redact_uri(uri))) from None
+    path = sqlite_path(uri)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with _folder_lock(os.path.dirname(path)):
+        _use_wal(path)
+        MlflowClient(uri).search_experiments(max_results=1)  # opens (and, if new, migrates) the store
+    _prepared.add(uri)
+
+
+def _use_wal(path: str) -> None:
+    """SQLite's write-ahead log: readers and the writer no longer block each other (a property of the file)."""
+    import sqlite3
+
+    with contextlib.closing(sqlite3.connect(path, timeout=30)) as db:
+        try:
+            if db.execute("PRAGMA journal_mode").fetchone()[0].lower() != "wal":
+                db.execute("PRAGMA journal_mode=WAL")
+        except sqlite3.OperationalError as e:  # in use elsewhere in the old mode: MLflow's busy timeout still holds
+            log.warning("MLflow: could not turn on WAL mode for %s: %s", path, e)
+
+
+@contextlib.contextmanager
+def _folder_lock(folder: str):
+    """An exclusive advisory lock (flock) on a folder, between processes; none where fcntl is missing."""
+    try:
+        import fcntl
+    except ImportError:  # Windows
+        yield
+        return
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
 
 
 _quieted = False
@@ -163,7 +275,7 @@ def _experiment_id(client, name: str) -> str:
     from mlflow.exceptions import MlflowException
 
     try:
-        return client.create_experiment(name)
+        return client.create_experiment(name, artifact_location=artifact_location(client.tracking_uri, name))
     except MlflowException:  # created meanwhile by another process (parallel Tune trials)
         experiment = client.get_experiment_by_name(name)
         if experiment is None:
@@ -200,12 +312,12 @@ class _MetricsLogger:
 
     def after_report(self, run_context, metrics: list[dict], checkpoint) -> None:
         self._reports += 1
-        if not metrics:
+        if not metrics or metrics[0].get("mid_epoch"):  # a step checkpoint's report: no epoch metrics to log
             return
         step = metrics[0].get("epoch", self._reports)
         try:
             if self._client is None:
-                self._client = _client(self.tracking_uri)  # in this process: sets MLFLOW_ALLOW_FILE_STORE here too
+                self._client = _client(self.tracking_uri)  # in this process: MLFLOW_ALLOW_FILE_STORE, the DB's lock
             _log_metrics(self._client, self.run_id, metrics[0], int(step))
         except Exception as e:  # a tracking server hiccup must not fail hours of training
             log.warning("MLflow: could not log the metrics of step %s to run %s: %s", step, self.run_id, e)

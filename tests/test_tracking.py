@@ -1,12 +1,17 @@
-"""MLflow tracking: a real local file store read back with MLflow's own client, and the metrics callback
-inside a real Ray Train V2 run."""
+"""MLflow tracking: a real local SQLite store (and a file store kept as one) read back with MLflow's own
+client, also in a fresh process with no MLflow variable set; concurrent writers (processes, Tune trials);
+the metrics callback inside a real Ray Train V2 run."""
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import pickle
+import sqlite3
 import subprocess
 import sys
+import textwrap
 
 import pytest
 
@@ -30,7 +35,8 @@ def test_tracker_round_trip(tmp_path):
     store = tmp_path / "mlruns"
     params = {"model": "efficientnet_lite0", "optim": {"lr": 0.001, "betas": [0.9, 0.999]}, "name": None, "long": "x" * 7000}
     tracker = Tracker.start(str(store), "exp-a", "run-1", params, tags={"job": "train"})
-    assert tracker.tracking_uri == f"file://{store}"
+    assert tracker.tracking_uri == f"sqlite:///{store}/mlflow.db"
+    assert "MLFLOW_ALLOW_FILE_STORE" not in os.environ  # a database needs no opt-in
     for step, acc in enumerate([0.5, float("nan"), 0.7], start=1):
         tracker.log_metrics({"val_accuracy": acc, "loss": 1.0 / step, "note": "text", "lr": None}, step=step)
     tracker.log_artifact_bytes("curves.png", b"\x89PNG not really")
@@ -60,6 +66,9 @@ def test_tracker_round_trip(tmp_path):
     local = client.download_artifacts(tracker.run_id, "curves.png", str(tmp_path / "dl"))
     with open(local, "rb") as f:
         assert f.read() == b"\x89PNG not really"
+    stored = store / "artifacts" / "exp-a" / tracker.run_id / "artifacts" / "curves.png"  # under PATH, not ./mlruns
+    assert stored.read_bytes() == b"\x89PNG not really"
+    assert experiment.artifact_location == f"file://{store}/artifacts/exp-a"
 
 
 def test_second_run_reuses_experiment_and_failed_status(tmp_path):
@@ -76,12 +85,172 @@ def test_second_run_reuses_experiment_and_failed_status(tmp_path):
 
 def test_tracking_uri_for(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    assert tracking_uri_for("mlruns") == f"file://{tmp_path}/mlruns"
+    assert tracking_uri_for("mlruns") == f"sqlite:///{tmp_path}/mlruns/mlflow.db"
+    assert tracking_uri_for("~/x") == f"sqlite:///{os.path.expanduser('~')}/x/mlflow.db"
+    assert "MLFLOW_ALLOW_FILE_STORE" not in os.environ
+    assert tracking_uri_for(f"file://{tmp_path}/x") == f"file://{tmp_path}/x"  # an explicit file store
     assert os.environ["MLFLOW_ALLOW_FILE_STORE"] == "true"
-    assert tracking_uri_for(f"file://{tmp_path}/x") == f"file://{tmp_path}/x"
     assert tracking_uri_for("file:rel") == f"file://{tmp_path}/rel"
-    for uri in ("http://mlflow.example:5000", "https://x/y", "databricks", "sqlite:///db.sqlite"):
+    assert tracking_uri_for("sqlite:///db.sqlite") == f"sqlite:///{tmp_path}/db.sqlite"  # trials run elsewhere
+    assert tracking_uri_for("sqlite:///db.sqlite?timeout=9") == f"sqlite:///{tmp_path}/db.sqlite?timeout=9"
+    for uri in ("http://mlflow.example:5000", "https://x/y", "databricks", "sqlite:////abs/db.sqlite", "sqlite://"):
         assert tracking_uri_for(uri) == uri
+
+
+def test_existing_file_store_stays_one(tmp_path, monkeypatch):
+    """A folder an older distcls filled as a file store keeps being used as one; a new run lands next to the
+    old ones, and no database appears in it."""
+    store = tmp_path / "mlruns"
+    old = Tracker.start(f"file://{store}", "exp-old", "before", {})
+    old.finish(None)
+    monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE")
+    assert tracking_uri_for(str(store)) == f"file://{store}"
+    assert os.environ["MLFLOW_ALLOW_FILE_STORE"] == "true"
+    Tracker.start(str(store), "exp-old", "after", {}).finish(None)
+    client = read_client(store)
+    runs = client.search_runs([client.get_experiment_by_name("exp-old").experiment_id])
+    assert sorted(r.info.run_name for r in runs) == ["after", "before"]
+    assert not (store / "mlflow.db").exists()
+
+
+READER = """
+import json, sys
+import mlflow
+
+experiment, dst, uris = sys.argv[1], sys.argv[2], sys.argv[3:]
+stores = []
+for uri in uris:
+    mlflow.set_tracking_uri(uri)
+    out = []
+    for run in mlflow.search_runs(experiment_names=[experiment], output_format="list"):
+        path = mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path="result.json", dst_path=dst)
+        history = mlflow.MlflowClient().get_metric_history(run.info.run_id, "loss")
+        out.append({"name": run.info.run_name, "status": run.info.status, "steps": [m.step for m in history],
+                    "artifact": open(path).read()})
+    stores.append(sorted(out, key=lambda r: r["name"]))
+print(json.dumps(stores))
+"""
+
+
+def read_in_fresh_process(experiment: str, tmp_path, *uris: str) -> list[list[dict]]:
+    """What a new user does: MLflow alone, in a new process without any MLFLOW_ variable; the runs of
+    `experiment` in each store of `uris`."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW")}
+    out = subprocess.run(
+        [sys.executable, "-c", READER, experiment, str(tmp_path / "dl"), *uris], env=env, capture_output=True, text=True
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_fresh_process_reads_the_runs_with_mlflow_alone(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    tracker = Tracker.start("mlruns", "exp-new", "r1", {"lr": 0.1})
+    tracker.log_metrics({"loss": 0.5}, step=1)
+    tracker.log_metrics({"loss": 0.25}, step=2)
+    tracker.log_artifact_bytes("result.json", b'{"ok": true}')
+    tracker.finish("file:///ckpt")
+    # the absolute URI, and the relative one the docs show (`mlflow ui --backend-store-uri ...` run here)
+    absolute, relative = read_in_fresh_process(
+        "exp-new", tmp_path, f"sqlite:///{tmp_path}/mlruns/mlflow.db", "sqlite:///mlruns/mlflow.db"
+    )
+    run = {"name": "r1", "status": "FINISHED", "steps": [1, 2], "artifact": '{"ok": true}'}
+    assert absolute == relative == [run]
+
+
+WRITER = """
+import os, sys, time
+from distcls.tracking import Tracker
+
+store, name, ready, others = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4:]
+open(ready, "w").close()
+while not all(os.path.exists(p) for p in others):  # start together: both open the new database at once
+    time.sleep(0.005)
+tracker = Tracker.start(store, "race", name, {"name": name})
+for step in range(1, 21):
+    tracker.log_metrics({"loss": 1 / step, "acc": step / 20}, step=step)
+tracker.log_artifact_bytes("result.json", name.encode())
+tracker.finish(None)
+"""
+
+
+def test_two_processes_write_one_new_database_at_once(tmp_path):
+    """Two writers (as two Tune trials, or a trial and a Ray Train controller) open the same new database at
+    the same moment and log 20 steps each: no "database is locked", no half-migrated tables."""
+    store = str(tmp_path / "mlruns")
+    ready = [str(tmp_path / f"ready-{i}") for i in range(2)]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW")}
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", WRITER, store, f"w{i}", ready[i], *ready], env=env, stderr=subprocess.PIPE, text=True
+        )
+        for i in range(2)
+    ]
+    errors = [p.communicate(timeout=300)[1] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], "\n".join(e[-2000:] for e in errors)
+    client = read_client(store)
+    runs = sorted(client.search_runs([client.get_experiment_by_name("race").experiment_id]), key=lambda r: r.info.run_name)
+    assert [(r.info.run_name, r.info.status) for r in runs] == [("w0", "FINISHED"), ("w1", "FINISHED")]
+    for run in runs:
+        assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == list(range(1, 21))
+    with contextlib.closing(sqlite3.connect(f"{store}/mlflow.db")) as db:
+        assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+
+
+@pytest.mark.slow  # ~30 s on the shared 2-core machine; the race itself is test_two_processes_write_one_new_database_at_once
+def test_two_concurrent_tune_trials_track_to_one_database(ray_local, tmp_path):
+    """Two Ray Tune trials at once, each its own MLflow run in the same local database (the way `distcls
+    tune --tracking-uri PATH` logs: the URI resolved on the driver, each trial writing from its own process)."""
+    from ray import tune
+
+    store = tracking_uri_for(str(tmp_path / "mlruns"))
+    ready = [str(tmp_path / f"ready-{i}") for i in range(2)]
+
+    def trial(config):
+        import time
+
+        open(ready[config["i"]], "w").close()
+        while not all(os.path.exists(p) for p in ready):
+            time.sleep(0.005)
+        tracker = Tracker.start(config["store"], "tune", f"trial-{config['i']}", {"i": config["i"]})
+        for step in range(1, 31):
+            tracker.log_metrics({"loss": 1 / step}, step=step)
+        tracker.log_artifact_bytes("result.json", str(config["i"]).encode())
+        tracker.finish(None)
+        tune.report({"done": 1})
+
+    tuner = tune.Tuner(
+        tune.with_resources(trial, {"cpu": 0.5}),
+        param_space={"store": store, "i": tune.grid_search([0, 1])},
+        tune_config=tune.TuneConfig(max_concurrent_trials=2),
+        run_config=tune.RunConfig(storage_path=str(tmp_path / "tune"), name="t", verbose=0),
+    )
+    results = tuner.fit()
+    assert not results.errors, results.errors
+    (runs,) = read_in_fresh_process("tune", tmp_path, store)
+    assert [(r["name"], r["status"], r["steps"], r["artifact"]) for r in runs] == [
+        ("trial-0", "FINISHED", list(range(1, 31)), "0"),
+        ("trial-1", "FINISHED", list(range(1, 31)), "1"),
+    ]
+
+
+def test_missing_sql_store_is_one_clear_line(tmp_path):
+    """mlflow-skinny alone (no sqlalchemy): a local path says what to install, in one line."""
+    code = textwrap.dedent(f"""
+        import sys
+        sys.modules["sqlalchemy"] = None  # as when only mlflow-skinny is installed
+        from distcls import DistclsError
+        from distcls.tracking import Tracker
+        try:
+            Tracker.start({str(tmp_path / "mlruns")!r}, "exp", "run", {{}})
+        except DistclsError as e:
+            print(e)
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert out == (
+        f"--tracking-uri sqlite:///{tmp_path}/mlruns/mlflow.db: MLflow's SQLite store needs sqlalchemy and alembic: "
+        "pip install 'distcls[tracking]' (or pass a server URL)"
+    )
 
 
 def test_import_is_light():

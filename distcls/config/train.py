@@ -68,7 +68,7 @@ class TrainingFields(Config):
     tracking_uri: str | None = opt(
         None,
         help="log params, per-epoch metrics, curves and the checkpoint (of every trial of a search) to MLflow: a local "
-        "folder (a file store) or a server URI",
+        "folder (an SQLite database FOLDER/mlflow.db) or a server URI",
     )
 
     def validate(self, p: Problems) -> None:
