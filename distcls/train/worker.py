@@ -12,10 +12,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from safetensors.torch import load as load_safetensors
 
-from distcls import DistclsError, storage
-from distcls.checkpoint import read_verified_file, write_local_checkpoint
+from distcls import storage
+from distcls.checkpoint import write_local_checkpoint
 from distcls.config import DistillConfig, TrainConfig
 from distcls.datasets import ErrorTally
 from distcls.device import DevicePolicy
@@ -26,8 +25,9 @@ from distcls.train.batches import allreduce, lockstep, log_consumption, placehol
 from distcls.train.batches import pad_single as pad_single  # re-exported: its old home
 from distcls.train.loop import EpochStats, Mixer, WeightEma, build_optimizer, evaluate, train_one_epoch, warmup_cosine
 from distcls.train.objectives import build_objective
-from distcls.train.position import CHECKPOINT_RANK, POSITION_FILE, CheckpointClock, EpochPosition, position_bytes, read_position
-from distcls.train.resume import TRAIN_STATE, find_restorable, latest_registered
+from distcls.train.position import CHECKPOINT_RANK, POSITION_FILE, CheckpointClock, EpochPosition, position_bytes
+from distcls.train.resume import TRAIN_STATE, latest_registered
+from distcls.train.state import Resumed, epoch_start_step, gather_objects, note_resize, restore, rng_states, set_rng_states
 from distcls.transforms import PreprocessSpec, train_augment
 
 
@@ -40,56 +40,6 @@ def sync_buffers(model: torch.nn.Module) -> None:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         for buffer in model.buffers():
             torch.distributed.broadcast(buffer.data, src=0)
-
-
-@dataclass
-class Resumed:
-    """What a worker group restored from a checkpoint: the epoch to run next and the step count; after a step
-    checkpoint also the interrupted epoch's consumed samples, its partial sums and every rank's RNG states."""
-
-    epoch: int = 0
-    step: int = 0
-    history: list = field(default_factory=list)
-    consumed: np.ndarray | None = None  # mid-epoch: the hashes of the samples consumed in `epoch`
-    partial: dict = field(default_factory=dict)  # mid-epoch: the epoch's EpochStats sums so far
-    rng: list = field(default_factory=list)  # mid-epoch: per rank, (numpy generator state, torch RNG state)
-    world: int = 0  # the worker count that wrote the checkpoint
-    resizes: list = field(default_factory=list)
-
-    @property
-    def mid_epoch(self) -> bool:
-        return self.consumed is not None
-
-
-def restore(
-    model, optimizer, run_uri: str, latest: str | None = None, announce: bool = True, ema: WeightEma | None = None
-) -> Resumed:
-    """Load weights and optimizer state from the newest checkpoint of the run, `latest` (Ray Train's) or
-    older, that verifies: a damaged or half-written one is passed over, never trained on. With a weight average
-    the checkpoint's weights are the average's and the live weights come from the training state. A step
-    checkpoint resumes its epoch at the next unseen sample (distcls.train.position)."""
-    found = find_restorable(run_uri, latest)
-    if found is None:
-        raise DistclsError(
-            f"train: Ray Train restored run {run_uri}, but it has no checkpoint folder; start a new run with another --name"
-        )
-    saved = load_safetensors(found.weights)
-    state = torch.load(io.BytesIO(found.train_state), map_location="cpu", weights_only=True)
-    model.net.load_state_dict(state.get("live_weights", saved), strict=True)
-    if ema is not None:
-        ema.module.net.load_state_dict(saved if "live_weights" in state else model.net.state_dict(), strict=True)
-        ema.updates = int(state.get("ema_updates", 0))
-    optimizer.load_state_dict(state["optimizer"])
-    out = Resumed(int(state["epoch"]) + 1, int(state["step"]), list(state["history"]), world=int(state.get("world", 0)))
-    out.resizes = list(state.get("resizes", []))
-    if state.get("mid_epoch"):
-        out.epoch = int(state["epoch"])
-        out.consumed = read_position(read_verified_file(found.uri, POSITION_FILE, found.meta))
-        out.partial, out.rng = dict(state["partial"]), list(state["rng"])
-    if announce:
-        where = f" after {len(out.consumed)} of its samples" if out.mid_epoch else ""
-        print(found.resuming_line(next_epoch=out.epoch + 1) + where, flush=True)
-    return out
 
 
 def maybe_inject_failure(fault: dict | None, run_uri: str, step: int, rank: int, reported: str | None = None) -> None:
@@ -168,6 +118,7 @@ class Worker:
     resumed: Resumed = field(default_factory=Resumed)
     clock: CheckpointClock | None = None  # with --checkpoint-every-steps/-minutes, and for preemption notices
     checkpoint_seconds: list = field(default_factory=list)  # the current epoch's step checkpoints, each's seconds
+    progress: object = None  # rank 0: the run's progress line (distcls.progress), in images over all workers
     reported: str | None = None  # rank 0: the folder name of the last checkpoint it reported (for the fault hook)
 
     @property
@@ -184,6 +135,7 @@ def train_func(config: dict) -> None:
     """Ray Train's per-worker loop: set up, then per epoch train, validate, and report (with a checkpoint)."""
     quiet_worker_logs()
     w = setup_worker(config)
+    run_progress(w)
     for epoch in range(w.start_epoch, w.cfg.epochs):
         started = time.perf_counter()
         stats, train_tally = train_epoch(w, epoch)
@@ -202,6 +154,17 @@ def train_func(config: dict) -> None:
         metrics = epoch_metrics(w, epoch, stats, val, train_tally, val_tally, train_seconds, started)
         w.history.append(metrics)
         report(metrics, w, config, train_tally, val_tally)
+
+
+def run_progress(w: Worker) -> None:
+    """Rank 0's progress line over the whole run (done / total images, rate, ETA), every 30 s in the job log."""
+    from distcls.progress import Progress
+
+    if w.rank != 0:
+        return
+    n = int(w.config["num_train"])
+    done = w.start_epoch * n + (len(w.resumed.consumed) if w.resumed.mid_epoch else 0)
+    w.progress = Progress("train", total=n * w.cfg.epochs, unit="images", done=done, every_s=30.0)
 
 
 def setup_worker(config: dict) -> Worker:
@@ -261,27 +224,6 @@ def setup_worker(config: dict) -> Worker:
     )
 
 
-def note_resize(resumed: Resumed, world: int, rank: int) -> None:
-    """A restart with another worker count than the checkpoint's (an elastic run lost or regained a node): said
-    once and recorded (the checkpoints and result.json carry the list). The global position is kept; each worker
-    keeps --batch-size, so the global batch follows the worker count, and the LR schedule's position is kept in
-    samples (the step count is rescaled to the new steps per epoch)."""
-    if not resumed.world or resumed.world == world:
-        return
-    event = {"epoch": resumed.epoch + 1, "step": resumed.step, "from_workers": resumed.world, "to_workers": world}
-    resumed.resizes.append(event)
-    if rank == 0:
-        print(f"resized: {resumed.world} -> {world} workers at epoch {event['epoch']}, step {resumed.step}", flush=True)
-
-
-def epoch_start_step(resumed: Resumed, world: int) -> int:
-    """The optimizer steps before the epoch the workers start, in units of this worker count's steps."""
-    step = resumed.step - int(resumed.partial.get("steps", 0))
-    if resumed.world and resumed.world != world:
-        step = round(step * resumed.world / world)
-    return step
-
-
 def train_epoch(w: Worker, epoch: int) -> tuple[EpochStats, ErrorTally]:
     """One epoch over this worker's shard. Every random draw of the epoch (augmentation, dropout, local
     shuffle) is seeded by (seed, rank, epoch): a run restored from a checkpoint repeats the epoch an
@@ -308,6 +250,8 @@ def train_epoch(w: Worker, epoch: int) -> tuple[EpochStats, ErrorTally]:
 
     def step_end(stats: EpochStats, batch: dict) -> None:
         position.add(batch.get("ids"))
+        if w.progress is not None:  # rank 0's count times the workers: the shards differ by a few rows at most
+            w.progress.add(len(batch.get("ids", ())) * w.world)
         if w.clock is not None and (reason := w.clock.due(w.step + stats.steps)):
             save_step_checkpoint(w, epoch, stats, position, rng, reason)
 
@@ -329,31 +273,6 @@ def train_epoch(w: Worker, epoch: int) -> tuple[EpochStats, ErrorTally]:
     )
     w.step += stats.steps
     return stats, tally
-
-
-def rng_states(rng: np.random.Generator) -> list:
-    """This rank's RNG states: the epoch's numpy generator (augmentation, mixing) and torch's (dropout)."""
-    states = [rng.bit_generator.state, torch.get_rng_state()]
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        states.append(torch.cuda.get_rng_state())
-    return states
-
-
-def set_rng_states(rng: np.random.Generator, states: list) -> None:
-    rng.bit_generator.state = states[0]
-    torch.set_rng_state(states[1])
-    if len(states) > 2 and torch.cuda.is_available():
-        torch.cuda.set_rng_state(states[2])
-
-
-def gather_objects(value) -> list:
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return [value]
-    out: list = [None] * dist.get_world_size()
-    dist.all_gather_object(out, value)
-    return out
 
 
 def save_step_checkpoint(w: Worker, epoch: int, stats: EpochStats, position: EpochPosition, rng, reason: str) -> None:
