@@ -38,6 +38,7 @@ from distcls.packed_format import (
     read_footer,
     shard_table,
 )
+from distcls.progress import Progress
 
 if TYPE_CHECKING:
     from distcls.config.data import PackConfig
@@ -320,19 +321,18 @@ def run_shards(cfg: PackConfig, state: dict, todo: list[dict], progress: bool) -
     items = [{"shard": s["id"], "name": s["name"]} for s in todo]
     ds = ray.data.from_items(items, override_num_blocks=len(items))
     ds = ds.map(pack_shard, fn_kwargs=kwargs, num_cpus=1, **({"concurrency": cfg.concurrency} if cfg.concurrency else {}))
-    started, last, images, total = time.monotonic(), 0.0, 0, len(state["shards"])
-    base = total - len(todo)
+    images, total = 0, len(state["shards"])
+    meter = Progress("pack", total, "shards", done=total - len(todo), enabled=progress)
     for n, row in enumerate(ds.iter_rows(), start=1):
         images += row["rows"] + row["rejected"]
-        now = time.monotonic()
-        if progress and (now - last >= 1.0 or n == len(todo)):
-            rate = images / max(now - started, 1e-9)
-            print(f"pack: {base + n}/{total} shards, {images} images ({rate:.1f} images/s)", flush=True)
-            last = now
+        meter.add(1)
         if fault and n == int(fault.split(":")[0]):
             if fault.endswith(":kill"):
                 os.kill(os.getpid(), signal.SIGKILL)
             raise RuntimeError(f"injected pack failure after {n} shards (DISTCLS_TEST_PACK_FAULT)")
+    meter.close()
+    if progress:
+        print(f"pack: {images} images in {len(todo)} shards this run", flush=True)
     return images
 
 

@@ -224,7 +224,9 @@ def test_two_runs_at_once_still_leave_every_object_once(s3_server, imagenet_ckpt
     labeled = [int(re.search(r"objects: labeled (\d+)", o).group(1)) for o in outputs]
     removed = [int(m.group(1)) if (m := re.search(r"removed (\d+) duplicate rows", o)) else 0 for o in outputs]
     print(f"\nconcurrent runs labeled {labeled} of {n} objects and removed {removed} duplicate rows")
-    assert sum(labeled) > n, "the runs did not overlap; nothing was written twice"
+    # A run that finds the other's plan under way resumes it and subtracts what is done, so the two need not
+    # overlap; when they do, every second copy must go (the repair itself: test_label_resume).
+    assert sum(labeled) >= n
     assert sum(removed) == sum(labeled) - n  # every second copy was found and removed, nothing else
     paths = read_output(out).column("path").to_pylist()
     assert len(paths) == len(set(paths)) == n

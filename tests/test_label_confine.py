@@ -58,7 +58,7 @@ def planned(source: Source, root: str | None, plan_uri: str) -> dict[str, str]:
     """path -> error for every key the plan's real read tasks produce (run here, without Ray)."""
     rows: dict[str, str] = {}
     for lister in make_listers(source):
-        for table in plan_blocks(lister, source, plan_uri, None, root=root):
+        for table in plan_blocks(lister, source, plan_uri, root=root):
             rows.update(zip(table.column("path").to_pylist(), table.column("error").to_pylist(), strict=True))
     return rows
 

@@ -12,9 +12,7 @@ from __future__ import annotations
 
 import datetime as dt
 import itertools
-import json
 import os
-import resource
 import time
 from collections import Counter
 
@@ -25,22 +23,25 @@ from distcls.checkpoint import checkpoint_id
 from distcls.config import LabelConfig
 from distcls.datasets import decode_sample, load_images
 from distcls.infer import is_export, predict_dataset, verify_model
+from distcls.label.buckets import Index, index_output
 from distcls.label.confine import confine, source_root
 from distcls.label.manifest import Source
 from distcls.label.packed import packed_input, packed_plan, packed_rows, packed_sample
-from distcls.label.parts import SUCCESS, OutputStats, check_not_nested, done_snapshot, output_schema, write_parts
+from distcls.label.parts import check_not_nested, done_snapshot, existing_parts, output_schema, write_parts
 from distcls.label.plan import (
     BLOCK_BYTES,
     LIST_HOLD_ENV,
     TEST_BLOCK_BYTES,
     StoredPlan,
     UnreadablePlan,
+    finish_listing,
     iter_keys,
     make_listers,
-    now,
     plan_datasource,
     plan_dir,
 )
+from distcls.label.status import PROGRESS_EVERY_S, finish, label_status, remote_needed, write_progress
+from distcls.progress import Progress
 from distcls.runtime import init_ray
 from distcls.scores import UNKNOWN, Calibration, resolve_unknown, score
 from distcls.transforms import PreprocessSpec
@@ -122,8 +123,9 @@ def open_plan(cfg: LabelConfig) -> tuple[StoredPlan, str]:
     if stored.listers and stored.source == source and not cfg.replan:
         if stored.complete:
             return stored, f"the stored plan ({stored.keys} objects; --replan lists again)"
-        why = "the stored plan is incomplete"
-    elif stored.listers and not cfg.replan:
+        left = len(stored.listers) - len(stored.finished)
+        return stored, f"the stored plan, its {left} unfinished lister(s) resumed from their last shard"
+    if stored.listers and not cfg.replan:
         why = "the stored plan was for another input or --include"
     else:
         why = "--replan" if cfg.replan else ("the stored plan is unreadable" if unreadable else "no plan yet")
@@ -183,58 +185,93 @@ def run_labeling(cfg: LabelConfig, progress: bool = True) -> dict:
     storage.ensure_bucket(cfg.output)
     packed = packed_input(cfg)
     root = None if packed is not None else confinement(cfg)  # packed rows are read from the set's own shards
-    plan, how = open_plan(cfg) if packed is None else packed_plan(cfg, packed)
-    snap, duplicates = done_snapshot(cfg.output)
-    done = snap.table.column("path")
     summary = {
         "labeled": 0,
         "errors": 0,
         "errors_by_kind": {},
         "output": cfg.output,
         "model": model_id,
-        "duplicates_removed": duplicates,
+        "duplicates_removed": 0,
         "scores": calibration.describe(),
         "unknown_above": unknown_above,
     }
-    removed = f"; removed {duplicates} duplicate rows" if duplicates else ""
-    max_bytes = objects.max_object_bytes(cfg.max_object_mb)
-    decoded = None
-    if packed is not None:
-        todo, total = None, plan.keys
-        print(f"label: {total} rows in {how}; {len(done)} rows already in the output" + removed, flush=True)
-        sample_paths = packed_sample(packed, spec, max_bytes)
-        decoded = packed_rows(packed, spec, done, max_bytes) if len(done) < total else None
-    elif plan.complete:
-        todo = plan_todo(plan, done, root)
-        total = plan.keys
-        print(
-            f"label: {total} objects planned ({how}); {total - len(todo)} already labeled, {len(todo)} to do" + removed,
-            flush=True,
-        )
-        sample_paths = sample_of(todo)
-    else:
-        todo, total = None, None
-        print(
-            f"label: {how} under {cfg.manifest or cfg.input}; {len(done)} rows already in the output; labeling "
-            f"starts as keys arrive{removed}",
-            flush=True,
-        )
-        sample_paths = peek_paths(plan, root)
-        if not sample_paths and plan.source.input and not cfg.manifest:
-            raise DistclsError(f"label: no image objects under {cfg.input}; check the URI or widen --include")
+    work = plan_packed(cfg, packed, spec, summary) if packed is not None else plan_work(cfg, root, summary)
+    plan, index = work["plan"], work["index"]
     summary["plan_seconds"] = time.perf_counter() - started
-    if (todo is None or len(todo)) and (packed is None or decoded is not None):
+    if work["to_do"]:
         init_ray()
-        runtime, note = prepare_in_ray(cfg, sample_paths, spec)
+        runtime, note = prepare_in_ray(cfg, work["sample"], spec)
         summary.update(runtime=runtime, runtime_note=note)
         print(f"label: runtime {runtime} ({note})", flush=True)
         unknown = "off" if unknown_above is None else f"label `unknown` above energy {unknown_above:.3f}"
         print(f"label: scores {calibration.describe()}; {unknown}", flush=True)
-        run_pipeline(cfg, meta, spec, runtime, plan, todo, done, summary, started, progress, unknown_above, root, decoded)
-        snap, more = done_snapshot(cfg.output)  # a write task retried after its commit leaves a second copy
-        summary["duplicates_removed"] += more
+        run_pipeline(cfg, meta, spec, runtime, plan, work, summary, progress, unknown_above, root)
         plan = StoredPlan.read(cfg.output)
-    return finish(cfg, plan, snap, summary, started)
+        index = count_output(cfg, plan, root, packed is not None)  # a write task retried after its commit leaves a second copy
+        summary["duplicates_removed"] += index.removed
+    return finish(cfg.output, plan, index, summary, started)
+
+
+def count_output(cfg: LabelConfig, plan: StoredPlan, root: str | None, packed: bool) -> Index:
+    """The partitioned index of the output against the plan (Ray tasks when large: see status.LOCAL_ROWS); for a
+    packed input (its plan has no shards) what is left is counted from the distinct paths."""
+    remote = remote_needed(plan, len(existing_parts(cfg.output)))
+    if remote:
+        init_ray()
+    index = index_output(cfg.output, plan, root, remote=remote)
+    if packed:
+        index.todo_rows = max(plan.keys - index.distinct, 0)
+    return index
+
+
+def plan_work(cfg: LabelConfig, root: str | None, summary: dict) -> dict:
+    """The plan, and what is left: streamed from the listers (a new plan and an empty output), else the stored
+    plan (its unfinished listers run to the end first) less the labeled paths, bucket by bucket (buckets.py)."""
+    plan, how = open_plan(cfg)
+    fresh = not plan.finished and not plan.shards() and not existing_parts(cfg.output)
+    if fresh:
+        print(f"label: {how} under {cfg.manifest or cfg.input}; labeling starts as keys arrive", flush=True)
+        sample = peek_paths(plan, root)
+        if not sample and plan.source.input and not cfg.manifest:
+            raise DistclsError(f"label: no image objects under {cfg.input}; check the URI or widen --include")
+        return {"plan": plan, "index": None, "to_do": True, "todo": None, "sample": sample, "total": None}
+    if not plan.complete:
+        print(f"label: {how}; listing to the end before subtracting what is done", flush=True)
+        init_ray()
+        finish_listing(plan, root)
+        plan = StoredPlan.read(cfg.output)
+    index = count_output(cfg, plan, root, packed=False)
+    summary["duplicates_removed"] = index.removed
+    removed = f"; removed {index.removed} duplicate rows" if index.removed else ""
+    print(
+        f"label: {plan.keys} objects planned ({how}); {plan.keys - index.todo_rows} already labeled, "
+        f"{index.todo_rows} to do" + removed,
+        flush=True,
+    )
+    todo = index.todo if index.todo_rows else []
+    return {"plan": plan, "index": index, "to_do": bool(todo), "todo": todo, "sample": index.sample, "total": index.todo_rows}
+
+
+def plan_packed(cfg: LabelConfig, packed, spec: PreprocessSpec, summary: dict) -> dict:
+    """A packed input: its rows less the paths the output has (a packed set is read from its own shards)."""
+    plan, how = packed_plan(cfg, packed)
+    snap, duplicates = done_snapshot(cfg.output)
+    done = snap.table.column("path")
+    summary["duplicates_removed"] = duplicates
+    removed = f"; removed {duplicates} duplicate rows" if duplicates else ""
+    print(f"label: {plan.keys} rows in {how}; {len(done)} rows already in the output" + removed, flush=True)
+    max_bytes = objects.max_object_bytes(cfg.max_object_mb)
+    decoded = packed_rows(packed, spec, done, max_bytes) if len(done) < plan.keys else None
+    index = None if decoded is not None else count_output(cfg, plan, None, packed=True)
+    sample = packed_sample(packed, spec, max_bytes)
+    return {
+        "plan": plan,
+        "index": index,
+        "to_do": decoded is not None,
+        "decoded": decoded,
+        "sample": sample,
+        "total": plan.keys - len(done),
+    }
 
 
 def prepare_in_ray(cfg: LabelConfig, sample_paths: list[str] | np.ndarray | None, spec: PreprocessSpec) -> tuple[str, str]:
@@ -259,49 +296,22 @@ def prepare_in_ray(cfg: LabelConfig, sample_paths: list[str] | np.ndarray | None
         raise
 
 
-def plan_todo(plan: StoredPlan, done, root: str | None):
-    """The planned (path, error) rows without a row in the output, confined to `root` (the shards are not
-    trusted: see plan.confine): Arrow compute, no Python loop."""
-    import pyarrow.compute as pc
-
-    table = confine(plan.table().select(["path", "error"]), root)
-    if len(done) and len(table):
-        table = table.filter(pc.invert(pc.is_in(table.column("path"), value_set=done.combine_chunks())))
-    return table
-
-
 def run_pipeline(
     cfg: LabelConfig,
     meta: dict,
     spec: PreprocessSpec,
     runtime: str,
     plan: StoredPlan,
-    todo,
-    done,
+    work: dict,
     summary: dict,
-    started: float,
     progress: bool,
     unknown_above: float | None = None,
     root: str | None = None,
-    decoded=None,
 ) -> None:
-    """Label the planned keys not yet in the output; `decoded`: rows already read and decoded instead (packed data)."""
-    import ray
-    import ray.data
-
-    if decoded is not None:
-        ds = decoded
-    elif todo is not None:
-        step = max(64, min(TODO_BLOCK_ROWS, -(-len(todo) // 16)))
-        ds = ray.data.from_arrow([todo.slice(i, step) for i in range(0, len(todo), step)])
-    else:
-        done_ref = ray.put(done.combine_chunks()) if len(done) else None
-        hold = cfg.output if os.environ.get(LIST_HOLD_ENV) == "1" else None
-        block_bytes = TEST_BLOCK_BYTES if hold else BLOCK_BYTES
-        ds = ray.data.read_datasource(
-            plan_datasource(plan.listers, plan.source, plan.uri, done_ref, block_bytes, hold, root), num_cpus=0.25
-        )
-        ds.context.target_max_block_size = block_bytes  # each listed block goes on at once (see plan.py)
+    """Label what `work` says is left: the listers' keys as they come, the todo buckets of the index, or (packed
+    data) rows already read and decoded."""
+    decoded = work.get("decoded")
+    ds = decoded if decoded is not None else source_dataset(cfg, plan, work, root)
     fused = decoded is None and (cfg.pipeline == "fused" or (cfg.pipeline == "auto" and not cfg.num_gpus))
     if not fused and decoded is None:
         from distcls.datasets import DECODE_CPUS, ROWS_PER_BLOCK
@@ -341,113 +351,35 @@ def run_pipeline(
         batch_format="numpy",
     )
     kinds: Counter = Counter()
-    last = time.perf_counter()
+    meter = Progress("label", work["total"], "images", enabled=progress, every_s=PROGRESS_EVERY_S)
+    meter.on_report = lambda snap: write_progress(cfg.output, snap)
     for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
         summary["labeled"] += int(batch["rows"].sum())
         summary["errors"] += int(batch["errors"].sum())
         kinds.update(k for joined in batch["kinds"] for k in str(joined).split(",") if k)
-        if progress and time.perf_counter() - last > 5:
-            last = time.perf_counter()
-            rate = summary["labeled"] / (last - started)
-            of = f"/{len(todo)}" if todo is not None else ""
-            print(f"  {summary['labeled']}{of} labeled, {summary['errors']} errors, {rate:.1f} images/s", flush=True)
+        if meter.total is None and meter.clock() - meter.last_report >= meter.every_s:
+            listed = StoredPlan.read(cfg.output)  # streaming: the total is known once every lister is done
+            meter.set_total(listed.keys if listed.complete else None)
+        meter.add(int(batch["rows"].sum()))
+    meter.on_report = lambda snap: write_progress(cfg.output, snap, "finished")
+    meter.close()
     summary["errors_by_kind"] = dict(kinds)
 
 
-def finish(cfg: LabelConfig, plan: StoredPlan, snap, summary: dict, started: float) -> dict:
-    """Counts for the summary; OUTPUT/_SUCCESS.json when every planned object has its row."""
-    stats = OutputStats.of(snap)
-    seconds = time.perf_counter() - started
-    summary.update(
-        total=plan.keys if plan.complete else stats.distinct,
-        rows=stats.rows,
-        distinct=stats.distinct,
-        seconds=seconds,
-        images_per_s=summary["labeled"] / max(seconds, 1e-9),
-        driver_peak_rss_mb=peak_rss_mb(),
-    )
-    summary["skipped_done"] = summary["total"] - summary["labeled"]
-    summary["complete"] = plan.complete and stats.distinct >= plan.keys
-    if summary["complete"]:
-        record = {
-            "objects": plan.keys,
-            "rows": stats.rows,
-            "distinct_paths": stats.distinct,
-            "errors": stats.errors,
-            "errors_by_kind": stats.errors_by_kind,
-            "parts": stats.parts,
-            "model": summary["model"],
-            "runtime": summary.get("runtime"),
-            "scores": summary.get("scores"),
-            "unknown_above": summary.get("unknown_above"),
-            "finished_at": now(),
-            "last_run": {
-                k: summary[k]
-                for k in ("labeled", "seconds", "images_per_s", "plan_seconds", "driver_peak_rss_mb", "duplicates_removed")
-            },
-        }
-        storage.write_text(storage.join_uri(cfg.output, SUCCESS), json.dumps(record, indent=1))
-    return summary
+def source_dataset(cfg: LabelConfig, plan: StoredPlan, work: dict, root: str | None):
+    """The (path, error) rows to label as a Ray Data dataset: the index's todo buckets (object refs, or Arrow
+    tables when counted in this process) in blocks of at most TODO_BLOCK_ROWS, or the listers' read tasks."""
+    import ray
+    import ray.data
 
-
-def peak_rss_mb() -> float:
-    """This process's peak resident memory: VmHWM (ru_maxrss would also count what a parent held before exec)."""
-    try:
-        with open("/proc/self/status") as f:
-            return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024
-    except (OSError, StopIteration):
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def read_success(output: str) -> dict | None:
-    """OUTPUT/_SUCCESS.json, or None when there is none; one line when it is not a job's record."""
-    uri = storage.join_uri(output, SUCCESS)
-    if not storage.exists(uri):
-        return None
-    try:
-        record = json.loads(storage.read_text(uri))
-    except ValueError:
-        record = None
-    if not isinstance(record, dict) or not isinstance(record.get("model"), str | None):
-        raise DistclsError(
-            f"label --status: {uri} is not the record a finished job writes (a JSON object with its counts); "
-            "delete it and run the same `distcls label` again to check the output and write it anew"
-        )
-    return record
-
-
-def label_status(output: str, print_it: bool = True) -> dict:
-    """`distcls label --status`: objects planned, rows written, errors by kind, complete or not."""
-    if not storage.exists(output):
-        raise DistclsError(f"label --status: {output} does not exist; check the --output URI")
-    plan = StoredPlan.read(output)
-    snap, _ = done_snapshot(output, repair=False)
-    stats = OutputStats.of(snap)
-    record = read_success(output)
-    planned = plan.keys if plan.listers else None
-    complete = bool(plan.complete and record and stats.distinct >= plan.keys)
-    status = {
-        "output": output,
-        "planned": planned,
-        "plan_complete": plan.complete,
-        "rows": stats.rows,
-        "distinct_paths": stats.distinct,
-        "parts": stats.parts,
-        "errors": stats.errors,
-        "errors_by_kind": stats.errors_by_kind,
-        "complete": complete,
-        "model": record["model"] if record else None,
-    }
-    if print_it:
-        listing = "" if plan.complete or not plan.listers else f" so far ({len(plan.finished)}/{len(plan.listers)} listers done)"
-        kinds = ", ".join(f"{k} {n}" for k, n in sorted(stats.errors_by_kind.items())) or "none"
-        print(f"output {output}")
-        print(f"  planned:  {planned if planned is not None else 'no plan'} objects{listing}")
-        print(f"  written:  {stats.rows} rows, {stats.distinct} distinct paths, in {stats.parts} parts")
-        print(f"  errors:   {stats.errors} ({kinds})")
-        todo = (planned - stats.distinct) if planned is not None else "?"
-        print(
-            f"  complete: {'yes' if complete else 'no'}"
-            + ("" if complete else f" ({todo} to do; rerun the same `distcls label` to finish)")
-        )
-    return status
+    todo = work["todo"]
+    if todo is not None:
+        step = max(64, min(TODO_BLOCK_ROWS, -(-work["total"] // 16)))
+        if todo and isinstance(todo[0], ray.ObjectRef):
+            return ray.data.from_arrow_refs(todo).repartition(target_num_rows_per_block=step)
+        return ray.data.from_arrow([t.slice(i, step) for t in todo for i in range(0, len(t), step)])
+    hold = cfg.output if os.environ.get(LIST_HOLD_ENV) == "1" else None
+    block_bytes = TEST_BLOCK_BYTES if hold else BLOCK_BYTES
+    ds = ray.data.read_datasource(plan_datasource(plan.listers, plan.source, plan.uri, block_bytes, hold, root), num_cpus=0.25)
+    ds.context.target_max_block_size = block_bytes  # each listed block goes on at once (see plan.py)
+    return ds

@@ -189,29 +189,28 @@ class Snapshot:
         return out
 
 
-def repair_pass(output: str, snap: Snapshot, duplicated: list[str]) -> int:
-    """Remove second copies once (see the module doc); returns the rows removed. Raises FileNotFoundError
-    when a part to rewrite vanished (another run repairing): the caller lists again."""
+def repair_pass(output: str, parts: list[str], losers: dict[int, set[int]]) -> int:
+    """Remove second copies once (see the module doc): `losers` maps an index into `parts` to the rows to drop.
+    Returns the rows removed. Raises FileNotFoundError when a part to rewrite vanished (another run
+    repairing): the caller lists again."""
     import pyarrow.parquet as pq
 
-    losers = snap.losers(duplicated)
     written: set[str] = set()
     rewrites: list[str] = []
     removed = 0
     for f, drop in sorted(losers.items()):
-        part = snap.parts[f]
-        n = int((np.asarray(snap.table.column("_file")) == f).sum())
-        keep = [i for i in range(n) if i not in drop]
-        removed += len(drop)
+        part = parts[f]
+        scheme, path = storage.split_uri(part)
+        if scheme == "file":
+            try:
+                table = pq.read_table(path)
+            except FileNotFoundError:
+                raise FileNotFoundError(part) from None
+        else:
+            table = pq.read_table(io.BytesIO(storage.read_bytes(part)))
+        keep = [i for i in range(len(table)) if i not in drop]
+        removed += len(table) - len(keep)
         if keep:
-            scheme, path = storage.split_uri(part)
-            if scheme == "file":
-                try:
-                    table = pq.read_table(path)
-                except FileNotFoundError:
-                    raise FileNotFoundError(part) from None
-            else:
-                table = pq.read_table(io.BytesIO(storage.read_bytes(part)))
             name = hashlib.sha256(f"{part}:{keep}".encode()).hexdigest()[:32]
             target = storage.join_uri(output, f"{PART_PREFIX}{name}.parquet")
             write_parquet(target, table.take(keep))
@@ -232,7 +231,7 @@ def done_snapshot(output: str, repair: bool = True) -> tuple[Snapshot, int]:
         if not duplicated or not repair:
             return snap, removed
         try:
-            removed += repair_pass(output, snap, duplicated)
+            removed += repair_pass(output, snap.parts, snap.losers(duplicated))
         except FileNotFoundError:
             continue
     return Snapshot.take(output), removed

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import datetime as dt
 import io
+import itertools
 import json
 import os
 import time
@@ -119,20 +120,33 @@ def top_level_s3(path: str) -> tuple[list[str] | None, bool]:
 # ---- listing (inside the read tasks) ----------------------------------------------------------------------
 
 
-def iter_keys(lister: Lister, source: Source) -> Iterator[tuple[str, str]]:
-    """(path, error) for every key the lister covers that the source wants, in listing order."""
+def iter_keys(lister: Lister, source: Source, after: str | None = None, skip: int = 0) -> Iterator[tuple[str, str]]:
+    """(path, error) for every key the lister covers that the source wants, in listing order; when resuming,
+    only those listed after `after` (the last key of the last shard written), or past the first `skip` keys
+    where a listing cannot start after a key (a manifest, other stores, a name that is not UTF-8)."""
+    if after is not None and not resumable(lister, after):
+        keys = iter_keys(lister, source)
+        for _ in itertools.islice(keys, skip):
+            pass
+        yield from keys
+        return
     if lister.kind == "manifest":
         for path in iter_manifest(lister.uris[0], lister.format, source.input):
             if source.wants(path):
                 yield path, ""
         return
     for uri in lister.uris:
+        resume = None
+        if after is not None:
+            if not after.startswith(under(uri)):
+                continue  # listed before the kill (the uris are listed in order)
+            resume, after = after[len(under(uri)) :], None
         scheme, path = storage.split_uri(uri)
         with storage.storage_errors(uri):
             if scheme == "file":
-                keys = walk_local(path, recursive=lister.kind == "tree")
+                keys = walk_local(path, lister.kind == "tree", tuple(resume.split("/")) if resume else None)
             elif scheme == "s3":
-                keys = ((p, "") for p in walk_s3(path, recursive=lister.kind == "tree"))
+                keys = ((p, "") for p in walk_s3(path, recursive=lister.kind == "tree", start_after=resume))
             else:
                 keys = ((p, "") for p in storage.iter_files(uri))
             for key, error in keys:
@@ -140,17 +154,44 @@ def iter_keys(lister: Lister, source: Source) -> Iterator[tuple[str, str]]:
                     yield key, error
 
 
-def walk_local(root: str, recursive: bool) -> Iterator[tuple[str, str]]:
-    """Files below root in sorted order, depth first, without collecting them. A name that is not valid
-    UTF-8 comes back \\x-escaped, with an error."""
+def under(uri: str) -> str:
+    """What every key listed below `uri` starts with."""
+    scheme, path = storage.split_uri(uri)
+    return path.rstrip("/") + "/" if scheme == "file" else f"{scheme}://{path.rstrip('/')}/"
+
+
+def resumable(lister: Lister, after: str) -> bool:
+    """Whether the listing can start right after the key `after` (local and S3 prefixes: they list in order)."""
+    schemes = {storage.split_uri(u)[0] for u in lister.uris}
+    return (
+        lister.kind != "manifest"
+        and schemes <= {"file", "s3"}
+        and "\\x" not in after
+        and any(after.startswith(under(u)) for u in lister.uris)
+    )
+
+
+def walk_local(root: str, recursive: bool, after: tuple[str, ...] | None = None) -> Iterator[tuple[str, str]]:
+    """Files below root in sorted order, depth first, without collecting them; with `after` (the path below
+    root, split by /), only those that come after it in that order. A name that is not valid UTF-8 comes
+    back \\x-escaped, with an error."""
     try:
         entries = sorted(os.scandir(root), key=lambda e: e.name)
     except FileNotFoundError:
         return
     for entry in entries:
+        rest = None
+        if after:
+            if entry.name < after[0]:
+                continue
+            if entry.name == after[0]:
+                if len(after) == 1 or not entry.is_dir(follow_symlinks=False):
+                    continue  # the last key listed before the kill
+                rest = after[1:]
+            after = None  # past the resume point: everything from here on
         if entry.is_dir(follow_symlinks=False):
             if recursive:
-                yield from walk_local(entry.path, recursive)
+                yield from walk_local(entry.path, recursive, rest)
             continue
         try:
             entry.path.encode("utf-8")
@@ -159,12 +200,14 @@ def walk_local(root: str, recursive: bool) -> Iterator[tuple[str, str]]:
             yield os.fsencode(entry.path).decode("utf-8", "backslashreplace"), BAD_NAME
 
 
-def walk_s3(path: str, recursive: bool) -> Iterator[str]:
+def walk_s3(path: str, recursive: bool, start_after: str | None = None) -> Iterator[str]:
     bucket, _, prefix = path.partition("/")
     prefix = prefix.rstrip("/") + "/" if prefix else ""
     kwargs = {"Bucket": bucket, "Prefix": prefix, "PaginationConfig": {"PageSize": S3_PAGE}}
     if not recursive:
         kwargs["Delimiter"] = "/"
+    if start_after:
+        kwargs["StartAfter"] = prefix + start_after
     for page in storage.s3_client().get_paginator("list_objects_v2").paginate(**kwargs):
         for obj in page.get("Contents", []):
             if not obj["Key"].endswith("/"):
@@ -174,55 +217,89 @@ def walk_s3(path: str, recursive: bool) -> Iterator[str]:
 # ---- the read tasks ---------------------------------------------------------------------------------------
 
 
-def plan_blocks(
-    lister: Lister,
-    source: Source,
-    plan_uri: str,
-    done,
-    block_bytes: int = BLOCK_BYTES,
-    hold_for: str | None = None,
-    root: str | None = None,
-):
-    """Ray Data read function: list, confine each block to `root` (see `confine`), write it as a plan shard,
-    yield the keys not in `done` (an Arrow array of labeled paths, or None), and mark the lister done. A
-    retried task rewrites the same shards. `hold_for` (the test hook): after the first block, wait until that
-    output has a part."""
-    import pyarrow as pa
-    import pyarrow.compute as pc
+def read_progress(plan_uri: str, lister: Lister) -> dict:
+    """Where `lister` stopped: shards written (seq), keys in them, the last key; zeros when it never wrote one."""
+    uri = storage.join_uri(plan_uri, f"{lister.id}.progress.json")
+    try:
+        record = json.loads(storage.read_text(uri)) if storage.exists(uri) else {}
+        start = {"seq": int(record.get("seq", 0)), "keys": int(record.get("keys", 0)), "after": record.get("after")}
+    except (ValueError, TypeError, AttributeError, DistclsError):
+        start = {}
+    if not start or not isinstance(start["after"], str | None):
+        return {"seq": 0, "keys": 0, "after": None}  # unreadable: list this lister again from the start
+    return start
 
-    seq = total = size = 0
+
+def shard_blocks(
+    lister: Lister,
+    plan_uri: str,
+    keys: Iterator[tuple[str, str]],
+    root: str | None,
+    block_bytes: int = BLOCK_BYTES,
+    start: dict | None = None,
+    hold_for: str | None = None,
+):
+    """(path, error) keys -> plan shards of about block_bytes, each confined to `root` (see `confine`), written
+    and then recorded in <lister>.progress.json (the resume point), and yielded; the done marker at the end.
+    `start`: the progress to continue from. `hold_for` (the test hook): after the first block, wait until
+    that output has a part."""
+    import pyarrow as pa
+
+    start = start or {"seq": 0, "keys": 0, "after": None}
+    seq, total, size = start["seq"], start["keys"], 0
     paths: list[str] = []
     errors: list[str] = []
 
     def flush():
         nonlocal seq, total, size
-        size = 0
-        table = pa.table({"path": pa.array(paths, pa.string()), "error": pa.array(errors, pa.string())})
-        table = confine(table, root)
+        table = confine(pa.table({"path": pa.array(paths, pa.string()), "error": pa.array(errors, pa.string())}), root)
         write_table(storage.join_uri(plan_uri, f"{lister.id}-{seq:06d}.parquet"), table)
-        seq, total = seq + 1, total + len(table)
+        seq, total, size = seq + 1, total + len(table), 0
+        progress = {"seq": seq, "keys": total, "after": paths[-1]}
+        storage.write_text(storage.join_uri(plan_uri, f"{lister.id}.progress.json"), json.dumps(progress))
         paths.clear()
         errors.clear()
-        if done is not None and len(done):
-            table = table.filter(pc.invert(pc.is_in(table.column("path"), value_set=done)))
         return table
 
-    for path, error in iter_keys(lister, source):
+    for path, error in keys:
         paths.append(path)
         errors.append(error)
         size += len(path) + len(error) + 8  # Arrow: the bytes and two offsets
         if size > block_bytes * 1.25:
-            table = flush()
-            if len(table):
-                yield table
+            yield flush()
             if hold_for and seq == 1:
                 wait_for_a_part(hold_for)
     if paths:
-        table = flush()
-        if len(table):
-            yield table
+        yield flush()
     marker = {"lister": asdict(lister), "keys": total, "shards": seq, "finished_at": now()}
     storage.write_text(storage.join_uri(plan_uri, f"{lister.id}.done.json"), json.dumps(marker))
+
+
+def plan_blocks(
+    lister: Lister,
+    source: Source,
+    plan_uri: str,
+    block_bytes: int = BLOCK_BYTES,
+    hold_for: str | None = None,
+    root: str | None = None,
+):
+    """Ray Data read function: the lister's keys as plan shards (shard_blocks), resumed from its last shard
+    when an earlier run (or this task's earlier try) wrote some."""
+    start = read_progress(plan_uri, lister)
+    yield from shard_blocks(
+        lister, plan_uri, iter_keys(lister, source, start["after"], start["keys"]), root, block_bytes, start, hold_for
+    )
+
+
+def finish_listing(plan: StoredPlan, root: str | None) -> None:
+    """Run the plan's unfinished listers to the end (Ray tasks, each from where it stopped), keys to shards only."""
+    import ray
+
+    def run(lister: Lister) -> int:
+        return sum(len(t) for t in plan_blocks(lister, plan.source, plan.uri, BLOCK_BYTES, None, root))
+
+    task = ray.remote(num_cpus=0.25)(run)
+    ray.get([task.remote(lister) for lister in plan.listers if lister.id not in plan.finished])
 
 
 def wait_for_a_part(output: str) -> None:
@@ -242,11 +319,10 @@ def write_table(uri: str, table) -> None:
 
 
 def plan_datasource(
-    listers: list[Lister], source: Source, plan_uri: str, done_ref, block_bytes: int, hold_for: str | None, root: str | None
+    listers: list[Lister], source: Source, plan_uri: str, block_bytes: int, hold_for: str | None, root: str | None
 ):
     """A Ray Data datasource with one streaming read task per lister, each confining its keys to `root`."""
     import pyarrow as pa
-    import ray
     from ray.data.block import BlockMetadata
     from ray.data.datasource import Datasource, ReadTask
 
@@ -257,8 +333,7 @@ def plan_datasource(
         def get_read_tasks(self, parallelism, per_task_row_limit=None, data_context=None):
             def read(lister):
                 def fn():
-                    done = ray.get(done_ref) if done_ref is not None else None
-                    yield from plan_blocks(lister, source, plan_uri, done, block_bytes, hold_for, root)
+                    yield from plan_blocks(lister, source, plan_uri, block_bytes, hold_for, root)
 
                 return fn
 

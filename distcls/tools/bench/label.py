@@ -24,14 +24,18 @@ import torch
 from distcls import storage
 from distcls.config import LabelConfig
 from distcls.infer import load_model, prepare_runtime
+from distcls.tools.bench.scale import steady_rate
 from distcls.tools.config import BenchConfig
 from distcls.transforms import PreprocessSpec, preprocess_bytes
 
 RUNTIME_ROWS = ("torch", "onnx")
 
 
-def plain_label_rate(cfg: BenchConfig, prefix: str, checkpoint: str, out_path: str, runtime: str) -> float:
-    """The baseline script (see the module doc); `runtime` is the engine's torch or onnx."""
+def plain_label_rate(
+    cfg: BenchConfig, prefix: str, checkpoint: str, out_path: str, runtime: str, steady: dict | None = None
+) -> float:
+    """The baseline script (see the module doc); `runtime` is the engine's torch or onnx. `steady` gets
+    images_per_s from its first batch to its last (without start-up), to compare with distcls label's."""
     import pyarrow as pa
     import pyarrow.parquet as pq
     from torch.utils.data import DataLoader, Dataset
@@ -54,12 +58,16 @@ def plain_label_rate(cfg: BenchConfig, prefix: str, checkpoint: str, out_path: s
         Objects(), batch_size=cfg.label_batch_size, num_workers=cfg.loader_workers, persistent_workers=False, prefetch_factor=4
     )
     names, labels, scores = [], [], []
+    first = None
     for images, idx in loader:
+        first = first or (time.perf_counter(), len(images))
         probs = torch.from_numpy(model.predict(images.numpy())).softmax(-1)
         top = probs.max(1)
         names += [paths[i] for i in idx.tolist()]
         labels += [names_of[j] for j in top.indices.tolist()]
         scores += top.values.tolist()
+    if steady is not None and first:
+        steady["images_per_s"] = (len(names) - first[1]) / max(time.perf_counter() - first[0], 1e-9)
     pq.write_table(pa.table({"path": names, "label": labels, "score": pa.array(scores, pa.float32())}), out_path)
     return len(paths) / (time.perf_counter() - started)
 
@@ -194,10 +202,15 @@ def bench_label(cfg: BenchConfig, root: str) -> dict:
     for runtime in RUNTIME_ROWS:
         row = {"model_only_images_per_s": model_ceiling(cfg, checkpoint, runtime)}
         with tempfile.TemporaryDirectory() as d:
-            row["plain_images_per_s"] = plain_label_rate(cfg, prefix, checkpoint, os.path.join(d, "p.parquet"), runtime)
+            plain_steady: dict = {}
+            row["plain_images_per_s"] = plain_label_rate(
+                cfg, prefix, checkpoint, os.path.join(d, "p.parquet"), runtime, plain_steady
+            )
         label_runtime = "auto" if runtime == default_runtime else runtime  # the headline row runs the default
         summary = run_distcls_label(cfg, checkpoint, prefix, f"{root}/labels-{runtime}", label_runtime)
         row["distcls_images_per_s"] = summary["images_per_s"]
+        row["plain_steady_images_per_s"] = plain_steady.get("images_per_s")
+        row["distcls_steady_images_per_s"] = steady_rate(f"{root}/labels-{runtime}")
         rows[runtime] = row
         print(
             f"runtime {runtime}: model alone {row['model_only_images_per_s']:.1f} images/s, plain DataLoader "
@@ -218,6 +231,11 @@ def bench_label(cfg: BenchConfig, root: str) -> dict:
         "ratio_vs_plain_same_runtime": ours / rows[default_runtime]["plain_images_per_s"],
         "ratio_vs_ceiling_same_runtime": ours / rows[default_runtime]["model_only_images_per_s"],
     }
+    same = rows[default_runtime]
+    if same["plain_steady_images_per_s"]:
+        result["steady_ratio_vs_plain_same_runtime"] = same["distcls_steady_images_per_s"] / same["plain_steady_images_per_s"]
+    if len(photos) % 1000 == 0:  # the same ratio under a key that names the size, e.g. ..._20k for 20,000 images
+        result[f"ratio_vs_plain_same_runtime_{len(photos) // 1000}k"] = result["ratio_vs_plain_same_runtime"]
     print(
         f"distcls label (default runtime {default_runtime}): {ours:.1f} images/s = "
         f"{result['ratio_vs_plain_torch']:.2f}x the plain PyTorch script, {result['ratio_vs_plain_same_runtime']:.2f}x "

@@ -199,6 +199,10 @@ def steady_rate(output: str) -> float:
 def bench_scale(cfg: BenchConfig) -> dict:
     from distcls.checkpoint import from_pretrained
 
+    if cfg.plan_only:
+        from distcls.tools.bench.scale_plan import bench_plan_only
+
+        return {"plan_only": bench_plan_only(cfg)}
     n = cfg.objects
     local = cfg.scale_dir or tempfile.mkdtemp(prefix="distcls-bench-scale-")
     root = f"s3://bench-scale/n{n}" if cfg.store == "s3" else os.path.join(local, f"n{n}")
