@@ -97,5 +97,20 @@ def test_num_workers_takes_a_range_and_an_elastic_run_tolerates_lost_nodes():
     assert (cfg.scaling_workers, cfg.max_workers, cfg.max_failures) == ((1, 2), 2, 3)
     assert TrainConfig(data="d", num_workers=2).scaling_workers == 2 and TrainConfig(data="d").max_failures == 0
     assert TrainConfig(data="d", num_workers=(1, 2), max_failures=0).max_failures == 0  # given: kept
-    with pytest.raises(ConfigError, match=r"--num-workers 3,1: give N or MIN,MAX with 1 <= MIN <= MAX"):
+    with pytest.raises(ConfigError, match=r"--num-workers '3,1': give N or MIN,MAX with 1 <= MIN <= MAX"):
         TrainConfig(data="d", num_workers=(3, 1))
+
+
+def test_a_failed_calibration_is_a_failure_with_the_fix_and_no_calibrate_skips_it(fm, tmp_path):
+    """The end-of-training calibration's failure (here: the best checkpoint is gone when it runs) is returned to the
+    run, which writes result.json and exits non-zero; --no-calibrate skips the step."""
+    from distcls.splits import open_labeled
+    from distcls.train.trainer import calibrate
+
+    val = open_labeled(fm["val"])
+    gone = str(tmp_path / "no-such-checkpoint")
+    record, failure = calibrate(TrainConfig(data=fm["train"]), gone, val)
+    assert record is None
+    assert str(failure).startswith("calibration failed (") and f"distcls calibrate --checkpoint {gone}" in str(failure)
+    assert "--no-calibrate" in str(failure)
+    assert calibrate(TrainConfig(data=fm["train"], no_calibrate=True), gone, val) == (None, None)
