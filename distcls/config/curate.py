@@ -78,7 +78,7 @@ class FindLabelIssuesConfig(Config):
     epochs: int = opt(3, min=1, help="fine-tuning epochs per fold")
     image_size: int | None = opt(None, help="model input size (default: the model's own)")
     batch_size: int = opt(32, min=1, help="images per step per worker")
-    num_workers: int = opt(1, min=1, help="Ray Train workers per fold")
+    num_workers: int = opt(1, min=1, help="Ray Train workers per fold (a fixed count, no MIN,MAX range)")
     lr: float | None = opt(None, help="learning rate (default: the recipe's)")
     seed: int = opt(0, help="seed of the folds and the training runs")
 

@@ -96,7 +96,13 @@ class ServeConfig(ReplicaFields):
 
     command = "serve"
 
-    checkpoint: str = opt(help="checkpoint directory URI (change it on a running app to switch models)")
+    checkpoint: str = opt("", help="checkpoint directory URI (change it on a running app to switch models)")
+    models: str | None = opt(
+        None,
+        help="instead of --checkpoint: serve every checkpoint folder under this prefix, by folder name "
+        "(/v1/models/{id}/classify, /v2/models/{id}/infer or the serve_multiplexed_model_id header), loaded on first use",
+    )
+    max_models_per_replica: int = opt(3, min=1, help="with --models: most models one classifier replica holds (LRU evicted)")
     host: str = opt("127.0.0.1", help="address the HTTP proxy binds; 0.0.0.0 exposes it to the network")
     port: int = opt(8000, help="HTTP port")
     min_replicas: int = opt(1, min=0, help="fewest classifier replicas (autoscaling lower bound)")
@@ -124,7 +130,12 @@ class ServeConfig(ReplicaFields):
         help="predictions whose OOD (energy) score is past a threshold get label `unknown` (top-k kept): off, auto "
         "(the calibrated checkpoint's threshold) or a number",
     )
-    batch_wait_timeout_s: float = opt(0.01, min=0, help="longest wait for a batch to fill")
+    batch_wait_timeout_s: float = opt(
+        0.0,
+        min=0,
+        help="longest wait for a batch to fill; 0: a forward pass takes what queued while the previous one ran "
+        "(batches grow with the load, and a lone request never waits)",
+    )
     cpus_per_replica: float = opt(1.0, gt=0, help="CPUs (and torch threads) per classifier replica")
     max_request_mb: float = opt(10.0, gt=0, help="largest request body in MB; bigger bodies get 413")
     max_images_per_request: int = opt(64, min=1, help="most images in one request")
@@ -180,7 +191,18 @@ class ServeConfig(ReplicaFields):
     )
 
     def validate(self, p: Problems) -> None:
-        p.check(bool(self.checkpoint), "checkpoint", self.checkpoint, "is required")
+        p.check(
+            bool(self.checkpoint) != bool(self.models),
+            "checkpoint",
+            self.checkpoint or None,
+            "give one of --checkpoint (one model) or --models (every checkpoint under a prefix)",
+        )
+        p.check(
+            not (self.models and (self.variant or self.shadow or self.variants or self.weights)),
+            "models",
+            self.models,
+            "serves many models by id; variants and shadows need --checkpoint (serve them as separate endpoints)",
+        )
         p.check(0 < self.port < 65536, "port", self.port, "must be 1..65535")
         p.check(
             self.max_replicas >= max(1, self.min_replicas),

@@ -317,7 +317,7 @@ class TuneConfig(TrainingFields):
 
     trials: int = opt(8, min=1, help="trials (configurations drawn from the search space)")
     max_concurrent: int = opt(1, min=1, help="trials running at once")
-    num_workers: int = opt(1, min=1, help="Ray Train workers per trial")
+    num_workers: int = opt(1, min=1, help="Ray Train workers per trial (a fixed count, no MIN,MAX range)")
     lr: tuple[float, ...] = opt((3e-4, 3e-3), help="learning rate range LOW,HIGH (log-uniform) or one value")
     weight_decay: tuple[float, ...] = opt((1e-3, 0.1), help="weight decay range LOW,HIGH (log-uniform) or one value")
     backbone_lr_scale: tuple[float, ...] = opt((0.3, 1.0), help="backbone lr scales to choose from")
