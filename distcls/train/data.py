@@ -166,8 +166,8 @@ class EveryRowConfig(DataConfig):
         hints = worker_node_ids if self._enable_shard_locality else None
         epoch, consumed = resume_position(self.run_uri)
         for name, ds in datasets.items():
-            if name == "train" and consumed is not None and self.rebuild is not None:
-                ds = self.rebuild((epoch, consumed))
+            if name == "train" and consumed is not None:
+                ds = self.skip(ds, epoch, consumed)
             if ds.name is None:
                 ds.set_name(name)
             ds = ds.copy(ds)
@@ -177,6 +177,15 @@ class EveryRowConfig(DataConfig):
             for i, split in enumerate(ds.streaming_split(world_size, equal=False, locality_hints=hints)):
                 output[i][name] = split
         return output
+
+    def skip(self, ds, epoch: int, consumed: np.ndarray):
+        """The training dataset without the consumed samples of `epoch`: built again with the filter before decoding
+        (streamed data), or the filter on top (data cached in the object store: decoded once, not again)."""
+        from ray.data.dataset import MaterializedDataset
+
+        if self.rebuild is None or isinstance(ds, MaterializedDataset):
+            return ds.map_batches(drop_consumed, fn_kwargs={"epoch": epoch, "consumed": consumed}, batch_size=None)
+        return self.rebuild((epoch, consumed))
 
 
 def resume_position(run_uri: str) -> tuple[int, np.ndarray | None]:
