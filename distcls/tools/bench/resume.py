@@ -1,7 +1,7 @@
 """`distcls bench resume`: what a worker killed mid-epoch costs, with step checkpoints and with epoch checkpoints only.
 
 Three `distcls train` runs of the same config (Fashion-MNIST, --resume-per-class images per class as a local
-ImageFolder, 1 worker, --image-size, --batch-size, 2 epochs, --ordered-ingest):
+ImageFolder, streamed (no cache), 1 worker, --image-size, --batch-size, 2 epochs, --ordered-ingest):
 1. `straight`: step checkpoints every --resume-every-steps steps, nothing killed: the wall time to beat, each step
    checkpoint's seconds (the worker times them) and bytes, against the step time;
 2. `steps`: the same, its worker SIGKILLed (the fault hook DISTCLS_TEST_FAULT=STEP:kill) half-way through epoch 2;
@@ -38,6 +38,7 @@ def run(cfg: BenchConfig, data: dict, runs: str, name: str, fault: str | None, l
         name=name,
         max_failures=1,
         no_calibrate=True,
+        cache_data=False,  # streamed, as a dataset-scale run is: a restore reads what is left again
         **kw,
     )
     for var, value in ((FAULT_ENV, fault), (CONSUMPTION_ENV, log)):
