@@ -3,8 +3,11 @@
 - `auth`: the API token (DISTCLS_API_TOKEN) and the Host check; no Ray.
 - `http`: request bodies and their limits, the three input forms (raw, multipart, JSON), admission, the
   JSON errors; no Ray.
-- `ingress`: the `Ingress` deployment, the HTTP API's routes (FastAPI), routing each request to a variant.
-- `classifier`: the `ImageClassifier` deployment, batched predictions; its checkpoint is its `user_config`.
+- `ingress`: the `Ingress` deployment, the HTTP API's routes (FastAPI), routing each request to a variant;
+  `web`: the FastAPI app and its JSON error handlers; `v2`: the Open Inference Protocol's routes (KServe V2,
+  wire format in `oip`); `multi` and `catalog`: the models of a `--models` endpoint.
+- `classifier`: the `ImageClassifier` deployment, batched predictions; its checkpoint (or --models prefix,
+  multiplexed) is its `user_config`.
 - `variants`: the routing rule (`pick_variant`: weights, sticky keys, forced variants); no Ray.
 - `shadow`, `stats`, `recorder`: mirrored requests, the live comparison, the `RolloutRecorder` deployment
   (and the rollout log); `admin`: live weight changes through Serve; `page`: the page's rollout section.

@@ -74,7 +74,7 @@ def bind_classifier(cfg: ServeConfig, spec: VariantSpec | None = None):
         },
         max_ongoing_requests=cfg.max_ongoing_requests,
         max_queued_requests=cfg.max_queued_requests,
-        user_config={"checkpoint": spec.checkpoint},
+        user_config=classifier_config(cfg, spec),
         health_check_period_s=10,
     ).bind(
         max_batch_size=cfg.max_batch_size,
@@ -82,7 +82,13 @@ def bind_classifier(cfg: ServeConfig, spec: VariantSpec | None = None):
         threads=max(1, int(own["cpus_per_replica"])),
         runtime=own["runtime"],
         unknown=cfg.unknown,
+        max_models_per_replica=cfg.max_models_per_replica,
     )
+
+
+def classifier_config(cfg: ServeConfig, spec: VariantSpec) -> dict:
+    """A classifier deployment's user_config: its checkpoint, or the --models prefix it serves by id."""
+    return {"models": cfg.models} if cfg.models else {"checkpoint": spec.checkpoint}
 
 
 def ingress_config(cfg: ServeConfig) -> dict:
@@ -139,6 +145,8 @@ def application(cfg: ServeConfig, token_sha256: str | None = None, declarative: 
         max_waiting=cfg.max_queued_requests,
         host_names=host_names(cfg, token_sha256, declarative),
         admin_sha256=admin_sha256,
+        model_name=cfg.name,
+        models=cfg.models,
         **rollout_args(cfg, specs),
     )
 
@@ -149,7 +157,9 @@ def build_app(args: dict):
     without a `host` count as a public address, so such an app needs the token or `no_auth: true`."""
     cfg = load_config(ServeConfig, overrides={"host": "0.0.0.0", **args})
     token_sha256 = check_auth(cfg, env_token())
-    if len(cfg.variant_specs()) > 1:  # class names compared where the app is built (one model: nothing to compare)
+    if cfg.models:
+        check_models(cfg)
+    elif len(cfg.variant_specs()) > 1:  # class names compared where the app is built (one model: nothing to compare)
         check_variants(cfg)
     return application(cfg, token_sha256, declarative=True, admin_sha256=admin_token_sha256(token_sha256))
 
@@ -178,6 +188,19 @@ def check_variants(cfg: ServeConfig, verify: bool = False) -> list[dict]:
     return metas
 
 
+def check_models(cfg: ServeConfig) -> list[str]:
+    """The model ids under --models; refuses, before anything starts, a prefix without any checkpoint."""
+    from distcls.serving.catalog import list_models
+
+    ids = list_models(cfg.models)
+    if not ids:
+        raise DistclsError(
+            f"serve: no checkpoint under --models {cfg.models}; each model is a folder there holding distcls.json "
+            "(e.g. PREFIX/cats-v2/distcls.json, served as model `cats-v2`)"
+        )
+    return ids
+
+
 def serve_config(cfg: ServeConfig) -> dict:
     """A Ray Serve config file (`serve deploy`, a RayService's serveConfigV2) for this configuration.
 
@@ -186,7 +209,7 @@ def serve_config(cfg: ServeConfig) -> dict:
     the application a new code version, so Serve replaces every replica (also without failed requests).
     """
     args = config_args(cfg)
-    deployments = [{"name": classifier_name(s.name), "user_config": {"checkpoint": s.checkpoint}} for s in cfg.variant_specs()]
+    deployments = [{"name": classifier_name(s.name), "user_config": classifier_config(cfg, s)} for s in cfg.variant_specs()]
     return {
         "proxy_location": "EveryNode",
         "http_options": {"host": cfg.host, "port": cfg.port},
@@ -233,13 +256,16 @@ def start(cfg: ServeConfig, route_prefix: str = "/", token: str | None = None, a
 
     token_sha256 = check_auth(cfg, token if token is not None else env_token())
     admin_sha256 = admin_token_sha256(token_sha256)
-    check_variants(cfg)
-    resolve_unknown(cfg.unknown, Calibration.of(read_meta(cfg.checkpoint)), "serve")  # refused here, before Ray
-    # Compile once here (replicas on this machine read the cache); after a fallback replicas go straight to torch.
-    runtime, note = prepare_runtime(cfg.checkpoint, cfg.runtime, cfg.num_gpus > 0)
-    print(f"serve: runtime {runtime} ({note})", flush=True)
-    if runtime == "torch" and cfg.runtime != "torch":
-        cfg = dataclasses.replace(cfg, runtime="torch")
+    if cfg.models:
+        check_models(cfg)
+    else:
+        check_variants(cfg)
+        resolve_unknown(cfg.unknown, Calibration.of(read_meta(cfg.checkpoint)), "serve")  # refused here, before Ray
+        # Compile once here (replicas on this machine read the cache); after a fallback replicas go straight to torch.
+        runtime, note = prepare_runtime(cfg.checkpoint, cfg.runtime, cfg.num_gpus > 0)
+        print(f"serve: runtime {runtime} ({note})", flush=True)
+        if runtime == "torch" and cfg.runtime != "torch":
+            cfg = dataclasses.replace(cfg, runtime="torch")
     init_ray()
     logging_config = {"log_level": "INFO" if access_log else "WARNING", "enable_access_log": access_log}
     # This process's Serve logger (set to INFO when ray.serve is imported) said "Started Serve", "Connecting
@@ -261,8 +287,12 @@ def run_serve(cfg: ServeConfig) -> None:
     (cli.main prints the one line that says why and shuts down the Ray instance it started)."""
     from distcls.infer import verify_model
 
-    meta = verify_model(cfg.checkpoint)  # a bad or tampered checkpoint fails here, in one line, before Ray
-    check_variants(cfg, verify=True)
+    if cfg.models:
+        ids = check_models(cfg)
+        meta = None
+    else:
+        meta = verify_model(cfg.checkpoint)  # a bad or tampered checkpoint fails here, in one line, before Ray
+        check_variants(cfg, verify=True)
     if cfg.detach and not os.environ.get("RAY_ADDRESS"):
         raise DistclsError(
             "serve: --detach needs a running cluster (RAY_ADDRESS, or run it with "
@@ -276,11 +306,19 @@ def run_serve(cfg: ServeConfig) -> None:
         if cfg.no_auth
         else f"off: loopback only (set {TOKEN_ENV} to require a token)"
     )
-    print(
-        f"serving {meta['architecture']} ({len(meta['class_names'])} classes, model {meta['weights_sha256'][:12]}...) at {url}/",
-        flush=True,
-    )
-    print(f"  POST {url}/v1/classify   GET {url}/v1/model   GET {url}/healthz   page: {url}/", flush=True)
+    if meta is None:
+        shown = ", ".join(ids[:8]) + (" ..." if len(ids) > 8 else "")
+        print(f"serving {len(ids)} models under {cfg.models} ({shown}) at {url}/", flush=True)
+        print(f"  POST {url}/v1/models/ID/classify   GET {url}/v1/models   POST {url}/v2/models/ID/infer", flush=True)
+        print(f"  at most {cfg.max_models_per_replica} models per replica (least recently used evicted)", flush=True)
+    else:
+        print(
+            f"serving {meta['architecture']} ({len(meta['class_names'])} classes, "
+            f"model {meta['weights_sha256'][:12]}...) at {url}/",
+            flush=True,
+        )
+        print(f"  POST {url}/v1/classify   GET {url}/v1/model   GET {url}/healthz   page: {url}/", flush=True)
+        print(f"  Open Inference Protocol: POST {url}/v2/models/{cfg.name}/infer   GET {url}/v2/models/{cfg.name}", flush=True)
     for line in rollout_lines(cfg, url):
         print(line, flush=True)
     print(

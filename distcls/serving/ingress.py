@@ -1,8 +1,8 @@
 """The `Ingress` deployment: the endpoint's HTTP API (FastAPI) in front of the classifiers (its variants).
 
-The routes are the API: GET /healthz, GET / (the page), GET /v1/model, POST /v1/classify, GET /v1/rollout and
-POST /admin/rollout (a new protocol's routes go next to them). Each request is checked (`auth`), admitted,
-given a variant (`variant_for`: the one routing rule, by the weights in this deployment's user_config) and
+The routes are the API: GET /healthz, GET / (the page), GET /v1/model, POST /v1/classify, GET /v1/rollout,
+POST /admin/rollout, the --models routes (`multi`) and the Open Inference Protocol's /v2 (`v2`), all declared
+here. Each request is checked (`auth`), admitted, given a variant (`variant_for`: the one routing rule, by the weights in this deployment's user_config) and
 parsed (`http`), and its images are sent one by one to that variant's classifier so that they batch with
 other requests' images; replica failures are retried on another replica, every refusal is a JSON error,
 every answer names its variant, and requests, images and latencies are counted in Ray's metrics (by
@@ -14,20 +14,23 @@ import random
 import time
 from pathlib import Path
 
-from fastapi import FastAPI, Request
+from fastapi import Request
 from fastapi.responses import HTMLResponse, JSONResponse
 from ray import serve
 from starlette.background import BackgroundTask
-from starlette.exceptions import HTTPException
 
 from distcls.infer.api import non_finite
 from distcls.serving import admin
 from distcls.serving.auth import check_admin, check_bearer, check_host, replica_token_sha256
+from distcls.serving.catalog import Catalog
 from distcls.serving.http import Admission, RequestError, model_failure, read_body, read_images
+from distcls.serving.multi import ModelRoutes
 from distcls.serving.page import with_rollout
 from distcls.serving.shadow import Mirror, MirrorJob
 from distcls.serving.stats import RolloutStats
+from distcls.serving.v2 import OpenInferenceRoutes
 from distcls.serving.variants import KEY_HEADER, VARIANT_HEADER, check_weights, pick_variant
+from distcls.serving.web import add_server_timing, api, error_response, named
 
 PAGE = Path(__file__).resolve().parent.parent / "static" / "index.html"  # package data of distcls
 LATENCY_BOUNDARIES_MS = [2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000]
@@ -36,49 +39,10 @@ RETRIES = 2
 PRIMARY = "main"
 FLUSH_S = 0.5  # how often a replica sends its rollout events to the recorder
 
-api = FastAPI(
-    title="distcls", summary="Image classification with a fine-tuned checkpoint", docs_url=None, redoc_url=None, openapi_url=None
-)
-
-
-def error_response(err: RequestError) -> JSONResponse:
-    return JSONResponse({"error": {"kind": err.kind, "message": err.message}}, status_code=err.status, headers=err.headers)
-
-
-def named(response: JSONResponse, variant: str) -> JSONResponse:
-    """The response with the header that names the variant that answered."""
-    response.headers[VARIANT_HEADER] = variant
-    return response
-
-
-@api.exception_handler(HTTPException)
-async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
-    """A path or method the API does not have: the JSON error shape instead of FastAPI's {"detail": ...}."""
-    kind = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "bad_request")
-    return error_response(
-        RequestError(
-            exc.status_code,
-            kind,
-            f"{request.method} {request.url.path}: {exc.detail}; "
-            "the API is POST /v1/classify, GET /v1/model, GET /v1/rollout, GET /healthz, GET /",
-            headers=getattr(exc, "headers", None),
-        )
-    )
-
-
-@api.exception_handler(Exception)
-async def internal_error(request: Request, exc: Exception) -> JSONResponse:
-    """A failure no other handler names (a bug, a classifier that raised): JSON, without internals."""
-    return error_response(
-        RequestError(
-            500, "internal", f"the server failed on this request ({type(exc).__name__}); retry, and report it if it persists"
-        )
-    )
-
 
 @serve.deployment
 @serve.ingress(api)
-class Ingress:
+class Ingress(ModelRoutes, OpenInferenceRoutes):
     """HTTP front: auth, limits, the three input forms, errors as JSON, metrics; routes each request to a variant
     and forwards its images one by one to that variant's classifier so that they batch with other requests'."""
 
@@ -99,10 +63,13 @@ class Ingress:
         mirror_queue: int = 64,
         log_pairs: bool = False,
         admin_sha256: str | None = None,
+        model_name: str = "distcls",
+        models: str | None = None,
     ):
         """`classifier` is the primary's handle (`main`); `variants` / `shadows`: name -> handle of the other
         A/B variants / the shadows; `recorder`: the RolloutRecorder's handle (None: this replica counts alone);
-        `deployments`: variant -> deployment name; `admin_sha256`: DISTCLS_ADMIN_TOKEN's digest (None: off)."""
+        `deployments`: variant -> deployment name; `admin_sha256`: DISTCLS_ADMIN_TOKEN's digest (None: off);
+        `model_name`: the served name (/v2/models/{name}); `models`: the --models prefix (None: one model)."""
         from ray.serve.metrics import Counter, Histogram
 
         from distcls.serving.auth import replica_admin_sha256
@@ -118,6 +85,7 @@ class Ingress:
         self.mirror = Mirror(PRIMARY, mirror_queue, self.mirror_call, self.emit, hash_images=log_pairs)
         self.admin_sha256 = replica_admin_sha256(admin_sha256)
         self.admission = Admission(max_running, max_waiting)
+        self.model_name, self.catalog = model_name, Catalog(models) if models else None
         self.max_request_bytes = max_request_bytes
         self.max_images = max_images
         self.default_top_k = default_top_k
@@ -172,25 +140,32 @@ class Ingress:
         variant = None
         try:
             self.authorize(request)
+            model_id = await self.model_for(request)
             routed = VARIANT_HEADER in request.headers or KEY_HEADER in request.headers
             variant = self.variant_for(request) if routed else PRIMARY
-            info = await self.call_classifier("info", variant=variant)
+            info = await self.call_classifier("info", variant=variant, model_id=model_id)
         except RequestError as err:
             return self.refuse(err, variant)
         return self.respond(info, info, variant)
 
     @api.post("/v1/classify")
     async def classify(self, request: Request):
+        return await self.answer_classify(request)
+
+    async def answer_classify(self, request: Request, model_id: str | None = None):
+        """POST /v1/classify (and /v1/models/{id}/classify, with `model_id`)."""
         started = time.perf_counter()
         variant, answered = None, None
         try:
             self.authorize(request)
+            model_id = await self.model_for(request, model_id)
             variant = self.variant_for(request)
             async with self.admission.slot():
-                response, answered = await self._classify(request, variant)
+                response, answered = await self._classify(request, variant, model_id)
         except RequestError as err:
             response = self.refuse(err, variant)
         ms = (time.perf_counter() - started) * 1000
+        add_server_timing(response, ms)
         self.latency.observe(ms, tags={"status": str(response.status_code), "variant": variant or "none"})
         if variant is not None:
             results = answered[1] if answered else []
@@ -202,10 +177,9 @@ class Ingress:
                 response.background = BackgroundTask(self.offer_mirrors, variant, *answered)  # after the answer is sent
         return response
 
-    async def _classify(self, request: Request, variant: str) -> tuple[JSONResponse, tuple | None]:
+    async def _classify(self, request: Request, variant: str, model_id: str | None) -> tuple[JSONResponse, tuple | None]:
         images, top_k = await read_images(request, self.max_request_bytes, self.max_images, self.default_top_k)
-        results = await asyncio.gather(*(self.call_classifier("classify", data, top_k, variant=variant) for data in images))
-        bad = [(i, r["error"]) for i, r in enumerate(results) if "error" in r]
+        results, bad, timing = await self.predict(images, top_k, variant, model_id)
         if bad:
             return self.refuse_images(bad, len(images), variant), None
         models = [r.pop("model") for r in results]
@@ -214,7 +188,59 @@ class Ingress:
                 r["model_id"] = m["id"]
         self.predictions.inc(len(results), tags={"model": models[0]["id"][:12], "variant": variant})
         response = self.respond({"model": models[0], "predictions": results}, models[0], variant)
+        response.server_timing = timing
         return response, ((images, results, models[0]["id"]) if response.status_code == 200 else None)
+
+    async def predict(self, images: list[bytes], top_k: int, variant: str, model_id: str | None = None) -> tuple:
+        """Every protocol's prediction: each image to the variant's classifier (so that images batch across
+        requests) -> (results, [(index, error)] of the images refused, the stages' times in ms)."""
+
+        async def one(data: bytes) -> dict:
+            sent = time.perf_counter()
+            result = await self.call_classifier("classify", data, top_k, variant=variant, model_id=model_id)
+            if "timing" in result:
+                result["timing"]["hop"] = (time.perf_counter() - sent) * 1000 - result["timing"]["classifier"]
+            return result
+
+        results = await asyncio.gather(*(one(data) for data in images))
+        timings = [r.pop("timing") for r in results if "timing" in r]
+        timing = {k: max(t[k] for t in timings) for k in timings[0]} if timings else {}
+        return results, [(i, r["error"]) for i, r in enumerate(results) if "error" in r], timing
+
+    # The routes of the other protocols and of --models (declared here: Serve's class-based view pickles this
+    # class's methods with their FastAPI signatures; a mixin's own routes would reach the replica without them)
+
+    @api.get("/v1/models")
+    async def models(self, request: Request):
+        return await self.list_models(request)
+
+    @api.post("/v1/models/{model_id}/classify")
+    async def classify_model(self, request: Request, model_id: str):
+        return await self.answer_classify(request, model_id)
+
+    @api.get("/v2")
+    async def v2(self, request: Request):
+        return await self.v2_server(request)
+
+    @api.get("/v2/health/live")
+    async def v2_health_live(self, request: Request):
+        return self.v2_live(request)
+
+    @api.get("/v2/health/ready")
+    async def v2_health_ready(self, request: Request):
+        return await self.v2_ready(request)
+
+    @api.get("/v2/models/{name}")
+    async def v2_model_metadata(self, request: Request, name: str):
+        return await self.v2_metadata(request, name)
+
+    @api.get("/v2/models/{name}/ready")
+    async def v2_model_is_ready(self, request: Request, name: str):
+        return await self.v2_model_ready(request, name)
+
+    @api.post("/v2/models/{name}/infer")
+    async def v2_model_infer(self, request: Request, name: str):
+        return await self.v2_infer(request, name)
 
     @api.get("/v1/rollout")
     async def rollout(self, request: Request):
@@ -328,12 +354,14 @@ class Ingress:
             return self.refuse(err)
         return None
 
-    async def call_classifier(self, method: str, *args, variant: str = PRIMARY):
+    async def call_classifier(self, method: str, *args, variant: str = PRIMARY, model_id: str | None = None):
         """A classifier call, retried on another replica when the one answering died (never on overload)."""
         from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
         from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 
         handle = self.handles.get(variant) or self.shadows[variant]
+        if model_id:  # many models: the replica that holds it, else one that loads it (LRU)
+            handle = handle.options(multiplexed_model_id=model_id)
         for attempt in range(RETRIES + 1):
             try:
                 return await getattr(handle, method).remote(*args)

@@ -46,6 +46,14 @@ def table(results: dict) -> list[str]:
                 ">= 0.8",
             ),
         ]
+        if "ratio_p50_1client_vs_plain_same_runtime" in serve:
+            rows.append(
+                (
+                    f"serve p50 vs plain {serve['default_runtime']} server, 1 client",
+                    serve["ratio_p50_1client_vs_plain_same_runtime"],
+                    "<= 2.0",
+                )
+            )
     if "autoscale" in results:
         a = results["autoscale"]
         rows += [

@@ -4,7 +4,10 @@ Servers, measured in turn at each client count with the same load generator, sam
 - plain torch: FastAPI + uvicorn + the PyTorch model, no batching (`distcls.tools.plain_server`);
 - plain onnx: the same server on onnxruntime (the same-runtime baseline);
 - distcls (default runtime) and distcls torch: Ray Serve, batching, N replicas.
-Ratios are taken at 16 clients against the plain servers. Then the shadow measurement (`bench_shadow`): the
+Ratios are taken at 16 clients against the plain servers (and p50 at 1 client against the same-runtime one). Where a
+request's time goes (`measure_stages`): the endpoint's Server-Timing header (the Ingress's own work, the hop to the
+classifier, decode, batch wait, forward) against the client's clock (the rest: the HTTP proxy and the client), at
+1 and 16 clients. Then the shadow measurement (`bench_shadow`): the
 primary's errors and p99 at 16 clients with no shadow, a shadow that sleeps 1 s per image and one that fails
 on every image, the three applications measured in turn with the same load.
 """
@@ -48,6 +51,58 @@ def start_distcls(cfg: BenchConfig, checkpoint: str, runtime: str, port: int) ->
         name=f"bench-{runtime}",
     )
     return to_dict(settings), start(settings, route_prefix=f"/{runtime}", token="")
+
+
+STAGES = ("proxy", "ingress", "hop", "decode", "wait", "forward", "classifier_other")
+
+
+def server_timing(header: str) -> dict[str, float]:
+    """`Server-Timing: name;dur=1.2, ...` -> {name: ms}."""
+    out = {}
+    for part in header.split(","):
+        name, _, rest = part.strip().partition(";dur=")
+        if rest:
+            out[name] = float(rest)
+    return out
+
+
+def measure_stages(url: str, photos: list[bytes], clients: int, seconds: float) -> dict[str, float]:
+    """Median ms per stage of the 200 answers `clients` keep-alive clients get for `seconds`: `proxy` is the
+    client's time less the endpoint's (HTTP client, Ray's proxy and its hop to the Ingress)."""
+    import http.client
+    import threading
+    import time
+    from urllib.parse import urlsplit
+
+    import numpy as np
+
+    parts, rows, deadline = urlsplit(url), [], time.perf_counter() + seconds
+
+    def client(i: int) -> None:
+        conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=120)
+        k = i
+        while time.perf_counter() < deadline:
+            started = time.perf_counter()
+            conn.request(
+                "POST", f"{parts.path}/v1/classify", body=photos[k % len(photos)], headers={"Content-Type": "image/jpeg"}
+            )
+            response = conn.getresponse()
+            response.read()
+            total, k = (time.perf_counter() - started) * 1000, k + clients
+            t = server_timing(response.getheader("Server-Timing") or "")
+            if response.status == 200 and t:
+                other = t["classifier"] - t["decode"] - t["wait"] - t["forward"]
+                rows.append(
+                    {"total": total, "proxy": total - t["ingress"] - t["hop"] - t["classifier"], **t, "classifier_other": other}
+                )
+        conn.close()
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return {k: float(np.median([r[k] for r in rows])) if rows else float("nan") for k in ("total", *STAGES)}
 
 
 def measure_servers(urls: dict[str, str], photos: list[bytes], cfg: BenchConfig) -> dict[int, dict]:
@@ -175,6 +230,9 @@ def bench_serve(cfg: BenchConfig, root: str) -> dict:
         port = free_port()
         settings, urls["distcls"] = start_distcls(cfg, checkpoint, "auto", port)
         measured = measure_servers(urls, photos, cfg)
+        stages = {f"clients_{n}": measure_stages(urls["distcls"], photos, n, min(cfg.serve_seconds, 10)) for n in (1, 16)}
+        for key, row in stages.items():
+            print(f"stages ({key}, median ms): " + ", ".join(f"{k} {v:.1f}" for k, v in row.items()), flush=True)
         serve.delete(settings["name"])
         _, torch_url = start_distcls(cfg, checkpoint, "torch", port)
         measured_torch = measure_servers({"distcls_torch": torch_url}, photos, cfg)
@@ -189,6 +247,7 @@ def bench_serve(cfg: BenchConfig, root: str) -> dict:
     for row in rows:
         print_row(row)
     at16 = next((r for r in rows if r["clients"] == 16), rows[-1])
+    at1 = next((r for r in rows if r["clients"] == 1), rows[0])
     ours, same = at16["distcls"], at16[f"plain_{default_runtime}"]
     result = {
         "photos": len(photos),
@@ -200,12 +259,16 @@ def bench_serve(cfg: BenchConfig, root: str) -> dict:
         "ratio_rps_vs_plain_torch": ours["requests_per_s"] / max(at16["plain_torch"]["requests_per_s"], 1e-9),
         "ratio_p99_vs_plain_torch": ours["p99_ms"] / max(at16["plain_torch"]["p99_ms"], 1e-9),
         "ratio_rps_vs_plain_same_runtime": ours["requests_per_s"] / max(same["requests_per_s"], 1e-9),
+        "ratio_p50_1client_vs_plain_same_runtime": at1["distcls"]["p50_ms"]
+        / max(at1[f"plain_{default_runtime}"]["p50_ms"], 1e-9),
+        "stages_ms": stages,
         "shadow": shadow,
     }
     print(
         f"distcls serve at {at16['clients']} clients: {result['ratio_rps_vs_plain_torch']:.2f}x the plain PyTorch "
         f"server's req/s at {result['ratio_p99_vs_plain_torch']:.2f}x its p99; "
-        f"{result['ratio_rps_vs_plain_same_runtime']:.2f}x the plain {default_runtime} server's req/s",
+        f"{result['ratio_rps_vs_plain_same_runtime']:.2f}x the plain {default_runtime} server's req/s, "
+        f"{result['ratio_p50_1client_vs_plain_same_runtime']:.2f}x its p50 at 1 client",
         flush=True,
     )
     return result
