@@ -1,13 +1,12 @@
 """The `Ingress` deployment: the endpoint's HTTP API (FastAPI) in front of the classifiers (its variants).
 
-The routes are the API: GET /healthz, GET / (the page), GET /v1/model, POST /v1/classify, GET /v1/rollout,
-POST /admin/rollout, the --models routes (`multi`) and the Open Inference Protocol's /v2 (`v2`), all declared
-here. Each request is checked (`auth`), admitted, given a variant (`variant_for`: the one routing rule, by the weights in this deployment's user_config) and
-parsed (`http`), and its images are sent one by one to that variant's classifier so that they batch with
-other requests' images; replica failures are retried on another replica, every refusal is a JSON error,
-every answer names its variant, and requests, images and latencies are counted in Ray's metrics (by
-variant) and in the rollout's comparison (`stats`, mirrors in `shadow`).
-"""
+The routes are the API: GET /healthz, GET / (the page), GET /v1/model, POST /v1/classify, GET /v1/rollout, POST
+/admin/rollout, the --models routes (`multi`) and the Open Inference Protocol's /v2 (`v2`), all declared here. Each
+request is checked (`auth`), admitted, given a variant (`variant_for`: the one routing rule, by the weights in this
+deployment's user_config) and parsed (`http`), and its images are sent one by one to that variant's classifier so
+that they batch with other requests' images; replica failures are retried on another replica, every refusal is a
+JSON error, every answer names its variant, and requests, images and latencies are counted in Ray's metrics (by
+variant) and in the rollout's comparison (`stats`, mirrors in `shadow`)."""
 
 import asyncio
 import random
