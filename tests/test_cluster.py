@@ -308,3 +308,59 @@ def test_two_node_cluster_survives_a_lost_node():
         "all checks passed",
     ):
         assert line in out.stdout, line
+
+
+def two_nodes(*flags: str) -> str:
+    """cluster/two_nodes.py with `flags`; it must exit 0. Returns its output."""
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "cluster" / "two_nodes.py"), *flags], capture_output=True, text=True, timeout=1800, cwd=ROOT
+    )
+    assert out.returncode == 0, (out.stdout[-4000:], out.stderr[-4000:])
+    return out.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1800)
+def test_two_node_preemption_restores_the_step_checkpoint_without_counting_a_failure():
+    """cluster/two_nodes.py --preempt: `ray drain-node --reason DRAIN_NODE_REASON_PREEMPTION` mid-epoch; the workers
+    take a step checkpoint at the notice, the node is killed, and the job (--num-workers 1,2, --max-failures 0)
+    restores that checkpoint and finishes on one worker with every epoch complete."""
+    out = two_nodes("--preempt")
+    for line in (
+        "DRAIN_NODE_REASON_PREEMPTION` accepted",
+        "a step checkpoint taken at the preemption notice",
+        "second node lost (raylet pid",
+        "after the drain, with --max-failures 0",
+        "Ray Train charged the loss to preemption, not to --max-failures: RETRY, source preemption",
+        "the job log says: preemption notice: node(s)",
+        "the job log says: step checkpoint (preemption)",
+        "the job log says: resuming from",
+        "the job log says it shrank: resized: 2 -> 1 workers",
+        "epoch 1 trained on all 200 samples",
+        "epoch 3 trained on all 200 samples",
+        "the checkpoint is calibrated (temperature",
+        "all checks passed",
+    ):
+        assert line in out, line
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1800)
+def test_two_node_elastic_run_shrinks_to_one_worker_with_every_epoch_complete():
+    """cluster/two_nodes.py --elastic: the second node is killed after a mid-epoch step checkpoint; the job
+    (--num-workers 1,2) goes on with one worker, result.json records the resize, every epoch saw every sample."""
+    out = two_nodes("--elastic")
+    for line in (
+        "a mid-epoch step checkpoint registered",
+        "second node lost (raylet pid",
+        "after the node was lost",
+        "Ray Train's failure decisions: RETRY, source worker group",
+        "the job log says it shrank: resized: 2 -> 1 workers",
+        "result.json: resizes [{",
+        "epoch 1 trained on all 200 samples",
+        "epoch 2 trained on all 200 samples",
+        "epoch 3 trained on all 200 samples",
+        "the checkpoint is calibrated (temperature",
+        "all checks passed",
+    ):
+        assert line in out, line
