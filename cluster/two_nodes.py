@@ -47,6 +47,8 @@ from distcls.tools.s3server import free_port  # noqa: E402
 
 BIN = Path(sys.executable).parent
 BUCKET = "s3://two-nodes"
+# distcls's test hook (distcls.train.data.CONSUMPTION_ENV): each training worker logs the sample ids it trains on
+CONSUMPTION_ENV = "DISTCLS_TEST_CONSUMPTION_LOG"
 GONE = (ProcessLookupError, PermissionError, subprocess.TimeoutExpired)  # already stopped: fine
 
 
@@ -299,10 +301,9 @@ def run_job(cluster: Cluster, job_id: str, entry: list[str], runtime_env: dict, 
 def check_training_log(checkpoint: str, logs: str, epochs: int) -> None:
     """The run ended calibrated (a temperature in the checkpoint's distcls.json, the job log's `calibration:`
     line says so) and each epoch's line is in the job log once (rank 0 prints it)."""
-    from distcls import storage
-    from distcls.checkpoint import META
+    from distcls import read_checkpoint_meta
 
-    meta = json.loads(storage.read_text(storage.join_uri(checkpoint, META)))
+    meta = read_checkpoint_meta(checkpoint)
     temperature = (meta.get("calibration") or {}).get("temperature")
     said = next((line.strip() for line in logs.splitlines() if line.startswith("calibration:")), "none")
     check(
@@ -440,8 +441,6 @@ def elastic_job(cluster: Cluster, runtime_env: dict, args: argparse.Namespace, n
     """Submit a 3-epoch elastic job (--num-workers 1,2; a worker takes all but one of its node's CPUs, so a node
     holds one worker and Ray Data the last CPU; batch 4 for 25 steps an epoch at 20 images per class) that logs
     the sample ids each worker trains on into a folder. Returns (client, job id, that folder)."""
-    from distcls.train.data import CONSUMPTION_ENV
-
     consumed = cluster.work / f"consumed-{name}"
     consumed.mkdir()
     elastic = ["--batch-size", "4", "--num-workers", "1,2", "--cpus-per-worker", str(args.cpus_per_node - 1)]
@@ -476,14 +475,16 @@ def consumed_ids(folder: Path, epoch: int) -> list[str]:
 
 def registered_step_checkpoint(run: str) -> tuple[str, dict] | None:
     """The checkpoint Ray Train would restore now, (its name, its metrics), if it is a mid-epoch one."""
-    from distcls import storage
-    from distcls.checkpoint import read_meta
-    from distcls.train.resume import latest_registered
+    from distcls import read_checkpoint_meta, storage
 
-    latest = latest_registered(run)
-    if latest is None:
+    try:  # Ray Train's record of the checkpoints it registered: the latest is what a restart restores
+        snapshot = json.loads(storage.read_text(storage.join_uri(run, "checkpoint_manager_snapshot.json")))
+        latest = snapshot["latest_checkpoint_result"]["checkpoint_dir_name"]
+    except Exception:  # not written yet, or being rewritten
         return None
-    metrics = read_meta(storage.join_uri(run, latest))["metrics"]
+    if not isinstance(latest, str):
+        return None
+    metrics = read_checkpoint_meta(storage.join_uri(run, latest))["metrics"]
     return (latest, metrics) if metrics.get("mid_epoch") else None
 
 

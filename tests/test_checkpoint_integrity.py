@@ -166,7 +166,8 @@ def test_restore_refuses_tampered_weights(tmp_path):
 
     run = tmp_path / "run"
     ckpt = checkpoint_with_state(run, 1)
-    assert restore(*fresh_model_and_optimizer(), str(run))[:2] == (1, 5)
+    r = restore(*fresh_model_and_optimizer(), str(run))
+    assert (r.epoch, r.step) == (1, 5)
     tamper(str(ckpt))
     with pytest.raises(DistclsError, match=r"cannot resume run .* none of its 1 checkpoints verifies \(.*refusing"):
         restore(*fresh_model_and_optimizer(), str(run))
@@ -213,7 +214,8 @@ def test_restore_falls_back_to_newest_checkpoint_that_verifies(tmp_path, capsys)
     ckpts = [checkpoint_with_state(run, epoch) for epoch in (1, 2, 3)]
     (run / "result.json").write_text("{}")
     assert list_checkpoints(str(run)) == [str(c) for c in reversed(ckpts)]
-    assert restore(*fresh_model_and_optimizer(), str(run)) == (3, 15, [{"epoch": 1}, {"epoch": 2}, {"epoch": 3}])
+    r = restore(*fresh_model_and_optimizer(), str(run))
+    assert (r.epoch, r.step, r.history) == (3, 15, [{"epoch": 1}, {"epoch": 2}, {"epoch": 3}])
     assert capsys.readouterr().out == f"resuming from {ckpts[2]} at epoch 4\n"
 
     tamper(str(ckpts[2]))  # the latest: weights flipped
@@ -221,7 +223,8 @@ def test_restore_falls_back_to_newest_checkpoint_that_verifies(tmp_path, capsys)
     state[len(state) // 2] ^= 0x10  # the one before: its training state flipped
     (ckpts[1] / TRAIN_STATE).write_bytes(bytes(state))
     model, optimizer = fresh_model_and_optimizer()
-    assert restore(model, optimizer, str(run), announce=True) == (1, 5, [{"epoch": 1}])
+    r = restore(model, optimizer, str(run), announce=True)
+    assert (r.epoch, r.step, r.history) == (1, 5, [{"epoch": 1}])
     out = capsys.readouterr().out
     assert len(out.splitlines()) == 1, out
     assert out.startswith(

@@ -27,6 +27,7 @@ def endpoint(ray_local, tmp_path_factory):
     (prefix / "notes").mkdir()  # a folder without distcls.json is no model
     port = free_port()
     quiet = {"log_level": "WARNING", "enable_access_log": False}
+    serve.shutdown()  # an earlier module's Serve (another port) would keep its proxy: start ours on `port`
     serve.start(http_options={"host": "127.0.0.1", "port": port}, logging_config=quiet)
     cfg = ServeConfig(
         models=str(prefix),

@@ -226,7 +226,7 @@ def test_killed_pack_resumes_with_every_object_exactly_once(tmp_path, ray_local,
     env = {**os.environ, "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address, "DISTCLS_TEST_PACK_FAULT": "2:kill"}
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=180)
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
-    assert proc.stdout.startswith("pack: 1/") and not os.path.exists(f"{out}/{DATASET_JSON}")
+    assert not os.path.exists(f"{out}/{DATASET_JSON}")  # (its progress line comes every 10 s: none before the kill)
     state = json.loads(storage.read_text(f"{out}/_pack/state.json"))
     done = [s for s in state["shards"] if os.path.exists(f"{out}/_pack/rejected-{s['id']:05d}.parquet")]
     written = [s["name"] for s in done if os.path.exists(f"{out}/{s['name']}")]  # (a shard of bad objects only has none)

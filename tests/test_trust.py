@@ -217,6 +217,7 @@ def test_dedup_finds_planted_copies_and_leakage(fm, tmp_path):
     assert Image.open(out / "contact_sheet.png").size[1] >= 8 * 112
 
 
+@pytest.mark.slow  # ~80 s: in `make test-all` (CI's 30-minute budget)
 def test_find_label_issues_ranks_planted_flips_first(tmp_path, ray_local):
     """Three easy Fashion-MNIST classes, 24 images each; 6 labels flipped to another class (seeded). Two
     folds of a short fine-tune: the flips get lower label quality and cleanlab flags some of them."""

@@ -33,6 +33,7 @@ def tune_config(fm: dict, storage: str, **kw) -> TuneConfig:
     return TuneConfig(**{**base, **kw})
 
 
+@pytest.mark.slow  # ~95 s: in `make test-all` (CI's 30-minute budget)
 def test_tune_runs_asha_trials_resumes_them_and_soups(ray_local, tmp_path, monkeypatch, capsys):
     from distcls.train.tune import run_tune
 

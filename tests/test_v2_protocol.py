@@ -34,6 +34,7 @@ def endpoint(ray_local, tmp_path_factory):
     checkpoint = make_checkpoint(str(tmp_path_factory.mktemp("v2") / "ck"), CLASSES, image_size=32, seed=3)
     port = free_port()
     quiet = {"log_level": "WARNING", "enable_access_log": False}
+    serve.shutdown()  # an earlier module's Serve (another port) would keep its proxy: start ours on `port`
     serve.start(http_options={"host": "127.0.0.1", "port": port}, logging_config=quiet)
     cfg = ServeConfig(checkpoint=checkpoint, name=NAME, min_replicas=1, max_replicas=1, cpus_per_replica=0.5, port=port, top_k=3)
     serve.run(application(cfg, token_sha256=token_digest(TOKEN)), name="oip", route_prefix="/oip", logging_config=quiet)
