@@ -26,18 +26,22 @@ def token_digest(token: str) -> str:
     return hashlib.sha256(token.strip().encode()).hexdigest()
 
 
-def env_token() -> str | None:
-    """DISTCLS_API_TOKEN without surrounding whitespace, None when unset; set but empty or only whitespace
-    (an empty Secret) is refused, so that a token meant to be required never leaves the endpoint open."""
-    raw = os.environ.get(TOKEN_ENV)
+def env_secret(name: str, what: str, unset_means: str) -> str | None:
+    """A token from the environment without surrounding whitespace, None when unset; set but empty or only
+    whitespace (an empty Secret) is refused, so that a token meant to be required is never silently off."""
+    raw = os.environ.get(name)
     if raw is None:
         return None
     if not raw.strip():
         raise DistclsError(
-            f"serve: {TOKEN_ENV} is set but empty (or only whitespace); set it to the API token, or unset it "
-            "to serve without authentication on a loopback --host"
+            f"serve: {name} is set but empty (or only whitespace); set it to the {what}, or unset it {unset_means}"
         )
     return raw.strip()
+
+
+def env_token() -> str | None:
+    """DISTCLS_API_TOKEN (see env_secret): a token meant to be required never leaves the endpoint open."""
+    return env_secret(TOKEN_ENV, "API token", "to serve without authentication on a loopback --host")
 
 
 def is_loopback(host: str) -> bool:
@@ -110,13 +114,9 @@ def check_bearer(authorization: str, token_sha256: str | None) -> None:
 def admin_token_sha256(api_token_sha256: str | None) -> str | None:
     """The sha256 of DISTCLS_ADMIN_TOKEN (None: the admin routes are off), refused when it is blank or the same
     as the API token: clients must never be able to change the traffic."""
-    raw = os.environ.get(ADMIN_TOKEN_ENV)
+    raw = env_secret(ADMIN_TOKEN_ENV, "admin token", "to turn the admin route off")
     if raw is None:
         return None
-    if not raw.strip():
-        raise DistclsError(
-            f"serve: {ADMIN_TOKEN_ENV} is set but empty; set it to the admin token, or unset it to turn the admin route off"
-        )
     digest = token_digest(raw)
     if api_token_sha256 is not None and hmac.compare_digest(digest, api_token_sha256):
         raise DistclsError(
