@@ -227,10 +227,12 @@ def test_comparison_matches_offline_predictions(app_url, images, checkpoints):
     assert main_stats["requests"] > 0 and main_stats["p50_ms"] <= main_stats["p99_ms"] and 0 < main_stats["mean_score"] <= 1
     assert sum(main_stats["labels"].values()) == main_stats["images"]
     a, b = offline_labels(checkpoints["a"], images), offline_labels(checkpoints["b"], images)
-    # The rollout log: every mirrored pair, its labels exactly the offline ones for that image.
+    # The rollout log: every mirrored pair, its labels exactly the offline ones for that image. The recorder
+    # writes every LOG_SECONDS: until its first file the folder does not exist.
     deadline, pairs = time.time() + 20, []
     while time.time() < deadline and not pairs:
-        files = storage.list_files(f"{BUCKET}/rollout-log", [".parquet"])
+        log = f"{BUCKET}/rollout-log"
+        files = storage.list_files(log, [".parquet"]) if storage.exists(log) else []
         pairs = [r for f in files for r in pq.read_table(io.BytesIO(storage.read_bytes(f))).to_pylist() if r["variant"] == "new"]
         time.sleep(1)
     assert pairs

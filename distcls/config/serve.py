@@ -136,6 +136,12 @@ class ServeConfig(ReplicaFields):
         help="longest wait for a batch to fill; 0: a forward pass takes what queued while the previous one ran "
         "(batches grow with the load, and a lone request never waits)",
     )
+    max_concurrent_batches: int = opt(
+        2,
+        min=1,
+        help="forward passes one classifier replica runs at once (@serve.batch's max_concurrent_batches): 2 keeps "
+        "its cores busy while the previous batch's answers go out and the next one is gathered",
+    )
     cpus_per_replica: float = opt(1.0, gt=0, help="CPUs (and torch threads) per classifier replica")
     max_request_mb: float = opt(10.0, gt=0, help="largest request body in MB; bigger bodies get 413")
     max_images_per_request: int = opt(64, min=1, help="most images in one request")

@@ -79,6 +79,7 @@ def bind_classifier(cfg: ServeConfig, spec: VariantSpec | None = None):
     ).bind(
         max_batch_size=cfg.max_batch_size,
         batch_wait_timeout_s=cfg.batch_wait_timeout_s,
+        max_concurrent_batches=cfg.max_concurrent_batches,
         threads=max(1, int(own["cpus_per_replica"])),
         runtime=own["runtime"],
         unknown=cfg.unknown,

@@ -31,6 +31,7 @@ class ImageClassifier:
         self,
         max_batch_size: int = 32,
         batch_wait_timeout_s: float = 0.0,
+        max_concurrent_batches: int = 1,
         threads: int = 1,
         runtime: str = "auto",
         unknown: str = "off",
@@ -45,8 +46,13 @@ class ImageClassifier:
         self.scoring: dict[str, tuple] = {}  # model id -> (Calibration, unknown threshold or None)
         self.uris: dict[str, str] = {}  # model id -> its URI (logged, never sent to clients)
         self.loads = 0
-        self.predict_batch.set_max_batch_size(max_batch_size)
-        self.predict_batch.set_batch_wait_timeout_s(batch_wait_timeout_s)
+        # Built per replica (Ray's decorator has no setter for max_concurrent_batches): up to that many forward
+        # passes run at once, each in its own thread, so a core is not left idle between batches.
+        self.predict_batch = serve.batch(
+            max_batch_size=max_batch_size,
+            batch_wait_timeout_s=batch_wait_timeout_s,
+            max_concurrent_batches=max(1, max_concurrent_batches),
+        )(self.forward_batch)
 
         async def load_one(model_id: str):
             return await asyncio.to_thread(self.load, f"{self.prefix.rstrip('/')}/{model_id}")
@@ -137,8 +143,8 @@ class ImageClassifier:
         }
         return prediction
 
-    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.0)
-    async def predict_batch(self, items: list[tuple[object, np.ndarray]]) -> list[tuple[np.ndarray, float, float]]:
+    async def forward_batch(self, items: list[tuple[object, np.ndarray]]) -> list[tuple[np.ndarray, float, float]]:
+        """One batch (gathered by `predict_batch`, the @serve.batch queue built in __init__) in a thread."""
         return await asyncio.to_thread(self._forward, items)
 
     @staticmethod

@@ -39,6 +39,18 @@ PRIMARY = "main"
 FLUSH_S = 0.5  # how often a replica sends its rollout events to the recorder
 
 
+def local_transport(handle):
+    """`handle` talking the way this replica's Serve does: gRPC in Ray's throughput-optimized mode (distcls's
+    default for a local instance, `runtime.SERVE_DEFAULTS`), else Ray's actor calls. A handle carries the
+    choice of the process that built the application, which read its environment when it imported ray.serve
+    (perhaps before that default was set); Ray's own constant is what this replica's Serve decided."""
+    if handle is None:
+        return None
+    from ray.serve._private import constants  # no public API says which transport the replicas serve
+
+    return handle.options(_by_reference=not getattr(constants, "RAY_SERVE_USE_GRPC_BY_DEFAULT", False))
+
+
 @serve.deployment
 @serve.ingress(api)
 class Ingress(ModelRoutes, OpenInferenceRoutes):
@@ -73,8 +85,9 @@ class Ingress(ModelRoutes, OpenInferenceRoutes):
 
         from distcls.serving.auth import replica_admin_sha256
 
-        self.handles = {PRIMARY: classifier, **(variants or {})}
-        self.shadows, self.recorder, self.deployments = dict(shadows or {}), recorder, dict(deployments or {})
+        self.handles = {name: local_transport(h) for name, h in {PRIMARY: classifier, **(variants or {})}.items()}
+        self.shadows = {name: local_transport(h) for name, h in (shadows or {}).items()}
+        self.recorder, self.deployments = local_transport(recorder), dict(deployments or {})
         self.weights = {name: 100.0 if name == PRIMARY else 0.0 for name in self.handles}
         self.shadow_fraction = 1.0
         roles = {name: "primary" if name == PRIMARY else "variant" for name in self.handles}

@@ -174,6 +174,7 @@ class BenchConfig(Config):
     serve_cpus_per_replica: float = opt(1.0, help="CPUs (torch threads) per distcls serve replica")
     serve_max_batch_size: int = opt(8, help="distcls serve --max-batch-size for the measurement")
     serve_batch_wait_timeout_s: float = opt(0.0, help="distcls serve --batch-wait-timeout-s for the measurement")
+    serve_max_concurrent_batches: int = opt(2, help="distcls serve --max-concurrent-batches for the measurement")
     autoscale_clients: int = opt(16, help="HTTP clients of the autoscaling benchmark's load phase")
     autoscale_load_seconds: float = opt(40.0, help="longest load phase of the autoscaling benchmark")
     autoscale_idle_seconds: float = opt(60.0, help="longest wait for scale-down and for scale-to-zero")
