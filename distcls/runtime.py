@@ -63,6 +63,12 @@ RAY_NOISE = (
         r"object store and max_restarts > 0"
     ),
     re.compile(r"Task ServeController\.graceful_shutdown failed\. There are infinite retries remaining"),
+    # Ray Serve's controller lists its throughput-optimized settings (SERVE_DEFAULTS) at INFO on every start.
+    re.compile(r"Throughput optimized Ray Serve enabled with the following configurations"),
+    re.compile(
+        r"^\s*• (Direct ingress enabled|gRPC communication enabled|User code running in main thread|Router running "
+        r"in main thread|Log to stderr disabled|Garbage collector is frozen on startup|Request path log buffer size)"
+    ),
 )
 
 
@@ -141,6 +147,8 @@ def drop_ray_noise() -> None:
             if data.get("actor_name") in QUIET_ACTORS:
                 return
             lines = [line for line in data.get("lines", []) if not is_noise(line)]
+            if len(lines) < len(data.get("lines", [])):  # a dropped block's blank lines go with it
+                lines = [line for line in lines if line.strip()]
             if lines:
                 handler({**data, "lines": lines})
 
@@ -190,9 +198,18 @@ def init_ray(num_cpus: int | None = None, address: str | None = None, quiet: boo
 
 
 def local_serve_defaults() -> None:
-    """SERVE_DEFAULTS for the local instance about to start (a value the user set wins)."""
+    """SERVE_DEFAULTS for the local instance about to start (a value the user set wins). HAProxy's stats page
+    and metrics listen on all interfaces at fixed ports (8404, 9101) in Ray's template: a local instance takes
+    free ones instead, so that two on one machine (tests beside a benchmark) do not collide."""
+    import socket
+
     for key, value in SERVE_DEFAULTS.items():
         os.environ.setdefault(key, value)
+    for key in ("RAY_SERVE_HAPROXY_STATS_PORT", "RAY_SERVE_HAPROXY_METRICS_PORT"):
+        if key not in os.environ:
+            with socket.socket() as sock:
+                sock.bind(("127.0.0.1", 0))
+                os.environ[key] = str(sock.getsockname()[1])
 
 
 def quiet_ray_data(quiet: bool) -> None:

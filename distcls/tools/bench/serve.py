@@ -16,11 +16,13 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import os
 import subprocess
 import sys
 
 from distcls.config import ServeConfig, from_config, to_dict
 from distcls.infer import prepare_runtime
+from distcls.runtime import SERVE_DEFAULTS
 from distcls.tools.bench.harness import imagenet_checkpoint, load_test, make_photos, wait_healthy
 from distcls.tools.bench.label import model_ceiling
 from distcls.tools.config import BenchConfig
@@ -253,6 +255,8 @@ def bench_serve(cfg: BenchConfig, root: str) -> dict:
         "photos": len(photos),
         "settings": settings,
         "default_runtime": default_runtime,
+        # How Ray Serve ran (runtime.SERVE_DEFAULTS unless the environment said otherwise).
+        "ray_serve_env": {k: os.environ.get(k) for k in SERVE_DEFAULTS},
         "model_only_images_per_s": ceilings,
         "rows": rows,
         "ratio_clients": at16["clients"],
