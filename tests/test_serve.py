@@ -8,6 +8,7 @@ import shutil
 import threading
 import time
 import urllib.request
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -385,3 +386,33 @@ def test_page_in_headless_chromium(serve_url, tmp_path, cat_jpeg):
         assert driver.find_element(By.ID, "error").text == ""
     finally:
         driver.quit()
+
+
+def test_requests_reach_the_ingress_through_rays_haproxy(serve_url, cat_jpeg):
+    """A local instance runs Serve's throughput-optimized mode (runtime.SERVE_DEFAULTS): Ray's HAProxy holds the
+    HTTP port and each Ingress replica its own direct-ingress port; no request goes through Ray's Python proxy."""
+    from ray.util.state import list_actors
+
+    assert post_image(f"{serve_url}/open/v1/classify", cat_jpeg).status_code == 200
+    alive = {a.class_name for a in list_actors(filters=[("state", "=", "ALIVE")], limit=1000)}
+    assert "HAProxyManager" in alive, alive
+    port = int(serve_url.rsplit(":", 1)[1])
+    listeners = [line.split() for line in Path("/proc/net/tcp").read_text().splitlines()[1:]]
+    # 0A: LISTEN; the port is HAProxy's, bound to loopback only (the --host asked for), as are the replicas'.
+    mine = [f for f in listeners if f[3] == "0A" and int(f[1].split(":")[1], 16) == port]
+    assert mine and all(f[1].split(":")[0] == "0100007F" for f in mine), mine
+    direct = [f for f in listeners if f[3] == "0A" and 30000 <= int(f[1].split(":")[1], 16) < 31000]
+    assert direct and all(f[1].split(":")[0] == "0100007F" for f in direct), direct
+
+
+def test_local_serve_defaults_keep_the_users_values(monkeypatch):
+    from distcls.runtime import SERVE_DEFAULTS, local_serve_defaults
+
+    for key in (*SERVE_DEFAULTS, "RAY_SERVE_HAPROXY_STATS_PORT", "RAY_SERVE_HAPROXY_METRICS_PORT"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("RAY_SERVE_THROUGHPUT_OPTIMIZED", "0")
+    monkeypatch.setenv("RAY_SERVE_HAPROXY_STATS_PORT", "18404")
+    local_serve_defaults()
+    assert os.environ["RAY_SERVE_THROUGHPUT_OPTIMIZED"] == "0" and os.environ["RAY_SERVE_ENABLE_HA_PROXY"] == "1"
+    assert os.environ["RAY_SERVE_HAPROXY_STATS_PORT"] == "18404"
+    assert 0 < int(os.environ["RAY_SERVE_HAPROXY_METRICS_PORT"]) < 65536
