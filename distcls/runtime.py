@@ -24,12 +24,13 @@ WORKER_DEFAULTS = {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0", "RAY_enable_output_error
 # an Ingress replica's own HTTP server (direct ingress) instead of Ray's Python proxy; handles talk gRPC and
 # user code runs on the replica's event loop. Measured by `distcls bench serve` on 2 cores: p50 at 1 client
 # 26 -> 19 ms, 16 clients 68 -> 86 req/s (docs/benchmarks.md). The drain period (how long a stopping Ingress
-# replica keeps answering for an outside load balancer to notice) is Ray's 30 s on a cluster, 1 s here, where
-# Ray's own HAProxy is the only balancer (Ray keeps each node's HAProxy files in a folder of that node's id).
+# replica keeps answering for an outside load balancer to notice) is Ray's 30 s on a cluster, 5 s here, where
+# Ray's own HAProxy is the only balancer (at 1 s, one request of 163 lost its connection while every replica
+# was replaced under load: HAProxy had not yet dropped the old Ingress replica).
 SERVE_DEFAULTS = {
     "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
     "RAY_SERVE_ENABLE_HA_PROXY": "1",
-    "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "1",
+    "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "5",
 }
 
 # The settings (never credentials) that make storage URIs resolve the same on every node as on the driver.

@@ -148,6 +148,7 @@ def application(cfg: ServeConfig, token_sha256: str | None = None, declarative: 
         admin_sha256=admin_sha256,
         model_name=cfg.name,
         models=cfg.models,
+        send_batch=cfg.max_batch_size,
         **rollout_args(cfg, specs),
     )
 

@@ -147,6 +147,12 @@ class ImageClassifier:
         """One batch (gathered by `predict_batch`, the @serve.batch queue built in __init__) in a thread."""
         return await asyncio.to_thread(self._forward, items)
 
+    async def classify_many(self, items: list[tuple[bytes, int]]) -> list[dict]:
+        """`classify` for each (image, top_k) of one call from the Ingress's sender (images of several
+        requests); what one image raises comes back as {"exception": ...} for its own request only."""
+        results = await asyncio.gather(*(self.classify(data, top_k) for data, top_k in items), return_exceptions=True)
+        return [{"exception": r} if isinstance(r, Exception) else r for r in results]
+
     @staticmethod
     def _forward(items: list[tuple[object, np.ndarray]]) -> list[tuple[np.ndarray, float, float]]:
         """Each item's logits, with when the forward pass began and how long it took (ms)."""

